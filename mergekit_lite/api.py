@@ -1,0 +1,184 @@
+"""The Python API: `merge(config) -> MergeResult`, and the plan a dry run prints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import MergeConfig
+from .device import peak_device_bytes, peak_rss_bytes, resolve_device
+from .engine import DEFAULT_MAX_MEMORY, WORKING_BUFFERS, EngineOptions, MergeEngine, rows_per_chunk
+from .plan import MergePlan, build_plan
+from .progress import byte_progress
+from .sources.adapter import PeftAdapter
+from .sources.checkpoint import BaseCheckpoint
+from .units import format_size, parse_size
+from .writers.atomic import atomic_directory, check_target
+from .writers.card import render_card
+from .writers.checkpoint import OutputTensor, ShardedWriter, shard_layout, write_side_files
+
+logger = logging.getLogger(__name__)
+CONFIG_COPY = "mergekit_lite_config.yaml"
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Everything a run decided and measured; the CLI prints it, tests and the card read it."""
+
+    config: MergeConfig
+    output_dir: Path | None
+    device: str
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int = 0
+    chunk_rows: int = 0
+    shards: int = 0
+    dry_run: bool = False
+    touched: dict[str, list[str]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One human line for the end of `merge run`."""
+        device_peak = f", peak {format_size(self.peak_device_bytes)} on {self.device}" if self.peak_device_bytes else ""
+        return (
+            f"merged {self.tensors_merged} tensors, copied {self.tensors_copied}, wrote "
+            f"{format_size(self.bytes_written)} in {self.shards} shard(s) to {self.output_dir} in {self.seconds:.1f} s "
+            f"(peak RSS {format_size(self.peak_rss_bytes)}{device_peak}, device {self.device})"
+        )
+
+
+@dataclass
+class PreparedMerge:
+    """A config with its inputs opened and its plan built: all that can fail fast has been checked."""
+
+    config: MergeConfig
+    base: BaseCheckpoint
+    adapters: list[PeftAdapter]
+    plan: MergePlan
+
+
+def prepare(config: MergeConfig) -> PreparedMerge:
+    """Open the base and adapters lazily and build the plan (reads headers and configs only)."""
+    base = BaseCheckpoint(config.resolve_path(config.base_model))
+    adapters = [PeftAdapter(config.resolve_path(spec.path), spec.label) for spec in config.adapters]
+    plan = build_plan(base, adapters, _out_dtype_name(config))
+    return PreparedMerge(config, base, adapters, plan)
+
+
+def merge(
+    config: MergeConfig,
+    *,
+    out: str | Path | None = None,
+    device: str | torch.device = "auto",
+    chunk_rows: int | None = None,
+    max_memory: int | str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge the adapters into the base as `config` says and write the checkpoint atomically."""
+    started = time.perf_counter()
+    if out is not None:
+        config = config.with_output_path(out)
+    target = config.output_path
+    resolved_device = resolve_device(device)
+    if not dry_run:
+        check_target(target, overwrite)
+    prepared = prepare(config)
+    options = EngineOptions(
+        device=resolved_device,
+        chunk_rows=chunk_rows,
+        max_memory=parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY,
+    )
+    touched = {a.label: names for a, names in zip(prepared.adapters, prepared.plan.touched_by)}
+    layout = [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in prepared.plan.tensors]
+    if dry_run:
+        return MergeResult(
+            config, None, str(resolved_device), dry_run=True, touched=touched,
+            shards=len(shard_layout(layout, config.output.shard_size)),
+        )
+    engine = MergeEngine(
+        prepared.plan, prepared.base, config.merge_method, config.weights, config.global_params,
+        config.adapter_params, config.seed, options,
+    )
+    if resolved_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(resolved_device)
+    with atomic_directory(target, overwrite) as staging:
+        writer = ShardedWriter(staging, layout, config.output.shard_size)
+        bar = byte_progress(prepared.plan.total_out_bytes, progress)
+        try:
+            stats = engine.run(writer, bar)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        write_side_files(prepared.base.folder, staging, config.output.dtype)
+        (staging / CONFIG_COPY).write_text(config.to_yaml())
+        (staging / "README.md").write_text(render_card(config))
+    result = MergeResult(
+        config=config,
+        output_dir=target,
+        device=str(resolved_device),
+        tensors_merged=stats.tensors_merged,
+        tensors_copied=stats.tensors_copied,
+        bytes_written=stats.bytes_written,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_device_bytes=peak_device_bytes(resolved_device),
+        chunk_rows=stats.max_chunk_rows,
+        shards=len(writer.shards),
+        touched=touched,
+    )
+    logger.info(result.summary())
+    return result
+
+
+def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chunk_rows: int | None = None,
+                  max_memory: int | str | None = None) -> str:
+    """The dry-run report: what each adapter touches, output size and shards, and a memory estimate."""
+    prepared = prepare(config)
+    plan = prepared.plan
+    budget = parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY
+    options = EngineOptions(device=resolve_device(device), chunk_rows=chunk_rows, max_memory=budget)
+    materialized = 0 if config.merge_method.is_linear else len(plan.adapters)
+    peak_chunk = 0
+    for tensor in plan.tensors:
+        if tensor.touched:
+            rows = rows_per_chunk(tensor, materialized, options)
+            peak_chunk = max(peak_chunk, rows * tensor.info.cols * 4 * (WORKING_BUFFERS + materialized))
+    layout = [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors]
+    shards = shard_layout(layout, config.output.shard_size)
+    touched_any = sum(1 for t in plan.tensors if t.touched)
+    lines = [
+        f"plan: {config.merge_method.display_name} ({config.method}) of {len(plan.adapters)} adapter(s) into "
+        f"{prepared.base.folder}",
+        f"  parameters: {config.global_params}  seed: {config.seed}",
+    ]
+    for spec, adapter, names, own in zip(config.adapters, plan.adapters, plan.touched_by, config.adapter_params):
+        extra = f" {own}" if own else ""
+        lines.append(f"  adapter '{adapter.label}' weight {spec.weight:g}{extra}: {adapter.describe()}; "
+                     f"touches {len(names)} tensor(s)")
+        for name in names:
+            lines.append(f"    {name}")
+    lines += [
+        f"  base tensors: {len(plan.tensors)} ({touched_any} touched, {len(plan.tensors) - touched_any} copied as is)",
+        f"  output: {config.output_path} ({format_size(plan.total_out_bytes)} in {len(shards)} shard(s), "
+        f"dtype {config.output.dtype or 'as base'})",
+        f"  memory: device {options.device}, chunk working set up to {format_size(peak_chunk)} "
+        f"(budget {format_size(budget)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
+        "  dry run: nothing written",
+    ]
+    return "\n".join(lines)
+
+
+def _out_dtype_name(config: MergeConfig) -> str | None:
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    return names[config.output.dtype] if config.output.dtype else None

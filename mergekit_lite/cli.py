@@ -1,0 +1,94 @@
+"""The `merge` command line: thin wrappers over the Python API; errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .errors import MergeError
+from .version import tool_version
+
+
+def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our errors into one readable stderr line (exit 2 for bad config/input, 1 otherwise)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except MergeError as error:
+            if debug:
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
+            if debug:
+                raise
+            click.echo(f"error: {type(error).__name__}: {error} (run with --debug for the traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(tool_version(), prog_name="mergekit_lite")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
+def main(debug: bool, verbose: bool) -> None:
+    """Merge PEFT LoRA adapters into one standard Hugging Face checkpoint."""
+    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(message)s")
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), help="Force the row-chunk size (default: from --max-memory).")
+@click.option("--max-memory", default="512MiB", show_default=True,
+              help="Memory budget for one chunk's working set, in bytes or like '512MiB', '2GB'.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and a memory estimate; write nothing.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_friendly_errors
+def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, max_memory: str,
+        overwrite: bool, dry_run: bool, no_progress: bool) -> None:
+    """Merge the adapters CONFIG lists into its base and write the checkpoint."""
+    from .api import describe_plan, merge
+    from .config import load_config
+
+    config = load_config(config_path)
+    if out:
+        config = config.with_output_path(out)
+    if dry_run:
+        click.echo(describe_plan(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory))
+        return
+    result = merge(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory,
+                   overwrite=overwrite, progress=not no_progress)
+    click.echo(result.summary())
+
+
+@main.command()
+@_friendly_errors
+def methods() -> None:
+    """List the merge methods with their parameters and papers."""
+    from .methods import REGISTRY
+
+    for method in REGISTRY.values():
+        params = ", ".join(
+            f"{p.name}={p.default!r}{' (per adapter)' if p.per_adapter else ''}" for p in method.params
+        )
+        click.echo(f"{method.name:18s} {method.display_name}: {method.summary}")
+        click.echo(f"{'':18s} parameters: {params or 'none'}; paper: {method.paper_url or '-'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

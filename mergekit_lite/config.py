@@ -1,0 +1,214 @@
+"""YAML → a typed, strict merge config. Unknown keys are errors with a 'did you mean'."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from .errors import MergeConfigError
+from .methods import MergeMethod, get_method
+from .suggest import did_you_mean
+from .units import parse_size
+
+OutputDtype = Literal["float32", "float16", "bfloat16"]
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+_TOP_KEYS = ("base_model", "method", "parameters", "adapters", "output", "seed")
+_OUTPUT_KEYS = ("path", "dtype", "shard_size")
+_ADAPTER_KEYS = ("path", "weight", "name")
+
+
+class AdapterSpec(BaseModel):
+    """One adapter entry: where it is, its signed weight, and per-adapter method parameters."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """A short name for messages and the model card."""
+        return self.name or Path(self.path.rstrip("/")).name or self.path
+
+
+class OutputSpec(BaseModel):
+    """Where and how the merged checkpoint is written."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    dtype: OutputDtype | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _parse_shard_size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class MergeConfig(BaseModel):
+    """A whole merge: base, method and its parameters, adapters, output, seed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base_model: str
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    adapters: list[AdapterSpec] = Field(min_length=1)
+    output: OutputSpec
+    seed: int = 0
+
+    _config_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _resolved: tuple[dict[str, Any], list[dict[str, Any]]] = PrivateAttr()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base_dir: str | Path | None = None) -> MergeConfig:
+        """Check and type a config mapping; relative paths will resolve against `base_dir` (default: cwd)."""
+        if not isinstance(data, Mapping):
+            raise MergeConfigError("the config must be a mapping of keys (base_model, method, adapters, output, ...)")
+        _check_keys(data, _TOP_KEYS, "config")
+        for key in ("base_model", "method", "adapters", "output"):
+            if key not in data:
+                raise MergeConfigError(f"config: missing required key '{key}'")
+        method = get_method(str(data["method"]))
+        output = data["output"]
+        if isinstance(output, str):
+            output = {"path": output}
+        if not isinstance(output, Mapping):
+            raise MergeConfigError("output: must be a mapping like {path: out/merged}")
+        _check_keys(output, _OUTPUT_KEYS, "output")
+        adapters = data["adapters"]
+        if not isinstance(adapters, list) or not adapters:
+            raise MergeConfigError("adapters: must be a non-empty list of {path: ..., weight: ...}")
+        adapter_entries = [_split_adapter(entry, index, method) for index, entry in enumerate(adapters)]
+        parameters = data.get("parameters") or {}
+        if not isinstance(parameters, Mapping):
+            raise MergeConfigError("parameters: must be a mapping of method parameters")
+        try:
+            config = cls(**{**data, "output": output, "adapters": adapter_entries, "parameters": dict(parameters)})
+        except ValidationError as error:
+            raise MergeConfigError(_describe(error)) from None
+        config._config_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+        config._resolved = method.resolve_params(
+            config.parameters, [a.parameters for a in config.adapters], [a.weight for a in config.adapters]
+        )
+        return config
+
+    @property
+    def merge_method(self) -> MergeMethod:
+        """The registry row of `method`."""
+        return get_method(self.method)
+
+    @property
+    def config_dir(self) -> Path:
+        """The folder relative paths resolve against (the config file's folder)."""
+        return self._config_dir
+
+    @property
+    def global_params(self) -> dict[str, Any]:
+        """Method parameters with defaults filled in."""
+        return dict(self._resolved[0])
+
+    @property
+    def adapter_params(self) -> list[dict[str, Any]]:
+        """Per-adapter parameters (global value unless the adapter overrides it)."""
+        return [dict(p) for p in self._resolved[1]]
+
+    @property
+    def weights(self) -> list[float]:
+        """The signed adapter weights wᵢ in config order."""
+        return [a.weight for a in self.adapters]
+
+    def resolve_path(self, path: str) -> Path:
+        """Return `path` as an absolute local path, relative ones taken from the config's folder."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else (self._config_dir / candidate).resolve()
+
+    @property
+    def output_path(self) -> Path:
+        """The absolute output folder."""
+        return self.resolve_path(self.output.path)
+
+    def with_output_path(self, path: str | Path) -> MergeConfig:
+        """Return a copy writing to `path` (the CLI's --out)."""
+        data = self.to_dict()
+        data["output"]["path"] = str(Path(path).resolve())
+        return MergeConfig.from_dict(data, self._config_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a user would write it, with defaults filled in (for the card and the output)."""
+        adapters = []
+        for spec in self.adapters:
+            entry: dict[str, Any] = {"path": spec.path, "weight": spec.weight}
+            if spec.name:
+                entry["name"] = spec.name
+            entry.update(spec.parameters)
+            adapters.append(entry)
+        output: dict[str, Any] = {"path": self.output.path, "shard_size": self.output.shard_size}
+        if self.output.dtype:
+            output["dtype"] = self.output.dtype
+        return {
+            "base_model": self.base_model,
+            "method": self.method,
+            "parameters": self.global_params,
+            "adapters": adapters,
+            "output": output,
+            "seed": self.seed,
+        }
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read a YAML merge config; relative paths in it are relative to the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise MergeConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise MergeConfigError(f"{path}: not valid YAML: {error}") from None
+    try:
+        return MergeConfig.from_dict(data, path.resolve().parent)
+    except MergeConfigError as error:
+        raise MergeConfigError(f"{path}: {error}") from None
+
+
+def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise MergeConfigError(f"{where}: unknown key '{key}'" + did_you_mean(str(key), allowed))
+
+
+def _split_adapter(entry: Any, index: int, method: MergeMethod) -> dict[str, Any]:
+    """Separate an adapter entry's own keys from the method parameters it overrides."""
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, Mapping):
+        raise MergeConfigError(f"adapters[{index}]: must be a mapping like {{path: ..., weight: 1.0}}")
+    if "path" not in entry:
+        raise MergeConfigError(f"adapters[{index}]: missing required key 'path'")
+    own = {k: v for k, v in entry.items() if k in _ADAPTER_KEYS}
+    overrides = {k: v for k, v in entry.items() if k not in _ADAPTER_KEYS}
+    return {**own, "parameters": overrides}
+
+
+def _describe(error: ValidationError) -> str:
+    """One line per pydantic problem, with the config location as a dotted path."""
+    parts = []
+    for item in error.errors():
+        location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
+        location = location.lstrip(".") or "config"
+        parts.append(f"{location}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(parts)

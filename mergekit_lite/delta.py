@@ -1,0 +1,139 @@
+"""Task vectors τᵢ of one base tensor for any row range, on the compute device (SEMANTICS §1).
+
+The adapters' factors of a tensor are small (r × in, out × r), so they are loaded once per tensor; τᵢ rows
+are then produced chunk by chunk. For linear methods all adapters' low-rank parts fuse into one GEMM over
+the concatenated, pre-scaled factors: Σ cᵢ sᵢ Bᵢ[rows] Aᵢ = [c₁s₁B₁ | c₂s₂B₂ | …][rows] · [A₁; A₂; …].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .plan import BiasShift, Contribution, Dora, LowRank, SavedTensor, TensorPlan
+from .sources.adapter import PeftAdapter
+
+
+class _Factors:
+    """A low-rank product in row form: τ[rows] = left[rows] @ right."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        self.left = left
+        self.right = right
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.left[start:stop] @ self.right
+
+
+def _low_rank(adapter: PeftAdapter, item: LowRank | Dora, device: torch.device, dtype: torch.dtype, coef: float) -> _Factors:
+    """Row-form factors of coef · s · B·A (Linear) or coef · s · (B·A)ᵀ (Conv1D, Embedding)."""
+    module = item.module
+    a = adapter.tensor(module.a_key).to(device=device, dtype=dtype)
+    b = adapter.tensor(module.b_key).to(device=device, dtype=dtype)
+    scale = coef * module.scale
+    if isinstance(item, LowRank) and item.transposed:
+        return _Factors(a.T.contiguous(), (b * scale).T.contiguous())
+    return _Factors(b * scale, a)
+
+
+class TensorDeltas:
+    """Everything needed to build τᵢ[rows] for one base tensor, loaded once onto the device."""
+
+    def __init__(
+        self,
+        plan: TensorPlan,
+        adapters: Sequence[PeftAdapter],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.plan = plan
+        self.adapters = adapters
+        self.device = device
+        self.dtype = dtype
+        self._caches: dict[int, list[object]] = {}
+        self._fused_key: tuple[float, ...] | None = None
+        self._fused_value: _Factors | None = None
+
+    def _vector(self, adapter: PeftAdapter, key: str) -> torch.Tensor:
+        return adapter.tensor(key).to(device=self.device, dtype=self.dtype)
+
+    def adapter_rows(self, index: int, base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        """τᵢ[start:stop] of adapter `index` (None when it does not touch this tensor); base_rows = W[start:stop]."""
+        items = self.plan.by_adapter[index]
+        if not items:
+            return None
+        cache = self._cache(index)
+        total: torch.Tensor | None = None
+        for item, prepared in zip(items, cache):
+            part = self._part(index, item, prepared, base_rows, start, stop)
+            total = part if total is None else total + part
+        return total
+
+    def fused_rows(self, coefficients: Sequence[float], base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        """Σ cᵢ τᵢ[start:stop] with one GEMM for all plain low-rank parts (linear methods)."""
+        fused = self._fused(tuple(coefficients))
+        total = fused.rows(start, stop) if fused is not None else None
+        for index, items in enumerate(self.plan.by_adapter):
+            coef = coefficients[index]
+            if coef == 0:
+                continue
+            cache = self._cache(index)
+            for item, prepared in zip(items, cache):
+                if isinstance(item, LowRank):
+                    continue
+                part = self._part(index, item, prepared, base_rows, start, stop) * coef
+                total = part if total is None else total + part
+        return total
+
+    # -- preparation, once per tensor ------------------------------------------------------------
+    def _fused(self, coefficients: tuple[float, ...]) -> _Factors | None:
+        if self._fused_key == coefficients:
+            return self._fused_value
+        lefts, rights = [], []
+        for index, items in enumerate(self.plan.by_adapter):
+            if coefficients[index] == 0:
+                continue
+            for item in items:
+                if isinstance(item, LowRank):
+                    factors = _low_rank(self.adapters[index], item, self.device, self.dtype, coefficients[index])
+                    lefts.append(factors.left)
+                    rights.append(factors.right)
+        value = _Factors(torch.cat(lefts, dim=1), torch.cat(rights, dim=0)) if lefts else None
+        self._fused_key, self._fused_value = coefficients, value
+        return value
+
+    def _cache(self, index: int) -> list[object]:
+        if index not in self._caches:
+            self._caches[index] = [self._prepare(index, item) for item in self.plan.by_adapter[index]]
+        return self._caches[index]
+
+    def _prepare(self, index: int, item: Contribution) -> object:
+        adapter = self.adapters[index]
+        if isinstance(item, (LowRank, Dora)):
+            factors = _low_rank(adapter, item, self.device, self.dtype, 1.0)
+            if isinstance(item, Dora):
+                assert item.module.magnitude_key is not None
+                return factors, self._vector(adapter, item.module.magnitude_key).reshape(-1)
+            return factors
+        if isinstance(item, BiasShift):
+            return self._vector(adapter, item.key) * item.scale
+        return None  # SavedTensor: read row ranges lazily, it can be as large as the base tensor
+
+    def _part(
+        self, index: int, item: Contribution, prepared: object, base_rows: torch.Tensor, start: int, stop: int
+    ) -> torch.Tensor:
+        if isinstance(item, LowRank):
+            assert isinstance(prepared, _Factors)
+            return prepared.rows(start, stop)
+        if isinstance(item, BiasShift):
+            assert isinstance(prepared, torch.Tensor)
+            return prepared[start:stop]
+        if isinstance(item, Dora):
+            factors, magnitude = prepared  # type: ignore[misc]
+            adapted = base_rows + factors.rows(start, stop)
+            norm = torch.linalg.vector_norm(adapted, dim=1)
+            return (magnitude[start:stop] / norm).unsqueeze(1) * adapted - base_rows
+        assert isinstance(item, SavedTensor)
+        saved = self.adapters[index].tensor_rows(item.key, start, stop).to(device=self.device, dtype=self.dtype)
+        return saved - base_rows

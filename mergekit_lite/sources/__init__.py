@@ -1,0 +1,1 @@
+"""Lazy readers of what a merge consumes: the base checkpoint and PEFT adapters."""

@@ -1,0 +1,197 @@
+"""A PEFT LoRA adapter on disk: its config, its tensors (read lazily), and what each module contributes.
+
+Every variant SEMANTICS §1 lists is recognised here; every feature we do not merge exactly is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+
+#: config fields that, when set, mean a feature we cannot merge exactly
+UNSUPPORTED_FIELDS = {
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+}
+#: initialisations that change the base at init: deltas then are not relative to the original base
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector(?:\.weight)?)$"
+)
+_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One module an adapter targets with low-rank factors, with its effective rank and scaling."""
+
+    module: str
+    a_key: str
+    b_key: str
+    embedding: bool
+    rank: int
+    alpha: float
+    scale: float
+    bias_key: str | None = None
+    magnitude_key: str | None = None
+
+
+class PeftAdapter:
+    """An adapter folder; tensors stay on disk until asked for."""
+
+    def __init__(self, folder: Path, label: str) -> None:
+        self.folder = folder
+        self.label = label
+        self.config = self._read_config()
+        self.weights_file = self._weights_file()
+        self._handle = safe_open(str(self.weights_file), framework="pt")
+        self.keys = list(self._handle.keys())
+        self.modules: dict[str, LoraModule] = {}
+        #: full tensors saved by the adapter, by their parameter path in the base model ("lm_head.weight")
+        self.full_tensors: dict[str, str] = {}
+        self._parse_keys()
+
+    # -- reading -------------------------------------------------------------------------------
+    def _read_config(self) -> dict[str, Any]:
+        if not self.folder.is_dir():
+            raise AdapterError(f"adapter folder not found: {self.folder}")
+        path = self.folder / CONFIG_FILE
+        if not path.is_file():
+            raise AdapterError(f"{self.folder}: no {CONFIG_FILE} (is this a PEFT adapter folder?)")
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as error:
+            raise AdapterError(f"{path}: not valid JSON ({error})") from None
+        self._refuse_unsupported(config, path)
+        return config
+
+    def _refuse_unsupported(self, config: dict[str, Any], path: Path) -> None:
+        peft_type = str(config.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise AdapterError(f"{path}: peft_type {peft_type} is not supported; only LoRA adapters can be merged")
+        for field, feature in UNSUPPORTED_FIELDS.items():
+            if config.get(field):
+                raise AdapterError(f"{path}: '{field}' is set; {feature} cannot be merged exactly, so we refuse it")
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+            raise AdapterError(
+                f"{path}: init_lora_weights='{init}' changes the base model at init, so this adapter's deltas are "
+                "not relative to the original base. Save it with PEFT's conversion "
+                "(path_initial_model_for_weight_conversion) and merge the converted adapter."
+            )
+
+    def _weights_file(self) -> Path:
+        path = self.folder / WEIGHTS_FILE
+        if path.is_file():
+            return path
+        if (self.folder / PICKLED_WEIGHTS).is_file():
+            raise AdapterError(
+                f"{self.folder} holds only {PICKLED_WEIGHTS} (pickle); mergekit_lite never unpickles files it did "
+                "not make. Re-save the adapter with save_pretrained(..., safe_serialization=True)."
+            )
+        raise AdapterError(f"{self.folder}: no {WEIGHTS_FILE}")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One adapter tensor (small: factors, biases, magnitude vectors, saved modules)."""
+        return self._handle.get_tensor(key)
+
+    def tensor_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a (possibly large) saved full tensor."""
+        return self._handle.get_slice(key)[start:stop]
+
+    def tensor_shape(self, key: str) -> tuple[int, ...]:
+        """Shape of an adapter tensor from the header alone."""
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    # -- parsing -------------------------------------------------------------------------------
+    def _parse_keys(self) -> None:
+        parts: dict[str, dict[str, str]] = {}
+        for key in self.keys:
+            if not key.startswith(KEY_PREFIX):
+                raise AdapterError(
+                    f"{self.weights_file}: key '{key}' does not start with '{KEY_PREFIX}'; not a PEFT LoRA file"
+                )
+            rest = key[len(KEY_PREFIX):]
+            match = _LORA_KEY.match(rest)
+            if match:
+                part = match["part"].removesuffix(".weight") if match["part"].startswith("lora_magnitude") else match["part"]
+                parts.setdefault(match["module"], {})[part] = key
+                continue
+            if "lora_" in rest:
+                raise AdapterError(f"{self.weights_file}: unrecognised LoRA tensor '{key}' (unsupported variant)")
+            base_layer = _BASE_LAYER_KEY.match(rest)
+            name = f"{base_layer['module']}.{base_layer['param']}" if base_layer else rest
+            self.full_tensors[name] = key
+        for module, found in parts.items():
+            self.modules[module] = self._lora_module(module, found)
+
+    def _lora_module(self, module: str, found: dict[str, str]) -> LoraModule:
+        embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
+        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        if a_part not in found or b_part not in found:
+            raise AdapterError(f"{self.weights_file}: module '{module}' lacks {a_part} or {b_part}")
+        a_shape = self.tensor_shape(found[a_part])
+        b_shape = self.tensor_shape(found[b_part])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise AdapterError(
+                f"{self.weights_file}: module '{module}' has factors of shapes {a_shape} and {b_shape}; "
+                "only 2-D LoRA on Linear, Conv1D and Embedding layers can be merged"
+            )
+        rank, alpha = self._rank_and_alpha(module)
+        if rank != a_shape[0]:
+            raise AdapterError(
+                f"{self.folder / CONFIG_FILE}: module '{module}' has rank {a_shape[0]} in its tensors but the config "
+                f"(r / rank_pattern) says {rank}; the scaling would be wrong, so we refuse it"
+            )
+        root = math.sqrt(rank) if self.config.get("use_rslora") else rank
+        return LoraModule(
+            module=module,
+            a_key=found[a_part],
+            b_key=found[b_part],
+            embedding=embedding,
+            rank=rank,
+            alpha=alpha,
+            scale=alpha / root,
+            bias_key=found.get("lora_B.bias"),
+            magnitude_key=found.get("lora_magnitude_vector"),
+        )
+
+    def _rank_and_alpha(self, module: str) -> tuple[int, float]:
+        """r and alpha of a module: rank_pattern / alpha_pattern with PEFT's regex rule, else the defaults."""
+        rank = int(self.config.get("r", 8))
+        alpha = float(self.config.get("lora_alpha", 8))
+        for key, value in (self.config.get("rank_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                rank = int(value)
+                break
+        for key, value in (self.config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                alpha = float(value)
+                break
+        return rank, alpha
+
+    def describe(self) -> str:
+        """One line for plans and cards: rank, alpha, variants."""
+        flags = [name for name in ("use_rslora", "use_dora", "lora_bias") if self.config.get(name)]
+        extra = f", {', '.join(flags)}" if flags else ""
+        saved = f", {len(self.full_tensors)} saved full tensor(s)" if self.full_tensors else ""
+        return f"r={self.config.get('r')}, alpha={self.config.get('lora_alpha')}{extra}, {len(self.modules)} modules{saved}"

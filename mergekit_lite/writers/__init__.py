@@ -1,0 +1,1 @@
+"""What a merge writes: sharded safetensors, the side files, the model card, atomically."""

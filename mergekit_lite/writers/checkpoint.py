@@ -1,0 +1,158 @@
+"""Sharded safetensors written as a stream: headers first (all shapes are known from the plan), then bytes.
+
+`safetensors.save_file` needs every tensor of a shard in memory at once; writing the layout ourselves keeps
+memory at one row chunk, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..safetensors_format import encode_header
+from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE
+
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output layout."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def shard_layout(tensors: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:
+    """Split tensors, in order, into shards of at most `shard_size` bytes (a larger tensor gets its own)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """HF names: model.safetensors alone, else model-0000k-of-0000n.safetensors."""
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+class ShardedWriter:
+    """Receives tensors in layout order, a chunk of bytes at a time, and writes shards plus the index."""
+
+    def __init__(self, folder: Path, tensors: list[OutputTensor], shard_size: int) -> None:
+        self.folder = folder
+        self.shards = shard_layout(tensors, shard_size)
+        self.names = shard_names(len(self.shards))
+        self._queue = [(shard, tensor) for shard, members in enumerate(self.shards) for tensor in members]
+        self._position = -1
+        self._remaining = 0
+        self._shard = -1
+        self._file: BinaryIO | None = None
+        self.bytes_written = 0
+
+    def begin(self, name: str) -> None:
+        """Start the next tensor of the layout; it must be `name`."""
+        if self._remaining:
+            raise RuntimeError(f"tensor '{self._queue[self._position][1].name}' is incomplete")
+        self._position += 1
+        shard, tensor = self._queue[self._position]
+        if tensor.name != name:
+            raise RuntimeError(f"writer expected tensor '{tensor.name}', got '{name}'")
+        if shard != self._shard:
+            self._open_shard(shard)
+        self._remaining = tensor.nbytes
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes of the current tensor."""
+        size = len(data) if isinstance(data, bytes) else data.nbytes
+        if size > self._remaining:
+            raise RuntimeError(f"too many bytes for tensor '{self._queue[self._position][1].name}'")
+        assert self._file is not None
+        self._file.write(data)
+        self._remaining -= size
+        self.bytes_written += size
+
+    @property
+    def sink(self) -> BinaryIO:
+        """The open shard file, for raw copies that count their own bytes via `advance`."""
+        assert self._file is not None
+        return self._file
+
+    def advance(self, size: int) -> None:
+        """Record bytes written directly into `sink`."""
+        self._remaining -= size
+        self.bytes_written += size
+
+    def _open_shard(self, shard: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard = shard
+        entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in self.shards[shard]]
+        self._file = open(self.folder / self.names[shard], "wb")  # noqa: SIM115 - closed in close()/_open_shard
+        self._file.write(encode_header(entries, {"format": "pt"}))
+
+    def close(self) -> None:
+        """Finish the last shard and write the index when there are several shards."""
+        if self._remaining or self._position != len(self._queue) - 1:
+            raise RuntimeError("the writer was closed before every tensor was written")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if len(self.shards) > 1:
+            weight_map = {t.name: self.names[k] for k, members in enumerate(self.shards) for t in members}
+            total = sum(t.nbytes for members in self.shards for t in members)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        """Close the open file after a failure (the staging folder is removed by the caller)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def write_side_files(base_folder: Path, out_folder: Path, out_dtype: str | None) -> list[str]:
+    """Copy config.json (dtype updated), generation_config.json and tokenizer files; return what was copied."""
+    copied = []
+    config_path = base_folder / "config.json"
+    if config_path.is_file():
+        config: dict[str, Any] = json.loads(config_path.read_text())
+        if out_dtype:
+            keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+            for key in keys:
+                config[key] = out_dtype
+        (out_folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copied.append("config.json")
+    for name in SIDE_FILES:
+        source = base_folder / name
+        if source.is_file():
+            shutil.copyfile(source, out_folder / name)
+            copied.append(name)
+    return copied
