@@ -1,0 +1,146 @@
+"""The written checkpoint: shards and index, side files, card, atomic writes, refused inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mergekit_lite import AdapterError, CheckpointError, MergeConfig, NonFiniteError, merge
+from mergekit_lite.errors import OutputExistsError
+
+from .reference import load_checkpoint
+
+
+def config_for(demo: Path, out: Path, **output: object) -> MergeConfig:
+    return MergeConfig.from_dict(
+        {
+            "base_model": str(demo / "base"),
+            "method": "task_arithmetic",
+            "adapters": [{"path": str(demo / "adapters" / "style")}, {"path": str(demo / "adapters" / "math"), "weight": -0.5}],
+            "output": {"path": str(out), **output},
+            "seed": 7,
+        }
+    )
+
+
+def test_small_shard_size_gives_several_shards_and_a_consistent_index(demo: Path, tmp_path: Path) -> None:
+    result = merge(config_for(demo, tmp_path / "out", shard_size="100kB"), device="cpu", progress=False)
+    folder = result.output_dir
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) == result.shards > 1
+    assert not (folder / "model.safetensors").exists()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors = load_checkpoint(folder)
+    assert sorted(index["weight_map"]) == sorted(tensors)  # every tensor named exactly once
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    whole = load_checkpoint(merge(config_for(demo, tmp_path / "whole"), device="cpu", progress=False).output_dir)
+    assert all(torch.equal(whole[name], tensors[name]) for name in whole)
+
+
+def test_output_has_config_tokenizer_card_and_resolved_config(demo: Path, tmp_path: Path) -> None:
+    folder = merge(config_for(demo, tmp_path / "out"), device="cpu", progress=False).output_dir
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"):
+        assert (folder / name).is_file(), name
+    card = (folder / "README.md").read_text()
+    front_matter = yaml.safe_load(card.split("---")[1])
+    assert front_matter["base_model_relation"] == "merge"
+    assert {"merge", "mergekit_lite"} <= set(front_matter["tags"])
+    assert front_matter["library_name"] == "transformers"
+    assert "base_model" not in front_matter  # a local base: the Hub rejects local paths in metadata
+    assert "Task Arithmetic" in card and "arxiv.org/abs/2212.04089" in card and "Seed: `7`" in card
+    resolved = yaml.safe_load((folder / "mergekit_lite_config.yaml").read_text())
+    assert resolved["parameters"] == {"lambda": 1.0} and resolved["adapters"][1]["weight"] == -0.5
+
+
+def test_existing_output_is_refused_unless_overwrite(demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        merge(config_for(demo, out), device="cpu", progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge(config_for(demo, out), device="cpu", overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_merge_that_fails_midway_leaves_nothing_behind(demo: Path, tmp_path: Path) -> None:
+    config = MergeConfig.from_dict(
+        {
+            "base_model": str(demo / "base"),
+            "method": "task_arithmetic",
+            "parameters": {"lambda": 1e38},
+            "adapters": [{"path": str(demo / "adapters" / "style")}],
+            "output": {"path": str(tmp_path / "out" / "merged"), "dtype": "float16"},
+        }
+    )
+    with pytest.raises(NonFiniteError, match=r"merged tensor 'model\.[^']+' has inf/NaN"):
+        merge(config, device="cpu", chunk_rows=1, progress=False)
+    assert not (tmp_path / "out" / "merged").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_pickled_base_is_refused(demo: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "pytorch_model.bin").write_bytes(b"not unpickled")
+    config = MergeConfig.from_dict(
+        {"base_model": str(base), "method": "linear", "adapters": [{"path": str(demo / "adapters" / "style")}],
+         "output": {"path": str(tmp_path / "out")}}
+    )
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        merge(config, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"peft_type": "IA3"}, "only LoRA adapters"),
+        ({"init_lora_weights": "pissa"}, "changes the base model at init"),
+        ({"init_lora_weights": "olora"}, "changes the base model at init"),
+        ({"use_qalora": True}, "QA-LoRA"),
+        ({"layer_replication": [[0, 1]]}, "layer replication"),
+        ({"trainable_token_indices": [1, 2]}, "trainable tokens"),
+        ({"r": 3}, "rank 4 in its tensors but the config"),
+    ],
+)
+def test_unsupported_adapters_are_refused_with_the_reason(demo_copy: Path, tmp_path: Path, change: dict, message: str) -> None:
+    adapter = demo_copy / "adapters" / "style"
+    config_path = adapter / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    config = MergeConfig.from_dict(
+        {"base_model": str(demo_copy / "base"), "method": "linear", "adapters": [{"path": str(adapter)}],
+         "output": {"path": str(tmp_path / "out")}}
+    )
+    with pytest.raises(AdapterError, match=message):
+        merge(config, device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_base_is_refused_naming_the_tensor(demo: Path, tmp_path: Path) -> None:
+    from evals.fixtures import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "wide", hidden_size=32, intermediate_size=64)
+    config = MergeConfig.from_dict(
+        {"base_model": str(other), "method": "linear", "adapters": [{"path": str(demo / "adapters" / "style")}],
+         "output": {"path": str(tmp_path / "out")}}
+    )
+    with pytest.raises(AdapterError, match=r"base tensor 'model\.layers\.\d\.[a-z_.]+weight' is \d+x\d+"):
+        merge(config, device="cpu", progress=False)
+
+
+def test_pickled_adapter_is_refused(demo_copy: Path, tmp_path: Path) -> None:
+    adapter = demo_copy / "adapters" / "style"
+    shutil.move(adapter / "adapter_model.safetensors", adapter / "adapter_model.bin")
+    config = MergeConfig.from_dict(
+        {"base_model": str(demo_copy / "base"), "method": "linear", "adapters": [{"path": str(adapter)}],
+         "output": {"path": str(tmp_path / "out")}}
+    )
+    with pytest.raises(AdapterError, match="never unpickles"):
+        merge(config, device="cpu", progress=False)
