@@ -160,7 +160,7 @@ def build_tiny_llama(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
     with _seeded(seed):
         model = LlamaForCausalLM(config)
@@ -193,7 +193,7 @@ def build_tiny_gpt2(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
     with _seeded(seed):
         model = GPT2LMHeadModel(config)
@@ -283,7 +283,9 @@ def build_adapter(
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     kwargs = _lora_config_kwargs(variant, model.config.model_type, target_modules)
     if variant == "bias" and not any(n.endswith("q_proj.bias") for n, _ in model.named_parameters()):
-        raise ValueError("variant 'bias' needs a base with attention biases: build_tiny_llama(..., attention_bias=True)")
+        raise ValueError(
+            "variant 'bias' needs a base with attention biases: build_tiny_llama(..., attention_bias=True)"
+        )
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,

@@ -11,10 +11,11 @@ import torch
 
 from .config import MergeConfig
 from .device import peak_device_bytes, peak_rss_bytes, resolve_device
-from .engine import DEFAULT_MAX_MEMORY, WORKING_BUFFERS, EngineOptions, MergeEngine, rows_per_chunk
+from .engine import DEFAULT_MAX_MEMORY, SPARSE_BUFFERS, WORKING_BUFFERS, EngineOptions, MergeEngine, rows_per_chunk
 from .plan import MergePlan, build_plan
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
+from .sparse import check_densities
 from .sources.checkpoint import BaseCheckpoint
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory, check_target
@@ -68,6 +69,7 @@ def prepare(config: MergeConfig) -> PreparedMerge:
     base = BaseCheckpoint(config.resolve_path(config.base_model))
     adapters = [PeftAdapter(config.resolve_path(spec.path), spec.label) for spec in config.adapters]
     plan = build_plan(base, adapters, _out_dtype_name(config))
+    check_densities(plan, config.merge_method, config.adapter_params)
     return PreparedMerge(config, base, adapters, plan)
 
 
@@ -148,7 +150,7 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
     plan = prepared.plan
     budget = parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY
     options = EngineOptions(device=resolve_device(device), chunk_rows=chunk_rows, max_memory=budget)
-    materialized = 0 if config.merge_method.is_linear else len(plan.adapters)
+    materialized = 0 if config.merge_method.is_linear else len(plan.adapters) + SPARSE_BUFFERS
     peak_chunk = 0
     for tensor in plan.tensors:
         if tensor.touched:

@@ -58,6 +58,10 @@ class TensorDeltas:
     def _vector(self, adapter: PeftAdapter, key: str) -> torch.Tensor:
         return adapter.tensor(key).to(device=self.device, dtype=self.dtype)
 
+    def needs_base(self, index: int) -> bool:
+        """True when τᵢ depends on the base rows (DoRA, saved full tensors)."""
+        return any(isinstance(item, (Dora, SavedTensor)) for item in self.plan.by_adapter[index])
+
     def adapter_rows(self, index: int, base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
         """τᵢ[start:stop] of adapter `index` (None when it does not touch this tensor); base_rows = W[start:stop]."""
         items = self.plan.by_adapter[index]

@@ -5,7 +5,7 @@ Memory is bounded by one row chunk per tensor (plus the adapters' small factors)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +17,15 @@ from .methods import MergeMethod
 from .plan import MergePlan, TensorPlan
 from .progress import Progress
 from .safetensors_format import TORCH_DTYPES, tensor_bytes
+from .sparse import SparseTensorMerge
 from .sources.checkpoint import BaseCheckpoint
 from .writers.checkpoint import ShardedWriter
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 #: float32 buffers alive per element of a chunk besides the τᵢ: W, the merged delta, W + delta
 WORKING_BUFFERS = 3
+#: extra float32 buffers of a sparsifying method per element: the sign vote, the sum, the divisor
+SPARSE_BUFFERS = 3
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,12 @@ class MergeEngine:
 
     def merges(self, tensor: TensorPlan) -> bool:
         """True when the method changes this tensor (an adapter touches it with a non-zero coefficient)."""
-        if self.coefficients is None:
-            return tensor.touched
-        return any(items and c != 0 for items, c in zip(tensor.by_adapter, self.coefficients))
+        return bool(self.active(tensor))
+
+    def active(self, tensor: TensorPlan) -> list[int]:
+        """Adapters that change this tensor: they touch it and their coefficient (or weight) is non-zero."""
+        factors = self.coefficients if self.coefficients is not None else self.weights
+        return [i for i, (items, c) in enumerate(zip(tensor.by_adapter, factors)) if items and c != 0]
 
     def run(self, writer: ShardedWriter, progress: Progress) -> EngineStats:
         """Merge or copy every base tensor into `writer`."""
@@ -122,15 +128,21 @@ class MergeEngine:
         device, dtype = self.options.device, self.options.compute_dtype
         out_dtype = TORCH_DTYPES[tensor.out_dtype]
         deltas = TensorDeltas(tensor, self.plan.adapters, device, dtype)
-        materialized = 0 if self.coefficients is not None else len(self.plan.adapters)
+        materialized = 0 if self.coefficients is not None else len(self.active(tensor)) + SPARSE_BUFFERS
         size = rows_per_chunk(tensor, materialized, self.options)
         stats.max_chunk_rows = max(stats.max_chunk_rows, size)
-        for start, stop in chunk_ranges(tensor.info.rows, size):
+        ranges = chunk_ranges(tensor.info.rows, size)
+        row_elems = max(tensor.info.cols, 1)
+        sparse, cached = None, None
+        if self.coefficients is None:
+            sparse, cached = self._prepare_sparse(tensor, deltas, ranges)
+        for start, stop in ranges:
             base_rows = self.base.read_rows(tensor.name, start, stop).to(device=device, dtype=dtype)
-            if self.coefficients is not None:
-                delta = deltas.fused_rows(self.coefficients, base_rows, start, stop)
-            else:  # pragma: no cover - non-linear methods arrive with the TIES/DARE issue
-                raise NotImplementedError(self.method.name)
+            if sparse is None:
+                delta = deltas.fused_rows(self.coefficients or [], base_rows, start, stop)
+            else:
+                taus = cached if cached is not None else self._taus(deltas, sparse.active, base_rows, start, stop)
+                delta = sparse.merge_chunk(taus, start * row_elems)
             merged = base_rows if delta is None else base_rows + delta.reshape(base_rows.shape)
             out = merged.to(out_dtype)
             if not bool(torch.isfinite(out).all()):
@@ -139,6 +151,34 @@ class MergeEngine:
                     f"(rows {start}-{stop}); lower the adapter weights or use a wider output dtype"
                 )
             self._emit(tensor, out, writer, progress)
+
+    def _taus(self, deltas: TensorDeltas, active: list[int], base_rows: torch.Tensor | None,
+              start: int, stop: int) -> dict[int, torch.Tensor]:
+        """τᵢ[start:stop] of every active adapter."""
+        if base_rows is None and any(deltas.needs_base(i) for i in active):
+            base_rows = self.base.read_rows(deltas.plan.name, start, stop).to(self.options.device, self.options.compute_dtype)
+        return {i: deltas.adapter_rows(i, base_rows, start, stop) for i in active}  # type: ignore[misc]
+
+    def _prepare_sparse(self, tensor: TensorPlan, deltas: TensorDeltas, ranges: list[tuple[int, int]]
+                        ) -> tuple[SparseTensorMerge, dict[int, torch.Tensor] | None]:
+        """Per-tensor method state and trim thresholds; a one-chunk tensor's τᵢ are built once and reused."""
+        active = self.active(tensor)
+        numel = tensor.info.rows * max(tensor.info.cols, 1)
+        sparse = SparseTensorMerge(self.method, tensor.name, numel, active, self.weights, self.global_params,
+                                   self.adapter_params, self.seed)
+        selecting = [i for i in active if sparse.needs_selection(i)]
+        cached = None
+        if len(ranges) == 1 and selecting:
+            cached = self._taus(deltas, active, None, *ranges[0])
+        for index in selecting:
+            if cached is not None:
+                sparse.prepare(index, lambda index=index: [cached[index]])
+            else:
+                def chunks(index: int = index) -> Iterable[torch.Tensor]:
+                    for start, stop in ranges:
+                        yield self._taus(deltas, [index], None, start, stop)[index]
+                sparse.prepare(index, chunks)
+        return sparse, cached
 
     def _emit(self, tensor: TensorPlan, rows: torch.Tensor, writer: ShardedWriter, progress: Progress) -> None:
         data = tensor_bytes(rows.cpu())

@@ -222,7 +222,8 @@ def test_embedding_adapter_saves_factors_and_full_base_embedding(
     assert keys[f"{PREFIX}model.embed_tokens.lora_embedding_A"] == (4, vocab)
     assert keys[f"{PREFIX}model.embed_tokens.lora_embedding_B"] == (64, 4)
     # PEFT (save_embedding_layers="auto") also stores the untouched base embedding in full.
-    saved = load_file(adapters["embedding"] / "adapter_model.safetensors")[f"{PREFIX}model.embed_tokens.base_layer.weight"]
+    tensors = load_file(adapters["embedding"] / "adapter_model.safetensors")
+    saved = tensors[f"{PREFIX}model.embed_tokens.base_layer.weight"]
     assert torch.equal(saved, load_file(bases["llama"] / "model.safetensors")["model.embed_tokens.weight"])
 
 

@@ -9,7 +9,7 @@ one row chunk, and may declare a selection pass (`needs_threshold`) so the engin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MergeConfigError
@@ -26,9 +26,19 @@ class Param:
     help: str
     per_adapter: bool = False
     choices: tuple[str, ...] | None = None
+    #: for numbers: the open-closed interval (low, high] the value must lie in
+    interval: tuple[float, float] | None = None
+    required: bool = False
 
     def check(self, value: Any, where: str) -> Any:
         """Return `value` converted to this parameter's type, or raise naming `where`."""
+        value = self._typed(value, where)
+        if self.interval is not None and not self.interval[0] < value <= self.interval[1]:
+            low, high = self.interval
+            raise MergeConfigError(f"{where}: '{self.name}' must be in ({low:g}, {high:g}], got {value!r}")
+        return value
+
+    def _typed(self, value: Any, where: str) -> Any:
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise MergeConfigError(f"{where}: '{self.name}' must be true or false, got {value!r}")
@@ -58,7 +68,10 @@ class MergeMethod:
     coefficients: Callable[[Sequence[float], Mapping[str, Any]], list[float]] | None = None
     #: per-adapter parameter checks that need the whole list (e.g. Σ w ≠ 0), run at config time
     validate: Callable[[Sequence[float], Mapping[str, Any], Sequence[Mapping[str, Any]]], None] | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    #: how each τᵢ is thinned before combining: "magnitude" (TIES trim), "dare" (random drop), or None
+    sparsification: str | None = None
+    #: non-linear methods: (uᵢ = wᵢ tᵢ of the adapters touching a tensor, their wᵢ, params) -> merged delta
+    consensus: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any]], Any] | None = None
 
     @property
     def is_linear(self) -> bool:
@@ -84,7 +97,7 @@ class MergeMethod:
                     f"parameters: method '{self.name}' takes no parameter '{key}'"
                     + did_you_mean(key, known)
                 )
-            resolved[key] = known[key].check(value, "parameters")
+            resolved[key] = known[key].check(value, "parameters") if value is not None else None
         per_adapter: list[dict[str, Any]] = []
         for index, overrides in enumerate(adapter_params):
             own = {p.name: resolved[p.name] for p in self.params if p.per_adapter}
@@ -101,6 +114,10 @@ class MergeMethod:
                     )
                 own[key] = known[key].check(value, where)
             per_adapter.append(own)
+        for p in self.params:
+            if p.required and (resolved[p.name] is None if not p.per_adapter else any(o[p.name] is None for o in per_adapter)):
+                where = "parameters (or every adapter entry)" if p.per_adapter else "parameters"
+                raise MergeConfigError(f"method '{self.name}' needs '{p.name}': set it under {where}; {p.help}")
         if self.validate is not None:
             self.validate(weights, resolved, per_adapter)
         return resolved, per_adapter

@@ -1,0 +1,50 @@
+"""Parameters and consensus steps shared by the sparsifying methods (TIES, DARE, magnitude pruning)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .registry import Param
+
+DENSITY = Param(
+    "density", None, float, "fraction of each task vector's entries kept, in (0, 1]", per_adapter=True,
+    interval=(0.0, 1.0), required=True,
+)
+LAMBDA = Param("lambda", 1.0, float, "global scale of the merged task vector")
+SIGN = Param("sign", "sum", str, "sign election: sum of weighted values, or count of signs", choices=("sum", "count"))
+NORMALIZE_TIES = Param("normalize", True, bool, "divide by Σ|wᵢ| of the adapters that agree with the elected sign")
+RESCALE = Param("rescale", True, bool, "divide kept entries by the density", per_adapter=True)
+
+
+def sum_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
+    """τ = λ · Σ uᵢ (uᵢ = wᵢ tᵢ already weighted)."""
+    total = updates[0].clone()
+    for update in updates[1:]:
+        total += update
+    return total * params["lambda"]
+
+
+def ties_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
+    """TIES steps (3)–(4): elect γ per entry, keep the uᵢ that agree, sum, divide by Σ Mᵢ|wᵢ| (SEMANTICS §3)."""
+    if params["sign"] == "sum":
+        vote = updates[0].clone()
+        for update in updates[1:]:
+            vote += update
+    else:
+        vote = torch.sign(updates[0])
+        for update in updates[1:]:
+            vote += torch.sign(update)
+    positive = vote >= 0  # γ = +1 where the vote is 0
+    merged = torch.zeros_like(updates[0])
+    divisor = torch.zeros_like(updates[0]) if params["normalize"] else None
+    for update, weight in zip(updates, weights):
+        agree = torch.where(positive, update > 0, update < 0)
+        merged += torch.where(agree, update, 0.0)
+        if divisor is not None:
+            divisor += agree * abs(weight)
+    if divisor is not None:
+        merged = torch.where(divisor > 0, merged / torch.where(divisor > 0, divisor, 1.0), 0.0)
+    return merged * params["lambda"]

@@ -1,0 +1,32 @@
+"""dare_linear and dare_ties: drop entries of each τᵢ at random (keep-prob density), rescale, combine."""
+
+from __future__ import annotations
+
+from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, RESCALE, SIGN, sum_consensus, ties_consensus
+from .registry import MergeMethod, register
+
+PAPER = "https://arxiv.org/abs/2311.03099"
+
+DARE_LINEAR = register(
+    MergeMethod(
+        name="dare_linear",
+        display_name="DARE (linear)",
+        paper_url=PAPER,
+        summary="tᵢ = mᵢ ⊙ τᵢ / density with a counter-based Bernoulli keep-mask mᵢ; τ = λ · Σ wᵢtᵢ",
+        params=(DENSITY, RESCALE, LAMBDA),
+        sparsification="dare",
+        consensus=sum_consensus,
+    )
+)
+
+DARE_TIES = register(
+    MergeMethod(
+        name="dare_ties",
+        display_name="DARE + TIES",
+        paper_url=PAPER,
+        summary="the DARE tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
+        params=(DENSITY, RESCALE, SIGN, NORMALIZE_TIES, LAMBDA),
+        sparsification="dare",
+        consensus=ties_consensus,
+    )
+)

@@ -1,0 +1,18 @@
+"""magnitude_prune: TIES' trim of each τᵢ, then a plain weighted sum (no sign election)."""
+
+from __future__ import annotations
+
+from ._common import DENSITY, LAMBDA, sum_consensus
+from .registry import MergeMethod, register
+
+MAGNITUDE_PRUNE = register(
+    MergeMethod(
+        name="magnitude_prune",
+        display_name="Magnitude pruning",
+        paper_url="https://arxiv.org/abs/2306.01708",
+        summary="keep each τᵢ's ⌊density·numel⌋ largest magnitudes; τ = λ · Σ wᵢtᵢ",
+        params=(DENSITY, LAMBDA),
+        sparsification="magnitude",
+        consensus=sum_consensus,
+    )
+)

@@ -1,0 +1,18 @@
+"""ties: trim each τᵢ to its top-k magnitudes, elect a sign per entry, average the agreeing values."""
+
+from __future__ import annotations
+
+from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, ties_consensus
+from .registry import MergeMethod, register
+
+TIES = register(
+    MergeMethod(
+        name="ties",
+        display_name="TIES",
+        paper_url="https://arxiv.org/abs/2306.01708",
+        summary="trim each τᵢ to its ⌊density·numel⌋ largest magnitudes, elect the sign, disjoint mean of agreeing wᵢtᵢ",
+        params=(DENSITY, SIGN, NORMALIZE_TIES, LAMBDA),
+        sparsification="magnitude",
+        consensus=ties_consensus,
+    )
+)

@@ -1,0 +1,92 @@
+"""Streaming one tensor through a non-linear method: sparsify each τᵢ, weight it, combine (SEMANTICS §3–§5).
+
+TIES-style trimming needs each τᵢ's exact k-th largest magnitude before any chunk can be merged, so
+`prepare` runs the selection passes; DARE needs no pass: its keep-mask is a pure function of the flat index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import MergeConfigError
+from .methods import MergeMethod
+from .plan import MergePlan
+from .rng import keep_mask, stream_key
+from .select import Trimmer, kth_largest_magnitude
+
+
+def kept_count(density: float, numel: int) -> int:
+    """kᵢ = ⌊density · numel⌋ (density 1 keeps everything)."""
+    return numel if density >= 1.0 else math.floor(density * numel)
+
+
+def check_densities(plan: MergePlan, method: MergeMethod, adapter_params: Sequence[Mapping[str, Any]]) -> None:
+    """A density that keeps 0 entries of a tensor an adapter touches is a config error naming the tensor."""
+    if method.sparsification is None:
+        return
+    for tensor in plan.tensors:
+        numel = max(tensor.info.rows * max(tensor.info.cols, 1), 1)
+        for index, items in enumerate(tensor.by_adapter):
+            density = adapter_params[index]["density"]
+            if items and kept_count(density, numel) == 0:
+                raise MergeConfigError(
+                    f"adapters[{index}] ('{plan.adapters[index].label}'): density {density} keeps 0 of the {numel} "
+                    f"entries of tensor '{tensor.name}'; raise the density to at least {1 / numel:.3g}"
+                )
+
+
+class SparseTensorMerge:
+    """The per-tensor state of a sparsifying method: trim thresholds, DARE streams, weights."""
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        tensor_name: str,
+        numel: int,
+        active: Sequence[int],
+        weights: Sequence[float],
+        global_params: Mapping[str, Any],
+        adapter_params: Sequence[Mapping[str, Any]],
+        seed: int,
+    ) -> None:
+        assert method.consensus is not None
+        self.method = method
+        self.tensor_name = tensor_name
+        self.numel = numel
+        self.active = list(active)
+        self.weights = weights
+        self.global_params = global_params
+        self.adapter_params = adapter_params
+        self.seed = seed
+        self.trimmers: dict[int, Trimmer] = {}
+
+    def needs_selection(self, index: int) -> bool:
+        """True when adapter `index` must be trimmed (magnitude sparsification with density < 1)."""
+        return self.method.sparsification == "magnitude" and self.adapter_params[index]["density"] < 1.0
+
+    def prepare(self, index: int, chunks: Callable[[], Iterable[torch.Tensor]]) -> None:
+        """Selection passes over τᵢ's chunks: the exact trim threshold of adapter `index`."""
+        k = kept_count(self.adapter_params[index]["density"], self.numel)
+        self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k))
+
+    def merge_chunk(self, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
+        """The merged delta for one chunk; τᵢ chunks must arrive in row order, starting at `flat_start`."""
+        updates = []
+        for index in self.active:
+            tau = taus[index]
+            own = self.adapter_params[index]
+            if self.method.sparsification == "magnitude":
+                if index in self.trimmers:
+                    tau = torch.where(self.trimmers[index].keep(tau), tau, 0.0)
+            elif self.method.sparsification == "dare":
+                density = own["density"]
+                key = stream_key(self.seed, index, self.tensor_name)
+                mask = keep_mask(key, density, flat_start, tau.numel(), tau.device).reshape(tau.shape)
+                tau = torch.where(mask, tau / density if own["rescale"] else tau, 0.0)
+            updates.append(tau * self.weights[index])
+        active_weights = [self.weights[i] for i in self.active]
+        return self.method.consensus(updates, active_weights, self.global_params)  # type: ignore[misc]
