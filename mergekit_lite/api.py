@@ -17,6 +17,7 @@ from .progress import byte_progress
 from .sources.adapter import PeftAdapter
 from .sparse import check_densities
 from .sources.checkpoint import BaseCheckpoint
+from .sources.hub import resolve_model_dir
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory, check_target
 from .writers.card import render_card
@@ -66,8 +67,8 @@ class PreparedMerge:
 
 def prepare(config: MergeConfig) -> PreparedMerge:
     """Open the base and adapters lazily and build the plan (reads headers and configs only)."""
-    base = BaseCheckpoint(config.resolve_path(config.base_model))
-    adapters = [PeftAdapter(config.resolve_path(spec.path), spec.label) for spec in config.adapters]
+    base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"))
+    adapters = [PeftAdapter(resolve_model_dir(config, spec.path, kind="adapter"), spec.label) for spec in config.adapters]
     plan = build_plan(base, adapters, _out_dtype_name(config))
     check_densities(plan, config.merge_method, config.adapter_params)
     return PreparedMerge(config, base, adapters, plan)

@@ -74,6 +74,14 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
     result = merge(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory,
                    overwrite=overwrite, progress=not no_progress)
     click.echo(result.summary())
+    if config.eval is not None:
+        from .evaluate import evaluate_after_merge
+
+        click.echo(evaluate_after_merge(result, progress=not no_progress))
+    if config.output.push_to_hub:
+        from .publish import publish_after_merge
+
+        click.echo(publish_after_merge(result))
 
 
 @main.command()
@@ -89,6 +97,17 @@ def methods() -> None:
         click.echo(f"{method.name:18s} {method.display_name}: {method.summary}")
         click.echo(f"{'':18s} parameters: {params or 'none'}; paper: {method.paper_url or '-'}")
 
+
+def _add_optional_commands() -> None:
+    """Commands that live in their own modules (each owns its imports, which can be heavy)."""
+    from .cli_eval import eval_command
+    from .cli_publish import publish_command
+
+    main.add_command(eval_command, "eval")
+    main.add_command(publish_command, "publish")
+
+
+_add_optional_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

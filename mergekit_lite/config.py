@@ -17,8 +17,9 @@ from .units import parse_size
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
-_TOP_KEYS = ("base_model", "method", "parameters", "adapters", "output", "seed")
-_OUTPUT_KEYS = ("path", "dtype", "shard_size")
+_TOP_KEYS = ("base_model", "method", "parameters", "adapters", "output", "seed", "eval")
+_OUTPUT_KEYS = ("path", "dtype", "shard_size", "push_to_hub", "private")
+_EVAL_KEYS = ("tasks", "limit", "batch_size")
 _ADAPTER_KEYS = ("path", "weight", "name")
 
 
@@ -46,11 +47,23 @@ class OutputSpec(BaseModel):
     path: str
     dtype: OutputDtype | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
+    push_to_hub: str | None = None
+    private: bool = False
 
     @field_validator("shard_size", mode="before")
     @classmethod
     def _parse_shard_size(cls, value: Any) -> int:
         return parse_size(value)
+
+
+class EvalSpec(BaseModel):
+    """Evaluate after merging (`merge run`): which lm-eval tasks, how many examples each."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tasks: list[str] | None = None
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=8, ge=1)
 
 
 class MergeConfig(BaseModel):
@@ -64,6 +77,7 @@ class MergeConfig(BaseModel):
     adapters: list[AdapterSpec] = Field(min_length=1)
     output: OutputSpec
     seed: int = 0
+    eval: EvalSpec | None = None
 
     _config_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _resolved: tuple[dict[str, Any], list[dict[str, Any]]] = PrivateAttr()
@@ -84,6 +98,10 @@ class MergeConfig(BaseModel):
         if not isinstance(output, Mapping):
             raise MergeConfigError("output: must be a mapping like {path: out/merged}")
         _check_keys(output, _OUTPUT_KEYS, "output")
+        if data.get("eval") is not None:
+            if not isinstance(data["eval"], Mapping):
+                raise MergeConfigError("eval: must be a mapping like {tasks: [capitals], limit: 50}")
+            _check_keys(data["eval"], _EVAL_KEYS, "eval")
         adapters = data["adapters"]
         if not isinstance(adapters, list) or not adapters:
             raise MergeConfigError("adapters: must be a non-empty list of {path: ..., weight: ...}")
@@ -154,7 +172,10 @@ class MergeConfig(BaseModel):
         output: dict[str, Any] = {"path": self.output.path, "shard_size": self.output.shard_size}
         if self.output.dtype:
             output["dtype"] = self.output.dtype
-        return {
+        if self.output.push_to_hub:
+            output["push_to_hub"] = self.output.push_to_hub
+            output["private"] = self.output.private
+        data = {
             "base_model": self.base_model,
             "method": self.method,
             "parameters": self.global_params,
@@ -162,6 +183,9 @@ class MergeConfig(BaseModel):
             "output": output,
             "seed": self.seed,
         }
+        if self.eval is not None:
+            data["eval"] = self.eval.model_dump()
+        return data
 
     def to_yaml(self) -> str:
         """The resolved config as YAML text."""
