@@ -31,3 +31,31 @@ def load_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ⌊density·numel⌋ largest |τ|; ties at the threshold go to the lower flat index (full sort)."""
+    flat = tau.reshape(-1)
+    k = int(density * flat.numel()) if density < 1 else flat.numel()
+    order = sorted(range(flat.numel()), key=lambda j: (-abs(float(flat[j])), j))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(tau.shape)
+
+
+def ties_combine(updates: list[torch.Tensor], weights: list[float], sign: str, normalize: bool, lam: float) -> torch.Tensor:
+    """TIES steps (3)-(4) on whole stacked tensors, written from SEMANTICS §3."""
+    stacked = torch.stack(updates)
+    vote = stacked.sum(0) if sign == "sum" else torch.sign(stacked).sum(0)
+    gamma = torch.where(vote >= 0, 1.0, -1.0).to(stacked.dtype)
+    agree = (stacked != 0) & (torch.sign(stacked) == gamma)
+    total = (stacked * agree).sum(0)
+    if not normalize:
+        return lam * total
+    divisor = (agree * torch.tensor(weights, dtype=stacked.dtype).abs().reshape(-1, *[1] * tau_dims(stacked))).sum(0)
+    return lam * torch.where(divisor > 0, total / divisor.clamp_min(1e-300), torch.zeros_like(total))
+
+
+def tau_dims(stacked: torch.Tensor) -> int:
+    """Number of dims of one stacked member."""
+    return stacked.dim() - 1

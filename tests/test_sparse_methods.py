@@ -1,0 +1,234 @@
+"""TIES, DARE and magnitude pruning: dense references, PEFT's ties, streaming invariants, errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergekit_lite import MergeConfig, MergeConfigError, merge
+from mergekit_lite.methods import get_method
+from mergekit_lite.rng import keep_mask, stream_key
+from mergekit_lite.select import Trimmer, kth_largest_magnitude
+from mergekit_lite.sparse import SparseTensorMerge
+
+from .reference import load_checkpoint, plain_lora_task_vectors, ties_combine, trim
+
+
+def stream(method: str, taus: list[torch.Tensor], weights: list[float], params: dict, per_adapter: list[dict],
+           chunk_rows: int, seed: int = 0, name: str = "t") -> torch.Tensor:
+    """Drive the engine's per-tensor streaming core over dense τᵢ in row chunks, as the engine does."""
+    row_elems = taus[0][0].numel() if taus[0].dim() > 1 else 1
+    ranges = [(s, min(s + chunk_rows, taus[0].shape[0])) for s in range(0, taus[0].shape[0], chunk_rows)]
+    merger = SparseTensorMerge(get_method(method), name, taus[0].numel(), list(range(len(taus))), weights,
+                               params, per_adapter, seed)
+    for i, tau in enumerate(taus):
+        if merger.needs_selection(i):
+            merger.prepare(i, lambda tau=tau: [tau[a:b] for a, b in ranges])
+    return torch.cat([merger.merge_chunk({i: t[a:b] for i, t in enumerate(taus)}, a * row_elems) for a, b in ranges])
+
+
+def full_params(method: str, **given: object) -> tuple[dict, list[dict]]:
+    row = get_method(method)
+    global_params = {p.name: given.get(p.name, p.default) for p in row.params}
+    return global_params, []
+
+
+tied_values = st.integers(-4, 4).map(lambda v: v / 2)  # few distinct magnitudes: many ties
+
+
+@st.composite
+def sparse_cases(draw: st.DrawFn) -> dict:
+    rows, cols, n = draw(st.integers(1, 9)), draw(st.integers(1, 7)), draw(st.integers(1, 3))
+    taus = [torch.tensor(draw(st.lists(tied_values, min_size=rows * cols, max_size=rows * cols)),
+                         dtype=torch.float32).reshape(rows, cols) for _ in range(n)]
+    weights = draw(st.lists(st.sampled_from([1.0, -1.0, 0.5, 2.0, -0.75]), min_size=n, max_size=n))
+    densities = [max(d, 1.0 / (rows * cols)) for d in draw(st.lists(st.floats(0.05, 1.0), min_size=n, max_size=n))]
+    return {"taus": taus, "weights": weights, "densities": densities, "chunk_rows": draw(st.integers(1, rows))}
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=sparse_cases(), sign=st.sampled_from(["sum", "count"]), normalize=st.booleans(), lam=st.sampled_from([1.0, 0.5, -2.0]))
+def test_ties_equals_the_dense_reference_for_any_chunking(case: dict, sign: str, normalize: bool, lam: float) -> None:
+    params = {"density": None, "sign": sign, "normalize": normalize, "lambda": lam}
+    per_adapter = [{"density": d} for d in case["densities"]]
+    got = stream("ties", case["taus"], case["weights"], params, per_adapter, case["chunk_rows"])
+    updates = [w * trim(t.double(), d) for t, w, d in zip(case["taus"], case["weights"], case["densities"])]
+    expected = ties_combine(updates, case["weights"], sign, normalize, lam)
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=sparse_cases(), lam=st.sampled_from([1.0, -0.5]))
+def test_magnitude_prune_equals_the_dense_reference(case: dict, lam: float) -> None:
+    per_adapter = [{"density": d} for d in case["densities"]]
+    got = stream("magnitude_prune", case["taus"], case["weights"], {"density": None, "lambda": lam}, per_adapter, case["chunk_rows"])
+    expected = lam * sum(w * trim(t.double(), d) for t, w, d in zip(case["taus"], case["weights"], case["densities"]))
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=sparse_cases(), rescale=st.booleans(), seed=st.integers(0, 2**31), ties=st.booleans())
+def test_dare_equals_the_dense_reference_with_the_same_masks(case: dict, rescale: bool, seed: int, ties: bool) -> None:
+    method = "dare_ties" if ties else "dare_linear"
+    params = {"density": None, "rescale": True, "lambda": 1.0, **({"sign": "sum", "normalize": True} if ties else {})}
+    per_adapter = [{"density": d, "rescale": rescale} for d in case["densities"]]
+    got = stream(method, case["taus"], case["weights"], params, per_adapter, case["chunk_rows"], seed=seed, name="w")
+    updates = []
+    for i, (tau, w, d) in enumerate(zip(case["taus"], case["weights"], case["densities"])):
+        mask = keep_mask(stream_key(seed, i, "w"), d, 0, tau.numel(), torch.device("cpu")).reshape(tau.shape)
+        kept = torch.where(mask, tau.double() / (d if rescale else 1.0), 0.0)
+        updates.append(w * kept)
+    expected = ties_combine(updates, case["weights"], "sum", True, 1.0) if ties else sum(updates)
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_ties_equals_peft_ties_on_dense_task_vectors() -> None:
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    generator = torch.Generator().manual_seed(0)
+    taus = [torch.randn(64, 48, generator=generator) for _ in range(3)]  # continuous: no magnitude ties
+    params = {"density": None, "sign": "sum", "normalize": True, "lambda": 1.0}
+    ours = stream("ties", taus, [1.0, 1.0, 1.0], params, [{"density": 0.3}] * 3, chunk_rows=5)
+    peft = merge_utils.ties(torch.stack(taus), torch.ones(3), density=0.3, majority_sign_method="total")
+    torch.testing.assert_close(ours, peft, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.37, 0.5, 0.99])
+def test_ties_trim_keeps_exactly_k_entries_across_chunk_sizes(density: float) -> None:
+    tau = (torch.randint(-3, 4, (50, 20), generator=torch.Generator().manual_seed(1)) / 2).float()
+    k = math.floor(density * tau.numel())
+    masks = []
+    for chunk_rows in (1, 3, 7, 50):
+        chunks = [tau[s:s + chunk_rows] for s in range(0, 50, chunk_rows)]
+        trimmer = Trimmer(kth_largest_magnitude(lambda chunks=chunks: chunks, k))
+        masks.append(torch.cat([trimmer.keep(c) for c in chunks]))
+    assert all(torch.equal(mask, masks[0]) for mask in masks)
+    assert int(masks[0].sum()) == k
+    assert torch.equal(masks[0], trim(tau, density) != 0) or int((trim(tau, density) != 0).sum()) < k
+
+
+def test_dare_masks_do_not_depend_on_chunking_or_tensor_order() -> None:
+    key = stream_key(3, 1, "model.layers.0.mlp.up_proj.weight")
+    whole = keep_mask(key, 0.3, 0, 10_000, torch.device("cpu"))
+    pieces = torch.cat([keep_mask(key, 0.3, s, min(999, 10_000 - s), torch.device("cpu")) for s in range(0, 10_000, 999)])
+    assert torch.equal(whole, pieces)
+    _ = keep_mask(stream_key(3, 0, "another.tensor"), 0.3, 0, 5000, torch.device("cpu"))  # other streams first
+    assert torch.equal(keep_mask(key, 0.3, 0, 10_000, torch.device("cpu")), whole)
+    assert not torch.equal(keep_mask(stream_key(4, 1, "model.layers.0.mlp.up_proj.weight"), 0.3, 0, 10_000, torch.device("cpu")), whole)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.9])
+def test_dare_kept_fraction_is_within_4_sigma_of_density(density: float) -> None:
+    n = 2_000_000
+    kept = int(keep_mask(stream_key(0, 0, "big"), density, 0, n, torch.device("cpu")).sum())
+    sigma = math.sqrt(n * density * (1 - density))
+    assert abs(kept - n * density) < 4 * sigma
+
+
+SELECTION_MEMORY_PROBE = """
+import resource, torch
+from mergekit_lite.select import kth_largest_magnitude, Trimmer
+torch.set_num_threads(1)
+chunk, count = 1_000_000, 100   # 100M float32 entries = 400 MB if ever materialized
+def chunks():
+    for i in range(count):
+        yield torch.randn(chunk, generator=torch.Generator().manual_seed(i))
+list(chunks())[:0]
+warm = torch.randn(chunk); Trimmer(kth_largest_magnitude(lambda: [warm], 10)).keep(warm); del warm
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+threshold = kth_largest_magnitude(chunks, 12_345_678)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, threshold.equal_keep)
+"""
+
+
+def test_selection_memory_is_bounded_by_the_chunk_not_the_tensor() -> None:
+    out = subprocess.run([sys.executable, "-c", SELECTION_MEMORY_PROBE], capture_output=True, text=True, check=True)
+    growth, equal_keep = map(int, out.stdout.split())
+    assert equal_keep >= 1
+    assert growth < 40 * 4_000_000  # < 10 chunks' worth of float32, against 400 MB for the whole tensor
+
+
+# -- through files: the demo adapters ------------------------------------------------------------------
+ADAPTERS = ("style", "math", "facts")
+
+
+def demo_config(demo: Path, out: Path, method: str, parameters: dict, densities: list[float] | None = None,
+                weights: tuple[float, ...] = (1.0, -0.5, 2.0), seed: int = 0) -> MergeConfig:
+    adapters = []
+    for index, name in enumerate(ADAPTERS):
+        entry = {"path": str(demo / "adapters" / name), "weight": weights[index]}
+        if densities:
+            entry["density"] = densities[index]
+        adapters.append(entry)
+    return MergeConfig.from_dict({"base_model": str(demo / "base"), "method": method, "parameters": parameters,
+                                  "adapters": adapters, "output": {"path": str(out)}, "seed": seed})
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 13])
+def test_ties_through_files_equals_the_reference(demo: Path, tmp_path: Path, chunk_rows: int | None) -> None:
+    config = demo_config(demo, tmp_path / "out", "ties", {"density": 0.4}, densities=[0.4, 0.2, 0.7])
+    merged = load_checkpoint(merge(config, device="cpu", chunk_rows=chunk_rows, progress=False).output_dir)
+    base = load_checkpoint(demo / "base")
+    taus = [plain_lora_task_vectors(demo / "adapters" / name) for name in ADAPTERS]
+    weights = [1.0, -0.5, 2.0]
+    for name, tensor in merged.items():
+        if name not in taus[0]:
+            assert torch.equal(tensor, base[name])
+            continue
+        updates = [w * trim(t[name].float().double(), d) for t, w, d in zip(taus, weights, [0.4, 0.2, 0.7])]
+        expected = base[name].double() + ties_combine(updates, weights, "sum", True, 1.0)
+        torch.testing.assert_close(tensor.double(), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_dare_ties_is_reproducible_and_seed_dependent(demo: Path, tmp_path: Path) -> None:
+    config = demo_config(demo, tmp_path / "a", "dare_ties", {"density": 0.5}, seed=11)
+    first = load_checkpoint(merge(config, device="cpu", progress=False).output_dir)
+    again = load_checkpoint(merge(config, out=tmp_path / "b", device="cpu", chunk_rows=3, progress=False).output_dir)
+    other = load_checkpoint(merge(demo_config(demo, tmp_path / "c", "dare_ties", {"density": 0.5}, seed=12),
+                                  device="cpu", progress=False).output_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(first[name], again[name], atol=1e-6, rtol=0)
+    assert not torch.equal(first[name], other[name])
+
+
+def test_card_records_method_paper_density_sign_and_seed(demo: Path, tmp_path: Path) -> None:
+    config = demo_config(demo, tmp_path / "out", "ties", {"density": 0.5, "sign": "count"}, densities=[0.5, 0.3, 0.5], seed=5)
+    card = (merge(config, device="cpu", progress=False).output_dir / "README.md").read_text()
+    assert "**TIES**" in card and "arxiv.org/abs/2306.01708" in card
+    assert "`sign=count`" in card and "Seed: `5`" in card
+    assert "| density |" in card and "| 0.3 |" in card
+
+
+@pytest.mark.parametrize(
+    ("method", "parameters", "adapter_extra", "message"),
+    [
+        ("ties", {"density": 0}, {}, "must be in (0, 1]"),
+        ("ties", {"density": 1.5}, {}, "must be in (0, 1]"),
+        ("dare_ties", {"density": 0.5}, {"density": -0.1}, "must be in (0, 1]"),
+        ("ties", {}, {}, "needs 'density'"),
+        ("ties", {"density": 0.5, "sign": "majority"}, {}, "one of: sum, count"),
+        ("ties", {"density": 0.5, "rescale": False}, {}, "takes no parameter 'rescale'"),
+        ("dare_linear", {"density": 0.5, "sign": "sum"}, {}, "takes no parameter 'sign'"),
+        ("ties", {"density": 0.5, "lambda": 1.0}, {"lambda": 2}, "global parameter"),
+    ],
+)
+def test_bad_method_parameters_are_config_errors(method: str, parameters: dict, adapter_extra: dict, message: str) -> None:
+    data = {"base_model": "b", "method": method, "parameters": parameters,
+            "adapters": [{"path": "a", **adapter_extra}], "output": {"path": "o"}}
+    with pytest.raises(MergeConfigError) as caught:
+        MergeConfig.from_dict(data)
+    assert message in str(caught.value)
+
+
+def test_density_that_keeps_nothing_names_the_tensor(demo: Path, tmp_path: Path) -> None:
+    config = demo_config(demo, tmp_path / "out", "ties", {"density": 1e-6})
+    with pytest.raises(MergeConfigError, match=r"density 1e-06 keeps 0 of the \d+ entries of tensor 'model\."):
+        merge(config, device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
