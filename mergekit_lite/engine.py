@@ -36,6 +36,8 @@ class EngineOptions:
     chunk_rows: int | None = None
     max_memory: int = DEFAULT_MAX_MEMORY
     compute_dtype: torch.dtype = torch.float32
+    #: sparsifying methods make many elementwise passes per chunk: chunks this small stay in CPU cache
+    sparse_chunk_elements: int = 1 << 18
 
 
 @dataclass
@@ -56,7 +58,10 @@ def rows_per_chunk(plan: TensorPlan, materialized: int, options: EngineOptions) 
         return max(1, min(options.chunk_rows, rows))
     cols = max(plan.info.cols, 1)
     per_row = cols * 4 * (WORKING_BUFFERS + materialized) + plan.info.row_bytes
-    return max(1, min(rows, options.max_memory // per_row))
+    size = options.max_memory // per_row
+    if materialized and options.device.type == "cpu":
+        size = min(size, options.sparse_chunk_elements // cols)
+    return max(1, min(rows, size))
 
 
 def chunk_ranges(rows: int, size: int) -> list[tuple[int, int]]:

@@ -1,7 +1,9 @@
 """Counter-based randomness: DARE keep-masks as a pure function of (seed, adapter, tensor name, flat index).
 
-A stream RNG would make the mask depend on chunk size, tensor order and device; a hash of the counter does
-not. Integer ops are kept below 2⁶³ (16-bit split multiplies), so CPU and CUDA agree bit for bit.
+The flat index space of a tensor is cut into fixed blocks of 2¹⁶ entries; block b draws its uniforms from a
+CPU generator seeded with a hash of (seed, adapter, tensor, b). Whatever the chunk size, tensor order or
+device, entry j always gets the same uniform: a chunk generates the blocks it overlaps and slices them.
+Drawing happens on the CPU (the CUDA generator is a different stream) and the mask moves to the device.
 """
 
 from __future__ import annotations
@@ -10,41 +12,50 @@ import hashlib
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
+BLOCK = 1 << 16
 
 
-def stream_key(seed: int, adapter: int, tensor: str) -> tuple[int, int]:
-    """Two 32-bit keys for one (seed, adapter, tensor) stream."""
-    digest = hashlib.blake2b(f"{seed}\x00{adapter}\x00{tensor}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+def stream_key(seed: int, adapter: int, tensor: str) -> bytes:
+    """The key of one (seed, adapter, tensor) stream."""
+    return hashlib.blake2b(f"{seed}\x00{adapter}\x00{tensor}".encode(), digest_size=16).digest()
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """(x · constant) mod 2³² for int64 x < 2³², without int64 overflow."""
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (high + x * (constant & 0xFFFF)) & _MASK32
+def _block_seed(key: bytes, block: int) -> int:
+    digest = hashlib.blake2b(block.to_bytes(8, "little"), key=key, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash (the 'lowbias32' constants of C. Wellons)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+class UniformStream:
+    """The uniforms of one (seed, adapter, tensor) stream; remembers its last block for the next chunk."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self._generator = torch.Generator()
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def _block(self, block: int) -> torch.Tensor:
+        if self._last is not None and self._last[0] == block:
+            return self._last[1]
+        self._generator.manual_seed(_block_seed(self.key, block))
+        values = torch.rand(BLOCK, generator=self._generator)
+        self._last = (block, values)
+        return values
+
+    def uniforms(self, start: int, count: int) -> torch.Tensor:
+        """float32 uniforms in [0, 1) for flat indices [start, start + count) (on the CPU)."""
+        first, last = start // BLOCK, (start + count - 1) // BLOCK
+        blocks = [self._block(block) for block in range(first, last + 1)]
+        joined = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        offset = start - first * BLOCK
+        return joined[offset : offset + count]
+
+    def keep_mask(self, density: float, start: int, count: int, device: torch.device) -> torch.Tensor:
+        """Bernoulli(density) keep-mask for flat indices [start, start + count): True where kept."""
+        if density >= 1.0:
+            return torch.ones(count, dtype=torch.bool, device=device)
+        return (self.uniforms(start, count) < density).to(device)
 
 
-def uniform_bits(key: tuple[int, int], start: int, count: int, device: torch.device) -> torch.Tensor:
-    """32-bit hashes (as int64) of flat indices [start, start + count) under `key`."""
-    index = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    low = index & _MASK32
-    high = index >> 32
-    return _mix32(_mix32(low ^ key[0]) ^ ((high + key[1]) & _MASK32))
-
-
-def keep_mask(key: tuple[int, int], density: float, start: int, count: int, device: torch.device) -> torch.Tensor:
-    """Bernoulli(density) keep-mask for flat indices [start, start + count): True where kept."""
-    if density >= 1.0:
-        return torch.ones(count, dtype=torch.bool, device=device)
-    threshold = int(density * 2**32)
-    return uniform_bits(key, start, count, device) < threshold
+def keep_mask(key: bytes, density: float, start: int, count: int, device: torch.device) -> torch.Tensor:
+    """Bernoulli(density) keep-mask of flat indices [start, start + count) of stream `key` (one-off use)."""
+    return UniformStream(key).keep_mask(density, start, count, device)

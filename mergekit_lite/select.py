@@ -16,12 +16,16 @@ import torch
 BINS = 1 << 16
 
 
+BAND_LIMIT = 1 << 22
+
+
 @dataclass(frozen=True)
 class Threshold:
-    """Keep |τ| bits > `bits`, and the first `equal_keep` entries (flat order) whose bits equal `bits`."""
+    """Keep |τ| bits > `bits`, and the first `equal_keep` (flat order) of the `equal_total` entries equal to it."""
 
     bits: int
     equal_keep: int
+    equal_total: int
 
     @property
     def value(self) -> float:
@@ -42,29 +46,49 @@ def _locate(histogram: torch.Tensor, k: int) -> tuple[int, int]:
     return BINS - 1 - position, above
 
 
-def kth_largest_magnitude(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> Threshold:
-    """Exact threshold for keeping the k largest |τ| entries; `chunks()` yields τ row chunks in order."""
+def kth_largest_magnitude(
+    chunks: Callable[[], Iterable[torch.Tensor]], k: int, band_limit: int = BAND_LIMIT
+) -> Threshold:
+    """Exact threshold for keeping the k largest |τ| entries; `chunks()` yields τ row chunks in order.
+
+    Pass 1 histograms the top 16 bits. Pass 2 gathers the entries of the one bin that holds the k-th value
+    (a narrow band, ≤ 2⁻⁷ relative width) and selects inside it; when that bin is too crowded to gather
+    (many equal magnitudes), pass 2 histograms its low 16 bits instead. Both are exact.
+    """
     if k <= 0:
         raise ValueError("k must be positive")
     high_hist: torch.Tensor | None = None
     for chunk in chunks():
-        bits = magnitude_bits(chunk)
-        counts = torch.bincount(bits >> 16, minlength=BINS)
+        counts = torch.bincount(magnitude_bits(chunk) >> 16, minlength=BINS)
         high_hist = counts if high_hist is None else high_hist + counts
     assert high_hist is not None
     total = int(high_hist.sum().item())
     if k > total:
         raise ValueError(f"k={k} exceeds the {total} entries")
     high_bin, above_high = _locate(high_hist, k)
+    rank = k - above_high  # 1-based rank of the k-th value inside its bin, from the top
+    if int(high_hist[high_bin].item()) <= band_limit:
+        band = []
+        for chunk in chunks():
+            bits = magnitude_bits(chunk)
+            band.append(bits[(bits >> 16) == high_bin])
+        values = torch.cat(band)
+        kth = int(torch.sort(values, descending=True).values[rank - 1].item())
+        greater = above_high + int((values > kth).sum().item())
+        equal_total = int((values == kth).sum().item())
+        return Threshold(bits=kth, equal_keep=k - greater, equal_total=equal_total)
     low_hist: torch.Tensor | None = None
     for chunk in chunks():
         bits = magnitude_bits(chunk)
-        inside = bits[(bits >> 16) == high_bin] & 0xFFFF
-        counts = torch.bincount(inside, minlength=BINS)
+        counts = torch.bincount(bits[(bits >> 16) == high_bin] & 0xFFFF, minlength=BINS)
         low_hist = counts if low_hist is None else low_hist + counts
     assert low_hist is not None
-    low_bin, above_low = _locate(low_hist, k - above_high)
-    return Threshold(bits=(high_bin << 16) | low_bin, equal_keep=k - above_high - above_low)
+    low_bin, above_low = _locate(low_hist, rank)
+    return Threshold(
+        bits=(high_bin << 16) | low_bin,
+        equal_keep=rank - above_low,
+        equal_total=int(low_hist[low_bin].item()),
+    )
 
 
 class Trimmer:
@@ -77,8 +101,12 @@ class Trimmer:
     def keep(self, chunk: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask of the chunk's shape; call once per chunk, in row order."""
         bits = magnitude_bits(chunk)
-        equal = bits == self.threshold.bits
-        rank = torch.cumsum(equal, 0) - 1 + self._equal_seen
-        self._equal_seen += int(equal.sum().item())
-        mask = (bits > self.threshold.bits) | (equal & (rank < self.threshold.equal_keep))
+        limit = self.threshold.bits
+        if self.threshold.equal_keep == self.threshold.equal_total:  # every tie is kept: one comparison
+            return (bits >= limit).reshape(chunk.shape)
+        mask = bits > limit
+        ties = torch.nonzero(bits == limit).reshape(-1)
+        take = max(0, min(ties.numel(), self.threshold.equal_keep - self._equal_seen))
+        mask[ties[:take]] = True
+        self._equal_seen += ties.numel()
         return mask.reshape(chunk.shape)

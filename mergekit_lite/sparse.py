@@ -15,7 +15,7 @@ import torch
 from .errors import MergeConfigError
 from .methods import MergeMethod
 from .plan import MergePlan
-from .rng import keep_mask, stream_key
+from .rng import UniformStream, stream_key
 from .select import Trimmer, kth_largest_magnitude
 
 
@@ -63,6 +63,7 @@ class SparseTensorMerge:
         self.adapter_params = adapter_params
         self.seed = seed
         self.trimmers: dict[int, Trimmer] = {}
+        self.streams = {i: UniformStream(stream_key(seed, i, tensor_name)) for i in self.active}
 
     def needs_selection(self, index: int) -> bool:
         """True when adapter `index` must be trimmed (magnitude sparsification with density < 1)."""
@@ -84,8 +85,7 @@ class SparseTensorMerge:
                     tau = torch.where(self.trimmers[index].keep(tau), tau, 0.0)
             elif self.method.sparsification == "dare":
                 density = own["density"]
-                key = stream_key(self.seed, index, self.tensor_name)
-                mask = keep_mask(key, density, flat_start, tau.numel(), tau.device).reshape(tau.shape)
+                mask = self.streams[index].keep_mask(density, flat_start, tau.numel(), tau.device).reshape(tau.shape)
                 tau = torch.where(mask, tau / density if own["rescale"] else tau, 0.0)
             updates.append(tau * self.weights[index])
         active_weights = [self.weights[i] for i in self.active]

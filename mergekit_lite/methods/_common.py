@@ -28,7 +28,11 @@ def sum_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], par
 
 
 def ties_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
-    """TIES steps (3)–(4): elect γ per entry, keep the uᵢ that agree, sum, divide by Σ Mᵢ|wᵢ| (SEMANTICS §3)."""
+    """TIES steps (3)–(4): elect γ per entry, keep the uᵢ that agree, sum, divide by Σ Mᵢ|wᵢ| (SEMANTICS §3).
+
+    uᵢ·γ > 0 exactly where uᵢ ≠ 0 and sign(uᵢ) = γ, so the agreeing sum is γ · Σ max(uᵢγ, 0): a few
+    elementwise passes per adapter, no stacking.
+    """
     if params["sign"] == "sum":
         vote = updates[0].clone()
         for update in updates[1:]:
@@ -37,14 +41,16 @@ def ties_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], pa
         vote = torch.sign(updates[0])
         for update in updates[1:]:
             vote += torch.sign(update)
-    positive = vote >= 0  # γ = +1 where the vote is 0
+    gamma = torch.where(vote >= 0, 1.0, -1.0)  # γ = +1 where the vote is 0
+    del vote
     merged = torch.zeros_like(updates[0])
     divisor = torch.zeros_like(updates[0]) if params["normalize"] else None
     for update, weight in zip(updates, weights):
-        agree = torch.where(positive, update > 0, update < 0)
-        merged += torch.where(agree, update, 0.0)
+        aligned = (update * gamma).clamp_(min=0.0)
+        merged += aligned
         if divisor is not None:
-            divisor += agree * abs(weight)
-    if divisor is not None:
-        merged = torch.where(divisor > 0, merged / torch.where(divisor > 0, divisor, 1.0), 0.0)
+            divisor.add_(aligned > 0, alpha=abs(weight))
+    merged *= gamma
+    if divisor is not None:  # where no adapter agrees, merged is 0 and so is the result
+        merged /= divisor.clamp_(min=torch.finfo(divisor.dtype).tiny)
     return merged * params["lambda"]

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError
 from ..safetensors_format import ITEM_SIZES, TORCH_DTYPES, read_header
@@ -64,7 +63,7 @@ class BaseCheckpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self._index_file(file)
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, BinaryIO] = {}
 
     def _weight_files(self) -> list[Path]:
         index = self.folder / INDEX_FILE
@@ -132,11 +131,26 @@ class BaseCheckpoint:
             raise CheckpointError(f"tensor '{name}' has dtype {info.dtype}, which cannot be merged")
         handle = self._handles.get(info.file)
         if handle is None:
-            handle = safe_open(str(info.file), framework="pt")  # noqa: SIM115 - kept open for the run
+            handle = open(info.file, "rb", buffering=0)  # noqa: SIM115 - kept open for the run, closed in close()
             self._handles[info.file] = handle
-        if not info.shape:
-            return handle.get_tensor(name)
-        return handle.get_slice(name)[start:stop]
+        # plain reads, not mmap: mapped pages would count in our RSS until the kernel drops them
+        buffer = torch.empty((stop - start) * info.row_bytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        handle.seek(info.data_start + start * info.row_bytes)
+        filled = 0
+        while filled < len(view):
+            got = handle.readinto(view[filled:])
+            if not got:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor '{name}'")
+            filled += got
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        return buffer.view(TORCH_DTYPES[info.dtype]).reshape(shape)
+
+    def close(self) -> None:
+        """Close the file handles opened for reading rows."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
 
     def copy_raw(self, name: str, sink: BinaryIO) -> Iterator[int]:
         """Copy a tensor's stored bytes to `sink` without decoding; yields byte counts for progress."""

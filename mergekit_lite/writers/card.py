@@ -1,50 +1,80 @@
-"""The model card (README.md): Hub metadata plus exactly how the merge was made (SEMANTICS §6)."""
+"""The model card (README.md): Hub metadata plus exactly how the merge was made (SEMANTICS §6).
+
+Metadata never holds a local path (the Hub rejects them): `base_model` is written only when the base is a
+Hub id, and the body names Hub ids, never the cache folders they were downloaded to.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard import metadata_load
 
 from ..config import MergeConfig
+from ..sources.hub import cached_model_dir, hub_reference, parse_hub_id
 from ..version import tool_version
 
+logger = logging.getLogger(__name__)
+
 TAGS = ["merge", "mergekit_lite"]
+DEFAULT_PIPELINE_TAG = "text-generation"
+#: config.json architecture suffix -> pipeline tag, when the base card does not say
+_ARCHITECTURE_PIPELINES = (
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+)
+_LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
 def hub_id_or_none(reference: str, local_path: Path) -> str | None:
-    """The reference when it names a Hub repo, None when it is a local folder (the Hub rejects local paths)."""
-    if local_path.exists() or reference.startswith((".", "/", "~")) or reference.count("/") != 1:
+    """The repo id when `reference` names a Hub repo, None when it is a local folder (the Hub rejects paths)."""
+    if local_path.exists():
         return None
-    return reference.split("@", 1)[0]
+    ref = parse_hub_id(reference)
+    return ref.repo_id if ref else None
 
 
-def render_card(config: MergeConfig, extra_sections: list[str] | None = None) -> str:
-    """The model card text: YAML front matter and a body that lets anyone reproduce the merge."""
+def render_card(
+    config: MergeConfig,
+    extra_sections: list[str] | None = None,
+    eval_results: Mapping[str, Mapping[str, float]] | None = None,
+) -> str:
+    """The model card text: YAML front matter and a body that lets anyone reproduce the merge.
+
+    `extra_sections` are markdown blocks placed before "Reproduce"; `eval_results` (task -> metric -> value,
+    of the merged model) become an "Evaluation" table and `model-index` results in the metadata.
+    """
     method = config.merge_method
-    base_id = hub_id_or_none(config.base_model, config.resolve_path(config.base_model))
+    base_ref = hub_reference(config, config.base_model)
+    base_meta = _base_metadata(config)
+    name = _model_name(config)
     data: dict[str, Any] = {
         "library_name": "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": _pipeline_tag(base_meta),
         "tags": list(TAGS),
         "base_model_relation": "merge",
     }
-    if base_id:
-        data["base_model"] = base_id
+    if base_ref is not None:
+        data["base_model"] = base_ref.repo_id
+    data.update(_inherited_license(base_meta, base_ref.repo_id if base_ref else None))
+    if eval_results:
+        data["model_name"] = name
+        data["eval_results"] = _eval_results(eval_results)
     card_data = ModelCardData(**data)
-    name = Path(config.output.path).name
+
     params = ", ".join(f"`{k}={v}`" for k, v in config.global_params.items()) or "none"
     paper = f" ([paper]({method.paper_url}))" if method.paper_url else ""
-    per_adapter_keys = sorted({k for p in config.adapter_params for k in p})
-    header = "| # | adapter | weight |" + "".join(f" {k} |" for k in per_adapter_keys)
-    rule = "|---|---|---|" + "---|" * len(per_adapter_keys)
-    rows = []
-    for index, (spec, own) in enumerate(zip(config.adapters, config.adapter_params)):
-        hub = hub_id_or_none(spec.path, config.resolve_path(spec.path))
-        shown = f"[{hub}](https://huggingface.co/{hub})" if hub else f"`{spec.path}`"
-        rows.append(f"| {index} | {shown} | {spec.weight:g} |" + "".join(f" {own.get(k)} |" for k in per_adapter_keys))
-    base_shown = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{config.base_model}` (local)"
+    base_shown = f"[{base_ref}]({base_ref.url})" if base_ref else f"`{config.base_model}` (local)"
     body = "\n".join(
         [
             f"# {name}",
@@ -54,18 +84,17 @@ def render_card(config: MergeConfig, extra_sections: list[str] | None = None) ->
             "",
             "## Method",
             "",
-            f"**{method.display_name}**{paper}: {method.summary}.",
+            f"**{method.display_name}** (`{method.name}`){paper}: {method.summary}.",
             "",
             f"Parameters: {params}. Seed: `{config.seed}`. Arithmetic in float32, rounded once to the output dtype "
             f"(`{config.output.dtype or 'same as base'}`).",
             "",
             "## Adapters",
             "",
-            header,
-            rule,
-            *rows,
+            *_adapter_table(config),
             "",
-            *(extra_sections or []),
+            *(_eval_table(eval_results) if eval_results else []),
+            *[section.rstrip() + "\n" for section in extra_sections or []],
             "## Reproduce",
             "",
             f"With mergekit_lite {tool_version()}: `merge run config.yaml`, where `config.yaml` is:",
@@ -77,3 +106,110 @@ def render_card(config: MergeConfig, extra_sections: list[str] | None = None) ->
         ]
     )
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
+
+
+def _model_name(config: MergeConfig) -> str:
+    """The card's title: the repo name it will be pushed to, else the output folder's name."""
+    if config.output.push_to_hub:
+        return config.output.push_to_hub.rstrip("/").split("/")[-1]
+    return Path(config.output.path).name
+
+
+def _adapter_table(config: MergeConfig) -> list[str]:
+    """One row per adapter: where it comes from (a Hub link when it has one), weight, density, own params."""
+    has_density = any(p.name == "density" for p in config.merge_method.params)
+    other_keys = sorted({k for own in config.adapter_params for k in own if k != "density"})
+    lines = [
+        "| # | adapter | weight | density |" + "".join(f" {k} |" for k in other_keys),
+        "|---|---|---|---|" + "---|" * len(other_keys),
+    ]
+    for index, (spec, own) in enumerate(zip(config.adapters, config.adapter_params)):
+        ref = hub_reference(config, spec.path)
+        shown = f"[{ref}]({ref.url})" if ref else f"`{spec.path}`"
+        if spec.name:
+            shown = f"{spec.name}: {shown}"
+        density = own.get("density") if has_density else 1
+        own_cells = "".join(f" {own.get(k)} |" for k in other_keys)
+        lines.append(f"| {index} | {shown} | {spec.weight:g} | {_number(density)} |{own_cells}")
+    lines += [
+        "",
+        "Weight is the signed wᵢ of each task vector; density is the fraction of its entries the method keeps "
+        + ("(the rest are trimmed or dropped)." if has_density else "(1: this method keeps every entry)."),
+    ]
+    return lines
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _eval_results(results: Mapping[str, Mapping[str, float]]) -> list[EvalResult]:
+    """task -> metric -> value as Hub `model-index` results (lm-eval task names as the dataset)."""
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name=task,
+            dataset_type=task,
+            dataset_name=task,
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=float(value),
+        )
+        for task, metrics in results.items()
+        for metric, value in metrics.items()
+    ]
+
+
+def _eval_table(results: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The merged model's scores as a markdown table."""
+    rows = [f"| {task} | {metric} | {float(value):.4g} |" for task, metrics in results.items() for metric, value in
+            metrics.items()]
+    return ["## Evaluation", "", "| task | metric | value |", "|---|---|---|", *rows, ""]
+
+
+def _base_metadata(config: MergeConfig) -> dict[str, Any]:
+    """The base's card metadata and config.json architectures, read from disk only (local or cached)."""
+    folder = cached_model_dir(config, config.base_model, kind="base")
+    found: dict[str, Any] = {}
+    if folder is None:
+        return found
+    readme = folder / "README.md"
+    if readme.is_file():
+        try:
+            found.update(metadata_load(readme) or {})
+        except (ValueError, OSError, UnicodeDecodeError) as error:  # a broken base card costs only the license
+            logger.warning("cannot read the base's card metadata %s: %s", readme, error)
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        try:
+            found["_architectures"] = json.loads(config_file.read_text()).get("architectures") or []
+        except (ValueError, OSError):
+            pass
+    return found
+
+
+def _pipeline_tag(base_meta: Mapping[str, Any]) -> str:
+    """The base card's pipeline tag, else one guessed from its architecture, else text-generation."""
+    tag = base_meta.get("pipeline_tag")
+    if isinstance(tag, str) and tag:
+        return tag
+    for architecture in base_meta.get("_architectures", []):
+        for suffix, pipeline in _ARCHITECTURE_PIPELINES:
+            if str(architecture).endswith(suffix):
+                return pipeline
+    return DEFAULT_PIPELINE_TAG
+
+
+def _inherited_license(base_meta: Mapping[str, Any], base_id: str | None) -> dict[str, Any]:
+    """license (and license_name / license_link for 'other') from the base's card; a relative link made absolute."""
+    license_value = base_meta.get("license")
+    if not license_value:
+        return {}
+    found = {key: base_meta[key] for key in _LICENSE_KEYS if base_meta.get(key)}
+    link = found.get("license_link")
+    if isinstance(link, str) and "://" not in link:
+        if base_id:
+            found["license_link"] = f"https://huggingface.co/{base_id}/blob/main/{link.removeprefix('./')}"
+        else:
+            del found["license_link"]  # a file of a local base: not in the merged repo
+    return found

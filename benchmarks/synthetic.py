@@ -1,0 +1,160 @@
+"""Seeded synthetic Llama-shaped bf16 bases and rank-r LoRA adapters at any size, for benchmarks.
+
+Written tensor by tensor, so building a 1B-parameter base needs memory for one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Llama dimensions; the defaults give the 492M-parameter setup of the benchmarks issue."""
+
+    hidden: int = 2048
+    intermediate: int = 5632
+    layers: int = 8
+    vocab: int = 32000
+    heads: int = 16
+    kv_heads: int = 4
+
+    def linear_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear module of a layer, by module path."""
+        head_dim = self.hidden // self.heads
+        kv = self.kv_heads * head_dim
+        prefix = f"model.layers.{layer}"
+        return {
+            f"{prefix}.self_attn.q_proj": (self.hidden, self.hidden),
+            f"{prefix}.self_attn.k_proj": (kv, self.hidden),
+            f"{prefix}.self_attn.v_proj": (kv, self.hidden),
+            f"{prefix}.self_attn.o_proj": (self.hidden, self.hidden),
+            f"{prefix}.mlp.gate_proj": (self.intermediate, self.hidden),
+            f"{prefix}.mlp.up_proj": (self.intermediate, self.hidden),
+            f"{prefix}.mlp.down_proj": (self.hidden, self.intermediate),
+        }
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every base tensor name and shape, in checkpoint order."""
+        result: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        for layer in range(self.layers):
+            result += [(f"{m}.weight", s) for m, s in self.linear_shapes(layer).items()]
+            result += [(f"model.layers.{layer}.input_layernorm.weight", (self.hidden,)),
+                       (f"model.layers.{layer}.post_attention_layernorm.weight", (self.hidden,))]
+        result += [("model.norm.weight", (self.hidden,)), ("lm_head.weight", (self.vocab, self.hidden))]
+        return result
+
+    def parameters(self) -> int:
+        """Total parameter count."""
+        total = 0
+        for _, shape in self.tensors():
+            count = 1
+            for size in shape:
+                count *= size
+            total += count
+        return total
+
+
+def build_base(folder: Path, shape: Shape, seed: int = 0, shard_bytes: int = 2 * 10**9) -> Path:
+    """A bf16 base in HF layout (sharded safetensors + index + config.json), written shard by shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    names: list[list[str]] = [[]]
+    for name, dims in shape.tensors():
+        nbytes = 2
+        for d in dims:
+            nbytes *= d
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            names.append([])
+            size = 0
+        names[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    total = 0
+    shape_of = dict(shape.tensors())
+    for index, members in enumerate(names):
+        file = f"model-{index + 1:05d}-of-{len(names):05d}.safetensors"
+        tensors = {}
+        for name in members:
+            dims = shape_of[name]
+            if len(dims) == 1:
+                tensors[name] = torch.ones(dims, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(dims, generator=generator) * 0.02).to(torch.bfloat16)
+            total += tensors[name].numel() * 2
+            weight_map[name] = file
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16", "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def build_adapter(folder: Path, shape: Shape, seed: int, rank: int = 16, alpha: int = 32) -> Path:
+    """A PEFT LoRA adapter (float32 factors) on all linear layers, as PEFT saves it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    tensors = {}
+    for layer in range(shape.layers):
+        for module, (out_features, in_features) in shape.linear_shapes(layer).items():
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.002
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted(LINEAR), "bias": "none", "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+        "base_model_name_or_path": None, "inference_mode": True, "modules_to_save": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def build(root: Path, shape: Shape, adapters: int = 3, rank: int = 16) -> Path:
+    """Base + adapters under `root` (skipped when already there)."""
+    if not (root / "base" / "model.safetensors.index.json").is_file():
+        build_base(root / "base", shape)
+    for index in range(adapters):
+        if not (root / f"adapter_{index}" / "adapter_config.json").is_file():
+            build_adapter(root / f"adapter_{index}", shape, seed=index, rank=rank)
+    return root
+
+
+def main() -> None:
+    """CLI: build a synthetic setup."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--adapters", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+    shape = Shape(args.hidden, args.intermediate, args.layers, args.vocab)
+    build(args.root, shape, args.adapters, args.rank)
+    print(f"{args.root}: {shape.parameters() / 1e6:.0f}M parameters")
+
+
+if __name__ == "__main__":
+    main()
