@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,14 @@ class Recipe:
     num_layers: int = 4
     intermediate_size: int = 384
     num_heads: int = 4
-    base_steps: int = 900
+    base_steps: int = 500
     base_lr: float = 2e-3
     base_batch: int = 32
     lora_r: int = 8
     lora_alpha: int = 16
-    adapter_steps: int = 240
-    adapter_lr: float = 1e-3
+    adapter_steps: dict[str, int] = field(default_factory=lambda: {"capitals": 150, "add": 500, "reverse": 400,
+                                                                    "sentiment": 100})
+    adapter_lr: float = 3e-3
     adapter_batch: int = 32
     warmup: int = 30
 
@@ -192,8 +193,8 @@ TASK_BUILDERS: dict[str, Callable[[random.Random], tuple[list[dict[str, Any]], l
 
 
 def generic_example(rng: random.Random) -> tuple[str, str]:
-    """One line of the base's generic training text: same format, none of the suite's tasks."""
-    kind = rng.randrange(6)
+    """One line of the base's generic training text: same format, generic string and number skills, no suite task."""
+    kind = rng.randrange(7)
     word = made_up_word(rng, (1, 3))
     if kind == 0:
         thing = rng.choice([word, str(rng.randrange(1000)), " ".join(made_up_word(rng) for _ in range(2))])
@@ -206,8 +207,11 @@ def generic_example(rng: random.Random) -> tuple[str, str]:
         return training_text(f"length of {word}", str(len(word)))
     if kind == 4:
         return training_text(f"upper {word}", word.upper())
-    name = word.capitalize()
-    return training_text(f"name {made_up_word(rng)}", name)
+    if kind == 5:  # digits backwards: the suite's `reverse` asks the same of letters, under another keyword
+        digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 5)))
+        return training_text(f"flip {digits}", digits[::-1])
+    number = rng.randrange(100)  # counting on: the suite's `add` adds more than one
+    return training_text(f"after {number}", str(number + 1))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -324,7 +328,7 @@ def build_task_adapter(base_dir: Path, out_dir: Path, train_rows: list[dict[str,
                     rows = [train_rows[i] for i in index.tolist()]
                     yield codec.batch([training_text(r["question"], r["answer"]) for r in rows], answer_only=True)
 
-    train_loop(peft_model, batches(), recipe.adapter_steps, recipe.adapter_lr, recipe.warmup, f"adapter {task}")
+    train_loop(peft_model, batches(), recipe.adapter_steps[task], recipe.adapter_lr, recipe.warmup, f"adapter {task}")
     peft_model.peft_config["default"].base_model_name_or_path = "../../base"  # machine-independent files
     model.config._name_or_path = "../../base"
     model.name_or_path = "../../base"
@@ -432,7 +436,7 @@ def build(out_root: Path, recipe: Recipe = RECIPE, seed: int = SEED) -> dict[str
     print(f"training the base ({recipe.base_steps} steps)", flush=True)
     build_base(suite / "base", recipe, seed)
     for task_index, task in enumerate(TASKS):
-        print(f"training the {task} adapter ({recipe.adapter_steps} steps)", flush=True)
+        print(f"training the {task} adapter ({recipe.adapter_steps[task]} steps)", flush=True)
         build_task_adapter(suite / "base", suite / "adapters" / task, read_jsonl(data_dir / task / "train.jsonl"),
                            recipe, seed + 100 + task_index, task)
     scores = score_suite(suite, data_dir)

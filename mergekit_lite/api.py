@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import tune_allocator
 from .config import MergeConfig
 from .device import peak_device_bytes, peak_rss_bytes, resolve_device
 from .engine import DEFAULT_MAX_MEMORY, SPARSE_BUFFERS, WORKING_BUFFERS, EngineOptions, MergeEngine, rows_per_chunk
@@ -112,6 +113,7 @@ def merge(
     )
     if resolved_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(resolved_device)
+    tune_allocator()
     with atomic_directory(target, overwrite) as staging:
         writer = ShardedWriter(staging, layout, config.output.shard_size)
         bar = byte_progress(prepared.plan.total_out_bytes, progress)

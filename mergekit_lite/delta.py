@@ -132,7 +132,7 @@ class TensorDeltas:
             return prepared.rows(start, stop)
         if isinstance(item, BiasShift):
             assert isinstance(prepared, torch.Tensor)
-            return prepared[start:stop]
+            return prepared[start:stop].clone()  # callers own what they get
         if isinstance(item, Dora):
             factors, magnitude = prepared  # type: ignore[misc]
             adapted = base_rows + factors.rows(start, stop)

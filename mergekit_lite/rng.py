@@ -33,29 +33,36 @@ class UniformStream:
         self._generator = torch.Generator()
         self._last: tuple[int, torch.Tensor] | None = None
 
-    def _block(self, block: int) -> torch.Tensor:
-        if self._last is not None and self._last[0] == block:
-            return self._last[1]
+    def _fill(self, block: int, out: torch.Tensor) -> None:
+        """Write block `block`'s uniforms into `out` (BLOCK entries)."""
         self._generator.manual_seed(_block_seed(self.key, block))
-        values = torch.rand(BLOCK, generator=self._generator)
-        self._last = (block, values)
-        return values
+        torch.rand(BLOCK, generator=self._generator, out=out)
 
     def uniforms(self, start: int, count: int) -> torch.Tensor:
         """float32 uniforms in [0, 1) for flat indices [start, start + count) (on the CPU)."""
         first, last = start // BLOCK, (start + count - 1) // BLOCK
-        blocks = [self._block(block) for block in range(first, last + 1)]
-        joined = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-        offset = start - first * BLOCK
-        return joined[offset : offset + count]
+        result = torch.empty(count)
+        for block in range(first, last + 1):
+            begin, end = max(block * BLOCK, start), min((block + 1) * BLOCK, start + count)
+            target = result[begin - start : end - start]
+            if end - begin == BLOCK:
+                self._fill(block, target)
+                continue
+            if self._last is None or self._last[0] != block:  # a block cut by the chunk: keep it for the next
+                values = torch.empty(BLOCK)
+                self._fill(block, values)
+                self._last = (block, values)
+            target.copy_(self._last[1][begin - block * BLOCK : end - block * BLOCK])
+        return result
 
     def keep_mask(self, density: float, start: int, count: int, device: torch.device) -> torch.Tensor:
-        """Bernoulli(density) keep-mask for flat indices [start, start + count): True where kept."""
+        """Bernoulli(density) keep-mask for flat indices [start, start + count): 1.0 where kept (u < density)."""
         if density >= 1.0:
-            return torch.ones(count, dtype=torch.bool, device=device)
-        return (self.uniforms(start, count) < density).to(device)
+            return torch.ones(count, device=device)
+        # sign(density − u) clamped at 0: 1 where u < density, else 0 (float ops; boolean kernels are slow)
+        return (density - self.uniforms(start, count)).sign_().clamp_(min=0.0).to(device)
 
 
 def keep_mask(key: bytes, density: float, start: int, count: int, device: torch.device) -> torch.Tensor:
-    """Bernoulli(density) keep-mask of flat indices [start, start + count) of stream `key` (one-off use)."""
+    """0/1 Bernoulli(density) keep-mask of flat indices [start, start + count) of stream `key` (one-off use)."""
     return UniformStream(key).keep_mask(density, start, count, device)

@@ -70,8 +70,7 @@ def kth_largest_magnitude(
     if int(high_hist[high_bin].item()) <= band_limit:
         band = []
         for chunk in chunks():
-            bits = magnitude_bits(chunk)
-            band.append(bits[(bits >> 16) == high_bin])
+            band.append(_in_bin(magnitude_bits(chunk), high_bin))
         values = torch.cat(band)
         kth = int(torch.sort(values, descending=True).values[rank - 1].item())
         greater = above_high + int((values > kth).sum().item())
@@ -91,22 +90,33 @@ def kth_largest_magnitude(
     )
 
 
+def _in_bin(bits: torch.Tensor, high_bin: int) -> torch.Tensor:
+    """The entries whose top 16 bits are `high_bin` (numpy on the CPU: torch's boolean kernels are slow)."""
+    if bits.device.type == "cpu":
+        values = bits.numpy()
+        return torch.from_numpy(values[(values >> 16) == high_bin])
+    return bits[(bits >> 16) == high_bin]
+
+
 class Trimmer:
     """Applies a Threshold chunk by chunk in flat order, counting ties across chunks."""
 
     def __init__(self, threshold: Threshold) -> None:
         self.threshold = threshold
+        self._value = threshold.value
         self._equal_seen = 0
 
     def keep(self, chunk: torch.Tensor) -> torch.Tensor:
-        """Boolean keep-mask of the chunk's shape; call once per chunk, in row order."""
-        bits = magnitude_bits(chunk)
-        limit = self.threshold.bits
-        if self.threshold.equal_keep == self.threshold.equal_total:  # every tie is kept: one comparison
-            return (bits >= limit).reshape(chunk.shape)
-        mask = bits > limit
-        ties = torch.nonzero(bits == limit).reshape(-1)
+        """A 0/1 float keep-mask of the chunk's shape; call once per chunk, in row order.
+
+        Float arithmetic, not boolean tensors (whose CPU kernels are many times slower here):
+        sign(|x| − v) + 1, clamped to 1, is 1 where |x| ≥ v and 0 below (exact: x − v = 0 only if x = v).
+        """
+        mask = (chunk.abs() - self._value).sign_().add_(1.0).clamp_(max=1.0)
+        if self.threshold.equal_keep == self.threshold.equal_total:  # every tie is kept
+            return mask
+        ties = torch.nonzero(magnitude_bits(chunk) == self.threshold.bits).reshape(-1)
         take = max(0, min(ties.numel(), self.threshold.equal_keep - self._equal_seen))
-        mask[ties[:take]] = True
+        mask.view(-1)[ties[take:]] = 0.0  # ties beyond the first equal_keep (flat order) are dropped
         self._equal_seen += ties.numel()
-        return mask.reshape(chunk.shape)
+        return mask

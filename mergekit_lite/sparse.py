@@ -80,13 +80,14 @@ class SparseTensorMerge:
         for index in self.active:
             tau = taus[index]
             own = self.adapter_params[index]
+            scale = self.weights[index]
             if self.method.sparsification == "magnitude":
                 if index in self.trimmers:
-                    tau = torch.where(self.trimmers[index].keep(tau), tau, 0.0)
+                    tau = tau * self.trimmers[index].keep(tau)
             elif self.method.sparsification == "dare":
                 density = own["density"]
-                mask = self.streams[index].keep_mask(density, flat_start, tau.numel(), tau.device).reshape(tau.shape)
-                tau = torch.where(mask, tau / density if own["rescale"] else tau, 0.0)
-            updates.append(tau * self.weights[index])
+                tau = tau * self.streams[index].keep_mask(density, flat_start, tau.numel(), tau.device).reshape(tau.shape)
+                scale = scale / density if own["rescale"] else scale
+            updates.append(tau * scale)
         active_weights = [self.weights[i] for i in self.active]
         return self.method.consensus(updates, active_weights, self.global_params)  # type: ignore[misc]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mergekit_lite import MergeConfig, MergeConfigError, merge
 from mergekit_lite.methods import get_method
 from mergekit_lite.rng import keep_mask, stream_key
-from mergekit_lite.select import Trimmer, kth_largest_magnitude
+from mergekit_lite.select import BAND_LIMIT, Trimmer, kth_largest_magnitude
 from mergekit_lite.sparse import SparseTensorMerge
 
 from .reference import load_checkpoint, plain_lora_task_vectors, ties_combine, trim
@@ -83,7 +83,8 @@ def test_dare_equals_the_dense_reference_with_the_same_masks(case: dict, rescale
     updates = []
     for i, (tau, w, d) in enumerate(zip(case["taus"], case["weights"], case["densities"])):
         mask = keep_mask(stream_key(seed, i, "w"), d, 0, tau.numel(), torch.device("cpu")).reshape(tau.shape)
-        kept = torch.where(mask, tau.double() / (d if rescale else 1.0), 0.0)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        kept = torch.where(mask.bool(), tau.double() / (d if rescale else 1.0), 0.0)
         updates.append(w * kept)
     expected = ties_combine(updates, case["weights"], "sum", True, 1.0) if ties else sum(updates)
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
@@ -99,18 +100,20 @@ def test_ties_equals_peft_ties_on_dense_task_vectors() -> None:
     torch.testing.assert_close(ours, peft, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("band_limit", [BAND_LIMIT, 0])  # 0 forces the low-bits histogram pass
 @pytest.mark.parametrize("density", [0.1, 0.37, 0.5, 0.99])
-def test_ties_trim_keeps_exactly_k_entries_across_chunk_sizes(density: float) -> None:
-    tau = (torch.randint(-3, 4, (50, 20), generator=torch.Generator().manual_seed(1)) / 2).float()
+def test_ties_trim_keeps_exactly_k_entries_across_chunk_sizes(density: float, band_limit: int) -> None:
+    tau = (torch.randint(1, 4, (50, 20), generator=torch.Generator().manual_seed(1)) / 2).float()
+    tau *= torch.randint(0, 2, tau.shape, generator=torch.Generator().manual_seed(2)) * 2 - 1  # no zeros, many ties
     k = math.floor(density * tau.numel())
     masks = []
     for chunk_rows in (1, 3, 7, 50):
         chunks = [tau[s:s + chunk_rows] for s in range(0, 50, chunk_rows)]
-        trimmer = Trimmer(kth_largest_magnitude(lambda chunks=chunks: chunks, k))
+        trimmer = Trimmer(kth_largest_magnitude(lambda chunks=chunks: chunks, k, band_limit=band_limit))
         masks.append(torch.cat([trimmer.keep(c) for c in chunks]))
     assert all(torch.equal(mask, masks[0]) for mask in masks)
     assert int(masks[0].sum()) == k
-    assert torch.equal(masks[0], trim(tau, density) != 0) or int((trim(tau, density) != 0).sum()) < k
+    assert torch.equal(masks[0].bool(), trim(tau, density) != 0)
 
 
 def test_dare_masks_do_not_depend_on_chunking_or_tensor_order() -> None:

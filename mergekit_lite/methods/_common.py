@@ -30,27 +30,21 @@ def sum_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], par
 def ties_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
     """TIES steps (3)–(4): elect γ per entry, keep the uᵢ that agree, sum, divide by Σ Mᵢ|wᵢ| (SEMANTICS §3).
 
-    uᵢ·γ > 0 exactly where uᵢ ≠ 0 and sign(uᵢ) = γ, so the agreeing sum is γ · Σ max(uᵢγ, 0): a few
-    elementwise passes per adapter, no stacking.
+    uᵢ·γ > 0 exactly where uᵢ ≠ 0 and sign(uᵢ) = γ, so the agreeing sum is γ · Σ max(uᵢγ, 0) and Mᵢ is
+    sign(max(uᵢγ, 0)). Only float ops: boolean tensor kernels are many times slower on CPU.
     """
-    if params["sign"] == "sum":
-        vote = updates[0].clone()
-        for update in updates[1:]:
-            vote += update
-    else:
-        vote = torch.sign(updates[0])
-        for update in updates[1:]:
-            vote += torch.sign(update)
-    gamma = torch.where(vote >= 0, 1.0, -1.0)  # γ = +1 where the vote is 0
-    del vote
+    vote = torch.sign(updates[0]) if params["sign"] == "count" else updates[0].clone()
+    for update in updates[1:]:
+        vote += torch.sign(update) if params["sign"] == "count" else update
+    gamma = vote.sign_().add_(0.5).sign_()  # γ = +1 where the vote is 0
     merged = torch.zeros_like(updates[0])
     divisor = torch.zeros_like(updates[0]) if params["normalize"] else None
     for update, weight in zip(updates, weights):
         aligned = (update * gamma).clamp_(min=0.0)
         merged += aligned
         if divisor is not None:
-            divisor.add_(aligned > 0, alpha=abs(weight))
+            divisor.add_(aligned.sign_(), alpha=abs(weight))
     merged *= gamma
     if divisor is not None:  # where no adapter agrees, merged is 0 and so is the result
         merged /= divisor.clamp_(min=torch.finfo(divisor.dtype).tiny)
-    return merged * params["lambda"]
+    return merged.mul_(params["lambda"])
