@@ -71,6 +71,10 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
     if dry_run:
         click.echo(describe_plan(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory))
         return
+    if config.output.push_to_hub:  # a missing token or offline mode fails now, not after a long merge
+        from .publish import preflight
+
+        preflight(config.output.push_to_hub)
     result = merge(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory,
                    overwrite=overwrite, progress=not no_progress)
     click.echo(result.summary())
