@@ -71,6 +71,7 @@ class Recipe:
                                                                     "sentiment": 100})
     adapter_lr: float = 3e-3
     adapter_batch: int = 32
+    replay: int = 8
     warmup: int = 30
 
 
@@ -321,12 +322,16 @@ def build_task_adapter(base_dir: Path, out_dir: Path, train_rows: list[dict[str,
         peft_model = get_peft_model(model, config)
     order = torch.Generator().manual_seed(seed)
 
+    replay_rng = random.Random(seed)
+    per_batch = recipe.adapter_batch - recipe.replay
+
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            for index in torch.randperm(len(train_rows), generator=order).split(recipe.adapter_batch):
-                if len(index) == recipe.adapter_batch:
-                    rows = [train_rows[i] for i in index.tolist()]
-                    yield codec.batch([training_text(r["question"], r["answer"]) for r in rows], answer_only=True)
+            for index in torch.randperm(len(train_rows), generator=order).split(per_batch):
+                if len(index) == per_batch:
+                    pairs = [training_text(train_rows[i]["question"], train_rows[i]["answer"]) for i in index.tolist()]
+                    pairs += [generic_example(replay_rng) for _ in range(recipe.replay)]
+                    yield codec.batch(pairs, answer_only=True)
 
     train_loop(peft_model, batches(), recipe.adapter_steps[task], recipe.adapter_lr, recipe.warmup, f"adapter {task}")
     peft_model.peft_config["default"].base_model_name_or_path = "../../base"  # machine-independent files

@@ -121,9 +121,9 @@ class MergeEngine:
                 stats.tensors_merged += 1
                 stats.merged_names.append(tensor.name)
             elif tensor.out_dtype == tensor.info.dtype:
-                for size in self.base.copy_raw(tensor.name, writer.sink):
-                    writer.advance(size)
-                    progress.update(size)
+                for block in self.base.raw_blocks(tensor.name):
+                    writer.write(block)
+                    progress.update(len(block))
                 stats.tensors_copied += 1
             else:
                 self._cast_tensor(tensor, writer, progress, stats)

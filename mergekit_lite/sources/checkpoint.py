@@ -152,8 +152,8 @@ class BaseCheckpoint:
             handle.close()
         self._handles.clear()
 
-    def copy_raw(self, name: str, sink: BinaryIO) -> Iterator[int]:
-        """Copy a tensor's stored bytes to `sink` without decoding; yields byte counts for progress."""
+    def raw_blocks(self, name: str) -> Iterator[bytes]:
+        """A tensor's stored bytes in blocks, without decoding (for copying untouched tensors)."""
         info = self.tensors[name]
         with open(info.file, "rb") as source:
             source.seek(info.data_start)
@@ -162,9 +162,8 @@ class BaseCheckpoint:
                 block = source.read(min(COPY_BLOCK, remaining))
                 if not block:
                     raise CheckpointError(f"{info.file}: truncated while reading tensor '{name}'")
-                sink.write(block)
                 remaining -= len(block)
-                yield len(block)
+                yield block
 
     def read_json(self, filename: str) -> dict | None:
         """A JSON file of the base folder (config.json, ...) or None when absent."""

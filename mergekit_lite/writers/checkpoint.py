@@ -7,10 +7,12 @@ memory at one row chunk, whatever the model size.
 from __future__ import annotations
 
 import json
+import queue
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ..safetensors_format import encode_header
 from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE
@@ -60,6 +62,46 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
+class BackgroundFile:
+    """A file written by a background thread, so that disk writes overlap reading and computing.
+
+    At most `depth` buffers wait in the queue (bounded memory); an error in the thread surfaces on the next
+    call. Buffers must not change after they are handed over (the engine never reuses an emitted chunk).
+    """
+
+    def __init__(self, path: Path, depth: int = 2) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"write {path.name}", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                break
+            if self._error is None:
+                try:
+                    self._file.write(data)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = error
+        self._file.close()
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Queue bytes for writing (blocks while `depth` buffers are pending)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def close(self) -> None:
+        """Flush everything queued, close the file, and raise any write error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class ShardedWriter:
     """Receives tensors in layout order, a chunk of bytes at a time, and writes shards plus the index."""
 
@@ -71,7 +113,7 @@ class ShardedWriter:
         self._position = -1
         self._remaining = 0
         self._shard = -1
-        self._file: BinaryIO | None = None
+        self._file: BackgroundFile | None = None
         self.bytes_written = 0
 
     def begin(self, name: str) -> None:
@@ -96,23 +138,12 @@ class ShardedWriter:
         self._remaining -= size
         self.bytes_written += size
 
-    @property
-    def sink(self) -> BinaryIO:
-        """The open shard file, for raw copies that count their own bytes via `advance`."""
-        assert self._file is not None
-        return self._file
-
-    def advance(self, size: int) -> None:
-        """Record bytes written directly into `sink`."""
-        self._remaining -= size
-        self.bytes_written += size
-
     def _open_shard(self, shard: int) -> None:
         if self._file is not None:
             self._file.close()
         self._shard = shard
         entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in self.shards[shard]]
-        self._file = open(self.folder / self.names[shard], "wb")  # noqa: SIM115 - closed in close()/_open_shard
+        self._file = BackgroundFile(self.folder / self.names[shard])
         self._file.write(encode_header(entries, {"format": "pt"}))
 
     def close(self) -> None:
@@ -131,7 +162,10 @@ class ShardedWriter:
     def abort(self) -> None:
         """Close the open file after a failure (the staging folder is removed by the caller)."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
             self._file = None
 
 

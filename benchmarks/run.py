@@ -1,0 +1,249 @@
+"""Benchmarks: ours vs PEFT vs mergekit vs the raw I/O floor, side by side in one run, each its own process.
+
+    python benchmarks/run.py                      # the 492M setup of the benchmarks issue, 3 repeats
+    python benchmarks/run.py --layers 2 --repeats 1 --tools ours,io   # a quick look
+    python benchmarks/run.py --scaling            # peak RSS at 1x, 2x, 4x depth
+
+Peers are installed into their own venv (benchmarks/work/peers-venv, torch pinned to 2.13.0), never into
+the project's. Wall time and peak RSS come from /usr/bin/time (the child's maximum resident set). Cases run
+in alternation, `--repeats` times; the table gives medians. Results: benchmarks/results/*.md and *.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+PEERS = WORK / "peers-venv"
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from synthetic import Shape, build  # noqa: E402
+
+OUR_METHODS = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}
+PEFT_METHODS = {"task_arithmetic": "cat", "ties": "ties", "dare_ties": "dare_ties"}
+
+
+def ensure_peers() -> Path:
+    """The peers' venv with peft, transformers and mergekit 0.1.5 beside torch 2.13.0."""
+    python = PEERS / "bin" / "python"
+    if not (PEERS / "bin" / "mergekit-yaml").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"]
+        subprocess.run(pip, check=True)
+        subprocess.run([*pip, "peft", "transformers", "mergekit==0.1.5"], check=True)
+    return python
+
+
+def timed(command: list[str], log: Path) -> dict:
+    """Run a command under /usr/bin/time; return wall seconds and peak RSS bytes."""
+    stats = log.with_suffix(".time")
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %M", *command], stdout=out,
+                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
+    rss_kb = int(stats.read_text().split()[-1])
+    return {"wall_s": wall, "peak_rss_bytes": rss_kb * 1024}
+
+
+def our_config(root: Path, method: str, out: Path, adapters: int) -> Path:
+    data = {
+        "base_model": str(root / "base"), "method": method, "parameters": OUR_METHODS[method],
+        "adapters": [{"path": str(root / f"adapter_{i}")} for i in range(adapters)],
+        "output": {"path": str(out)}, "seed": 0,
+    }
+    path = WORK / f"ours_{method}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def mergekit_config(root: Path, method: str, adapters: int) -> Path:
+    params = {"weight": 1.0, **({"density": 0.5} if method != "task_arithmetic" else {})}
+    data = {
+        "merge_method": method, "base_model": str(root / "base"), "dtype": "bfloat16",
+        "models": [{"model": f"{root / 'base'}+{root / f'adapter_{i}'}", "parameters": params} for i in range(adapters)],
+    }
+    path = WORK / f"mergekit_{method}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cases(root: Path, tools: list[str], methods: list[str], adapters: int,
+          peers: Path | None) -> dict[str, tuple[list[str], list[Path]]]:
+    """label -> (command, folders to delete before it runs, outside the timing) for every case."""
+    merge = str(Path(sys.executable).with_name("merge"))
+    found: dict[str, list[str]] = {}
+    out = WORK / "out"
+    if "io" in tools:
+        found["I/O floor (safetensors read + write)"] = ([sys.executable, str(HERE / "peers" / "io_floor.py"),
+                                                          str(root / "base"), str(out / "io")], [out / "io"])
+    for method in methods:
+        if "ours" in tools:
+            config = our_config(root, method, out / f"ours_{method}", adapters)
+            found[f"mergekit_lite {method}"] = ([merge, "run", str(config), "--no-progress", "--device", "cpu"],
+                                                [out / f"ours_{method}"])
+        if "peft" in tools and peers is not None:
+            found[f"PEFT {PEFT_METHODS[method]}"] = ([
+                str(peers), str(HERE / "peers" / "peft_merge.py"), str(root / "base"), str(out / f"peft_{method}"),
+                PEFT_METHODS[method], *[str(root / f"adapter_{i}") for i in range(adapters)]], [out / f"peft_{method}"])
+        if "mergekit" in tools and peers is not None:
+            cache = WORK / "lora-cache"
+            found[f"mergekit {method}"] = ([
+                str(PEERS / "bin" / "mergekit-yaml"), str(mergekit_config(root, method, adapters)),
+                str(out / f"mergekit_{method}"), "--lora-merge-cache", str(cache), "--no-copy-tokenizer"],
+                [cache, out / f"mergekit_{method}"])
+    return found
+
+
+def compare(ours: Path, theirs: Path, base: Path) -> dict:
+    """Agreement of two merged checkpoints: ‖ours − theirs‖ / ‖ours − base‖ (relative error of the merged
+    delta), and the share of entries that differ at all."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict[str, tuple[Path, str]]:
+        found = {}
+        for file in folder.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as handle:
+                found.update({name: (file, name) for name in handle.keys()})
+        return found
+
+    mine, peer, original = tensors(ours), tensors(theirs), tensors(base)
+    error, delta, differing, total = 0.0, 0.0, 0, 0
+    for name, (file, key) in mine.items():
+        if name not in peer:
+            continue
+        with safe_open(str(file), "pt") as a, safe_open(str(peer[name][0]), "pt") as b, \
+                safe_open(str(original[name][0]), "pt") as c:
+            x, y, w = a.get_tensor(key).double(), b.get_tensor(name).double(), c.get_tensor(name).double()
+        error += float(((x - y) ** 2).sum())
+        delta += float(((x - w) ** 2).sum())
+        differing += int((x != y).sum())
+        total += x.numel()
+    return {"relative_delta_error": (error / delta) ** 0.5 if delta else 0.0,
+            "fraction_of_entries_differing": differing / max(total, 1)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    shape = Shape(args.hidden, args.intermediate, args.layers, args.vocab)
+    root = build(WORK / f"synthetic_h{args.hidden}_l{args.layers}_v{args.vocab}", shape, args.adapters, args.rank)
+    peers = ensure_peers() if {"peft", "mergekit"} & set(args.tools) else None
+    found = cases(root, args.tools, args.methods, args.adapters, peers)
+    runs: dict[str, list[dict]] = {label: [] for label in found}
+    logs = WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for repeat in range(args.repeats):
+        for label, (command, clear) in found.items():
+            if label.startswith("mergekit ") and repeat >= args.peer_repeats:
+                continue
+            for folder in clear:
+                shutil.rmtree(folder, ignore_errors=True)
+            slug = label.replace(" ", "_").replace("/", "_")
+            result = timed(command, logs / f"{slug}.{repeat}.log")
+            runs[label].append(result)
+            print(f"[{repeat}] {label}: {result['wall_s']:.1f} s, {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    summary = {
+        label: {"median_wall_s": statistics.median(r["wall_s"] for r in results),
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results}
+        for label, results in runs.items() if results
+    }
+    agreement = {}
+    out = WORK / "out"
+    for method in ("task_arithmetic", "ties"):
+        if (out / f"ours_{method}").is_dir() and (out / f"mergekit_{method}").is_dir():
+            agreement[f"{method}: ours vs mergekit"] = compare(out / f"ours_{method}", out / f"mergekit_{method}", root / "base")
+    if (out / "ours_task_arithmetic").is_dir() and (out / "peft_task_arithmetic").is_dir():
+        agreement["task_arithmetic: ours vs PEFT cat"] = compare(out / "ours_task_arithmetic", out / "peft_task_arithmetic",
+                                                                 root / "base")
+    return {"shape": vars(shape) | {"parameters": shape.parameters()}, "adapters": args.adapters, "rank": args.rank,
+            "repeats": args.repeats, "machine": machine(), "results": summary, "agreement": agreement}
+
+
+def machine() -> str:
+    """Cores, memory and CPU model of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except OSError:
+        memory = 0
+    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, no GPU"
+
+
+def table(report: dict) -> str:
+    """Markdown table with ratios against the I/O floor."""
+    results = report["results"]
+    floor = next((v["median_wall_s"] for k, v in results.items() if k.startswith("I/O floor")), None)
+    lines = [
+        f"{report['shape']['parameters'] / 1e6:.0f}M-parameter bf16 Llama-shaped base (hidden {report['shape']['hidden']}, "
+        f"intermediate {report['shape']['intermediate']}, {report['shape']['layers']} layers, vocab {report['shape']['vocab']}), "
+        f"{report['adapters']} rank-{report['rank']} adapters on all linear layers; {report['machine']}; "
+        f"median of {report['repeats']} run(s).",
+        "",
+        "| tool, method | wall | × I/O floor | peak RSS |",
+        "|---|---|---|---|",
+    ]
+    for label, value in results.items():
+        ratio = f"{value['median_wall_s'] / floor:.2f}" if floor else "-"
+        lines.append(f"| {label} | {value['median_wall_s']:.1f} s | {ratio} | {value['peak_rss_bytes'] / 1e9:.2f} GB |")
+    if report["agreement"]:
+        lines += ["", "| agreement (same semantics, unit weights) | ‖ours − theirs‖ / ‖merged delta‖ | entries differing |",
+                  "|---|---|---|"]
+        for label, value in report["agreement"].items():
+            lines.append(f"| {label} | {value['relative_delta_error']:.2%} | {value['fraction_of_entries_differing']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--adapters", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer-repeats", type=int, default=1, help="repeats for mergekit (slow)")
+    parser.add_argument("--tools", type=lambda s: s.split(","), default=["io", "ours", "peft", "mergekit"])
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(OUR_METHODS))
+    parser.add_argument("--scaling", action="store_true", help="ours and PEFT at 1x, 2x, 4x depth")
+    parser.add_argument("--name", default=None, help="results file stem")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    if args.scaling:
+        reports = []
+        for factor in (1, 2, 4):
+            step = argparse.Namespace(**{**vars(args), "layers": args.layers * factor})
+            reports.append(run(step))
+        text = "\n".join(table(r) for r in reports)
+        stem = args.name or "scaling"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(reports, indent=2))
+    else:
+        report = run(args)
+        text = table(report)
+        stem = args.name or f"bench_{report['shape']['parameters'] // 10**6}M"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
+    shutil.rmtree(WORK / "out", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
