@@ -29,7 +29,7 @@ WORK = HERE / "work"
 PEERS = WORK / "peers-venv"
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-from synthetic import Shape, build  # noqa: E402
+from synthetic import Shape, add_shape_arguments, build  # noqa: E402
 
 OUR_METHODS = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}
 PEFT_METHODS = {"task_arithmetic": "cat", "ties": "ties", "dare_ties": "dare_ties"}
@@ -213,12 +213,7 @@ def table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--adapters", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=16)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer-repeats", type=int, default=1, help="repeats for mergekit (slow)")
     parser.add_argument("--tools", type=lambda s: s.split(","), default=["io", "ours", "peft", "mergekit"])

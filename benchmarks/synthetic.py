@@ -140,16 +140,21 @@ def build(root: Path, shape: Shape, adapters: int = 3, rank: int = 16) -> Path:
     return root
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The size knobs shared by this script and the benchmark runner."""
+    parser.add_argument("--hidden", type=int, default=Shape.hidden)
+    parser.add_argument("--intermediate", type=int, default=Shape.intermediate)
+    parser.add_argument("--layers", type=int, default=Shape.layers, help="depth: the memory-scaling knob")
+    parser.add_argument("--vocab", type=int, default=Shape.vocab)
+    parser.add_argument("--adapters", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+
+
 def main() -> None:
     """CLI: build a synthetic setup."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", type=Path)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--adapters", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=16)
+    add_shape_arguments(parser)
     args = parser.parse_args()
     shape = Shape(args.hidden, args.intermediate, args.layers, args.vocab)
     build(args.root, shape, args.adapters, args.rank)
