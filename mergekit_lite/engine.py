@@ -5,7 +5,8 @@ Memory is bounded by one row chunk per tensor (plus the adapters' small factors)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +16,11 @@ from .delta import TensorDeltas
 from .errors import NonFiniteError
 from .methods import MergeMethod
 from .plan import MergePlan, TensorPlan
+from .prefetch import Prefetcher
 from .progress import Progress
 from .safetensors_format import TORCH_DTYPES, tensor_bytes
 from .sparse import SparseTensorMerge
-from .sources.checkpoint import BaseCheckpoint
+from .sources.checkpoint import COPY_BLOCK, BaseCheckpoint
 from .writers.checkpoint import ShardedWriter
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
@@ -112,46 +114,63 @@ class MergeEngine:
         return [i for i, (items, c) in enumerate(zip(tensor.by_adapter, factors)) if items and c != 0]
 
     def run(self, writer: ShardedWriter, progress: Progress) -> EngineStats:
-        """Merge or copy every base tensor into `writer`."""
+        """Merge or copy every base tensor into `writer`, reading ahead in a background thread."""
         stats = EngineStats()
-        for tensor in self.plan.tensors:
-            writer.begin(tensor.name)
-            if self.merges(tensor):
-                self._merge_tensor(tensor, writer, progress, stats)
-                stats.tensors_merged += 1
-                stats.merged_names.append(tensor.name)
-            elif tensor.out_dtype == tensor.info.dtype:
-                for block in self.base.raw_blocks(tensor.name):
-                    writer.write(block)
-                    progress.update(len(block))
-                stats.tensors_copied += 1
-            else:
-                self._cast_tensor(tensor, writer, progress, stats)
-                stats.tensors_copied += 1
+        reads: Prefetcher[Any] = Prefetcher(self._reads())
+        try:
+            for tensor in self.plan.tensors:
+                writer.begin(tensor.name)
+                if self.merges(tensor):
+                    self._merge_tensor(tensor, reads, writer, progress, stats)
+                    stats.tensors_merged += 1
+                    stats.merged_names.append(tensor.name)
+                elif tensor.out_dtype == tensor.info.dtype:  # untouched: raw bytes, never decoded
+                    for _ in range(0, tensor.info.nbytes, COPY_BLOCK):
+                        block = reads.next()
+                        writer.write(block)
+                        progress.update(len(block))
+                    stats.tensors_copied += 1
+                else:
+                    for _ in self._ranges(tensor):
+                        self._emit(reads.next().to(TORCH_DTYPES[tensor.out_dtype]), writer, progress)
+                    stats.tensors_copied += 1
+        finally:
+            reads.close()
         stats.bytes_written = writer.bytes_written
         return stats
 
-    def _cast_tensor(self, tensor: TensorPlan, writer: ShardedWriter, progress: Progress, stats: EngineStats) -> None:
-        out_dtype = TORCH_DTYPES[tensor.out_dtype]
-        size = rows_per_chunk(tensor, 0, self.options)
-        for start, stop in chunk_ranges(tensor.info.rows, size):
-            rows = self.base.read_rows(tensor.name, start, stop).to(out_dtype)
-            self._emit(tensor, rows, writer, progress)
+    def _ranges(self, tensor: TensorPlan) -> list[tuple[int, int]]:
+        """The row chunks of a tensor: sized for the method's working set when merged, else for a cast."""
+        if not self.merges(tensor):
+            return chunk_ranges(tensor.info.rows, rows_per_chunk(tensor, 0, self.options))
+        materialized = 0 if self.coefficients is not None else len(self.active(tensor)) + SPARSE_BUFFERS
+        return chunk_ranges(tensor.info.rows, rows_per_chunk(tensor, materialized, self.options))
 
-    def _merge_tensor(self, tensor: TensorPlan, writer: ShardedWriter, progress: Progress, stats: EngineStats) -> None:
+    def _reads(self) -> Iterator[Callable[[], Any]]:
+        """Every read of the run, in the order the loop consumes them."""
+        for tensor in self.plan.tensors:
+            name = tensor.name
+            if not self.merges(tensor) and tensor.out_dtype == tensor.info.dtype:
+                for offset in range(0, tensor.info.nbytes, COPY_BLOCK):
+                    length = min(COPY_BLOCK, tensor.info.nbytes - offset)
+                    yield functools.partial(self.base.read_bytes, name, offset, length)
+            else:
+                for start, stop in self._ranges(tensor):
+                    yield functools.partial(self.base.read_rows, name, start, stop)
+
+    def _merge_tensor(self, tensor: TensorPlan, reads: Prefetcher[Any], writer: ShardedWriter, progress: Progress,
+                      stats: EngineStats) -> None:
         device, dtype = self.options.device, self.options.compute_dtype
         out_dtype = TORCH_DTYPES[tensor.out_dtype]
         deltas = TensorDeltas(tensor, self.plan.adapters, device, dtype)
-        materialized = 0 if self.coefficients is not None else len(self.active(tensor)) + SPARSE_BUFFERS
-        size = rows_per_chunk(tensor, materialized, self.options)
-        stats.max_chunk_rows = max(stats.max_chunk_rows, size)
-        ranges = chunk_ranges(tensor.info.rows, size)
+        ranges = self._ranges(tensor)
+        stats.max_chunk_rows = max(stats.max_chunk_rows, ranges[0][1] - ranges[0][0])
         row_elems = max(tensor.info.cols, 1)
         sparse, cached = None, None
         if self.coefficients is None:
             sparse, cached = self._prepare_sparse(tensor, deltas, ranges)
         for start, stop in ranges:
-            base_rows = self.base.read_rows(tensor.name, start, stop).to(device=device, dtype=dtype)
+            base_rows = reads.next().to(device=device, dtype=dtype)
             if sparse is None:
                 delta = deltas.fused_rows(self.coefficients or [], base_rows, start, stop)
             else:
@@ -164,7 +183,7 @@ class MergeEngine:
                     f"merged tensor '{tensor.name}' has inf/NaN after the cast to {tensor.out_dtype} "
                     f"(rows {start}-{stop}); lower the adapter weights or use a wider output dtype"
                 )
-            self._emit(tensor, out, writer, progress)
+            self._emit(out, writer, progress)
 
     def _taus(self, deltas: TensorDeltas, active: list[int], base_rows: torch.Tensor | None,
               start: int, stop: int) -> dict[int, torch.Tensor]:
@@ -194,7 +213,7 @@ class MergeEngine:
                 sparse.prepare(index, chunks)
         return sparse, cached
 
-    def _emit(self, tensor: TensorPlan, rows: torch.Tensor, writer: ShardedWriter, progress: Progress) -> None:
+    def _emit(self, rows: torch.Tensor, writer: ShardedWriter, progress: Progress) -> None:
         data = tensor_bytes(rows.cpu())
         writer.write(data)
         progress.update(data.nbytes)

@@ -6,10 +6,10 @@ Only headers are read up front; tensors are read a row range at a time, or copie
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -63,7 +63,7 @@ class BaseCheckpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self._index_file(file)
-        self._handles: dict[Path, BinaryIO] = {}
+        self._handles: dict[Path, int] = {}
 
     def _weight_files(self) -> list[Path]:
         index = self.folder / INDEX_FILE
@@ -129,41 +129,37 @@ class BaseCheckpoint:
         info = self.tensors[name]
         if info.dtype not in TORCH_DTYPES:
             raise CheckpointError(f"tensor '{name}' has dtype {info.dtype}, which cannot be merged")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = open(info.file, "rb", buffering=0)  # noqa: SIM115 - kept open for the run, closed in close()
-            self._handles[info.file] = handle
-        # plain reads, not mmap: mapped pages would count in our RSS until the kernel drops them
+        # plain positional reads, not mmap: mapped pages would count in our RSS; pread is thread-safe
         buffer = torch.empty((stop - start) * info.row_bytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        handle.seek(info.data_start + start * info.row_bytes)
-        filled = 0
-        while filled < len(view):
-            got = handle.readinto(view[filled:])
-            if not got:
-                raise CheckpointError(f"{info.file}: truncated while reading tensor '{name}'")
-            filled += got
+        self._read_into(info, start * info.row_bytes, memoryview(buffer.numpy()))
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         return buffer.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
-    def close(self) -> None:
-        """Close the file handles opened for reading rows."""
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
-
-    def raw_blocks(self, name: str) -> Iterator[bytes]:
-        """A tensor's stored bytes in blocks, without decoding (for copying untouched tensors)."""
+    def read_bytes(self, name: str, offset: int, length: int) -> bytearray:
+        """Stored bytes [offset, offset + length) of a tensor, undecoded (for raw copies)."""
         info = self.tensors[name]
-        with open(info.file, "rb") as source:
-            source.seek(info.data_start)
-            remaining = info.nbytes
-            while remaining:
-                block = source.read(min(COPY_BLOCK, remaining))
-                if not block:
-                    raise CheckpointError(f"{info.file}: truncated while reading tensor '{name}'")
-                remaining -= len(block)
-                yield block
+        buffer = bytearray(length)
+        self._read_into(info, offset, memoryview(buffer))
+        return buffer
+
+    def _read_into(self, info: TensorInfo, offset: int, view: memoryview) -> None:
+        descriptor = self._handles.get(info.file)
+        if descriptor is None:
+            descriptor = os.open(info.file, os.O_RDONLY)
+            self._handles[info.file] = descriptor
+        position = info.data_start + offset
+        filled = 0
+        while filled < len(view):
+            got = os.preadv(descriptor, [view[filled:]], position + filled)
+            if not got:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor '{info.name}'")
+            filled += got
+
+    def close(self) -> None:
+        """Close the file descriptors opened for reading."""
+        for descriptor in self._handles.values():
+            os.close(descriptor)
+        self._handles.clear()
 
     def read_json(self, filename: str) -> dict | None:
         """A JSON file of the base folder (config.json, ...) or None when absent."""

@@ -71,7 +71,7 @@ class BackgroundFile:
 
     def __init__(self, path: Path, depth: int = 2) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
-        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name=f"write {path.name}", daemon=True)
         self._thread.start()
@@ -88,7 +88,7 @@ class BackgroundFile:
                     self._error = error
         self._file.close()
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes for writing (blocks while `depth` buffers are pending)."""
         if self._error is not None:
             raise self._error
@@ -128,9 +128,9 @@ class ShardedWriter:
             self._open_shard(shard)
         self._remaining = tensor.nbytes
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes of the current tensor."""
-        size = len(data) if isinstance(data, bytes) else data.nbytes
+        size = memoryview(data).nbytes
         if size > self._remaining:
             raise RuntimeError(f"too many bytes for tensor '{self._queue[self._position][1].name}'")
         assert self._file is not None
