@@ -112,3 +112,16 @@ def test_tiny_memory_budget_still_merges_exactly(demo: Path, tmp_path: Path) -> 
     result = merge(config, device="cpu", max_memory=1024, progress=False)
     assert result.chunk_rows < 10
     assert_close_to(load_checkpoint(result.output_dir), closed_form(demo, [1.0, 1.0, 1.0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("method", "parameters"), [("task_arithmetic", {}), ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.4})])
+def test_cuda_and_cpu_agree_to_float32_rounding(demo: Path, tmp_path: Path, method: str, parameters: dict) -> None:
+    config = demo_config(demo, tmp_path / "cpu", method, [1.0, -0.5, 2.0], parameters=parameters)
+    on_cpu = load_checkpoint(merge(config, device="cpu", progress=False).output_dir)
+    on_cuda = load_checkpoint(merge(config, out=tmp_path / "cuda", device="cuda", chunk_rows=5, progress=False).output_dir)
+    base = load_checkpoint(demo / "base")
+    for name, tensor in on_cpu.items():
+        tau_max = float((tensor.double() - base[name].double()).abs().max())
+        diff = float((tensor.double() - on_cuda[name].double()).abs().max())
+        assert diff <= 1e-6 * max(tau_max, 1e-30) + 1e-7 * float(tensor.abs().max()), name
