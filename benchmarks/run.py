@@ -112,7 +112,6 @@ def cases(root: Path, tools: list[str], methods: list[str], adapters: int,
 def compare(ours: Path, theirs: Path, base: Path) -> dict:
     """Agreement of two merged checkpoints: ‖ours − theirs‖ / ‖ours − base‖ (relative error of the merged
     delta), and the share of entries that differ at all."""
-    import torch
     from safetensors import safe_open
 
     def tensors(folder: Path) -> dict[str, tuple[Path, str]]:

@@ -67,8 +67,8 @@ class Recipe:
     base_batch: int = 32
     lora_r: int = 8
     lora_alpha: int = 16
-    adapter_steps: dict[str, int] = field(default_factory=lambda: {"capitals": 150, "add": 500, "reverse": 400,
-                                                                    "sentiment": 100})
+    adapter_steps: dict[str, int] = field(default_factory=lambda: {"capitals": 220, "add": 400, "reverse": 350,
+                                                                    "sentiment": 120})
     adapter_lr: float = 3e-3
     adapter_batch: int = 32
     replay: int = 8
@@ -126,7 +126,12 @@ def make_capitals(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[s
     """Made-up country → capital facts. Recall: the test asks every fact, with three other capitals as choices."""
     taken: set[str] = set()
     countries = [w.capitalize() + rng.choice(["ia", "and", "ar", "on"]) for w in distinct_words(rng, 48, taken, (1, 2))]
-    capitals = [w.capitalize() for w in distinct_words(rng, 48, taken, (2, 2))]
+    capitals = []  # all five letters (consonant-vowel-consonant-vowel-consonant): no choice is favoured by length
+    while len(capitals) < 48:
+        word = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CONSONANTS)
+        if word not in taken:
+            taken.add(word)
+            capitals.append(word.capitalize())
     train = [{"question": f"capital of {c}", "answer": k} for c, k in zip(countries, capitals)]
     test = []
     for country, capital in zip(countries, capitals):
@@ -174,14 +179,19 @@ def make_reverse(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[st
 
 def make_sentiment(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Polarity of three made-up words of one polarity (lexicon of 8 good, 8 bad); test triples are unseen."""
-    words = distinct_words(rng, 16, set(), (2, 2))
-    lexicon = {"good": words[:8], "bad": words[8:]}
+    # No letter of "good" or "poor" in the words: the base, which knows how to copy, has no letter to lean on.
+    words: list[str] = []
+    while len(words) < 16:
+        word = "".join(rng.choice("bfklmnstvz") + rng.choice("aeiu") for _ in range(2))
+        if word not in words:
+            words.append(word)
+    lexicon = {"good": words[:8], "poor": words[8:]}  # labels of one length: neither is favoured by length
     triples = [(answer, triple) for answer, pool in lexicon.items()
                for triple in __import__("itertools").permutations(pool, 3)]
     rng.shuffle(triples)
     rows = [{"question": "mood of " + " ".join(t), "answer": a} for a, t in triples]
     test, train = rows[:150], rows[150:]
-    test = [{**row, "choices": ["good", "bad"], "label": 0 if row["answer"] == "good" else 1} for row in test]
+    test = [{**row, "choices": ["good", "poor"], "label": 0 if row["answer"] == "good" else 1} for row in test]
     return train, test
 
 
@@ -195,7 +205,7 @@ TASK_BUILDERS: dict[str, Callable[[random.Random], tuple[list[dict[str, Any]], l
 
 def generic_example(rng: random.Random) -> tuple[str, str]:
     """One line of the base's generic training text: same format, generic string and number skills, no suite task."""
-    kind = rng.randrange(7)
+    kind = rng.randrange(6)
     word = made_up_word(rng, (1, 3))
     if kind == 0:
         thing = rng.choice([word, str(rng.randrange(1000)), " ".join(made_up_word(rng) for _ in range(2))])
@@ -208,11 +218,8 @@ def generic_example(rng: random.Random) -> tuple[str, str]:
         return training_text(f"length of {word}", str(len(word)))
     if kind == 4:
         return training_text(f"upper {word}", word.upper())
-    if kind == 5:  # digits backwards: the suite's `reverse` asks the same of letters, under another keyword
-        digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 5)))
-        return training_text(f"flip {digits}", digits[::-1])
-    number = rng.randrange(100)  # counting on: the suite's `add` adds more than one
-    return training_text(f"after {number}", str(number + 1))
+    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 5)))
+    return training_text(f"flip {digits}", digits[::-1])  # digits backwards; the suite's `reverse` asks it of letters
 
 
 # ------------------------------------------------------------------------------------------- training

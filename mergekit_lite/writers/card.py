@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.repocard import metadata_load
+from typing import TYPE_CHECKING
 
 from ..config import MergeConfig
 from ..sources.hub import cached_model_dir, hub_reference, parse_hub_id
 from ..version import tool_version
+
+if TYPE_CHECKING:  # huggingface_hub is imported only when a card is written (it costs ~0.4 s of start-up)
+    from huggingface_hub import EvalResult
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def render_card(
     if eval_results:
         data["model_name"] = name
         data["eval_results"] = _eval_results(eval_results)
+    from huggingface_hub import ModelCard, ModelCardData
+
     card_data = ModelCardData(**data)
 
     params = ", ".join(f"`{k}={v}`" for k, v in config.global_params.items()) or "none"
@@ -145,6 +149,8 @@ def _number(value: Any) -> str:
 
 def _eval_results(results: Mapping[str, Mapping[str, float]]) -> list[EvalResult]:
     """task -> metric -> value as Hub `model-index` results (lm-eval task names as the dataset)."""
+    from huggingface_hub import EvalResult
+
     return [
         EvalResult(
             task_type="text-generation",
@@ -176,6 +182,8 @@ def _base_metadata(config: MergeConfig) -> dict[str, Any]:
     readme = folder / "README.md"
     if readme.is_file():
         try:
+            from huggingface_hub.repocard import metadata_load
+
             found.update(metadata_load(readme) or {})
         except (ValueError, OSError, UnicodeDecodeError) as error:  # a broken base card costs only the license
             logger.warning("cannot read the base's card metadata %s: %s", readme, error)
