@@ -62,12 +62,12 @@ class Recipe:
     num_layers: int = 4
     intermediate_size: int = 384
     num_heads: int = 4
-    base_steps: int = 500
+    base_steps: int = 450
     base_lr: float = 2e-3
     base_batch: int = 32
     lora_r: int = 8
     lora_alpha: int = 16
-    adapter_steps: dict[str, int] = field(default_factory=lambda: {"capitals": 220, "add": 400, "reverse": 350,
+    adapter_steps: dict[str, int] = field(default_factory=lambda: {"capitals": 200, "add": 600, "reverse": 350,
                                                                     "sentiment": 120})
     adapter_lr: float = 3e-3
     adapter_batch: int = 32
@@ -178,18 +178,18 @@ def make_reverse(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[st
 
 
 def make_sentiment(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Polarity of three made-up words of one polarity (lexicon of 8 good, 8 bad); test triples are unseen."""
+    """Polarity of three made-up words of one polarity (lexicon of 12 good, 12 poor); test triples are unseen."""
     # No letter of "good" or "poor" in the words: the base, which knows how to copy, has no letter to lean on.
     words: list[str] = []
-    while len(words) < 16:
+    while len(words) < 24:
         word = "".join(rng.choice("bfklmnstvz") + rng.choice("aeiu") for _ in range(2))
         if word not in words:
             words.append(word)
-    lexicon = {"good": words[:8], "poor": words[8:]}  # labels of one length: neither is favoured by length
+    lexicon = {"good": words[:12], "poor": words[12:]}  # labels of one length: neither is favoured by length
     triples = [(answer, triple) for answer, pool in lexicon.items()
                for triple in __import__("itertools").permutations(pool, 3)]
     rng.shuffle(triples)
-    rows = [{"question": "mood of " + " ".join(t), "answer": a} for a, t in triples]
+    rows = [{"question": "mood of " + " ".join(t), "answer": a} for a, t in triples[:1650]]
     test, train = rows[:150], rows[150:]
     test = [{**row, "choices": ["good", "poor"], "label": 0 if row["answer"] == "good" else 1} for row in test]
     return train, test
@@ -262,9 +262,23 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_loop(model: Any, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float, warmup: int,
+def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled positions of one batch, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((labels != -100).sum())
+
+
+def train_loop(model: Any, batches: Iterator[list[dict[str, torch.Tensor]]], steps: int, lr: float, warmup: int,
                label: str) -> float:
-    """AdamW with warm-up and cosine decay; returns the mean loss of the last 20 steps."""
+    """AdamW with warm-up and cosine decay; returns the mean loss of the last 20 steps.
+
+    Each step takes a list of padded batches (short task rows and longer replay rows are padded separately,
+    which halves the cost) and averages the loss over all their labelled tokens.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
@@ -272,7 +286,8 @@ def train_loop(model: Any, batches: Iterator[dict[str, torch.Tensor]], steps: in
     tail: list[float] = []
     started = time.perf_counter()
     for step in range(steps):
-        loss = model(**next(batches)).loss
+        parts = [token_loss(model, batch) for batch in next(batches)]
+        loss = sum(part for part, _ in parts) / sum(count for _, count in parts)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -305,7 +320,7 @@ def build_base(out_dir: Path, recipe: Recipe, seed: int) -> Path:
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            yield codec.batch([generic_example(rng) for _ in range(recipe.base_batch)], answer_only=False)
+            yield [codec.batch([generic_example(rng) for _ in range(recipe.base_batch)], answer_only=False)]
 
     train_loop(model, batches(), recipe.base_steps, recipe.base_lr, recipe.warmup, "base")
     return _save_base(model, tok, out_dir)
@@ -337,8 +352,8 @@ def build_task_adapter(base_dir: Path, out_dir: Path, train_rows: list[dict[str,
             for index in torch.randperm(len(train_rows), generator=order).split(per_batch):
                 if len(index) == per_batch:
                     pairs = [training_text(train_rows[i]["question"], train_rows[i]["answer"]) for i in index.tolist()]
-                    pairs += [generic_example(replay_rng) for _ in range(recipe.replay)]
-                    yield codec.batch(pairs, answer_only=True)
+                    replay = [generic_example(replay_rng) for _ in range(recipe.replay)]
+                    yield [codec.batch(pairs, answer_only=True), codec.batch(replay, answer_only=True)]
 
     train_loop(peft_model, batches(), recipe.adapter_steps[task], recipe.adapter_lr, recipe.warmup, f"adapter {task}")
     peft_model.peft_config["default"].base_model_name_or_path = "../../base"  # machine-independent files

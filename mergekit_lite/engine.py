@@ -174,7 +174,10 @@ class MergeEngine:
             if sparse is None:
                 delta = deltas.fused_rows(self.coefficients or [], base_rows, start, stop)
             else:
-                taus = cached if cached is not None else self._taus(deltas, sparse.active, base_rows, start, stop)
+                if cached is not None:
+                    taus = {i: tau[start:stop] for i, tau in cached.items()}
+                else:
+                    taus = self._taus(deltas, sparse.active, base_rows, start, stop)
                 delta = sparse.merge_chunk(taus, start * row_elems)
             merged = base_rows if delta is None else base_rows.add_(delta.reshape(base_rows.shape))
             out = merged.to(out_dtype)
@@ -194,18 +197,23 @@ class MergeEngine:
 
     def _prepare_sparse(self, tensor: TensorPlan, deltas: TensorDeltas, ranges: list[tuple[int, int]]
                         ) -> tuple[SparseTensorMerge, dict[int, torch.Tensor] | None]:
-        """Per-tensor method state and trim thresholds; a one-chunk tensor's τᵢ are built once and reused."""
+        """Per-tensor method state and trim thresholds.
+
+        When every τᵢ of the tensor fits in half the memory budget, they are built once (one GEMM each) and
+        the selection and merge passes slice them; otherwise each pass rebuilds τᵢ chunk by chunk.
+        """
         active = self.active(tensor)
         numel = tensor.info.rows * max(tensor.info.cols, 1)
         sparse = SparseTensorMerge(self.method, tensor.name, numel, active, self.weights, self.global_params,
                                    self.adapter_params, self.seed)
         selecting = [i for i in active if sparse.needs_selection(i)]
         cached = None
-        if len(ranges) == 1 and selecting:
-            cached = self._taus(deltas, active, None, *ranges[0])
+        if selecting and numel * 4 * len(active) <= self.options.max_memory // 2:
+            cached = self._taus(deltas, active, None, 0, tensor.info.rows)
         for index in selecting:
             if cached is not None:
-                sparse.prepare(index, lambda index=index: [cached[index]])
+                whole = cached[index]
+                sparse.prepare(index, lambda whole=whole: (whole[start:stop] for start, stop in ranges))
             else:
                 def chunks(index: int = index) -> Iterable[torch.Tensor]:
                     for start, stop in ranges:

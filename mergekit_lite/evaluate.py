@@ -1,10 +1,680 @@
-"""lm-eval runs over base, adapters and merges (placeholder until the eval issue lands)."""
+"""Score a merge with lm-eval, offline: the base, each adapter alone (through PEFT) and the merged checkpoint.
+
+A merge is worth publishing only if it keeps what each adapter learned. `evaluate_models` runs EleutherAI's
+lm-evaluation-harness on every model over the same tasks and writes a report folder:
+
+* ``results/<model>.json`` — lm-eval's own results for that model;
+* ``report.md`` — tables (rows: models; columns: tasks and their average), with a normalized-retention column
+  per task for each merge: ``(merged − base) / (adapter alone − base)``;
+* ``scores.json`` — the same numbers, machine-readable; ``chart.png`` — grouped bars (needs matplotlib).
+
+Tasks default to the offline suite in ``evals/tasks`` (built by ``evals/build_suite.py``). A suite task ``T``
+has a companion ``T_ll`` (log-likelihood of the correct answer), reported as a second, smooth score.
+Offline by construction: the Hub switches are set before lm-eval, transformers or datasets are imported (and
+patched where a library read them already), model paths are absolute, and lm-eval's built-in task index is
+never built. lm_eval is imported lazily, so ``import mergekit_lite`` stays light.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import MergeError
+from .suggest import did_you_mean
+
+if TYPE_CHECKING:
+    from .api import MergeResult
+    from .config import MergeConfig
+
+logger = logging.getLogger(__name__)
+
+#: Where the offline suite's lm-eval task YAMLs live in a checkout (overridable with MERGEKIT_LITE_EVAL_TASKS).
+SUITE_TASKS_DIR = Path(__file__).resolve().parents[1] / "evals" / "tasks"
+#: The suite's tasks, in table order.
+SUITE_TASKS: tuple[str, ...] = ("capitals", "add", "reverse", "sentiment")
+#: Suffix of a task's companion that scores the log-likelihood of the correct answer.
+LL_SUFFIX = "_ll"
+#: The report's files, relative to its folder.
+REPORT_MD, SCORES_JSON, CHART_PNG, RESULTS_DIR = "report.md", "scores.json", "chart.png", "results"
+#: The folder `merge run` writes the report into, inside the merged checkpoint.
+RUN_REPORT_DIR = "eval"
+#: Bootstrap draws for the stderr of perplexity (lm-eval's default, 100 000, takes seconds per task).
+BOOTSTRAP_ITERS = 1000
+#: Metrics of a task's own results, in the order tried for its headline score.
+_PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "f1", "mcc")
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_METRIC_TITLES = {
+    "acc": ("Accuracy", "Headline metric of each task (multiple-choice `acc` for the suite); higher is better."),
+    "answer_ll": (
+        "Answer log-likelihood",
+        "Mean log-probability of the correct answer in nats, −ln(perplexity) of each `<task>_ll`; higher is "
+        "better. A smooth score: it moves before accuracy does.",
+    ),
+}
 
 
-def evaluate_after_merge(result: Any, progress: bool = True) -> str:
-    """Evaluate a finished merge as its config's `eval:` section asks; return a summary line."""
-    raise NotImplementedError("merge eval is not implemented yet")
+class EvalError(MergeError):
+    """An evaluation cannot run as asked: lm-eval missing, an unknown task, a model folder that is not there."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of the report: a checkpoint folder, optionally with a PEFT adapter applied on top (unmerged)."""
+
+    name: str
+    kind: str  # "base", "adapter", "merge" or "model"
+    path: Path
+    adapter: Path | None = None
+
+    def model_args(self, device: str, dtype: str = "auto") -> dict[str, Any]:
+        """lm-eval `hf` model arguments: absolute paths only (a relative one looks like a Hub repo id)."""
+        args: dict[str, Any] = {"pretrained": str(self.path.resolve()), "device": device, "dtype": dtype}
+        if self.adapter is not None:
+            args["peft"] = str(self.adapter.resolve())
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description."""
+        return {"name": self.name, "kind": self.kind, "path": str(self.path),
+                "adapter": str(self.adapter) if self.adapter else None}
+
+
+@dataclass(frozen=True)
+class RetentionRef:
+    """What a merge is measured against: its base row and its adapters' rows (by name, in config order)."""
+
+    base: str
+    adapters: tuple[str, ...]
+
+
+@dataclass
+class EvalReport:
+    """Scores of every model on every task, retention of each merge, and where the files went."""
+
+    out_dir: Path
+    tasks: list[str]
+    models: list[ModelSpec]
+    scores: dict[str, dict[str, dict[str, float]]]
+    retention: dict[str, dict[str, dict[str, float | None]]]
+    limit: int | None
+    metrics: list[str]
+    lm_eval_version: str
+    files: list[Path] = field(default_factory=list)
+    chart_note: str | None = None
+
+    def markdown(self, heading: str = "##") -> str:
+        """The tables as markdown (one per metric), each with per-task retention columns for the merges."""
+        limit = f"first {self.limit} examples of each task" if self.limit else "every example of each task"
+        parts = [
+            f"lm-eval {self.lm_eval_version}, 0-shot, {limit}. Retention = (merged − base) / (adapter alone − base) "
+            "per task: 1 keeps the adapter's gain, 0 is the base.",
+            "",
+        ]
+        for metric in self.metrics:
+            title, note = _METRIC_TITLES[metric]
+            parts += [f"{heading} {title}", "", note, "", markdown_table(self, metric), ""]
+        return "\n".join(parts).rstrip() + "\n"
+
+    def summary(self) -> str:
+        """What `merge eval` prints: the tables and where the files are."""
+        lines = [markdown_table(self, metric) for metric in self.metrics]
+        where = f"report: {self.out_dir / REPORT_MD}"
+        if self.chart_note:
+            where += f" ({self.chart_note})"
+        return "\n\n".join([*lines, where])
+
+
+# ----------------------------------------------------------------------------------------------- offline
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Keep every Hugging Face client offline inside the block, restoring the previous state afterwards.
+
+    The switches are environment variables read at import; huggingface_hub (and datasets) may have been
+    imported already (mergekit_lite imports huggingface_hub), so their module constants are patched too.
+    """
+    saved_env = {var: os.environ.get(var) for var in _OFFLINE_VARS}
+    patched: list[tuple[Any, str, Any]] = []
+    for var in _OFFLINE_VARS:
+        os.environ[var] = "1"
+    for module_name, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                               ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        module = sys.modules.get(module_name)
+        for attr in attrs if module is not None else ():
+            if hasattr(module, attr):
+                patched.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, True)
+    try:
+        yield
+    finally:
+        for module, attr, value in reversed(patched):
+            setattr(module, attr, value)
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _lm_eval() -> Any:
+    """Import lm_eval (call inside `offline()`); a missing install is one readable error."""
+    try:
+        import lm_eval
+        import lm_eval.evaluator  # noqa: F401 - the submodules we use
+        import lm_eval.tasks  # noqa: F401
+        import lm_eval.utils  # noqa: F401
+    except ImportError as error:
+        raise EvalError(
+            f"lm-eval is not installed ({error}): pip install 'mergekit_lite[eval]' "
+            "(or: pip install torch==2.13.0 'lm-eval[hf]' matplotlib)"
+        ) from None
+    return lm_eval
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Hide lm-eval's chatter while it runs: its logs, prints, per-request bars and `git` calls' stderr.
+
+    Output is silenced at the file-descriptor level (subprocesses write there); our own progress bar writes to
+    a duplicate of the original stderr, made before. lm-eval's bootstrap of perplexity errors runs in-process
+    (DISABLE_MULTIPROC) instead of forking a pool per task.
+    """
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "datasets", "transformers", "peft")]
+    levels = [lg.level for lg in loggers]
+    saved_multiproc = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved_fds = [os.dup(1), os.dup(2)]
+    devnull_fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull_fd, 1)
+        os.dup2(devnull_fd, 2)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+            yield
+    finally:
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in (*saved_fds, devnull_fd):
+            os.close(fd)
+        if saved_multiproc is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = saved_multiproc
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _keep_global_rngs() -> Iterator[None]:
+    """lm-eval's simple_evaluate reseeds random, numpy and torch; give the caller its RNG states back."""
+    import numpy as np
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+
+
+def suite_tasks_dir() -> Path:
+    """The folder of the offline suite's task YAMLs (env MERGEKIT_LITE_EVAL_TASKS overrides the checkout's)."""
+    override = os.environ.get("MERGEKIT_LITE_EVAL_TASKS")
+    return Path(override).expanduser().resolve() if override else SUITE_TASKS_DIR
+
+
+def task_manager(extra_paths: Sequence[Path] = ()) -> Any:
+    """An lm-eval TaskManager over the suite (and `extra_paths`) only: built-in tasks are never indexed."""
+    lm_eval = _lm_eval()
+    paths = [p for p in (suite_tasks_dir(), *extra_paths) if p.is_dir()]
+    if not paths:
+        raise EvalError(
+            f"no lm-eval task folder found (looked for {suite_tasks_dir()}): run from a mergekit_lite checkout, "
+            "set MERGEKIT_LITE_EVAL_TASKS, or pass --tasks with a YAML file or folder"
+        )
+    with _quiet_lm_eval():
+        return lm_eval.tasks.TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
+
+
+def split_task_args(tasks: Sequence[str] | None) -> tuple[list[str] | None, list[Path]]:
+    """Separate task names from task YAML files/folders given in `--tasks` (those are added to the index)."""
+    if not tasks:
+        return None, []
+    names: list[str] = []
+    paths: list[Path] = []
+    for item in (part.strip() for entry in tasks for part in entry.split(",")):
+        if not item:
+            continue
+        candidate = Path(item).expanduser()
+        if candidate.suffix in (".yaml", ".yml") or candidate.is_dir():
+            if not candidate.exists():
+                raise EvalError(f"--tasks: {candidate} does not exist")
+            folder = candidate.resolve() if candidate.is_dir() else candidate.resolve().parent
+            paths.append(folder)
+            if candidate.is_file():
+                names.append(_task_name_of(candidate))
+            continue
+        names.append(item)
+    return names or None, paths
+
+
+def _task_name_of(path: Path) -> str:
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(data, dict) or "task" not in data:
+        raise EvalError(f"--tasks: {path} is not an lm-eval task YAML (no 'task' key)")
+    return str(data["task"])
+
+
+def resolve_tasks(manager: Any, tasks: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(table tasks, lm-eval tasks to run): each task plus its `_ll` companion when the index has one."""
+    available = set(manager.all_tasks)
+    chosen = list(tasks) if tasks else [t for t in SUITE_TASKS if t in available]
+    if not chosen:
+        raise EvalError("no tasks to run: the suite's task YAMLs are missing; pass --tasks")
+    for name in chosen:
+        if name not in available:
+            raise EvalError(f"unknown lm-eval task '{name}'" + did_you_mean(name, sorted(available)))
+    run: list[str] = []
+    for name in dict.fromkeys(chosen):
+        run.append(name)
+        if not name.endswith(LL_SUFFIX) and name + LL_SUFFIX in available:
+            run.append(name + LL_SUFFIX)
+    return list(dict.fromkeys(chosen)), run
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def run_lm_eval(model: ModelSpec, tasks: Sequence[str], manager: Any, *, limit: int | None = None,
+                batch_size: int = 8, device: str = "cpu", log_samples: bool = False) -> dict[str, Any]:
+    """One `lm_eval.simple_evaluate` over `tasks` for `model` (call inside `offline()`); its results dict."""
+    lm_eval = _lm_eval()
+    for folder in (model.path, model.adapter):
+        if folder is not None and not folder.is_dir():
+            raise EvalError(f"{model.name}: {folder} is not a folder")
+    with _keep_global_rngs(), _quiet_lm_eval():
+        results = lm_eval.evaluator.simple_evaluate(
+            model="hf",
+            model_args=model.model_args(device),
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            batch_size=batch_size,
+            log_samples=log_samples,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+        )
+    if results is None:  # only on non-zero ranks of a distributed run
+        raise EvalError(f"{model.name}: lm-eval returned no results")
+    return results
+
+
+def evaluate_models(
+    models: Sequence[ModelSpec],
+    out_dir: str | Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    references: dict[str, RetentionRef] | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Run lm-eval on every model over the same tasks and write the report folder; return the report."""
+    from tqdm.auto import tqdm
+
+    from .device import resolve_device
+
+    names, extra_paths = split_task_args(tasks)
+    device_name = str(resolve_device(device))
+    out_dir = Path(out_dir).resolve()
+    _check_unique_names(models)
+    with offline():
+        manager = task_manager(extra_paths)
+        table_tasks, run_tasks = resolve_tasks(manager, names)
+        (out_dir / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
+        # The bar writes to its own copy of stderr: lm-eval's output is silenced at the descriptor level.
+        bar_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w") if progress and _has_fileno(sys.stderr) else None
+        bar = tqdm(total=len(models), desc="lm-eval", unit="model", disable=not progress, dynamic_ncols=True,
+                   file=bar_stream or sys.stderr)
+        raw: dict[str, dict[str, Any]] = {}
+        files: list[Path] = []
+        try:
+            for model in models:
+                bar.set_postfix_str(model.name)
+                results = run_lm_eval(model, run_tasks, manager, limit=limit, batch_size=batch_size,
+                                      device=device_name)
+                results.pop("samples", None)
+                path = out_dir / RESULTS_DIR / f"{_file_stem(model.name)}.json"
+                path.write_text(_dump_results(results))
+                files.append(path)
+                raw[model.name] = results
+                bar.update(1)
+        finally:
+            bar.close()
+            if bar_stream is not None:
+                bar_stream.close()
+    scores = {name: extract_scores(results, table_tasks) for name, results in raw.items()}
+    metrics = [m for m in ("acc", "answer_ll") if any(m in per.get(t, {}) for per in scores.values() for t in table_tasks)]
+    report = EvalReport(
+        out_dir=out_dir, tasks=table_tasks, models=list(models), scores=scores,
+        retention=compute_retention(scores, table_tasks, metrics, references or {}),
+        limit=limit, metrics=metrics, lm_eval_version=_lm_eval_version(), files=files,
+    )
+    _write_report(report)
+    return report
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
+def _check_unique_names(models: Sequence[ModelSpec]) -> None:
+    seen: set[str] = set()
+    for model in models:
+        stem = _file_stem(model.name)
+        if stem in seen:
+            raise EvalError(f"two models are both named '{model.name}': their result files would collide")
+        seen.add(stem)
+
+
+def _file_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def _dump_results(results: dict[str, Any]) -> str:
+    """lm-eval's results as JSON (they hold a torch.dtype and other non-JSON values)."""
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def primary_metric(task_results: dict[str, Any]) -> str | None:
+    """The headline metric of one task's lm-eval results (`acc` for the suite's multiple-choice tasks)."""
+    for metric in _PRIMARY_METRICS:
+        if f"{metric},none" in task_results:
+            return metric
+    for key, value in task_results.items():
+        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+            return key.split(",", 1)[0]
+    return None
+
+
+def extract_scores(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per task: `acc` (the headline metric), and from the `_ll` companion `answer_ll` and `exact`."""
+    per_task: dict[str, dict[str, float]] = {}
+    table = results.get("results", {})
+    for task in tasks:
+        entry: dict[str, float] = {}
+        own = table.get(task)
+        if own is not None:
+            metric = primary_metric(own)
+            if metric is not None:
+                entry["acc"] = float(own[f"{metric},none"])
+        companion = table.get(task + LL_SUFFIX)
+        if companion is not None and "perplexity,none" in companion:
+            entry["answer_ll"] = answer_loglikelihood(float(companion["perplexity,none"]))
+            if "acc,none" in companion:
+                entry["exact"] = float(companion["acc,none"])
+        per_task[task] = entry
+    return per_task
+
+
+def answer_loglikelihood(perplexity: float) -> float:
+    """lm-eval's `perplexity` of a loglikelihood task is exp(−mean log p(answer)); give back that mean."""
+    return -math.log(perplexity)
+
+
+def retention_value(merged: float, base: float, adapter: float) -> float | None:
+    """(merged − base) / (adapter − base): 1 keeps the adapter's gain, 0 is the base; None when no gain to keep."""
+    gain = adapter - base
+    if not math.isfinite(gain) or abs(gain) < 1e-9:
+        return None
+    return (merged - base) / gain
+
+
+def compute_retention(scores: dict[str, dict[str, dict[str, float]]], tasks: Sequence[str], metrics: Sequence[str],
+                      references: dict[str, RetentionRef]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per merge, metric and task: retention against the adapter named like the task, else its best adapter."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for merged, ref in references.items():
+        if merged not in scores or ref.base not in scores:
+            continue
+        per_metric: dict[str, dict[str, float | None]] = {}
+        for metric in metrics:
+            values: dict[str, float | None] = {}
+            for task in tasks:
+                adapter = reference_adapter(scores, ref, task, metric)
+                m = scores[merged].get(task, {}).get(metric)
+                b = scores[ref.base].get(task, {}).get(metric)
+                a = scores.get(adapter, {}).get(task, {}).get(metric) if adapter else None
+                values[task] = None if None in (m, b, a) else retention_value(m, b, a)  # type: ignore[arg-type]
+            per_metric[metric] = values
+        out[merged] = per_metric
+    return out
+
+
+def reference_adapter(scores: dict[str, dict[str, dict[str, float]]], ref: RetentionRef, task: str,
+                      metric: str) -> str | None:
+    """The adapter a task's retention is measured against: one named like the task, else the best on it."""
+    if task in ref.adapters:
+        return task
+    scored = [(scores.get(a, {}).get(task, {}).get(metric), a) for a in ref.adapters]
+    scored = [(value, a) for value, a in scored if value is not None]
+    return max(scored)[1] if scored else None
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present and len(present) == len(values) else None
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def markdown_table(report: EvalReport, metric: str) -> str:
+    """Rows: models; columns: tasks, their average, then one retention column per task and their mean."""
+    tasks = report.tasks
+    with_retention = any(metric in per for per in report.retention.values())
+    header = ["model", "kind", *tasks, "average"]
+    if with_retention:
+        header += [f"{t} ret." for t in tasks] + ["mean ret."]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for model in report.models:
+        values = [report.scores[model.name].get(t, {}).get(metric) for t in tasks]
+        cells = [model.name, model.kind, *(_fmt(v) for v in values), _fmt(_mean(values))]
+        if with_retention:
+            kept = report.retention.get(model.name, {}).get(metric)
+            ret = [kept.get(t) if kept else None for t in tasks]
+            cells += [_fmt(r, 2) if kept else "" for r in ret] + [_fmt(_mean(ret), 2) if kept else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _write_report(report: EvalReport) -> None:
+    """report.md, scores.json and chart.png into the report folder."""
+    title = "# lm-eval report\n\n"
+    files = ", ".join(f"`{RESULTS_DIR}/{_file_stem(m.name)}.json`" for m in report.models)
+    body = report.markdown("##") + f"\nlm-eval's own results per model: {files}. Chart: `{CHART_PNG}`.\n"
+    (report.out_dir / REPORT_MD).write_text(title + body)
+    data = {
+        "tasks": report.tasks,
+        "limit": report.limit,
+        "lm_eval_version": report.lm_eval_version,
+        "metrics": report.metrics,
+        "models": [m.to_dict() for m in report.models],
+        "scores": report.scores,
+        "retention": report.retention,
+    }
+    (report.out_dir / SCORES_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    report.files += [report.out_dir / REPORT_MD, report.out_dir / SCORES_JSON]
+    try:
+        write_chart(report, report.out_dir / CHART_PNG)
+        report.files.append(report.out_dir / CHART_PNG)
+    except ImportError:
+        report.chart_note = "no chart: matplotlib is not installed (pip install 'mergekit_lite[eval]')"
+
+
+_KIND_COLORS = {"base": ["#8c8c8c"], "adapter": ["#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c"],
+                "merge": ["#fdae6b", "#fd8d3c", "#e6550d", "#a63603", "#74c476", "#31a354"],
+                "model": ["#bcbddc", "#9e9ac8", "#807dba", "#6a51a3"]}
+
+
+def write_chart(report: EvalReport, path: Path) -> Path:
+    """Grouped bars: one panel per metric, tasks on the x axis, one bar per model (greys/blues/oranges by kind)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = report.metrics or ["acc"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.5, 4.2), squeeze=False)
+    used: dict[str, int] = {}
+    colors = []
+    for model in report.models:
+        palette = _KIND_COLORS.get(model.kind, _KIND_COLORS["model"])
+        colors.append(palette[used.get(model.kind, 0) % len(palette)])
+        used[model.kind] = used.get(model.kind, 0) + 1
+    width = 0.8 / max(1, len(report.models))
+    for ax, metric in zip(axes[0], panels):
+        for index, (model, color) in enumerate(zip(report.models, colors)):
+            values = [report.scores[model.name].get(t, {}).get(metric, math.nan) for t in report.tasks]
+            xs = [i - 0.4 + width * (index + 0.5) for i in range(len(report.tasks))]
+            ax.bar(xs, values, width=width, color=color, label=f"{model.name} ({model.kind})", edgecolor="white",
+                   linewidth=0.5)
+        ax.set_xticks(range(len(report.tasks)))
+        ax.set_xticklabels(report.tasks)
+        ax.set_title(_METRIC_TITLES[metric][0] + (" (nats)" if metric == "answer_ll" else ""))
+        if metric == "acc":
+            ax.set_ylim(0, 1.0)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.suptitle("lm-eval" + (f" (limit {report.limit})" if report.limit else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------------------------- configs → models
+
+
+def local_model_dir(config: MergeConfig, reference: str, kind: str) -> Path:
+    """A base or adapter folder without any download (local, or already in the Hub cache), else an error."""
+    from .sources.hub import cached_model_dir
+
+    with offline():
+        folder = cached_model_dir(config, reference, kind)
+    if folder is None:
+        raise EvalError(f"{kind} '{reference}' is not available locally: merge eval never downloads; run "
+                        "`merge run` (which fetches Hub references) first")
+    return folder
+
+
+def plan_models(configs: Sequence[MergeConfig], merged_dirs: Sequence[Path],
+                model_dirs: Sequence[Path] = ()) -> tuple[list[ModelSpec], dict[str, RetentionRef]]:
+    """Rows for configs (base, each adapter alone through PEFT, the merge) and plain model folders."""
+    models: list[ModelSpec] = []
+    by_key: dict[tuple[str, str | None], str] = {}
+    taken: set[str] = set()
+
+    def add(name: str, kind: str, path: Path, adapter: Path | None = None) -> str:
+        key = (str(path.resolve()), str(adapter.resolve()) if adapter else None)
+        if key in by_key:
+            return by_key[key]
+        unique, n = name, 2
+        while _file_stem(unique) in taken:
+            unique, n = f"{name}-{n}", n + 1
+        taken.add(_file_stem(unique))
+        by_key[key] = unique
+        models.append(ModelSpec(unique, kind, path.resolve(), adapter.resolve() if adapter else None))
+        return unique
+
+    references: dict[str, RetentionRef] = {}
+    bases = {str(local_model_dir(c, c.base_model, "base").resolve()) for c in configs}
+    for config, merged in zip(configs, merged_dirs):
+        base_dir = local_model_dir(config, config.base_model, "base")
+        base_name = add("base" if len(bases) == 1 else f"base:{base_dir.name}", "base", base_dir)
+        adapter_names = tuple(
+            add(spec.label, "adapter", base_dir, local_model_dir(config, spec.path, "adapter"))
+            for spec in config.adapters
+        )
+        merged_name = add(Path(merged).name, "merge", Path(merged))
+        references[merged_name] = RetentionRef(base_name, adapter_names)
+    for folder in model_dirs:
+        add(Path(folder).resolve().name, "model", Path(folder))
+    return models, references
+
+
+def _report_settings(config: MergeConfig) -> tuple[list[str] | None, int | None, int]:
+    spec = config.eval
+    return (list(spec.tasks) if spec and spec.tasks else None, spec.limit if spec else None,
+            spec.batch_size if spec else 8)
+
+
+def evaluate_after_merge(result: MergeResult, progress: bool = True) -> str:
+    """Evaluate a finished merge as its config's `eval:` section asks; put the tables in its card; return them."""
+    from .writers.card import render_card
+
+    config = result.config
+    if result.output_dir is None:
+        raise EvalError("nothing to evaluate: the merge was a dry run")
+    tasks, limit, batch_size = _report_settings(config)
+    models, references = plan_models([config], [result.output_dir])
+    report = evaluate_models(models, result.output_dir / RUN_REPORT_DIR, tasks=tasks, limit=limit,
+                             batch_size=batch_size, device=result.device, references=references, progress=progress)
+    section = card_section(report)
+    (result.output_dir / "README.md").write_text(render_card(config, extra_sections=[section]))
+    return report.summary()
+
+
+def card_section(report: EvalReport) -> str:
+    """The model card's `## Evaluation` section: the tables, and where the full results are."""
+    return (
+        "## Evaluation\n\n" + report.markdown("###")
+        + f"\nFull lm-eval results: `{RUN_REPORT_DIR}/{RESULTS_DIR}/`; chart: `{RUN_REPORT_DIR}/{CHART_PNG}`.\n"
+    )
