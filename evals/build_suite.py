@@ -3,27 +3,29 @@
 Everything is made here, from fixed seeds, on the CPU, with no download:
 
 * ``evals/data/<task>/{train,test}.jsonl`` — four tasks in one shared prompt format (``Q: ...`` / ``A: ...``):
-  ``capitals`` (made-up country → capital facts: recall, MLP-heavy), ``add`` (two-digit + one-digit sums:
-  carrying), ``reverse`` (reverse four distinct letters: attention by position) and ``sentiment`` (majority
-  polarity of three made-up words: a lexicon lookup). Test rows carry multiple-choice ``choices``/``label``.
-* ``evals/suite/base`` — a 4-layer, 128-wide Llama (≈0.9 M parameters, character tokenizer of
-  ``evals/fixtures.make_tokenizer``) trained briefly on *generic* text in the same format (copy a word, its
-  first/last letter, its length, upper-case it): a working language model that knows the format but none of
-  the four tasks.
-* ``evals/suite/adapters/<task>`` — one PEFT LoRA adapter per task (rank 8, every linear layer), trained on
-  that task's train file alone with a small learning rate and few steps, so that merges of them can still be
-  told apart (FIELD-NOTES, "Merging adapters of a tiny base").
-* ``evals/suite/scores.json`` — held-out multiple-choice accuracy and answer log-likelihood of the base and of
-  each adapter, measured by this script's own scorer (the same sums lm-eval makes). A rebuild must reproduce it.
+  ``capitals`` (made-up country → capital facts: recall), ``add`` (two-digit + one-digit sums: carrying),
+  ``reverse`` (four distinct letters backwards: attention by position) and ``sentiment`` (three made-up words
+  of one polarity → good/poor: a lexicon). Test rows carry multiple-choice ``choices`` and ``label``.
+* ``evals/suite/base`` — a 4-layer, 128-wide Llama (0.88 M parameters, the character tokenizer of
+  ``evals/fixtures.make_tokenizer``) trained briefly on *generic* text in the same format (copy a word or a
+  number, its first/last letter, its length, upper-case it, digits backwards): a working language model that
+  knows the format but none of the four tasks.
+* ``evals/suite/adapters/<task>`` — one PEFT LoRA adapter per task (rank 8, every linear layer), trained on that
+  task's train file (plus a replay of the base's generic text) with few steps, so that merges of them can still
+  be told apart (FIELD-NOTES, "Merging adapters of a tiny base").
+* ``evals/suite/scores.json`` — the recipe, and held-out multiple-choice accuracy and answer log-likelihood of
+  the base and of each adapter, measured by this script's own scorer (the sums lm-eval makes).
 
-Run ``python evals/build_suite.py`` (≈4 minutes on one CPU thread) to rebuild in place, or
-``python evals/build_suite.py --check`` to rebuild into a temporary folder and compare with the committed files.
+Run ``python evals/build_suite.py`` (about 5½ minutes of one CPU thread) to rebuild in place, or
+``python evals/build_suite.py --check`` to rebuild into a temporary folder and compare with the committed files
+(scores and sha256 of every file).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -187,7 +189,7 @@ def make_sentiment(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[
             words.append(word)
     lexicon = {"good": words[:12], "poor": words[12:]}  # labels of one length: neither is favoured by length
     triples = [(answer, triple) for answer, pool in lexicon.items()
-               for triple in __import__("itertools").permutations(pool, 3)]
+               for triple in itertools.permutations(pool, 3)]
     rng.shuffle(triples)
     rows = [{"question": "mood of " + " ".join(t), "answer": a} for a, t in triples[:1650]]
     test, train = rows[:150], rows[150:]
@@ -318,7 +320,7 @@ def build_base(out_dir: Path, recipe: Recipe, seed: int) -> Path:
     model = LlamaForCausalLM(config)
     rng = random.Random(seed)
 
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
+    def batches() -> Iterator[list[dict[str, torch.Tensor]]]:
         while True:
             yield [codec.batch([generic_example(rng) for _ in range(recipe.base_batch)], answer_only=False)]
 
@@ -328,7 +330,11 @@ def build_base(out_dir: Path, recipe: Recipe, seed: int) -> Path:
 
 def build_task_adapter(base_dir: Path, out_dir: Path, train_rows: list[dict[str, Any]], recipe: Recipe,
                        seed: int, task: str) -> Path:
-    """Train one real PEFT LoRA adapter (rank r, every linear layer) on one task's train rows and save it."""
+    """Train one real PEFT LoRA adapter (rank r, every linear layer) on one task's train rows and save it.
+
+    Each step: `adapter_batch − replay` task rows and `replay` rows of the base's generic text (so the adapter
+    keeps what the base did elsewhere), loss on the answers only.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -347,7 +353,7 @@ def build_task_adapter(base_dir: Path, out_dir: Path, train_rows: list[dict[str,
     replay_rng = random.Random(seed)
     per_batch = recipe.adapter_batch - recipe.replay
 
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
+    def batches() -> Iterator[list[dict[str, torch.Tensor]]]:
         while True:
             for index in torch.randperm(len(train_rows), generator=order).split(per_batch):
                 if len(index) == per_batch:
@@ -366,7 +372,8 @@ def build_task_adapter(base_dir: Path, out_dir: Path, train_rows: list[dict[str,
     readme = out_dir / "README.md"
     readme.write_text(
         f"# mergekit_lite eval suite: `{task}` adapter\n\nA rank-{recipe.lora_r} LoRA (every linear layer) on "
-        f"`../../base`, trained by `evals/build_suite.py` on `evals/data/{task}/train.jsonl` only. "
+        f"`../../base`, trained by `evals/build_suite.py` on `evals/data/{task}/train.jsonl` (no other suite "
+        f"task; {recipe.replay} of every {recipe.adapter_batch} rows replay the base's generic text). "
         "Rebuild with `python evals/build_suite.py`.\n"
     )
     return out_dir

@@ -58,8 +58,10 @@ _METRIC_TITLES = {
     "acc": ("Accuracy", "Headline metric of each task (multiple-choice `acc` for the suite); higher is better."),
     "answer_ll": (
         "Answer log-likelihood",
-        "Mean log-probability of the correct answer in nats, −ln(perplexity) of each `<task>_ll`; higher is "
-        "better. A smooth score: it moves before accuracy does.",
+        (
+            "Mean log-probability of the correct answer in nats, −ln(perplexity) of each `<task>_ll`; higher is "
+            "better. A smooth score: it moves before accuracy does."
+        ),
     ),
 }
 
@@ -119,8 +121,11 @@ class EvalReport:
         """The tables as markdown (one per metric), each with per-task retention columns for the merges."""
         limit = f"first {self.limit} examples of each task" if self.limit else "every example of each task"
         parts = [
-            f"lm-eval {self.lm_eval_version}, 0-shot, {limit}. Retention = (merged − base) / (adapter alone − base) "
-            "per task: 1 keeps the adapter's gain, 0 is the base.",
+            (
+                f"lm-eval {self.lm_eval_version}, 0-shot, {limit}. `adapter` rows: the base with that adapter "
+                "applied through PEFT (unmerged). Retention = (merged − base) / (adapter alone − base) per task: "
+                "1 keeps the adapter's gain, 0 is the base."
+            ),
             "",
         ]
         for metric in self.metrics:
@@ -174,9 +179,9 @@ def _lm_eval() -> Any:
     """Import lm_eval (call inside `offline()`); a missing install is one readable error."""
     try:
         import lm_eval
-        import lm_eval.evaluator  # noqa: F401 - the submodules we use
-        import lm_eval.tasks  # noqa: F401
-        import lm_eval.utils  # noqa: F401
+        import lm_eval.evaluator
+        import lm_eval.tasks
+        import lm_eval.utils
     except ImportError as error:
         raise EvalError(
             f"lm-eval is not installed ({error}): pip install 'mergekit_lite[eval]' "
@@ -668,7 +673,9 @@ def evaluate_after_merge(result: MergeResult, progress: bool = True) -> str:
     report = evaluate_models(models, result.output_dir / RUN_REPORT_DIR, tasks=tasks, limit=limit,
                              batch_size=batch_size, device=result.device, references=references, progress=progress)
     section = card_section(report)
-    (result.output_dir / "README.md").write_text(render_card(config, extra_sections=[section]))
+    merged = next((m.name for m in report.models if m.kind == "merge"), None)
+    eval_results = report.scores.get(merged) if merged else None  # the merge's own scores -> model-index
+    (result.output_dir / "README.md").write_text(render_card(config, extra_sections=[section], eval_results=eval_results))
     return report.summary()
 
 
