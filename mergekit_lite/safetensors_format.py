@@ -8,6 +8,7 @@ shards whose tensors arrive one row chunk at a time.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,52 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def pread_into(descriptor: int, position: int, view: memoryview) -> int:
+    """Fill `view` from the file at `position` with positional reads (thread-safe, no mmap); bytes read."""
+    filled = 0
+    while filled < len(view):
+        got = os.preadv(descriptor, [view[filled:]], position + filled)
+        if not got:
+            break
+        filled += got
+    return filled
+
+
+class SafetensorsFile:
+    """A small safetensors file read with positional reads, not mmap (mapped pages would count in our RSS)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        header, self._data_start = read_header(path)
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict[str, Any]] = header
+        self._descriptor = os.open(path, os.O_RDONLY)
+
+    def keys(self) -> list[str]:
+        """Tensor names in the file."""
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the header."""
+        return tuple(int(d) for d in self.entries[name]["shape"])
+
+    def tensor(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """A tensor, or its rows [start, stop)."""
+        entry = self.entries[name]
+        shape = self.shape(name)
+        begin, end = entry["data_offsets"]
+        rows = shape[0] if shape else 1
+        row_bytes = (end - begin) // max(rows, 1)
+        first, last = (start or 0), (rows if stop is None else min(stop, rows))
+        buffer = torch.empty(max(last - first, 0) * row_bytes, dtype=torch.uint8)
+        if pread_into(self._descriptor, self._data_start + begin + first * row_bytes, memoryview(buffer.numpy())) \
+                != buffer.numel():
+            raise ValueError(f"{self.path}: truncated while reading tensor '{name}'")
+        out_shape = (last - first, *shape[1:]) if shape else ()
+        return buffer.view(TORCH_DTYPES[entry["dtype"]]).reshape(out_shape)
+
+    def close(self) -> None:
+        """Close the file."""
+        os.close(self._descriptor)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..errors import AdapterError
+from ..safetensors_format import SafetensorsFile
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,8 +63,11 @@ class PeftAdapter:
         self.label = label
         self.config = self._read_config()
         self.weights_file = self._weights_file()
-        self._handle = safe_open(str(self.weights_file), framework="pt")
-        self.keys = list(self._handle.keys())
+        try:
+            self._file = SafetensorsFile(self.weights_file)
+        except (OSError, ValueError) as error:
+            raise AdapterError(f"{self.weights_file}: not a readable safetensors file ({error})") from None
+        self.keys = self._file.keys()
         self.modules: dict[str, LoraModule] = {}
         #: full tensors saved by the adapter, by their parameter path in the base model ("lm_head.weight")
         self.full_tensors: dict[str, str] = {}
@@ -112,15 +115,15 @@ class PeftAdapter:
 
     def tensor(self, key: str) -> torch.Tensor:
         """One adapter tensor (small: factors, biases, magnitude vectors, saved modules)."""
-        return self._handle.get_tensor(key)
+        return self._file.tensor(key)
 
     def tensor_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a (possibly large) saved full tensor."""
-        return self._handle.get_slice(key)[start:stop]
+        return self._file.tensor(key, start, stop)
 
     def tensor_shape(self, key: str) -> tuple[int, ...]:
         """Shape of an adapter tensor from the header alone."""
-        return tuple(self._handle.get_slice(key).get_shape())
+        return self._file.shape(key)
 
     # -- parsing -------------------------------------------------------------------------------
     def _parse_keys(self) -> None:

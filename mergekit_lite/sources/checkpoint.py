@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..safetensors_format import ITEM_SIZES, TORCH_DTYPES, read_header
+from ..safetensors_format import ITEM_SIZES, TORCH_DTYPES, pread_into, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -147,13 +147,8 @@ class BaseCheckpoint:
         if descriptor is None:
             descriptor = os.open(info.file, os.O_RDONLY)
             self._handles[info.file] = descriptor
-        position = info.data_start + offset
-        filled = 0
-        while filled < len(view):
-            got = os.preadv(descriptor, [view[filled:]], position + filled)
-            if not got:
-                raise CheckpointError(f"{info.file}: truncated while reading tensor '{info.name}'")
-            filled += got
+        if pread_into(descriptor, info.data_start + offset, view) != len(view):
+            raise CheckpointError(f"{info.file}: truncated while reading tensor '{info.name}'")
 
     def close(self) -> None:
         """Close the file descriptors opened for reading."""
