@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
-from collections.abc import Callable
-from typing import Any
 
 import click
 
-from .errors import MergeError
+from .cli_errors import friendly_errors
 from .version import tool_version
-
-
-def _friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into one readable stderr line (exit 2 for bad config/input, 1 otherwise)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return command(*args, **kwargs)
-        except MergeError as error:
-            if debug:
-                raise
-            click.echo(f"error: {error}", err=True)
-            sys.exit(error.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
-        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
-            if debug:
-                raise
-            click.echo(f"error: {type(error).__name__}: {error} (run with --debug for the traceback)", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 @click.group()
@@ -58,7 +29,7 @@ def main(debug: bool, verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and a memory estimate; write nothing.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@_friendly_errors
+@friendly_errors
 def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, max_memory: str,
         overwrite: bool, dry_run: bool, no_progress: bool) -> None:
     """Merge the adapters CONFIG lists into its base and write the checkpoint."""
@@ -89,7 +60,7 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
 
 
 @main.command()
-@_friendly_errors
+@friendly_errors
 def methods() -> None:
     """List the merge methods with their parameters and papers."""
     from .methods import REGISTRY

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .cli_errors import friendly_errors
+
 DEFAULT_OUT = "eval_report"
-
-
-def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The CLI's one-line errors (`mergekit_lite.cli._friendly_errors`), looked up at call time.
-
-    Importing it at definition time would make `import mergekit_lite.cli_eval` (before `mergekit_lite.cli`)
-    a circular import: cli.py registers this module's command while it loads.
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .cli import _friendly_errors
-
-        return _friendly_errors(command)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command(name="eval")
@@ -40,7 +24,7 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (merging and scoring).")
 @click.option("--remerge", is_flag=True, help="Merge again even when a config's output folder exists (replaces it).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-@_friendly
+@friendly_errors
 def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | None, out: str,
                  batch_size: int | None, device: str, remerge: bool, no_progress: bool) -> None:
     """Evaluate merges with lm-eval, offline, and write a report.

@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any
 
 import click
 
-
-def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The CLI's one-line errors (`mergekit_lite.cli._friendly_errors`), looked up at call time.
-
-    Importing it at definition time would make `import mergekit_lite.cli_publish` (before `mergekit_lite.cli`)
-    a circular import: cli.py registers this module's command while it loads.
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .cli import _friendly_errors
-
-        return _friendly_errors(command)(*args, **kwargs)
-
-    return wrapper
+from .cli_errors import friendly_errors
 
 
 @click.command(name="publish")
@@ -32,7 +15,7 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--revision", default=None, help="Branch to commit to (created from main if missing). Default: main.")
 @click.option("--commit-message", default=None, help="Commit title (default: 'Upload merge made with mergekit_lite').")
 @click.option("--dry-run", is_flag=True, help="Check the folder, list files, sizes and the card; send nothing.")
-@_friendly
+@friendly_errors
 def publish_command(out_dir: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
                     dry_run: bool) -> None:
     """Publish OUT_DIR (the output of `merge run`) to the Hub and print the repo URL.

@@ -50,7 +50,6 @@ class EngineStats:
     tensors_copied: int = 0
     bytes_written: int = 0
     max_chunk_rows: int = 0
-    merged_names: list[str] = field(default_factory=list)
 
 
 def rows_per_chunk(plan: TensorPlan, materialized: int, options: EngineOptions) -> int:
@@ -123,7 +122,6 @@ class MergeEngine:
                 if self.merges(tensor):
                     self._merge_tensor(tensor, reads, writer, progress, stats)
                     stats.tensors_merged += 1
-                    stats.merged_names.append(tensor.name)
                 elif tensor.out_dtype == tensor.info.dtype:  # untouched: raw bytes, never decoded
                     for _ in range(0, tensor.info.nbytes, COPY_BLOCK):
                         block = reads.next()
