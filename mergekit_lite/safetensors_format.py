@@ -116,5 +116,7 @@ class SafetensorsFile:
         return buffer.view(TORCH_DTYPES[entry["dtype"]]).reshape(out_shape)
 
     def close(self) -> None:
-        """Close the file."""
-        os.close(self._descriptor)
+        """Close the file (idempotent)."""
+        if self._descriptor >= 0:
+            os.close(self._descriptor)
+            self._descriptor = -1

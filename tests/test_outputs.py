@@ -144,3 +144,13 @@ def test_pickled_adapter_is_refused(demo_copy: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(AdapterError, match="never unpickles"):
         merge(config, device="cpu", progress=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_repeated_merges_do_not_leak_file_descriptors(demo: Path, tmp_path: Path) -> None:
+    config = config_for(demo, tmp_path / "out")
+    merge(config, device="cpu", overwrite=True, progress=False)
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for _ in range(3):
+        merge(config, device="cpu", overwrite=True, progress=False)
+    assert len(list(Path("/proc/self/fd").iterdir())) <= before

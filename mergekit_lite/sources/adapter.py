@@ -192,6 +192,14 @@ class PeftAdapter:
                 break
         return rank, alpha
 
+    def close(self) -> None:
+        """Close the weights file."""
+        self._file.close()
+
+    def __del__(self) -> None:  # file descriptors go back when the adapter is dropped
+        if "_file" in self.__dict__:
+            self._file.close()
+
     def describe(self) -> str:
         """One line for plans and cards: rank, alpha, variants."""
         flags = [name for name in ("use_rslora", "use_dora", "lora_bias") if self.config.get(name)]

@@ -151,10 +151,14 @@ class BaseCheckpoint:
             raise CheckpointError(f"{info.file}: truncated while reading tensor '{info.name}'")
 
     def close(self) -> None:
-        """Close the file descriptors opened for reading."""
+        """Close the file descriptors opened for reading (idempotent)."""
         for descriptor in self._handles.values():
             os.close(descriptor)
         self._handles.clear()
+
+    def __del__(self) -> None:  # file descriptors go back when the checkpoint is dropped
+        if "_handles" in self.__dict__:
+            self.close()
 
     def read_json(self, filename: str) -> dict | None:
         """A JSON file of the base folder (config.json, ...) or None when absent."""
