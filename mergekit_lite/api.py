@@ -12,7 +12,7 @@ import torch
 from .allocator import tune_allocator
 from .config import MergeConfig
 from .device import peak_device_bytes, peak_rss_bytes, resolve_device
-from .engine import DEFAULT_MAX_MEMORY, SPARSE_BUFFERS, WORKING_BUFFERS, EngineOptions, MergeEngine, rows_per_chunk
+from .engine import DEFAULT_MAX_MEMORY, EngineOptions, MergeEngine
 from .plan import MergePlan, build_plan
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
@@ -95,22 +95,14 @@ def merge(
     if not dry_run:
         check_target(target, overwrite)
     prepared = prepare(config)
-    options = EngineOptions(
-        device=resolved_device,
-        chunk_rows=chunk_rows,
-        max_memory=parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY,
-    )
     touched = {a.label: names for a, names in zip(prepared.adapters, prepared.plan.touched_by)}
-    layout = [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in prepared.plan.tensors]
+    layout = _output_layout(prepared.plan)
     if dry_run:
         return MergeResult(
             config, None, str(resolved_device), dry_run=True, touched=touched,
             shards=len(shard_layout(layout, config.output.shard_size)),
         )
-    engine = MergeEngine(
-        prepared.plan, prepared.base, config.merge_method, config.weights, config.global_params,
-        config.adapter_params, config.seed, options,
-    )
+    engine = _engine(prepared, resolved_device, chunk_rows, max_memory)
     if resolved_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(resolved_device)
     tune_allocator()
@@ -151,16 +143,10 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
     """The dry-run report: what each adapter touches, output size and shards, and a memory estimate."""
     prepared = prepare(config)
     plan = prepared.plan
-    budget = parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY
-    options = EngineOptions(device=resolve_device(device), chunk_rows=chunk_rows, max_memory=budget)
-    materialized = 0 if config.merge_method.is_linear else len(plan.adapters) + SPARSE_BUFFERS
-    peak_chunk = 0
-    for tensor in plan.tensors:
-        if tensor.touched:
-            rows = rows_per_chunk(tensor, materialized, options)
-            peak_chunk = max(peak_chunk, rows * tensor.info.cols * 4 * (WORKING_BUFFERS + materialized))
-    layout = [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors]
-    shards = shard_layout(layout, config.output.shard_size)
+    engine = _engine(prepared, resolve_device(device), chunk_rows, max_memory)
+    options = engine.options
+    peak_chunk = max((engine.working_set_bytes(tensor) for tensor in plan.tensors), default=0)
+    shards = shard_layout(_output_layout(plan), config.output.shard_size)
     touched_any = sum(1 for t in plan.tensors if t.touched)
     lines = [
         f"plan: {config.merge_method.display_name} ({config.method}) of {len(plan.adapters)} adapter(s) into "
@@ -177,11 +163,29 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
         f"  base tensors: {len(plan.tensors)} ({touched_any} touched, {len(plan.tensors) - touched_any} copied as is)",
         f"  output: {config.output_path} ({format_size(plan.total_out_bytes)} in {len(shards)} shard(s), "
         f"dtype {config.output.dtype or 'as base'})",
-        f"  memory: device {options.device}, chunk working set up to {format_size(peak_chunk)} "
-        f"(budget {format_size(budget)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
+        f"  memory: device {options.device}, working set up to {format_size(peak_chunk)} per tensor "
+        f"(budget {format_size(options.max_memory)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
         "  dry run: nothing written",
     ]
     return "\n".join(lines)
+
+
+def _engine(prepared: PreparedMerge, device: torch.device, chunk_rows: int | None,
+            max_memory: int | str | None) -> MergeEngine:
+    """The engine for a prepared merge (no I/O until it runs)."""
+    config = prepared.config
+    options = EngineOptions(
+        device=device,
+        chunk_rows=chunk_rows,
+        max_memory=parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY,
+    )
+    return MergeEngine(prepared.plan, prepared.base, config.merge_method, config.weights, config.global_params,
+                       config.adapter_params, config.seed, options)
+
+
+def _output_layout(plan: MergePlan) -> list[OutputTensor]:
+    """The output tensors in write order, with their output dtypes and sizes."""
+    return [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors]
 
 
 def _out_dtype_name(config: MergeConfig) -> str | None:

@@ -137,12 +137,36 @@ class MergeEngine:
         stats.bytes_written = writer.bytes_written
         return stats
 
+    def _materialized(self, tensor: TensorPlan) -> int:
+        """float32 buffers per chunk element beyond the working ones: τᵢ and the consensus buffers."""
+        if self.coefficients is not None or not self.merges(tensor):
+            return 0
+        return len(self.active(tensor)) + SPARSE_BUFFERS
+
+    def _caches_taus(self, tensor: TensorPlan) -> bool:
+        """True when a trimming method builds every τᵢ of the tensor once (they fit half the budget)."""
+        if self.method.sparsification != "magnitude" or not self.merges(tensor):
+            return False
+        active = self.active(tensor)
+        if all(self.adapter_params[i]["density"] >= 1.0 for i in active):
+            return False
+        numel = tensor.info.rows * max(tensor.info.cols, 1)
+        return numel * 4 * len(active) <= self.options.max_memory // 2
+
+    def working_set_bytes(self, tensor: TensorPlan) -> int:
+        """Memory the engine holds for one tensor at a time: a chunk's buffers plus any cached τᵢ."""
+        if not self.merges(tensor):
+            return 0
+        materialized = self._materialized(tensor)
+        rows = rows_per_chunk(tensor, materialized, self.options)
+        cols = max(tensor.info.cols, 1)
+        chunk = rows * (cols * 4 * (WORKING_BUFFERS + materialized) + tensor.info.row_bytes)
+        cached = tensor.info.rows * cols * 4 * len(self.active(tensor)) if self._caches_taus(tensor) else 0
+        return chunk + cached
+
     def _ranges(self, tensor: TensorPlan) -> list[tuple[int, int]]:
         """The row chunks of a tensor: sized for the method's working set when merged, else for a cast."""
-        if not self.merges(tensor):
-            return chunk_ranges(tensor.info.rows, rows_per_chunk(tensor, 0, self.options))
-        materialized = 0 if self.coefficients is not None else len(self.active(tensor)) + SPARSE_BUFFERS
-        return chunk_ranges(tensor.info.rows, rows_per_chunk(tensor, materialized, self.options))
+        return chunk_ranges(tensor.info.rows, rows_per_chunk(tensor, self._materialized(tensor), self.options))
 
     def _reads(self) -> Iterator[Callable[[], Any]]:
         """Every read of the run, in the order the loop consumes them."""
@@ -205,9 +229,7 @@ class MergeEngine:
         sparse = SparseTensorMerge(self.method, tensor.name, numel, active, self.weights, self.global_params,
                                    self.adapter_params, self.seed)
         selecting = [i for i in active if sparse.needs_selection(i)]
-        cached = None
-        if selecting and numel * 4 * len(active) <= self.options.max_memory // 2:
-            cached = self._taus(deltas, active, None, 0, tensor.info.rows)
+        cached = self._taus(deltas, active, None, 0, tensor.info.rows) if self._caches_taus(tensor) else None
         for index in selecting:
             if cached is not None:
                 whole = cached[index]
