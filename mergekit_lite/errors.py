@@ -37,3 +37,17 @@ class OutputExistsError(MergeError):
     """The output folder exists and --overwrite was not given."""
 
     exit_code = 2
+
+
+class OutputPathError(MergeError):
+    """The output path cannot be used: it is a file, or it lies inside one of the inputs."""
+
+    exit_code = 2
+
+
+class WriteError(MergeError):
+    """Writing the output failed (disk full, file size limit, permissions); nothing was left at the target."""
+
+
+class IntegrityError(MergeError):
+    """A written checkpoint does not match what the plan said it would hold, or `merge verify` found a fault."""
