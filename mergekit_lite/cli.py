@@ -77,9 +77,11 @@ def _add_optional_commands() -> None:
     """Commands that live in their own modules (each owns its imports, which can be heavy)."""
     from .cli_eval import eval_command
     from .cli_publish import publish_command
+    from .cli_verify import verify_command
 
     main.add_command(eval_command, "eval")
     main.add_command(publish_command, "publish")
+    main.add_command(verify_command, "verify")
 
 
 _add_optional_commands()

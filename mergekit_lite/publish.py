@@ -7,7 +7,6 @@ the token is never printed or logged. Uploading an unchanged folder makes no new
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,8 +21,6 @@ from .units import format_size
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 CONFIG_FILE = "config.json"
 #: hidden files and folders (editor droppings, .cache/) are never uploaded
@@ -279,60 +276,12 @@ def _translate(error: Exception, where: str, repo_id: str, branch: str) -> Merge
 
 def _check_weights(folder: Path) -> None:
     """Index and shards agree: every shard exists and is complete, every tensor is where the index says."""
-    from .safetensors_format import read_header
+    from .integrity import read_layout
 
-    index_path = folder / INDEX_FILE
-    present = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not index_path.is_file():
-        if SINGLE_FILE not in present:
-            raise UnpublishableError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; not a merged checkpoint")
-        if len(present) > 1:
-            raise UnpublishableError(f"{folder}: {len(present)} safetensors files but no {INDEX_FILE}")
-        _shard_tensors(folder / SINGLE_FILE, read_header)
-        return
     try:
-        index = json.loads(index_path.read_text())
-        weight_map: dict[str, str] = dict(index["weight_map"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise UnpublishableError(f"{index_path}: not a valid safetensors index ({error})") from None
-    named = sorted(set(weight_map.values()))
-    missing = [name for name in named if name not in present]
-    if missing:
-        raise UnpublishableError(f"{index_path}: names shard(s) that are not in the folder: {', '.join(missing)}")
-    stray = [name for name in present if name not in named]
-    if stray:
-        raise UnpublishableError(f"{folder}: safetensors file(s) the index does not name: {', '.join(stray)}")
-    total = 0
-    for shard in named:
-        tensors = _shard_tensors(folder / shard, read_header)
-        expected = {name for name, file in weight_map.items() if file == shard}
-        if set(tensors) != expected:
-            extra = sorted(set(tensors) - expected)[:3]
-            absent = sorted(expected - set(tensors))[:3]
-            raise UnpublishableError(
-                f"{folder / shard}: does not hold what the index says (not in index: {extra or '-'}; "
-                f"missing: {absent or '-'})"
-            )
-        total += sum(tensors.values())
-    declared = index.get("metadata", {}).get("total_size")
-    if declared is not None and int(declared) != total:
-        raise UnpublishableError(f"{index_path}: total_size {declared} but the shards hold {total} bytes of tensors")
-
-
-def _shard_tensors(path: Path, read_header: Any) -> dict[str, int]:
-    """tensor name -> byte size from a safetensors header; the file must be exactly as long as it says."""
-    try:
-        header, data_start = read_header(path)
-        offsets = {name: e["data_offsets"] for name, e in header.items() if name != "__metadata__"}
-        sizes = {name: end - begin for name, (begin, end) in offsets.items()}
-        end = max((stop for _, stop in offsets.values()), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
-        raise UnpublishableError(f"{path}: not a readable safetensors file ({error})") from None
-    if path.stat().st_size != data_start + end:
-        raise UnpublishableError(
-            f"{path}: {path.stat().st_size} bytes but its header describes {data_start + end} (truncated or padded)"
-        )
-    return sizes
+        read_layout(folder)
+    except MergeError as error:  # a fault on disk is a folder we refuse to send, not a Hub failure
+        raise UnpublishableError(str(error)) from None
 
 
 def _is_hub_id(value: str, parse_hub_id: Any) -> bool:

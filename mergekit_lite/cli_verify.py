@@ -1,0 +1,50 @@
+"""`merge verify OUT_DIR`: re-check a finished checkpoint and print one line per check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .cli_errors import friendly_errors
+from .logit_check import RELATIVE_TOLERANCE
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_DEFAULTS = ", ".join(f"{name} {RELATIVE_TOLERANCE[code]:g}" for code, name in _DTYPE_NAMES.items())
+
+
+@click.command(name="verify")
+@click.argument("out_dir", metavar="OUT_DIR", type=click.Path(file_okay=False))
+@click.option("--base", default=None, help="Base model (folder or Hub id) for the logit check; needs --adapter.")
+@click.option("--adapter", default=None, help="The one adapter merged into OUT_DIR (folder or Hub id), for the logit check.")
+@click.option("--against-inputs", is_flag=True,
+              help="Take --base and --adapter from OUT_DIR/mergekit_lite_config.yaml (one adapter at weight 1).")
+@click.option("--atol", type=click.FloatRange(min=0), default=None,
+              help=f"Max |logit difference| allowed. Default: the largest |logit| times a factor set by the stored "
+                   f"dtype ({_DEFAULTS}).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar of the NaN/Inf scan.")
+@friendly_errors
+def verify_command(out_dir: str, base: str | None, adapter: str | None, against_inputs: bool, atol: float | None,
+                   no_progress: bool) -> None:
+    """Check OUT_DIR (the output of `merge run`): exit 0 when every check passes, 1 on a fault, 2 if no checkpoint.
+
+    Checks that the index and the shards agree, that every shard is complete with a sane header, that
+    config.json parses and that no floating tensor holds NaN or Inf (streamed, a chunk at a time). With
+    --base and --adapter (or --against-inputs), also loads the merged model and base + adapter through PEFT
+    (unmerged, float32, CPU; needs `pip install 'mergekit_lite[verify]'`) and compares their logits.
+    """
+    from .errors import InputError
+    from .verify import verify_checkpoint
+
+    folder = Path(out_dir)
+    if against_inputs:
+        if base or adapter:
+            raise InputError("give either --against-inputs or --base/--adapter, not both")
+        from .logit_check import recorded_inputs
+
+        base, adapter = recorded_inputs(folder)
+    report = verify_checkpoint(folder, base=base, adapter=adapter, atol=atol, progress=not no_progress)
+    for line in report.lines():
+        click.echo(line)
+    report.raise_for_faults()
+    click.echo(f"{folder}: all {len(report.checks)} checks ok")
