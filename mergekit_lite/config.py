@@ -16,6 +16,8 @@ from .units import parse_size
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 DEFAULT_SHARD_SIZE = 5 * 10**9
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_NODES = 100_000
 
 _TOP_KEYS = ("base_model", "method", "parameters", "adapters", "output", "seed", "eval")
 _OUTPUT_KEYS = ("path", "dtype", "shard_size", "push_to_hub", "private")
@@ -196,17 +198,50 @@ def load_config(path: str | Path) -> MergeConfig:
     """Read a YAML merge config; relative paths in it are relative to the file's folder."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise MergeConfigError(f"{path}: {path.stat().st_size} bytes is too large for a merge config "
+                                   f"(limit {MAX_CONFIG_BYTES // 1024} KiB); is this the right file?")
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise MergeConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise MergeConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise MergeConfigError(f"{path}: not valid YAML: {error}") from None
+    except (yaml.YAMLError, RecursionError) as error:
+        raise MergeConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+    _check_expanded_size(data, path)
     try:
         return MergeConfig.from_dict(data, path.resolve().parent)
     except MergeConfigError as error:
         raise MergeConfigError(f"{path}: {error}") from None
+
+
+def _yaml_problem(error: BaseException) -> str:
+    """A YAML error as one line: the problem and where it is (PyYAML's own text spans several lines)."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def _check_expanded_size(data: Any, path: Path) -> None:
+    """Refuse YAML whose aliases expand to a huge structure ("billion laughs"): walking it would never end."""
+    budget = MAX_CONFIG_NODES
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise MergeConfigError(f"{path}: expands to more than {MAX_CONFIG_NODES} values (YAML aliases?); "
+                                   "a merge config is a few dozen keys")
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:

@@ -16,6 +16,8 @@ import torch
 
 from ..errors import AdapterError
 from ..safetensors_format import SafetensorsFile
+from .adapter_config import check_config_types
+from .files import PickledTensors, inside_folder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -58,20 +60,26 @@ class LoraModule:
 class PeftAdapter:
     """An adapter folder; tensors stay on disk until asked for."""
 
-    def __init__(self, folder: Path, label: str) -> None:
+    def __init__(self, folder: Path, label: str, allow_pickle: bool = False) -> None:
         self.folder = folder
         self.label = label
+        self.allow_pickle = allow_pickle
         self.config = self._read_config()
         self.weights_file = self._weights_file()
-        try:
-            self._file = SafetensorsFile(self.weights_file)
-        except (OSError, ValueError) as error:
-            raise AdapterError(f"{self.weights_file}: not a readable safetensors file ({error})") from None
+        self._file: SafetensorsFile | PickledTensors
+        if self.weights_file.suffix == ".bin":
+            self._file = PickledTensors(self.weights_file, AdapterError)
+        else:
+            try:
+                self._file = SafetensorsFile(self.weights_file)
+            except (OSError, ValueError) as error:
+                raise AdapterError(f"{self.weights_file}: not a readable safetensors file ({error})") from None
         self.keys = self._file.keys()
         self.modules: dict[str, LoraModule] = {}
         #: full tensors saved by the adapter, by their parameter path in the base model ("lm_head.weight")
         self.full_tensors: dict[str, str] = {}
         self._parse_keys()
+        self._check_factors()
 
     # -- reading -------------------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
@@ -81,9 +89,10 @@ class PeftAdapter:
         if not path.is_file():
             raise AdapterError(f"{self.folder}: no {CONFIG_FILE} (is this a PEFT adapter folder?)")
         try:
-            config = json.loads(path.read_text())
-        except ValueError as error:
-            raise AdapterError(f"{path}: not valid JSON ({error})") from None
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as error:
+            raise AdapterError(f"{path}: not valid JSON ({str(error)[:200]})") from None
+        check_config_types(config, path)
         self._refuse_unsupported(config, path)
         return config
 
@@ -105,21 +114,53 @@ class PeftAdapter:
     def _weights_file(self) -> Path:
         path = self.folder / WEIGHTS_FILE
         if path.is_file():
-            return path
-        if (self.folder / PICKLED_WEIGHTS).is_file():
+            return inside_folder(self.folder, WEIGHTS_FILE, path, where="weights file", error=AdapterError)
+        pickled = self.folder / PICKLED_WEIGHTS
+        if pickled.is_file() and self.allow_pickle:
+            return inside_folder(self.folder, PICKLED_WEIGHTS, pickled, where="weights file", error=AdapterError)
+        if pickled.is_file():
             raise AdapterError(
-                f"{self.folder} holds only {PICKLED_WEIGHTS} (pickle); mergekit_lite never unpickles files it did "
-                "not make. Re-save the adapter with save_pretrained(..., safe_serialization=True)."
+                f"{self.folder} holds only {PICKLED_WEIGHTS} (pickle); mergekit_lite never unpickles files by "
+                "default, since a pickle can run code. Re-save the adapter with save_pretrained(..., "
+                "safe_serialization=True), or, if you trust the file, pass --allow-pickle (it is then loaded "
+                "with torch.load(weights_only=True))."
             )
         raise AdapterError(f"{self.folder}: no {WEIGHTS_FILE}")
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One adapter tensor (small: factors, biases, magnitude vectors, saved modules)."""
-        return self._file.tensor(key)
+        """One adapter tensor (small: factors, biases, magnitude vectors, saved modules), checked finite."""
+        return self._finite(key, self._read(key))
 
     def tensor_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a (possibly large) saved full tensor."""
-        return self._file.tensor(key, start, stop)
+        """Rows [start, stop) of a (possibly large) saved full tensor, checked finite."""
+        return self._finite(key, self._read(key, start, stop))
+
+    def _read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        try:
+            return self._file.tensor(key, start, stop)
+        except (OSError, ValueError) as error:
+            raise AdapterError(f"adapter '{self.label}': cannot read tensor '{key}' ({error})") from None
+
+    def _finite(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A NaN or Inf in an adapter would spread through every merged weight it touches: refuse it by name."""
+        if tensor.is_floating_point():
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if bad:
+                raise AdapterError(
+                    f"adapter '{self.label}' ({self.weights_file}): tensor '{key}' holds {bad} NaN/Inf value(s); "
+                    "the adapter is corrupt or diverged in training"
+                )
+        return tensor
+
+    def _check_factors(self) -> None:
+        """Fail in the first second, not mid-merge: factor dtypes are float and every small tensor is finite."""
+        for module in self.modules.values():
+            for key in (module.a_key, module.b_key, module.bias_key, module.magnitude_key):
+                if key is None:
+                    continue
+                if not self._file.is_float(key):
+                    raise AdapterError(f"{self.weights_file}: LoRA tensor '{key}' is not floating point")
+                self.tensor(key)
 
     def tensor_shape(self, key: str) -> tuple[int, ...]:
         """Shape of an adapter tensor from the header alone."""
@@ -182,7 +223,7 @@ class PeftAdapter:
         """r and alpha of a module: rank_pattern / alpha_pattern with PEFT's regex rule, else the defaults."""
         rank = int(self.config.get("r", 8))
         alpha = float(self.config.get("lora_alpha", 8))
-        for key, value in (self.config.get("rank_pattern") or {}).items():
+        for key, value in (self.config.get("rank_pattern") or {}).items():  # keys checked to compile
             if re.match(rf"(.*\.)?({key})$", module):
                 rank = int(value)
                 break
@@ -194,7 +235,8 @@ class PeftAdapter:
 
     def close(self) -> None:
         """Close the weights file."""
-        self._file.close()
+        if "_file" in self.__dict__:
+            self._file.close()
 
     def __del__(self) -> None:  # file descriptors go back when the adapter is dropped
         if "_file" in self.__dict__:

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..safetensors_format import ITEM_SIZES, TORCH_DTYPES, pread_into, read_header
+from ..safetensors_format import DTYPE_NAMES, ITEM_SIZES, TORCH_DTYPES, pread_into, read_header
+from .files import inside_folder, load_pickled
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+PICKLED_INDEX = "pytorch_model.bin.index.json"
 COPY_BLOCK = 64 * 1024 * 1024
 
 
@@ -55,46 +56,73 @@ class TensorInfo:
 class BaseCheckpoint:
     """The base model folder: tensor layout from headers, lazy row reads, raw byte copies."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, allow_pickle: bool = False) -> None:
         self.folder = folder
+        self.allow_pickle = allow_pickle
+        self._handles: dict[Path, int] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._weight_map: dict[str, str] = {}
         if not folder.is_dir():
             raise CheckpointError(f"base model folder not found: {folder}")
         self.files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             self._index_file(file)
-        self._handles: dict[Path, int] = {}
+        self._check_weight_map()
 
     def _weight_files(self) -> list[Path]:
         index = self.folder / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as error:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
-            files = list(dict.fromkeys(weight_map.values()))
-            missing = [f for f in files if not (self.folder / f).is_file()]
-            if missing:
-                raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
-            return [self.folder / f for f in files]
+            return self._indexed_files(index)
         single = self.folder / SINGLE_FILE
         if single.is_file():
-            return [single]
+            return [inside_folder(self.folder, SINGLE_FILE, single)]
         loose = sorted(self.folder.glob("*.safetensors"))
         if len(loose) == 1:
-            return loose
-        pickled = [name for name in PICKLED if (self.folder / name).exists()] + [
-            p.name for p in self.folder.glob("pytorch_model-*.bin")
-        ]
-        if pickled:
+            return [inside_folder(self.folder, loose[0].name, loose[0])]
+        pickled = self._pickled_files()
+        if pickled and not self.allow_pickle:
             raise CheckpointError(
-                f"{self.folder} holds only pickled weights ({pickled[0]}); mergekit_lite never unpickles "
-                "files it did not make. Convert the base to safetensors first (e.g. load it once with "
-                "transformers and save_pretrained(..., safe_serialization=True))."
+                f"{self.folder} holds only pickled weights ({pickled[0].name}); mergekit_lite never unpickles "
+                "files by default, since a pickle can run code. Convert the base to safetensors (load it once with "
+                "transformers and save_pretrained(..., safe_serialization=True)), or, if you trust the file, pass "
+                "--allow-pickle (it is then loaded with torch.load(weights_only=True))."
             )
+        if pickled:
+            return [inside_folder(self.folder, path.name, path) for path in pickled]
         raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in base model folder {self.folder}")
 
+    def _pickled_files(self) -> list[Path]:
+        """Pickled weight files, in the usual names (looked at only to refuse them, or with allow_pickle)."""
+        index = self.folder / PICKLED_INDEX
+        if index.is_file():
+            return self._indexed_files(index)
+        for name in ("pytorch_model.bin", "model.pt", "model.pth"):
+            if (self.folder / name).is_file():
+                return [self.folder / name]
+        return sorted(self.folder.glob("pytorch_model-*.bin"))
+
+    def _indexed_files(self, index: Path) -> list[Path]:
+        """The shards an index names, each checked to be a plain file inside the model folder."""
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+            raise CheckpointError(f"{index}: not a valid weights index ({type(error).__name__}: {error})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            path = inside_folder(self.folder, name, self.folder / name, where=f"{index}: shard")
+            if not path.is_file():
+                raise CheckpointError(f"{index}: names shard '{name}', which does not exist in {self.folder}")
+            files.append(path)
+        self._weight_map = weight_map
+        return files
+
     def _index_file(self, file: Path) -> None:
+        if file.suffix != ".safetensors":
+            self._index_pickled(file)
+            return
         try:
             header, data_start = read_header(file)
         except (OSError, ValueError) as error:
@@ -103,16 +131,34 @@ class BaseCheckpoint:
             ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
         )
         for name, entry in entries:
-            if name in self.tensors:
-                raise CheckpointError(f"tensor '{name}' appears in two shards: {self.tensors[name].file.name}, {file.name}")
             begin, end = entry["data_offsets"]
-            shape = tuple(int(s) for s in entry["shape"])
-            count = 1
-            for size in shape:
-                count *= size
-            if entry["dtype"] not in ITEM_SIZES or count * ITEM_SIZES[entry["dtype"]] != end - begin:
-                raise CheckpointError(f"{file.name}: tensor '{name}' has an inconsistent dtype/shape/offsets")
-            self.tensors[name] = TensorInfo(name, file, entry["dtype"], shape, data_start + begin, end - begin)
+            self._add(TensorInfo(name, file, entry["dtype"], tuple(entry["shape"]), data_start + begin, end - begin))
+
+    def _add(self, info: TensorInfo) -> None:
+        if info.name in self.tensors:
+            raise CheckpointError(
+                f"tensor '{info.name}' appears in two shards: {self.tensors[info.name].file.name}, {info.file.name}"
+            )
+        self.tensors[info.name] = info
+
+    def _check_weight_map(self) -> None:
+        """Every tensor the index names must be in the shard it names (a stale index is a broken model)."""
+        for name, shard in self._weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != Path(shard).name:
+                where = f"is in {info.file.name}" if info else "is in no shard"
+                raise CheckpointError(f"{self.folder / INDEX_FILE}: says tensor '{name}' is in {shard}, but it {where}")
+
+    def _index_pickled(self, file: Path) -> None:
+        """Register the tensors of a pickled shard (only reached with allow_pickle)."""
+        tensors = load_pickled(file, CheckpointError)
+        self._pickled[file] = tensors
+        for name, tensor in tensors.items():
+            dtype = DTYPE_NAMES.get(tensor.dtype)
+            if dtype is None:
+                raise CheckpointError(f"{file}: tensor '{name}' has dtype {tensor.dtype}, which cannot be stored")
+            nbytes = tensor.numel() * ITEM_SIZES[dtype]
+            self._add(TensorInfo(name, file, dtype, tuple(tensor.shape), 0, nbytes))
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())
@@ -143,6 +189,10 @@ class BaseCheckpoint:
         return buffer
 
     def _read_into(self, info: TensorInfo, offset: int, view: memoryview) -> None:
+        if info.file in self._pickled:
+            flat = self._pickled[info.file][info.name].contiguous().reshape(-1).view(torch.uint8)
+            view[:] = memoryview(flat[offset:offset + len(view)].numpy())
+            return
         descriptor = self._handles.get(info.file)
         if descriptor is None:
             descriptor = os.open(info.file, os.O_RDONLY)

@@ -1,0 +1,209 @@
+"""Fuzzing the loaders: mutated headers, index files, adapter configs and merge configs.
+
+Every outcome must be a success or one of our own errors (MergeError) — never another exception, a hang or a
+crash. Each property runs a fixed number of derandomized examples, so CI sees the same inputs every time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mergekit_lite.config import MergeConfig
+from mergekit_lite.errors import MergeError
+from mergekit_lite.plan import build_plan
+from mergekit_lite.sources.adapter import PeftAdapter
+from mergekit_lite.sources.checkpoint import BaseCheckpoint
+
+from .conftest import DEMO
+
+#: examples per property; the README's Reliability section quotes the total
+EXAMPLES = 150
+FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@contextmanager
+def scratch_demo() -> Iterator[Path]:
+    """A private copy of the demo per example (hypothesis cannot use function-scoped fixtures)."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "demo"
+        shutil.copytree(DEMO, root)
+        yield root
+
+
+def split(path: Path) -> tuple[dict[str, Any], bytes]:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def read_everything(base: BaseCheckpoint) -> None:
+    """What a merge does with a base: read every tensor's rows and bytes."""
+    for info in base:
+        if info.nbytes:
+            base.read_bytes(info.name, 0, info.nbytes)
+        base.read_rows(info.name, 0, info.rows)
+
+
+def load_base(root: Path) -> None:
+    try:
+        base = BaseCheckpoint(root / "base")
+        try:
+            read_everything(base)
+        finally:
+            base.close()
+    except MergeError:
+        pass
+
+
+def load_adapter(root: Path) -> None:
+    try:
+        base = BaseCheckpoint(root / "base")
+        adapter = PeftAdapter(root / "adapters" / "style", "style")
+        try:
+            build_plan(base, [adapter], None)
+            for key in adapter.keys:
+                adapter.tensor(key)
+        finally:
+            adapter.close()
+            base.close()
+    except MergeError:
+        pass
+
+
+header_edits = st.one_of(
+    st.tuples(st.just("field"), st.sampled_from(["dtype", "shape", "data_offsets"]), json_values),
+    st.tuples(st.just("entry"), st.just(""), json_values),
+    st.tuples(st.just("drop"), st.sampled_from(["dtype", "shape", "data_offsets"]), st.none()),
+    st.tuples(st.just("metadata"), st.just(""), json_values),
+    st.tuples(st.just("offset"), st.integers(0, 1), st.integers(-5, 20000)),
+)
+
+
+@FUZZ
+@given(target=st.sampled_from(["base", "adapter"]), tensor=st.integers(0, 40), edits=st.lists(header_edits, max_size=3))
+def test_mutated_safetensors_headers_load_or_fail_with_our_error(target: str, tensor: int, edits: list) -> None:
+    with scratch_demo() as root:
+        path = root / ("base/model.safetensors" if target == "base" else "adapters/style/adapter_model.safetensors")
+        header, data = split(path)
+        names = [k for k in header if k != "__metadata__"]
+        name = names[tensor % len(names)]
+        for kind, field, value in edits:
+            if kind == "field" and isinstance(header[name], dict):
+                header[name][field] = value
+            elif kind == "entry":
+                header[name] = value
+            elif kind == "drop" and isinstance(header[name], dict):
+                header[name].pop(field, None)
+            elif kind == "metadata":
+                header["__metadata__"] = value
+            elif kind == "offset" and isinstance(header[name], dict) and isinstance(header[name].get("data_offsets"), list) \
+                    and len(header[name]["data_offsets"]) == 2:
+                header[name]["data_offsets"][field] = value
+        encoded = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+        (load_base if target == "base" else load_adapter)(root)
+
+
+@FUZZ
+@given(target=st.sampled_from(["base", "adapter"]), position=st.integers(0, 10**6), value=st.integers(0, 255),
+       cut=st.none() | st.integers(0, 10**6))
+def test_flipped_or_truncated_safetensors_bytes_load_or_fail_with_our_error(
+    target: str, position: int, value: int, cut: int | None
+) -> None:
+    with scratch_demo() as root:
+        path = root / ("base/model.safetensors" if target == "base" else "adapters/style/adapter_model.safetensors")
+        raw = bytearray(path.read_bytes())
+        (length,) = struct.unpack("<Q", raw[:8])
+        raw[position % (8 + length)] = value  # damage the prefix or the header, where parsing happens
+        path.write_bytes(bytes(raw[: cut % len(raw)] if cut is not None else raw))
+        (load_base if target == "base" else load_adapter)(root)
+
+
+shard_names = st.sampled_from([
+    "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "../model.safetensors",
+    "/etc/passwd", "", ".", "sub/../model-00001-of-00002.safetensors", "model.safetensors", "missing.safetensors",
+    "..\\model.safetensors", "model-00001-of-00002.bin",
+])
+
+
+@FUZZ
+@given(
+    moves=st.dictionaries(st.integers(0, 40), shard_names | st.text(max_size=10) | json_values, max_size=4),
+    extra=st.dictionaries(st.text(max_size=10), shard_names, max_size=2),
+    whole=st.none() | json_values,
+)
+def test_mutated_index_files_load_or_fail_with_our_error(moves: dict, extra: dict, whole: Any) -> None:
+    from safetensors.torch import load_file, save_file
+
+    with scratch_demo() as root:
+        base = root / "base"
+        tensors = load_file(base / "model.safetensors")
+        names = sorted(tensors)
+        weight_map: dict[str, Any] = {}
+        for number, members in enumerate((names[:10], names[10:]), start=1):
+            shard = f"model-0000{number}-of-00002.safetensors"
+            save_file({n: tensors[n] for n in members}, base / shard)
+            weight_map.update({n: shard for n in members})
+        (base / "model.safetensors").unlink()
+        for index, shard in moves.items():
+            weight_map[names[index % len(names)]] = shard
+        weight_map.update(extra)
+        document = {"metadata": {}, "weight_map": weight_map} if whole is None else whole
+        (base / "model.safetensors.index.json").write_text(json.dumps(document))
+        load_base(root)
+
+
+config_fields = st.sampled_from([
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "peft_type", "use_rslora", "use_dora", "lora_bias",
+    "init_lora_weights", "target_modules", "target_parameters", "layer_replication", "modules_to_save",
+    "fan_in_fan_out", "trainable_token_indices",
+])
+
+
+@FUZZ
+@given(changes=st.dictionaries(config_fields, json_values, max_size=4), whole=st.none() | json_values)
+def test_mutated_adapter_configs_load_or_fail_with_our_error(changes: dict, whole: Any) -> None:
+    with scratch_demo() as root:
+        path = root / "adapters" / "style" / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config.update(changes)
+        path.write_text(json.dumps(config if whole is None else whole))
+        load_adapter(root)
+
+
+merge_keys = st.sampled_from(["base_model", "method", "parameters", "adapters", "output", "seed", "eval", "extra"])
+
+
+@FUZZ
+@given(changes=st.dictionaries(merge_keys, json_values | st.sampled_from(["ties", "linear", "dare_ties"]), max_size=3),
+       adapter_changes=st.dictionaries(st.sampled_from(["path", "weight", "name", "density", "epsilon", "x"]),
+                                       json_values, max_size=3),
+       params=st.dictionaries(st.sampled_from(["density", "normalize", "lambda", "epsilon", "rescale"]), json_values,
+                              max_size=3))
+def test_mutated_merge_configs_parse_or_fail_with_our_error(changes: dict, adapter_changes: dict, params: dict) -> None:
+    data: dict[str, Any] = {
+        "base_model": "base", "method": "ties", "parameters": {"density": 0.5, **params},
+        "adapters": [{"path": "a", **adapter_changes}, {"path": "b"}], "output": {"path": "out"},
+    }
+    data.update(changes)
+    try:
+        MergeConfig.from_dict(data).to_yaml()
+    except MergeError:
+        pass
