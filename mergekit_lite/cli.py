@@ -29,9 +29,11 @@ def main(debug: bool, verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and a memory estimate; write nothing.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read pickled .bin inputs you trust (loaded with torch.load(weights_only=True)); refused otherwise.")
 @friendly_errors
 def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, max_memory: str,
-        overwrite: bool, dry_run: bool, no_progress: bool) -> None:
+        overwrite: bool, dry_run: bool, no_progress: bool, allow_pickle: bool) -> None:
     """Merge the adapters CONFIG lists into its base and write the checkpoint."""
     from .api import describe_plan, merge
     from .config import load_config
@@ -40,14 +42,15 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
     if out:
         config = config.with_output_path(out)
     if dry_run:
-        click.echo(describe_plan(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory))
+        click.echo(describe_plan(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory,
+                                 allow_pickle=allow_pickle))
         return
     if config.output.push_to_hub:  # a missing token or offline mode fails now, not after a long merge
         from .publish import preflight
 
         preflight(config.output.push_to_hub)
     result = merge(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory,
-                   overwrite=overwrite, progress=not no_progress)
+                   overwrite=overwrite, progress=not no_progress, allow_pickle=allow_pickle)
     click.echo(result.summary())
     if config.eval is not None:
         from .evaluate import evaluate_after_merge
