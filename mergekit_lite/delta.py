@@ -74,21 +74,32 @@ class TensorDeltas:
             total = part if total is None else total + part
         return total
 
-    def fused_rows(self, coefficients: Sequence[float], base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
-        """Σ cᵢ τᵢ[start:stop] with one GEMM for all plain low-rank parts (linear methods)."""
+    def add_fused_rows(self, coefficients: Sequence[float], base_rows: torch.Tensor, start: int, stop: int
+                       ) -> torch.Tensor:
+        """base_rows + Σ cᵢ τᵢ[start:stop], in place (linear methods).
+
+        All plain low-rank parts are one GEMM over the concatenated factors; when they are the only changes,
+        the GEMM accumulates straight into the base rows (addmm_), which saves writing and re-reading a
+        float32 delta. Other parts (DoRA, biases, saved tensors) depend on the unchanged base rows, so then
+        the delta is summed first and added once.
+        """
         fused = self._fused(tuple(coefficients))
-        total = fused.rows(start, stop) if fused is not None else None
+        parts: list[torch.Tensor] = []
         for index, items in enumerate(self.plan.by_adapter):
             coef = coefficients[index]
-            if coef == 0:
+            if coef == 0 or all(isinstance(item, LowRank) for item in items):
                 continue
-            cache = self._cache(index)
-            for item, prepared in zip(items, cache):
-                if isinstance(item, LowRank):
-                    continue
-                part = self._part(index, item, prepared, base_rows, start, stop) * coef
-                total = part if total is None else total + part
-        return total
+            for item, prepared in zip(items, self._cache(index)):
+                if not isinstance(item, LowRank):
+                    parts.append(self._part(index, item, prepared, base_rows, start, stop) * coef)
+        if not parts:
+            if fused is not None:
+                base_rows.reshape(stop - start, -1).addmm_(fused.left[start:stop], fused.right)
+            return base_rows
+        total = fused.rows(start, stop) if fused is not None else None
+        for part in parts:
+            total = part if total is None else total + part.reshape(total.shape)
+        return base_rows.add_(total.reshape(base_rows.shape))
 
     # -- preparation, once per tensor ------------------------------------------------------------
     def _fused(self, coefficients: tuple[float, ...]) -> _Factors | None:

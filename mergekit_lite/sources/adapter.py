@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
+from ..finite import all_finite
 from ..safetensors_format import SafetensorsFile
 from .adapter_config import check_config_types
 from .files import PickledTensors, inside_folder
@@ -143,13 +144,12 @@ class PeftAdapter:
 
     def _finite(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """A NaN or Inf in an adapter would spread through every merged weight it touches: refuse it by name."""
-        if tensor.is_floating_point():
+        if not all_finite(tensor):
             bad = tensor.numel() - int(torch.isfinite(tensor).sum())
-            if bad:
-                raise AdapterError(
-                    f"adapter '{self.label}' ({self.weights_file}): tensor '{key}' holds {bad} NaN/Inf value(s); "
-                    "the adapter is corrupt or diverged in training"
-                )
+            raise AdapterError(
+                f"adapter '{self.label}' ({self.weights_file}): tensor '{key}' holds {bad} NaN/Inf value(s); "
+                "the adapter is corrupt or diverged in training"
+            )
         return tensor
 
     def _check_factors(self) -> None:
