@@ -13,16 +13,26 @@ from .allocator import tune_allocator
 from .config import MergeConfig
 from .device import peak_device_bytes, peak_rss_bytes, resolve_device
 from .engine import DEFAULT_MAX_MEMORY, EngineOptions, MergeEngine
+from .integrity import check_written
 from .plan import MergePlan, build_plan
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
-from .sparse import check_densities
 from .sources.checkpoint import BaseCheckpoint
-from .sources.hub import resolve_model_dir
+from .sources.hub import hub_reference, resolve_model_dir
+from .sparse import check_densities
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory, check_target
 from .writers.card import render_card
-from .writers.checkpoint import OutputTensor, ShardedWriter, shard_layout, write_side_files
+from .writers.checkpoint import (
+    OutputTensor,
+    ShardedWriter,
+    shard_layout,
+    side_file_bytes,
+    write_side_files,
+)
+from .writers.failures import naming
+from .writers.preflight import check_apart, check_free_space, check_output_path
+from .writers.staging import remove_stale
 
 logger = logging.getLogger(__name__)
 CONFIG_COPY = "mergekit_lite_config.yaml"
@@ -66,10 +76,15 @@ class PreparedMerge:
     plan: MergePlan
 
 
-def prepare(config: MergeConfig) -> PreparedMerge:
-    """Open the base and adapters lazily and build the plan (reads headers and configs only)."""
-    base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"))
-    adapters = [PeftAdapter(resolve_model_dir(config, spec.path, kind="adapter"), spec.label) for spec in config.adapters]
+def prepare(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
+    """Open the base and adapters lazily and build the plan (reads headers, configs and adapter factors).
+
+    `allow_pickle` is the user's explicit opt-in to read pickled .bin inputs (with weights_only=True); it is an
+    argument, never a config key, so a config file from a stranger cannot switch it on.
+    """
+    base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"), allow_pickle=allow_pickle)
+    adapters = [PeftAdapter(resolve_model_dir(config, spec.path, kind="adapter"), spec.label, allow_pickle=allow_pickle)
+                for spec in config.adapters]
     plan = build_plan(base, adapters, _out_dtype_name(config))
     check_densities(plan, config.merge_method, config.adapter_params)
     return PreparedMerge(config, base, adapters, plan)
@@ -85,6 +100,7 @@ def merge(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> MergeResult:
     """Merge the adapters into the base as `config` says and write the checkpoint atomically."""
     started = time.perf_counter()
@@ -93,8 +109,11 @@ def merge(
     target = config.output_path
     resolved_device = resolve_device(device)
     if not dry_run:
+        check_output_path(target)
+        remove_stale(target.resolve())
+        check_apart(target, _local_inputs(config))  # before any Hub download; again below on the resolved folders
         check_target(target, overwrite)
-    prepared = prepare(config)
+    prepared = prepare(config, allow_pickle)
     touched = {a.label: names for a, names in zip(prepared.adapters, prepared.plan.touched_by)}
     layout = _output_layout(prepared.plan)
     if dry_run:
@@ -102,11 +121,14 @@ def merge(
             config, None, str(resolved_device), dry_run=True, touched=touched,
             shards=len(shard_layout(layout, config.output.shard_size)),
         )
+    check_apart(target, _input_folders(prepared))
+    needed = prepared.plan.total_out_bytes + side_file_bytes(prepared.base.folder)
+    check_free_space(target, needed)
     engine = _engine(prepared, resolved_device, chunk_rows, max_memory)
     if resolved_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(resolved_device)
     tune_allocator()
-    with atomic_directory(target, overwrite) as staging:
+    with atomic_directory(target, overwrite, needed) as staging:
         writer = ShardedWriter(staging, layout, config.output.shard_size)
         bar = byte_progress(prepared.plan.total_out_bytes, progress)
         try:
@@ -118,8 +140,11 @@ def merge(
         finally:
             bar.close()
         write_side_files(prepared.base.folder, staging, config.output.dtype)
-        (staging / CONFIG_COPY).write_text(config.to_yaml())
-        (staging / "README.md").write_text(render_card(config))
+        with naming(staging / CONFIG_COPY):
+            (staging / CONFIG_COPY).write_text(config.to_yaml())
+        with naming(staging / "README.md"):
+            (staging / "README.md").write_text(render_card(config))
+        check_written(staging, layout)  # a short write or a layout bug never reaches the target
     result = MergeResult(
         config=config,
         output_dir=target,
@@ -139,9 +164,9 @@ def merge(
 
 
 def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chunk_rows: int | None = None,
-                  max_memory: int | str | None = None) -> str:
+                  max_memory: int | str | None = None, allow_pickle: bool = False) -> str:
     """The dry-run report: what each adapter touches, output size and shards, and a memory estimate."""
-    prepared = prepare(config)
+    prepared = prepare(config, allow_pickle)
     plan = prepared.plan
     engine = _engine(prepared, resolve_device(device), chunk_rows, max_memory)
     options = engine.options
@@ -181,6 +206,20 @@ def _engine(prepared: PreparedMerge, device: torch.device, chunk_rows: int | Non
     )
     return MergeEngine(prepared.plan, prepared.base, config.merge_method, config.weights, config.global_params,
                        config.adapter_params, config.seed, options)
+
+
+def _local_inputs(config: MergeConfig) -> list[tuple[str, Path]]:
+    """The inputs that are local folders as the config names them (Hub ids are checked once resolved)."""
+    references = [("the base model", config.base_model)]
+    references += [(f"adapter '{spec.label}'", spec.path) for spec in config.adapters]
+    return [(what, config.resolve_path(ref)) for what, ref in references if hub_reference(config, ref) is None]
+
+
+def _input_folders(prepared: PreparedMerge) -> list[tuple[str, Path]]:
+    """Every input's local folder after Hub resolution, described for an error message."""
+    return [("the base model", prepared.base.folder)] + [
+        (f"adapter '{adapter.label}'", adapter.folder) for adapter in prepared.adapters
+    ]
 
 
 def _output_layout(plan: MergePlan) -> list[OutputTensor]:

@@ -1,42 +1,72 @@
-"""Write a whole folder or nothing: build it beside the target, rename it into place when complete."""
+"""Write a whole folder or nothing: build it beside the target, swap it into place when complete.
+
+Killed at any moment, a run leaves at the target either the complete previous output or the complete new one
+(or nothing, when there was none); its temporary folder beside the target is removed by the next run.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputExistsError
+from ..errors import OutputExistsError, OutputPathError
+from .failures import as_write_error
+from .staging import lock_folder, retired_prefix, staging_folder
+from .swap import exchange
 
 
 def check_target(target: Path, overwrite: bool) -> None:
     """Refuse an existing output unless overwriting was asked for (checked before any work starts)."""
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"output {target} is an existing file, not a folder; pick a folder path for the output")
     if target.exists() and not overwrite:
         raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
 
 
 @contextmanager
-def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target`, on any failure it vanishes."""
+def atomic_directory(target: Path, overwrite: bool, needed_bytes: int = 0) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it replaces `target`, on any failure it vanishes.
+
+    An OS error while writing the output becomes a WriteError saying what to do (`needed_bytes`: the output's
+    size, for the free-space advice).
+    """
     target = target.resolve()
     check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        retired.rmdir()
-        target.rename(retired)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with staging_folder(target) as staging:
+            yield staging
+            _commit(staging, target)
+    except OSError as error:
+        failure = as_write_error(error, target, needed_bytes)
+        if failure is None:
+            raise
+        raise failure from error
+
+
+def _commit(staging: Path, target: Path) -> None:
+    """Put the finished `staging` at `target`: one atomic exchange where the system has it, else two renames."""
+    if not os.path.lexists(target):
         staging.rename(target)
-        if retired.is_dir():
-            shutil.rmtree(retired, ignore_errors=True)
+        return
+    held = lock_folder(target, blocking=True)  # the previous output, once moved aside, is not stale to others
+    try:
+        if exchange(staging, target):
+            retired = staging  # the previous output now sits at the staging name
         else:
-            retired.unlink()
-    else:
-        staging.rename(target)
+            retired = Path(tempfile.mkdtemp(prefix=retired_prefix(target), dir=target.parent))
+            retired.rmdir()
+            target.rename(retired)
+            try:
+                staging.rename(target)
+            except BaseException:
+                retired.rename(target)
+                raise
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        if held is not None:
+            os.close(held)

@@ -10,12 +10,14 @@ import json
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..safetensors_format import encode_header
 from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE
+from .failures import naming
 
 SIDE_FILES = (
     "generation_config.json",
@@ -65,14 +67,19 @@ def shard_names(count: int) -> list[str]:
 class BackgroundFile:
     """A file written by a background thread, so that disk writes overlap reading and computing.
 
-    At most `depth` buffers wait in the queue (bounded memory); an error in the thread surfaces on the next
-    call. Buffers must not change after they are handed over (the engine never reuses an emitted chunk).
+    At most `depth` buffers wait in the queue (bounded memory). A failed write (disk full, file size limit)
+    stops the writing at once and surfaces, naming the file, on the caller's next call; the thread keeps
+    draining the queue, so the caller never blocks on a dead writer. Buffers must not change after they are
+    handed over (the engine never reuses an emitted chunk).
     """
 
     def __init__(self, path: Path, depth: int = 2) -> None:
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
+        self.path = path
+        with naming(path):
+            self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
         self._queue: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._aborted = False
         self._thread = threading.Thread(target=self._drain, name=f"write {path.name}", daemon=True)
         self._thread.start()
 
@@ -81,15 +88,21 @@ class BackgroundFile:
             data = self._queue.get()
             if data is None:
                 break
+            if self._error is None and not self._aborted:
+                self._attempt(self._file.write, data)
+        self._attempt(self._file.close)
+
+    def _attempt(self, action: Callable[..., object], *args: object) -> None:
+        """Run a file operation in the thread, keeping the first error (with the file's name) for the caller."""
+        try:
+            with naming(self.path):
+                action(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
             if self._error is None:
-                try:
-                    self._file.write(data)
-                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
-                    self._error = error
-        self._file.close()
+                self._error = error
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue bytes for writing (blocks while `depth` buffers are pending)."""
+        """Queue bytes for writing (blocks while `depth` buffers are pending); raise an earlier write's error."""
         if self._error is not None:
             raise self._error
         self._queue.put(data)
@@ -100,6 +113,14 @@ class BackgroundFile:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+    def abort(self) -> None:
+        """Drop what is still queued, close the file, and stop the thread (after a failure elsewhere)."""
+        self._aborted = True
+        if not self._thread.is_alive():
+            return
+        self._queue.put(None)
+        self._thread.join()
 
 
 class ShardedWriter:
@@ -157,15 +178,13 @@ class ShardedWriter:
             weight_map = {t.name: self.names[k] for k, members in enumerate(self.shards) for t in members}
             total = sum(t.nbytes for members in self.shards for t in members)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            with naming(self.folder / INDEX_FILE):
+                (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         """Close the open file after a failure (the staging folder is removed by the caller)."""
         if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
+            self._file.abort()
             self._file = None
 
 
@@ -182,11 +201,19 @@ def write_side_files(base_folder: Path, out_folder: Path, out_dtype: str | None)
             keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
             for key in keys:
                 config[key] = out_dtype
-        (out_folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        with naming(out_folder / "config.json"):
+            (out_folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copied.append("config.json")
     for name in SIDE_FILES:
         source = base_folder / name
         if source.is_file():
-            shutil.copyfile(source, out_folder / name)
+            with naming(out_folder / name):
+                shutil.copyfile(source, out_folder / name)
             copied.append(name)
     return copied
+
+
+def side_file_bytes(base_folder: Path) -> int:
+    """Bytes `write_side_files` will copy from `base_folder` (for the free-space check)."""
+    names = ("config.json", *SIDE_FILES)
+    return sum((base_folder / name).stat().st_size for name in names if (base_folder / name).is_file())

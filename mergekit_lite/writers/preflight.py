@@ -1,0 +1,55 @@
+"""Checks on the output path that fail in a second, before a merge that would fail (or destroy an input) later."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import OutputPathError, WriteError
+from ..units import format_size
+from .failures import nearest_existing
+
+#: Room kept beyond the planned bytes for the card, the config copy and the index.
+FREE_SPACE_MARGIN = 1 << 20
+
+
+def check_output_path(target: Path) -> None:
+    """Refuse an output path that is, or lies under, an existing file: the merge could never create it."""
+    resolved = target.resolve()
+    existing = nearest_existing(resolved)
+    if existing == resolved and not resolved.is_dir():
+        raise OutputPathError(f"output {target} is an existing file, not a folder; pick a folder path for the output")
+    if not existing.is_dir():
+        raise OutputPathError(f"output {target} lies under {existing}, which is a file; pick another output path")
+
+
+def check_apart(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse an output that is, or lies inside, an input folder, or holds one (--overwrite would delete it).
+
+    `inputs` pairs a description ("the base model", "adapter 'math'") with its local folder; symlinks are resolved.
+    """
+    out = target.resolve()
+    for what, folder in inputs:
+        source = folder.resolve()
+        if out == source or source in out.parents:
+            raise OutputPathError(
+                f"output {target} lies inside {what} folder {source}; pick an output path outside the inputs"
+            )
+        if out in source.parents:
+            raise OutputPathError(
+                f"{what} folder {source} lies inside the output {target}, which --overwrite would delete; "
+                "pick another output path"
+            )
+
+
+def check_free_space(target: Path, needed: int) -> None:
+    """Refuse to start when the disk the output goes to has less free space than the output needs."""
+    where = nearest_existing(target.resolve().parent)
+    free = shutil.disk_usage(where).free
+    needed += FREE_SPACE_MARGIN
+    if free < needed:
+        raise WriteError(
+            f"not enough space for the output {target}: it needs {format_size(needed)} and the disk holding {where} "
+            f"has {format_size(free)} free; free {format_size(needed - free)} or pick another output path"
+        )
