@@ -21,7 +21,7 @@ def main(debug: bool, verbose: bool) -> None:
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option("--out", "out", type=click.Path(file_okay=False), help="Output folder (overrides output.path).")
+@click.option("--out", "out", type=click.Path(), help="Output folder (overrides output.path).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Force the row-chunk size (default: from --max-memory).")
 @click.option("--max-memory", default="512MiB", show_default=True,

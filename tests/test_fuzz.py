@@ -207,3 +207,10 @@ def test_mutated_merge_configs_parse_or_fail_with_our_error(changes: dict, adapt
         MergeConfig.from_dict(data).to_yaml()
     except MergeError:
         pass
+
+
+def test_readme_quotes_the_number_of_fuzzed_inputs() -> None:
+    properties = [name for name, value in globals().items() if name.startswith("test_mutated") or
+                  name.startswith("test_flipped")]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"{len(properties) * EXAMPLES} fuzzed inputs" in readme
