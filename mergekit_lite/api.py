@@ -22,7 +22,7 @@ from .sources.hub import hub_reference, resolve_model_dir
 from .sparse import check_densities
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory, check_target
-from .writers.card import render_card
+from .writers.card import render_card, warm_card_imports
 from .writers.checkpoint import (
     OutputTensor,
     ShardedWriter,
@@ -128,6 +128,7 @@ def merge(
     if resolved_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(resolved_device)
     tune_allocator()
+    warm_card_imports()
     with atomic_directory(target, overwrite, needed) as staging:
         writer = ShardedWriter(staging, layout, config.output.shard_size)
         bar = byte_progress(prepared.plan.total_out_bytes, progress)

@@ -7,6 +7,7 @@ import logging
 import click
 
 from .cli_errors import friendly_errors
+from .startup import heavy_imports
 from .version import tool_version
 
 
@@ -35,8 +36,9 @@ def main(debug: bool, verbose: bool) -> None:
 def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, max_memory: str,
         overwrite: bool, dry_run: bool, no_progress: bool, allow_pickle: bool) -> None:
     """Merge the adapters CONFIG lists into its base and write the checkpoint."""
-    from .api import describe_plan, merge
-    from .config import load_config
+    with heavy_imports():
+        from .api import describe_plan, merge
+        from .config import load_config
 
     config = load_config(config_path)
     if out:

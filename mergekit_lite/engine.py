@@ -95,6 +95,7 @@ class MergeEngine:
         self.seed = seed
         self.options = options
         self.coefficients = method.coefficients(self.weights, global_params) if method.coefficients else None
+        self._tau_buffer: torch.Tensor | None = None
 
     def merges(self, tensor: TensorPlan) -> bool:
         """True when the method changes this tensor (an adapter touches it with a non-zero coefficient)."""
@@ -170,8 +171,14 @@ class MergeEngine:
                     length = min(COPY_BLOCK, tensor.info.nbytes - offset)
                     yield functools.partial(self.base.read_bytes, name, offset, length)
             else:
+                # on CPU the read-ahead thread also widens merged rows to the compute dtype, off the main thread
+                widen = self.options.compute_dtype if self.merges(tensor) and self.options.device.type == "cpu" else None
                 for start, stop in self._ranges(tensor):
-                    yield functools.partial(self.base.read_rows, name, start, stop)
+                    yield functools.partial(self._read_rows, name, start, stop, widen)
+
+    def _read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None) -> torch.Tensor:
+        rows = self.base.read_rows(name, start, stop)
+        return rows if dtype is None else rows.to(dtype)
 
     def _merge_tensor(self, tensor: TensorPlan, reads: Prefetcher[Any], writer: ShardedWriter, progress: Progress,
                       stats: EngineStats) -> None:
@@ -222,7 +229,7 @@ class MergeEngine:
         sparse = SparseTensorMerge(self.method, tensor.name, numel, active, self.weights, self.global_params,
                                    self.adapter_params, self.seed)
         selecting = [i for i in active if sparse.needs_selection(i)]
-        cached = self._taus(deltas, active, None, 0, tensor.info.rows) if self._caches_taus(tensor) else None
+        cached = self._cached_taus(deltas, active, ranges) if self._caches_taus(tensor) else None
         for index in selecting:
             if cached is not None:
                 whole = cached[index]
@@ -233,6 +240,24 @@ class MergeEngine:
                         yield self._taus(deltas, [index], None, start, stop)[index]
                 sparse.prepare(index, chunks)
         return sparse, cached
+
+    def _cached_taus(self, deltas: TensorDeltas, active: list[int], ranges: list[tuple[int, int]]
+                     ) -> dict[int, torch.Tensor]:
+        """Every τᵢ of the tensor, built chunk by chunk into one buffer each (cache-sized GEMMs run ~4x
+        faster on CPU than one whole-tensor GEMM)."""
+        shape = (deltas.plan.info.rows, *deltas.plan.info.shape[1:])
+        numel = deltas.plan.info.rows * max(deltas.plan.info.cols, 1)
+        buffer = self._tau_buffer
+        if buffer is None or buffer.numel() < numel * len(active):
+            # one buffer, grown to the largest tensor and reused: fresh pages would fault on every tensor
+            buffer = self._tau_buffer = None
+            buffer = self._tau_buffer = torch.empty(numel * len(active), device=self.options.device,
+                                                    dtype=self.options.compute_dtype)
+        cached = {i: buffer[n * numel:(n + 1) * numel].view(shape) for n, i in enumerate(active)}
+        for start, stop in ranges:
+            for index, tau in self._taus(deltas, active, None, start, stop).items():
+                cached[index][start:stop].copy_(tau.reshape(stop - start, *shape[1:]))
+        return cached
 
     def _emit(self, rows: torch.Tensor, writer: ShardedWriter, progress: Progress) -> None:
         data = tensor_bytes(rows.cpu())

@@ -1,22 +1,31 @@
 """Exact k-th largest magnitude of a tensor seen one chunk at a time (the TIES trim threshold).
 
-A radix select over the float32 bit patterns of |τ| (non-negative floats order like their bits): one pass
-histograms the top 16 bits, a second the low 16 bits inside the one bin that holds the k-th value. Memory
-is two 65,536-bin histograms plus one chunk; nothing is sorted. With the tie rule of SEMANTICS §3 (lower
-flat index first) the kept set is exactly k entries, whatever the chunking.
+On CPU the fast path samples: a strided sample of |τ| (every s-th flat entry, a near-free pass) brackets the
+k-th value in a narrow band with a wide safety margin; one pass then counts the entries above the band and
+gathers the band itself, where numpy's introselect finds the exact value. When the band misses (a
+pathological distribution) or is too crowded, or on CUDA, a radix select over the float32 bit patterns
+(non-negative floats order like their bits) is the exact fallback: a histogram of the top 16 bits, then
+the one bin holding the k-th value. Nothing is sorted whole. With the tie rule of SEMANTICS §3 (lower flat
+index first) the kept set is exactly k entries, whatever the chunking.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 BINS = 1 << 16
-
-
 BAND_LIMIT = 1 << 22
+#: entries in the strided sample that brackets the k-th value
+SAMPLE = 1 << 18
+#: safety margin of the band around the sample's estimate, in binomial standard deviations
+MARGIN_SIGMAS = 8.0
+MARGIN_ENTRIES = 16
 
 
 @dataclass(frozen=True)
@@ -47,35 +56,107 @@ def _locate(histogram: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def kth_largest_magnitude(
-    chunks: Callable[[], Iterable[torch.Tensor]], k: int, band_limit: int = BAND_LIMIT
+    chunks: Callable[[], Iterable[torch.Tensor]], k: int, band_limit: int = BAND_LIMIT, numel: int | None = None
 ) -> Threshold:
     """Exact threshold for keeping the k largest |τ| entries; `chunks()` yields τ row chunks in order.
 
-    Pass 1 histograms the top 16 bits. Pass 2 gathers the entries of the one bin that holds the k-th value
-    (a narrow band, ≤ 2⁻⁷ relative width) and selects inside it; when that bin is too crowded to gather
-    (many equal magnitudes), pass 2 histograms its low 16 bits instead. Both are exact.
+    `numel` (the entries `chunks()` yields in all) lets the sample pass know its stride; without it a
+    counting pass runs first.
     """
     if k <= 0:
         raise ValueError("k must be positive")
+    total = numel if numel is not None else sum(chunk.numel() for chunk in chunks())
+    if k > total:
+        raise ValueError(f"k={k} exceeds the {total} entries")
+    found = _sampled_band(chunks, k, total, band_limit)
+    return found if found is not None else _radix_select(chunks, k, total, band_limit)
+
+
+def _magnitudes(chunk: torch.Tensor) -> np.ndarray:
+    """|x| of a CPU chunk as a flat float32 numpy array (a fresh buffer)."""
+    return chunk.reshape(-1).to(torch.float32).abs().numpy()
+
+
+def _sampled_band(chunks: Callable[[], Iterable[torch.Tensor]], k: int, total: int, band_limit: int
+                  ) -> Threshold | None:
+    """The exact threshold via a sampled band, or None when the band misses, overflows, or τ is on CUDA."""
+    stride, parts, position = 0, [], 0
+    for chunk in chunks():
+        if chunk.device.type != "cpu":
+            return None
+        stride = stride or _sample_stride(total, chunk.shape[-1] if chunk.dim() > 1 else 1)
+        flat = chunk.reshape(-1)
+        parts.append(_magnitudes(flat[(-position) % stride::stride]))
+        position += flat.numel()
+    sample = np.concatenate(parts)
+    if stride == 1:  # the sample is everything: select in it directly
+        return _select_in(sample, k, above=0)
+    size = len(sample)
+    expected = k / total * size  # rank of the k-th value within the sample, from the top
+    spread = MARGIN_SIGMAS * math.sqrt(max(expected * (1 - k / total), 1.0)) + MARGIN_ENTRIES
+    high_rank, low_rank = math.floor(expected - spread), math.ceil(expected + spread)
+    high = np.float32(np.inf) if high_rank < 1 else _rank_from_top(sample, high_rank)
+    low = np.float32(0.0) if low_rank > size else _rank_from_top(sample, low_rank)
+    above, band, gathered = 0, [], 0
+    for chunk in chunks():
+        values = _magnitudes(chunk)
+        above += int(np.count_nonzero(values > high))
+        inside = values[(values >= low) & (values <= high)]
+        gathered += len(inside)
+        if gathered > band_limit:
+            return None
+        band.append(inside)
+    values = np.concatenate(band)
+    if not above < k <= above + len(values):
+        return None  # the k-th value lies outside the band: the exact fallback takes over
+    return _select_in(values, k, above)
+
+
+def _sample_stride(total: int, row: int) -> int:
+    """About total / SAMPLE, and sharing no factor with the row length, so the sample visits every column.
+
+    A low-rank τ = BA has columns of very different scale; a stride dividing the row length would sample a
+    few columns only and bracket the wrong band.
+    """
+    stride = max(1, total // SAMPLE)
+    if stride == 1:
+        return 1
+    stride |= 1
+    while math.gcd(stride, row) != 1:
+        stride += 2
+    return stride
+
+
+def _rank_from_top(values: np.ndarray, rank: int) -> np.float32:
+    """The rank-th largest of `values` (1-based), by introselect on a copy."""
+    position = len(values) - rank
+    return np.partition(values, position)[position]
+
+
+def _select_in(values: np.ndarray, k: int, above: int) -> Threshold:
+    """The threshold when `values` holds the k-th largest entry and `above` entries lie above all of it."""
+    kth = _rank_from_top(values, k - above)
+    greater = above + int(np.count_nonzero(values > kth))
+    equal_total = int(np.count_nonzero(values == kth))
+    return Threshold(bits=int(np.float32(kth).view(np.int32)), equal_keep=k - greater, equal_total=equal_total)
+
+
+def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, total: int, band_limit: int) -> Threshold:
+    """The exact fallback: histogram the top 16 bits, then resolve the k-th value inside its bin.
+
+    Pass 2 gathers the entries of that one bin (a narrow band, ≤ 2⁻⁷ relative width) and selects inside
+    it; when the bin is too crowded to gather (many equal magnitudes), pass 2 histograms its low 16 bits.
+    """
     high_hist: torch.Tensor | None = None
     for chunk in chunks():
         counts = torch.bincount(magnitude_bits(chunk) >> 16, minlength=BINS)
         high_hist = counts if high_hist is None else high_hist + counts
     assert high_hist is not None
-    total = int(high_hist.sum().item())
-    if k > total:
-        raise ValueError(f"k={k} exceeds the {total} entries")
     high_bin, above_high = _locate(high_hist, k)
     rank = k - above_high  # 1-based rank of the k-th value inside its bin, from the top
     if int(high_hist[high_bin].item()) <= band_limit:
-        band = []
-        for chunk in chunks():
-            band.append(_in_bin(magnitude_bits(chunk), high_bin))
-        values = torch.cat(band)
-        kth = int(torch.sort(values, descending=True).values[rank - 1].item())
-        greater = above_high + int((values > kth).sum().item())
-        equal_total = int((values == kth).sum().item())
-        return Threshold(bits=kth, equal_keep=k - greater, equal_total=equal_total)
+        band = [_in_bin(magnitude_bits(chunk), high_bin).cpu().numpy().view(np.float32) for chunk in chunks()]
+        return _select_in(np.concatenate(band), k, above_high)
     low_hist: torch.Tensor | None = None
     for chunk in chunks():
         bits = magnitude_bits(chunk)
@@ -103,20 +184,32 @@ class Trimmer:
 
     def __init__(self, threshold: Threshold) -> None:
         self.threshold = threshold
-        self._value = threshold.value
+        value = np.float32(threshold.value)
+        #: the largest float32 below the threshold: |x| > below ⟺ |x| ≥ threshold, exactly
+        self._below = float(np.nextafter(value, np.float32(0.0))) if value > 0 else -1.0
         self._equal_seen = 0
 
-    def keep(self, chunk: torch.Tensor) -> torch.Tensor:
-        """A 0/1 float keep-mask of the chunk's shape; call once per chunk, in row order.
+    def trim(self, chunk: torch.Tensor) -> torch.Tensor:
+        """τ with the entries outside the kept set zeroed (a new tensor); call once per chunk, in row order.
 
-        Float arithmetic, not boolean tensors (whose CPU kernels are many times slower here):
-        sign(|x| − v) + 1, clamped to 1, is 1 where |x| ≥ v and 0 below (exact: x − v = 0 only if x = v).
+        One fused float kernel (hardshrink keeps x where |x| > λ) instead of a mask built from boolean or
+        sign arithmetic; a threshold of 0 keeps everything (zeros contribute nothing either way).
         """
-        mask = (chunk.abs() - self._value).sign_().add_(1.0).clamp_(max=1.0)
+        trimmed = F.hardshrink(chunk, self._below) if self._below >= 0 else chunk.clone()
+        self._drop_extra_ties(chunk, trimmed)
+        return trimmed
+
+    def keep(self, chunk: torch.Tensor) -> torch.Tensor:
+        """The 0/1 float keep-mask of the chunk (what `trim` keeps); call once per chunk, in row order."""
+        mask = F.hardshrink(chunk.abs(), self._below).sign_() if self._below >= 0 else torch.ones_like(chunk)
+        self._drop_extra_ties(chunk, mask)
+        return mask
+
+    def _drop_extra_ties(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+        """Zero, in `out`, the entries equal to the threshold beyond the first `equal_keep` in flat order."""
         if self.threshold.equal_keep == self.threshold.equal_total:  # every tie is kept
-            return mask
+            return
         ties = torch.nonzero(magnitude_bits(chunk) == self.threshold.bits).reshape(-1)
         take = max(0, min(ties.numel(), self.threshold.equal_keep - self._equal_seen))
-        mask.view(-1)[ties[take:]] = 0.0  # ties beyond the first equal_keep (flat order) are dropped
+        out.view(-1)[ties[take:]] = 0.0
         self._equal_seen += ties.numel()
-        return mask

@@ -72,7 +72,7 @@ class SparseTensorMerge:
     def prepare(self, index: int, chunks: Callable[[], Iterable[torch.Tensor]]) -> None:
         """Selection passes over τᵢ's chunks: the exact trim threshold of adapter `index`."""
         k = kept_count(self.adapter_params[index]["density"], self.numel)
-        self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k))
+        self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k, numel=self.numel))
 
     def merge_chunk(self, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
         """The merged delta for one chunk; τᵢ chunks must arrive in row order, starting at `flat_start`."""
@@ -81,13 +81,14 @@ class SparseTensorMerge:
             tau = taus[index]
             own = self.adapter_params[index]
             scale = self.weights[index]
+            fresh = False  # True once `tau` is a new tensor this loop owns (then scaled in place)
             if self.method.sparsification == "magnitude":
                 if index in self.trimmers:
-                    tau = tau * self.trimmers[index].keep(tau)
+                    tau, fresh = self.trimmers[index].trim(tau), True
             elif self.method.sparsification == "dare":
                 density = own["density"]
                 tau = tau * self.streams[index].keep_mask(density, flat_start, tau.numel(), tau.device).reshape(tau.shape)
-                scale = scale / density if own["rescale"] else scale
-            updates.append(tau * scale)
+                scale, fresh = (scale / density if own["rescale"] else scale), True
+            updates.append((tau if scale == 1 else tau.mul_(scale)) if fresh else tau * scale)
         active_weights = [self.weights[i] for i in self.active]
         return self.method.consensus(updates, active_weights, self.global_params)  # type: ignore[misc]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mergekit_lite import MergeConfig, MergeConfigError, merge
 from mergekit_lite.methods import get_method
 from mergekit_lite.rng import keep_mask, stream_key
-from mergekit_lite.select import BAND_LIMIT, Trimmer, kth_largest_magnitude
+from mergekit_lite.select import Trimmer
 from mergekit_lite.sparse import SparseTensorMerge
 
 from .reference import load_checkpoint, plain_lora_task_vectors, ties_combine, trim
@@ -100,20 +100,45 @@ def test_ties_equals_peft_ties_on_dense_task_vectors() -> None:
     torch.testing.assert_close(ours, peft, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("band_limit", [BAND_LIMIT, 0])  # 0 forces the low-bits histogram pass
+SELECTION_PATHS = {
+    "whole sample": {},  # fewer entries than the sample: selected directly
+    "sampled band": {"SAMPLE": 64},  # a strided sample brackets the k-th value, one pass gathers the band
+    "narrow band, may miss": {"SAMPLE": 128, "MARGIN_SIGMAS": 0.5, "MARGIN_ENTRIES": 0},  # misses fall back
+    "radix, gathered bin": {"_sampled_band": lambda *args: None},
+    "radix, low-bits histogram": {"_sampled_band": lambda *args: None, "BAND_LIMIT": 0},
+}
+
+
+@pytest.mark.parametrize("path", list(SELECTION_PATHS))
+@pytest.mark.parametrize("ties", [True, False])
 @pytest.mark.parametrize("density", [0.1, 0.37, 0.5, 0.99])
-def test_ties_trim_keeps_exactly_k_entries_across_chunk_sizes(density: float, band_limit: int) -> None:
-    tau = (torch.randint(1, 4, (50, 20), generator=torch.Generator().manual_seed(1)) / 2).float()
-    tau *= torch.randint(0, 2, tau.shape, generator=torch.Generator().manual_seed(2)) * 2 - 1  # no zeros, many ties
+def test_ties_trim_keeps_exactly_k_entries_across_chunk_sizes(
+    density: float, ties: bool, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mergekit_lite.select as select
+
+    for name, value in SELECTION_PATHS[path].items():
+        monkeypatch.setattr(select, name, value)
+    generator = torch.Generator().manual_seed(1)
+    if ties:
+        tau = (torch.randint(1, 4, (50, 20), generator=generator) / 2).float()
+        tau *= torch.randint(0, 2, tau.shape, generator=generator) * 2 - 1  # no zeros, many ties
+    else:
+        tau = torch.randn(50, 20, generator=generator)
     k = math.floor(density * tau.numel())
-    masks = []
+    masks, trimmed = [], []
     for chunk_rows in (1, 3, 7, 50):
         chunks = [tau[s:s + chunk_rows] for s in range(0, 50, chunk_rows)]
-        trimmer = Trimmer(kth_largest_magnitude(lambda chunks=chunks: chunks, k, band_limit=band_limit))
-        masks.append(torch.cat([trimmer.keep(c) for c in chunks]))
+        threshold = select.kth_largest_magnitude(lambda chunks=chunks: chunks, k, band_limit=select.BAND_LIMIT,
+                                                 numel=tau.numel())
+        masker, trimmer = Trimmer(threshold), Trimmer(threshold)
+        masks.append(torch.cat([masker.keep(c) for c in chunks]))
+        trimmed.append(torch.cat([trimmer.trim(c) for c in chunks]))
     assert all(torch.equal(mask, masks[0]) for mask in masks)
+    assert all(torch.equal(t, trimmed[0]) for t in trimmed)
     assert int(masks[0].sum()) == k
     assert torch.equal(masks[0].bool(), trim(tau, density) != 0)
+    assert torch.equal(trimmed[0], trim(tau, density))
 
 
 def test_dare_masks_do_not_depend_on_chunking_or_tensor_order() -> None:

@@ -30,21 +30,30 @@ def sum_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], par
 def ties_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
     """TIES steps (3)–(4): elect γ per entry, keep the uᵢ that agree, sum, divide by Σ Mᵢ|wᵢ| (SEMANTICS §3).
 
-    uᵢ·γ > 0 exactly where uᵢ ≠ 0 and sign(uᵢ) = γ, so the agreeing sum is γ · Σ max(uᵢγ, 0) and Mᵢ is
-    sign(max(uᵢγ, 0)). Only float ops: boolean tensor kernels are many times slower on CPU.
+    uᵢ·γ > 0 exactly where uᵢ ≠ 0 and sign(uᵢ) = γ, so the agreeing sum is γ · Σ relu(uᵢγ) and Mᵢ is
+    sign(relu(uᵢγ)). Only float ops, in place where a buffer is free (boolean tensor kernels are many times
+    slower on CPU, and every pass over a chunk counts).
     """
-    vote = torch.sign(updates[0]) if params["sign"] == "count" else updates[0].clone()
-    for update in updates[1:]:
-        vote += torch.sign(update) if params["sign"] == "count" else update
+    def ballot(update: torch.Tensor) -> torch.Tensor:
+        return torch.sign(update) if params["sign"] == "count" else update
+
+    vote = torch.add(ballot(updates[0]), ballot(updates[1])) if len(updates) > 1 else ballot(updates[0]).clone()
+    for update in updates[2:]:
+        vote.add_(ballot(update))
     gamma = vote.sign_().add_(0.5).sign_()  # γ = +1 where the vote is 0
-    merged = torch.zeros_like(updates[0])
-    divisor = torch.zeros_like(updates[0]) if params["normalize"] else None
+    merged: torch.Tensor | None = None
+    divisor: torch.Tensor | None = None
     for update, weight in zip(updates, weights):
-        aligned = (update * gamma).clamp_(min=0.0)
-        merged += aligned
+        aligned = torch.mul(update, gamma).relu_()
+        if merged is None:
+            merged = aligned
+            divisor = torch.sign(aligned).mul_(abs(weight)) if params["normalize"] else None
+            continue
+        merged.add_(aligned)
         if divisor is not None:
             divisor.add_(aligned.sign_(), alpha=abs(weight))
-    merged *= gamma
+    assert merged is not None
+    merged.mul_(gamma)
     if divisor is not None:  # where no adapter agrees, merged is 0 and so is the result
-        merged /= divisor.clamp_(min=torch.finfo(divisor.dtype).tiny)
-    return merged.mul_(params["lambda"])
+        merged.div_(divisor.clamp_(min=torch.finfo(divisor.dtype).tiny))
+    return merged if params["lambda"] == 1 else merged.mul_(params["lambda"])

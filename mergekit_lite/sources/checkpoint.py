@@ -20,7 +20,7 @@ from .files import inside_folder, load_pickled
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLED_INDEX = "pytorch_model.bin.index.json"
-COPY_BLOCK = 64 * 1024 * 1024
+COPY_BLOCK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
