@@ -12,7 +12,7 @@ import torch
 from .allocator import tune_allocator
 from .config import MergeConfig
 from .device import peak_device_bytes, peak_rss_bytes, resolve_device
-from .engine import DEFAULT_MAX_MEMORY, EngineOptions, MergeEngine
+from .engine import DEFAULT_MAX_MEMORY, EngineOptions, MergeEngine, default_workers
 from .integrity import check_written
 from .plan import MergePlan, build_plan
 from .progress import byte_progress
@@ -96,6 +96,7 @@ def merge(
     out: str | Path | None = None,
     device: str | torch.device = "auto",
     chunk_rows: int | None = None,
+    workers: int | None = None,
     max_memory: int | str | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
@@ -124,7 +125,7 @@ def merge(
     check_apart(target, _input_folders(prepared))
     needed = prepared.plan.total_out_bytes + side_file_bytes(prepared.base.folder)
     check_free_space(target, needed)
-    engine = _engine(prepared, resolved_device, chunk_rows, max_memory)
+    engine = _engine(prepared, resolved_device, chunk_rows, max_memory, workers)
     if resolved_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(resolved_device)
     tune_allocator()
@@ -197,13 +198,14 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
 
 
 def _engine(prepared: PreparedMerge, device: torch.device, chunk_rows: int | None,
-            max_memory: int | str | None) -> MergeEngine:
+            max_memory: int | str | None, workers: int | None = None) -> MergeEngine:
     """The engine for a prepared merge (no I/O until it runs)."""
     config = prepared.config
     options = EngineOptions(
         device=device,
         chunk_rows=chunk_rows,
         max_memory=parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY,
+        workers=workers or default_workers(),
     )
     return MergeEngine(prepared.plan, prepared.base, config.merge_method, config.weights, config.global_params,
                        config.adapter_params, config.seed, options)

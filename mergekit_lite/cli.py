@@ -27,6 +27,8 @@ def main(debug: bool, verbose: bool) -> None:
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Force the row-chunk size (default: from --max-memory).")
 @click.option("--max-memory", default="512MiB", show_default=True,
               help="Memory budget for one chunk's working set, in bytes or like '512MiB', '2GB'.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="CPU threads merging chunks side by side (default: one per core, up to 8).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and a memory estimate; write nothing.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -34,7 +36,7 @@ def main(debug: bool, verbose: bool) -> None:
               help="Read pickled .bin inputs you trust (loaded with torch.load(weights_only=True)); refused otherwise.")
 @friendly_errors
 def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, max_memory: str,
-        overwrite: bool, dry_run: bool, no_progress: bool, allow_pickle: bool) -> None:
+        workers: int | None, overwrite: bool, dry_run: bool, no_progress: bool, allow_pickle: bool) -> None:
     """Merge the adapters CONFIG lists into its base and write the checkpoint."""
     with heavy_imports():
         from .api import describe_plan, merge
@@ -51,7 +53,7 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
         from .publish import preflight
 
         preflight(config.output.push_to_hub)
-    result = merge(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory,
+    result = merge(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory, workers=workers,
                    overwrite=overwrite, progress=not no_progress, allow_pickle=allow_pickle)
     click.echo(result.summary())
     if config.eval is not None:

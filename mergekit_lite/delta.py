@@ -7,6 +7,7 @@ the concatenated, pre-scaled factors: Σ cᵢ sᵢ Bᵢ[rows] Aᵢ = [c₁s₁B�
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -22,8 +23,8 @@ class _Factors:
         self.left = left
         self.right = right
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.left[start:stop] @ self.right
+    def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.mm(self.left[start:stop], self.right, out=out)
 
 
 def _low_rank(adapter: PeftAdapter, item: LowRank | Dora, device: torch.device, dtype: torch.dtype, coef: float) -> _Factors:
@@ -52,6 +53,7 @@ class TensorDeltas:
         self.device = device
         self.dtype = dtype
         self._caches: dict[int, list[object]] = {}
+        self._lock = threading.RLock()  # chunks may be merged side by side; factors are loaded once
         self._fused_key: tuple[float, ...] | None = None
         self._fused_value: _Factors | None = None
 
@@ -62,12 +64,22 @@ class TensorDeltas:
         """True when τᵢ depends on the base rows (DoRA, saved full tensors)."""
         return any(isinstance(item, (Dora, SavedTensor)) for item in self.plan.by_adapter[index])
 
-    def adapter_rows(self, index: int, base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
-        """τᵢ[start:stop] of adapter `index` (None when it does not touch this tensor); base_rows = W[start:stop]."""
+    def adapter_rows(self, index: int, base_rows: torch.Tensor, start: int, stop: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """τᵢ[start:stop] of adapter `index` (None when it does not touch this tensor); base_rows = W[start:stop].
+
+        With `out` (2-D, contiguous) the result lands there: a plain low-rank τ is written by the GEMM itself.
+        """
         items = self.plan.by_adapter[index]
         if not items:
             return None
         cache = self._cache(index)
+        if out is not None:
+            if len(items) == 1 and isinstance(items[0], LowRank):
+                return cache[0].rows(start, stop, out=out)  # type: ignore[attr-defined]
+            result = self.adapter_rows(index, base_rows, start, stop)
+            assert result is not None
+            return out.copy_(result.reshape(out.shape))
         total: torch.Tensor | None = None
         for item, prepared in zip(items, cache):
             part = self._part(index, item, prepared, base_rows, start, stop)
@@ -103,6 +115,10 @@ class TensorDeltas:
 
     # -- preparation, once per tensor ------------------------------------------------------------
     def _fused(self, coefficients: tuple[float, ...]) -> _Factors | None:
+        with self._lock:
+            return self._fused_locked(coefficients)
+
+    def _fused_locked(self, coefficients: tuple[float, ...]) -> _Factors | None:
         if self._fused_key == coefficients:
             return self._fused_value
         lefts, rights = [], []
@@ -119,9 +135,10 @@ class TensorDeltas:
         return value
 
     def _cache(self, index: int) -> list[object]:
-        if index not in self._caches:
-            self._caches[index] = [self._prepare(index, item) for item in self.plan.by_adapter[index]]
-        return self._caches[index]
+        with self._lock:
+            if index not in self._caches:
+                self._caches[index] = [self._prepare(index, item) for item in self.plan.by_adapter[index]]
+            return self._caches[index]
 
     def _prepare(self, index: int, item: Contribution) -> object:
         adapter = self.adapters[index]

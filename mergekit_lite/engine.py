@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +45,13 @@ class EngineOptions:
     #: on CPU, chunks of this many elements (1 MiB of float32) stay in a core's L2 cache through the GEMM, the
     #: add, the cast and the check (whole-tensor chunks were 4-5x slower); sparse methods make even more passes
     cpu_chunk_elements: int = 1 << 18
+    #: CPU threads that merge chunks side by side (each runs torch single-threaded); 1 on CUDA
+    workers: int = field(default_factory=lambda: default_workers())
+
+
+def default_workers() -> int:
+    """One merge thread per core, up to 8 (beyond that the Python glue between torch calls dominates)."""
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 @dataclass
@@ -96,6 +106,7 @@ class MergeEngine:
         self.options = options
         self.coefficients = method.coefficients(self.weights, global_params) if method.coefficients else None
         self._tau_buffer: torch.Tensor | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def merges(self, tensor: TensorPlan) -> bool:
         """True when the method changes this tensor (an adapter touches it with a non-zero coefficient)."""
@@ -107,9 +118,18 @@ class MergeEngine:
         return [i for i, (items, c) in enumerate(zip(tensor.by_adapter, factors)) if items and c != 0]
 
     def run(self, writer: ShardedWriter, progress: Progress) -> EngineStats:
-        """Merge or copy every base tensor into `writer`, reading ahead in a background thread."""
+        """Merge or copy every base tensor into `writer`, reading ahead in a background thread.
+
+        On CPU with more than one worker, chunks of a tensor are merged side by side in a thread pool (torch
+        releases the GIL; each worker runs torch single-threaded) and written in order.
+        """
         stats = EngineStats()
         reads: Prefetcher[Any] = Prefetcher(self._reads())
+        workers = self.options.workers if self.options.device.type == "cpu" else 1
+        threads_before = torch.get_num_threads()
+        if workers > 1:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="merge")
+            torch.set_num_threads(1)
         try:
             for tensor in self.plan.tensors:
                 writer.begin(tensor.name)
@@ -128,6 +148,10 @@ class MergeEngine:
                     stats.tensors_copied += 1
         finally:
             reads.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+                torch.set_num_threads(threads_before)
         stats.bytes_written = writer.bytes_written
         return stats
 
@@ -191,8 +215,9 @@ class MergeEngine:
         sparse, cached = None, None
         if self.coefficients is None:
             sparse, cached = self._prepare_sparse(tensor, deltas, ranges)
-        for start, stop in ranges:
-            base_rows = reads.next().to(device=device, dtype=dtype)
+
+        def chunk(base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            """One merged chunk in the output dtype (a pure function of its rows: safe to run side by side)."""
             if sparse is None:
                 merged = deltas.add_fused_rows(self.coefficients or [], base_rows, start, stop)
             else:
@@ -208,14 +233,34 @@ class MergeEngine:
                     f"merged tensor '{tensor.name}' has inf/NaN after the cast to {tensor.out_dtype} "
                     f"(rows {start}-{stop}); lower the adapter weights or use a wider output dtype"
                 )
-            self._emit(out, writer, progress)
+            return out
+
+        pool = self._pool if sparse is None or sparse.chunks_independent() else None
+        pending: deque[Future[torch.Tensor]] = deque()
+        for start, stop in ranges:
+            base_rows = reads.next().to(device=device, dtype=dtype)
+            if pool is None:
+                self._emit(chunk(base_rows, start, stop), writer, progress)
+                continue
+            pending.append(pool.submit(chunk, base_rows, start, stop))
+            if len(pending) > self.options.workers:
+                self._emit(pending.popleft().result(), writer, progress)
+        while pending:
+            self._emit(pending.popleft().result(), writer, progress)
 
     def _taus(self, deltas: TensorDeltas, active: list[int], base_rows: torch.Tensor | None,
               start: int, stop: int) -> dict[int, torch.Tensor]:
         """τᵢ[start:stop] of every active adapter."""
-        if base_rows is None and any(deltas.needs_base(i) for i in active):
-            base_rows = self.base.read_rows(deltas.plan.name, start, stop).to(self.options.device, self.options.compute_dtype)
-        return {i: deltas.adapter_rows(i, base_rows, start, stop) for i in active}  # type: ignore[misc]
+        if base_rows is None:
+            base_rows = self._base_rows_if_needed(deltas, active, start, stop)
+        return {i: deltas.adapter_rows(i, base_rows, start, stop) for i in active}  # type: ignore[misc, arg-type]
+
+    def _base_rows_if_needed(self, deltas: TensorDeltas, active: list[int], start: int, stop: int
+                             ) -> torch.Tensor | None:
+        """W[start:stop] on the device when some τᵢ depends on the base rows (DoRA, saved tensors), else None."""
+        if not any(deltas.needs_base(i) for i in active):
+            return None
+        return self.base.read_rows(deltas.plan.name, start, stop).to(self.options.device, self.options.compute_dtype)
 
     def _prepare_sparse(self, tensor: TensorPlan, deltas: TensorDeltas, ranges: list[tuple[int, int]]
                         ) -> tuple[SparseTensorMerge, dict[int, torch.Tensor] | None]:
@@ -230,15 +275,22 @@ class MergeEngine:
                                    self.adapter_params, self.seed)
         selecting = [i for i in active if sparse.needs_selection(i)]
         cached = self._cached_taus(deltas, active, ranges) if self._caches_taus(tensor) else None
-        for index in selecting:
+
+        def select(index: int) -> None:
             if cached is not None:
                 whole = cached[index]
-                sparse.prepare(index, lambda whole=whole: (whole[start:stop] for start, stop in ranges))
+                sparse.prepare(index, lambda: (whole[start:stop] for start, stop in ranges))
             else:
-                def chunks(index: int = index) -> Iterable[torch.Tensor]:
+                def chunks() -> Iterable[torch.Tensor]:
                     for start, stop in ranges:
                         yield self._taus(deltas, [index], None, start, stop)[index]
                 sparse.prepare(index, chunks)
+
+        if self._pool is not None:  # one adapter's selection per worker
+            list(self._pool.map(select, selecting))
+        else:
+            for index in selecting:
+                select(index)
         return sparse, cached
 
     def _cached_taus(self, deltas: TensorDeltas, active: list[int], ranges: list[tuple[int, int]]
@@ -255,8 +307,10 @@ class MergeEngine:
                                                     dtype=self.options.compute_dtype)
         cached = {i: buffer[n * numel:(n + 1) * numel].view(shape) for n, i in enumerate(active)}
         for start, stop in ranges:
-            for index, tau in self._taus(deltas, active, None, start, stop).items():
-                cached[index][start:stop].copy_(tau.reshape(stop - start, *shape[1:]))
+            base_rows = self._base_rows_if_needed(deltas, active, start, stop)
+            for index in active:
+                deltas.adapter_rows(index, base_rows, start, stop,  # type: ignore[arg-type]
+                                    out=cached[index][start:stop].reshape(stop - start, -1))
         return cached
 
     def _emit(self, rows: torch.Tensor, writer: ShardedWriter, progress: Progress) -> None:

@@ -9,6 +9,7 @@ Drawing happens on the CPU (the CUDA generator is a different stream) and the ma
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import torch
 
@@ -32,6 +33,7 @@ class UniformStream:
         self.key = key
         self._generator = torch.Generator()
         self._last: tuple[int, torch.Tensor] | None = None
+        self._lock = threading.Lock()  # chunks of a tensor may be merged side by side
 
     def _fill(self, block: int, out: torch.Tensor) -> None:
         """Write block `block`'s uniforms into `out` (BLOCK entries)."""
@@ -40,6 +42,10 @@ class UniformStream:
 
     def uniforms(self, start: int, count: int) -> torch.Tensor:
         """float32 uniforms in [0, 1) for flat indices [start, start + count) (on the CPU)."""
+        with self._lock:
+            return self._uniforms(start, count)
+
+    def _uniforms(self, start: int, count: int) -> torch.Tensor:
         first, last = start // BLOCK, (start + count - 1) // BLOCK
         result = torch.empty(count)
         for block in range(first, last + 1):

@@ -207,9 +207,13 @@ class Trimmer:
 
     def _drop_extra_ties(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
         """Zero, in `out`, the entries equal to the threshold beyond the first `equal_keep` in flat order."""
-        if self.threshold.equal_keep == self.threshold.equal_total:  # every tie is kept
-            return
-        ties = torch.nonzero(magnitude_bits(chunk) == self.threshold.bits).reshape(-1)
+        if self.threshold.equal_keep == self.threshold.equal_total or self._equal_seen >= self.threshold.equal_total:
+            return  # every tie is kept, or all of them have been met already
+        if chunk.device.type == "cpu":  # numpy: torch's boolean kernels are slow on CPU
+            bits = chunk.reshape(-1).to(torch.float32).abs().numpy().view(np.int32)
+            ties = torch.from_numpy(np.flatnonzero(bits == self.threshold.bits))
+        else:
+            ties = torch.nonzero(magnitude_bits(chunk) == self.threshold.bits).reshape(-1)
         take = max(0, min(ties.numel(), self.threshold.equal_keep - self._equal_seen))
         out.view(-1)[ties[take:]] = 0.0
         self._equal_seen += ties.numel()

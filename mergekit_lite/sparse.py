@@ -74,6 +74,11 @@ class SparseTensorMerge:
         k = kept_count(self.adapter_params[index]["density"], self.numel)
         self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k, numel=self.numel))
 
+    def chunks_independent(self) -> bool:
+        """True when chunks may be merged in any order: no trim threshold splits a tie across the kept set
+        (then the lower-flat-index rule needs the chunks in row order)."""
+        return all(t.threshold.equal_keep == t.threshold.equal_total for t in self.trimmers.values())
+
     def merge_chunk(self, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
         """The merged delta for one chunk; τᵢ chunks must arrive in row order, starting at `flat_start`."""
         updates = []

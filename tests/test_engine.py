@@ -107,6 +107,19 @@ def test_results_do_not_depend_on_chunk_rows(demo: Path, tmp_path_factory: pytes
         assert diff <= 1e-6 * max(tau_max, 1e-30) + 1e-7 * float(tensor.abs().max()), name
 
 
+@pytest.mark.parametrize(
+    ("method", "parameters"),
+    [("task_arithmetic", {}), ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}),
+     ("magnitude_prune", {"density": 0.3}), ("linear", {})],
+)
+def test_merging_chunks_side_by_side_gives_the_same_bytes(demo: Path, tmp_path: Path, method: str,
+                                                          parameters: dict) -> None:
+    config = demo_config(demo, tmp_path / "one", method, [1.0, -0.5, 2.0], parameters=parameters)
+    one = merge(config, device="cpu", chunk_rows=3, workers=1, progress=False).output_dir
+    many = merge(config, out=tmp_path / "many", device="cpu", chunk_rows=3, workers=4, progress=False).output_dir
+    assert (one / "model.safetensors").read_bytes() == (many / "model.safetensors").read_bytes()
+
+
 def test_tiny_memory_budget_still_merges_exactly(demo: Path, tmp_path: Path) -> None:
     config = demo_config(demo, tmp_path / "out", "task_arithmetic", [1.0, 1.0, 1.0])
     result = merge(config, device="cpu", max_memory=1024, progress=False)
