@@ -276,17 +276,20 @@ class MergeEngine:
         selecting = [i for i in active if sparse.needs_selection(i)]
         cached = self._cached_taus(deltas, active, ranges) if self._caches_taus(tensor) else None
 
-        def select(index: int) -> None:
-            if cached is not None:
+        if cached is not None:  # the chunks exist: each adapter's band pass runs over them side by side
+            mapper = self._pool.map if self._pool is not None else map
+            for index in selecting:
                 whole = cached[index]
-                sparse.prepare(index, lambda: (whole[start:stop] for start, stop in ranges))
-            else:
-                def chunks() -> Iterable[torch.Tensor]:
-                    for start, stop in ranges:
-                        yield self._taus(deltas, [index], None, start, stop)[index]
-                sparse.prepare(index, chunks)
+                sparse.prepare(index, lambda whole=whole: (whole[start:stop] for start, stop in ranges), mapper)
+            return sparse, cached
 
-        if self._pool is not None:  # one adapter's selection per worker
+        def select(index: int) -> None:
+            def chunks() -> Iterable[torch.Tensor]:
+                for start, stop in ranges:
+                    yield self._taus(deltas, [index], None, start, stop)[index]
+            sparse.prepare(index, chunks)
+
+        if self._pool is not None:  # τᵢ is rebuilt chunk by chunk: one adapter's selection per worker
             list(self._pool.map(select, selecting))
         else:
             for index in selecting:
@@ -306,11 +309,15 @@ class MergeEngine:
             buffer = self._tau_buffer = torch.empty(numel * len(active), device=self.options.device,
                                                     dtype=self.options.compute_dtype)
         cached = {i: buffer[n * numel:(n + 1) * numel].view(shape) for n, i in enumerate(active)}
-        for start, stop in ranges:
+
+        def build(start: int, stop: int) -> None:
             base_rows = self._base_rows_if_needed(deltas, active, start, stop)
             for index in active:
                 deltas.adapter_rows(index, base_rows, start, stop,  # type: ignore[arg-type]
                                     out=cached[index][start:stop].reshape(stop - start, -1))
+
+        starts, stops = zip(*ranges)
+        list((self._pool.map if self._pool is not None else map)(build, starts, stops))
         return cached
 
     def _emit(self, rows: torch.Tensor, writer: ShardedWriter, progress: Progress) -> None:

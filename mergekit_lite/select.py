@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+Mapper = Callable[..., Iterable[Any]]
 BINS = 1 << 16
 BAND_LIMIT = 1 << 22
 #: entries in the strided sample that brackets the k-th value
@@ -56,19 +58,21 @@ def _locate(histogram: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def kth_largest_magnitude(
-    chunks: Callable[[], Iterable[torch.Tensor]], k: int, band_limit: int = BAND_LIMIT, numel: int | None = None
+    chunks: Callable[[], Iterable[torch.Tensor]], k: int, band_limit: int = BAND_LIMIT, numel: int | None = None,
+    mapper: Mapper = map,
 ) -> Threshold:
     """Exact threshold for keeping the k largest |τ| entries; `chunks()` yields τ row chunks in order.
 
     `numel` (the entries `chunks()` yields in all) lets the sample pass know its stride; without it a
-    counting pass runs first.
+    counting pass runs first. `mapper` (e.g. a thread pool's map) runs the band pass over chunks side by
+    side; give it only chunks that already exist (it may take them all at once).
     """
     if k <= 0:
         raise ValueError("k must be positive")
     total = numel if numel is not None else sum(chunk.numel() for chunk in chunks())
     if k > total:
         raise ValueError(f"k={k} exceeds the {total} entries")
-    found = _sampled_band(chunks, k, total, band_limit)
+    found = _sampled_band(chunks, k, total, band_limit, mapper)
     return found if found is not None else _radix_select(chunks, k, total, band_limit)
 
 
@@ -77,8 +81,8 @@ def _magnitudes(chunk: torch.Tensor) -> np.ndarray:
     return chunk.reshape(-1).to(torch.float32).abs().numpy()
 
 
-def _sampled_band(chunks: Callable[[], Iterable[torch.Tensor]], k: int, total: int, band_limit: int
-                  ) -> Threshold | None:
+def _sampled_band(chunks: Callable[[], Iterable[torch.Tensor]], k: int, total: int, band_limit: int,
+                  mapper: Mapper = map) -> Threshold | None:
     """The exact threshold via a sampled band, or None when the band misses, overflows, or τ is on CUDA."""
     stride, parts, position = 0, [], 0
     for chunk in chunks():
@@ -97,11 +101,14 @@ def _sampled_band(chunks: Callable[[], Iterable[torch.Tensor]], k: int, total: i
     high_rank, low_rank = math.floor(expected - spread), math.ceil(expected + spread)
     high = np.float32(np.inf) if high_rank < 1 else _rank_from_top(sample, high_rank)
     low = np.float32(0.0) if low_rank > size else _rank_from_top(sample, low_rank)
-    above, band, gathered = 0, [], 0
-    for chunk in chunks():
+
+    def in_band(chunk: torch.Tensor) -> tuple[int, np.ndarray]:
         values = _magnitudes(chunk)
-        above += int(np.count_nonzero(values > high))
-        inside = values[(values >= low) & (values <= high)]
+        return int(np.count_nonzero(values > high)), values[(values >= low) & (values <= high)]
+
+    above, band, gathered = 0, [], 0
+    for count, inside in mapper(in_band, chunks()):
+        above += count
         gathered += len(inside)
         if gathered > band_limit:
             return None

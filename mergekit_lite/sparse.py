@@ -16,7 +16,7 @@ from .errors import MergeConfigError
 from .methods import MergeMethod
 from .plan import MergePlan
 from .rng import UniformStream, stream_key
-from .select import Trimmer, kth_largest_magnitude
+from .select import Mapper, Trimmer, kth_largest_magnitude
 
 
 def kept_count(density: float, numel: int) -> int:
@@ -69,10 +69,10 @@ class SparseTensorMerge:
         """True when adapter `index` must be trimmed (magnitude sparsification with density < 1)."""
         return self.method.sparsification == "magnitude" and self.adapter_params[index]["density"] < 1.0
 
-    def prepare(self, index: int, chunks: Callable[[], Iterable[torch.Tensor]]) -> None:
+    def prepare(self, index: int, chunks: Callable[[], Iterable[torch.Tensor]], mapper: Mapper = map) -> None:
         """Selection passes over τᵢ's chunks: the exact trim threshold of adapter `index`."""
         k = kept_count(self.adapter_params[index]["density"], self.numel)
-        self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k, numel=self.numel))
+        self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k, numel=self.numel, mapper=mapper))
 
     def chunks_independent(self) -> bool:
         """True when chunks may be merged in any order: no trim threshold splits a tie across the kept set
