@@ -27,25 +27,26 @@ def _block_seed(key: bytes, block: int) -> int:
 
 
 class UniformStream:
-    """The uniforms of one (seed, adapter, tensor) stream; remembers its last block for the next chunk."""
+    """The uniforms of one (seed, adapter, tensor) stream.
+
+    Chunks of a tensor may be drawn from several threads at once: each thread keeps its own generator and
+    its own last block (a block cut by one chunk is usually finished by the next), so no lock is shared.
+    """
 
     def __init__(self, key: bytes) -> None:
         self.key = key
-        self._generator = torch.Generator()
-        self._last: tuple[int, torch.Tensor] | None = None
-        self._lock = threading.Lock()  # chunks of a tensor may be merged side by side
+        self._local = threading.local()
 
     def _fill(self, block: int, out: torch.Tensor) -> None:
         """Write block `block`'s uniforms into `out` (BLOCK entries)."""
-        self._generator.manual_seed(_block_seed(self.key, block))
-        torch.rand(BLOCK, generator=self._generator, out=out)
+        generator = getattr(self._local, "generator", None)
+        if generator is None:
+            generator = self._local.generator = torch.Generator()
+        generator.manual_seed(_block_seed(self.key, block))
+        torch.rand(BLOCK, generator=generator, out=out)
 
     def uniforms(self, start: int, count: int) -> torch.Tensor:
         """float32 uniforms in [0, 1) for flat indices [start, start + count) (on the CPU)."""
-        with self._lock:
-            return self._uniforms(start, count)
-
-    def _uniforms(self, start: int, count: int) -> torch.Tensor:
         first, last = start // BLOCK, (start + count - 1) // BLOCK
         result = torch.empty(count)
         for block in range(first, last + 1):
@@ -54,11 +55,12 @@ class UniformStream:
             if end - begin == BLOCK:
                 self._fill(block, target)
                 continue
-            if self._last is None or self._last[0] != block:  # a block cut by the chunk: keep it for the next
+            kept = getattr(self._local, "last", None)
+            if kept is None or kept[0] != block:  # a block cut by the chunk: keep it for this thread's next
                 values = torch.empty(BLOCK)
                 self._fill(block, values)
-                self._last = (block, values)
-            target.copy_(self._last[1][begin - block * BLOCK : end - block * BLOCK])
+                kept = self._local.last = (block, values)
+            target.copy_(kept[1][begin - block * BLOCK : end - block * BLOCK])
         return result
 
     def keep_mask(self, density: float, start: int, count: int, device: torch.device) -> torch.Tensor:
