@@ -187,40 +187,63 @@ def _in_bin(bits: torch.Tensor, high_bin: int) -> torch.Tensor:
 
 
 class Trimmer:
-    """Applies a Threshold chunk by chunk in flat order, counting ties across chunks."""
+    """Applies a Threshold chunk by chunk, with the lower-flat-index rule for entries equal to it.
 
-    def __init__(self, threshold: Threshold) -> None:
+    When the threshold splits a tie (some equal entries kept, some dropped), each chunk must know how many
+    ties come before it. Given `chunks` (the same chunks, in order), the counts are taken up front, so the
+    chunks may then be trimmed in any order (side by side); without it, chunks must come in row order.
+    """
+
+    def __init__(self, threshold: Threshold, chunks: Callable[[], Iterable[torch.Tensor]] | None = None) -> None:
         self.threshold = threshold
         value = np.float32(threshold.value)
         #: the largest float32 below the threshold: |x| > below ⟺ |x| ≥ threshold, exactly
         self._below = float(np.nextafter(value, np.float32(0.0))) if value > 0 else -1.0
         self._equal_seen = 0
+        #: flat start of each chunk -> ties in the chunks before it (when counted up front)
+        self._ties_before: dict[int, int] | None = None
+        if self.splits_ties and chunks is not None:
+            self._ties_before, seen, start = {}, 0, 0
+            for chunk in chunks():
+                self._ties_before[start] = seen
+                seen += len(self._tie_positions(chunk))
+                start += chunk.numel()
 
-    def trim(self, chunk: torch.Tensor) -> torch.Tensor:
-        """τ with the entries outside the kept set zeroed (a new tensor); call once per chunk, in row order.
+    @property
+    def splits_ties(self) -> bool:
+        """True when some entries equal to the threshold are kept and others dropped."""
+        return self.threshold.equal_keep != self.threshold.equal_total
+
+    @property
+    def order_free(self) -> bool:
+        """True when chunks may be trimmed in any order."""
+        return not self.splits_ties or self._ties_before is not None
+
+    def trim(self, chunk: torch.Tensor, flat_start: int = 0) -> torch.Tensor:
+        """τ with the entries outside the kept set zeroed (a new tensor); `flat_start` is the chunk's first
+        flat index (chunks in row order when the tie counts were not taken up front).
 
         One fused float kernel (hardshrink keeps x where |x| > λ) instead of a mask built from boolean or
-        sign arithmetic; a threshold of 0 keeps everything (zeros contribute nothing either way).
+        sign arithmetic; a threshold of 0 keeps everything but the ties beyond the kept count.
         """
         trimmed = F.hardshrink(chunk, self._below) if self._below >= 0 else chunk.clone()
-        self._drop_extra_ties(chunk, trimmed)
+        if self.splits_ties:
+            self._drop_extra_ties(chunk, trimmed, flat_start)
         return trimmed
 
-    def keep(self, chunk: torch.Tensor) -> torch.Tensor:
-        """The 0/1 float keep-mask of the chunk (what `trim` keeps); call once per chunk, in row order."""
-        mask = F.hardshrink(chunk.abs(), self._below).sign_() if self._below >= 0 else torch.ones_like(chunk)
-        self._drop_extra_ties(chunk, mask)
-        return mask
-
-    def _drop_extra_ties(self, chunk: torch.Tensor, out: torch.Tensor) -> None:
+    def _drop_extra_ties(self, chunk: torch.Tensor, out: torch.Tensor, flat_start: int) -> None:
         """Zero, in `out`, the entries equal to the threshold beyond the first `equal_keep` in flat order."""
-        if self.threshold.equal_keep == self.threshold.equal_total or self._equal_seen >= self.threshold.equal_total:
-            return  # every tie is kept, or all of them have been met already
+        seen = self._ties_before[flat_start] if self._ties_before is not None else self._equal_seen
+        if seen >= self.threshold.equal_total:
+            return  # every tie is met already
+        ties = self._tie_positions(chunk)
+        take = max(0, min(len(ties), self.threshold.equal_keep - seen))
+        out.view(-1)[ties[take:]] = 0.0
+        self._equal_seen = seen + len(ties)  # only read when chunks come in row order
+
+    def _tie_positions(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Flat positions in the chunk of the entries whose magnitude equals the threshold."""
         if chunk.device.type == "cpu":  # numpy: torch's boolean kernels are slow on CPU
             bits = chunk.reshape(-1).to(torch.float32).abs().numpy().view(np.int32)
-            ties = torch.from_numpy(np.flatnonzero(bits == self.threshold.bits))
-        else:
-            ties = torch.nonzero(magnitude_bits(chunk) == self.threshold.bits).reshape(-1)
-        take = max(0, min(ties.numel(), self.threshold.equal_keep - self._equal_seen))
-        out.view(-1)[ties[take:]] = 0.0
-        self._equal_seen += ties.numel()
+            return torch.from_numpy(np.flatnonzero(bits == self.threshold.bits))
+        return torch.nonzero(magnitude_bits(chunk) == self.threshold.bits).reshape(-1)

@@ -72,12 +72,11 @@ class SparseTensorMerge:
     def prepare(self, index: int, chunks: Callable[[], Iterable[torch.Tensor]], mapper: Mapper = map) -> None:
         """Selection passes over τᵢ's chunks: the exact trim threshold of adapter `index`."""
         k = kept_count(self.adapter_params[index]["density"], self.numel)
-        self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k, numel=self.numel, mapper=mapper))
+        self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k, numel=self.numel, mapper=mapper), chunks)
 
     def chunks_independent(self) -> bool:
-        """True when chunks may be merged in any order: no trim threshold splits a tie across the kept set
-        (then the lower-flat-index rule needs the chunks in row order)."""
-        return all(t.threshold.equal_keep == t.threshold.equal_total for t in self.trimmers.values())
+        """True when chunks may be merged in any order (every trimmer counted its split ties up front)."""
+        return all(trimmer.order_free for trimmer in self.trimmers.values())
 
     def merge_chunk(self, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
         """The merged delta for one chunk; τᵢ chunks must arrive in row order, starting at `flat_start`."""
@@ -89,7 +88,7 @@ class SparseTensorMerge:
             fresh = False  # True once `tau` is a new tensor this loop owns (then scaled in place)
             if self.method.sparsification == "magnitude":
                 if index in self.trimmers:
-                    tau, fresh = self.trimmers[index].trim(tau), True
+                    tau, fresh = self.trimmers[index].trim(tau, flat_start), True
             elif self.method.sparsification == "dare":
                 density = own["density"]
                 tau = tau * self.streams[index].keep_mask(density, flat_start, tau.numel(), tau.device).reshape(tau.shape)
