@@ -50,8 +50,10 @@ class EngineOptions:
 
 
 def default_workers() -> int:
-    """One merge thread per core, up to 8 (beyond that the Python glue between torch calls dominates)."""
-    return max(1, min(os.cpu_count() or 1, 8))
+    """One merge thread per core this process may use, up to 8 (beyond that the Python glue between torch
+    calls dominates)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
 
 
 @dataclass
