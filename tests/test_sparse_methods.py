@@ -84,8 +84,9 @@ def test_dare_equals_the_dense_reference_with_the_same_masks(case: dict, rescale
     for i, (tau, w, d) in enumerate(zip(case["taus"], case["weights"], case["densities"])):
         mask = keep_mask(stream_key(seed, i, "w"), d, 0, tau.numel(), torch.device("cpu")).reshape(tau.shape)
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
-        kept = torch.where(mask.bool(), tau.double() / (d if rescale else 1.0), 0.0)
-        updates.append(w * kept)
+        # uᵢ = (τᵢ ⊙ mᵢ)·(wᵢ/d) in float32 (SEMANTICS §2): with a double reference, a sign vote that cancels
+        # exactly in float32 (1.5·0.5/0.625 − 1·0.75/0.625) can round to either side and elect the other sign
+        updates.append(((tau * mask) * (w / d if rescale else w)).double())
     expected = ties_combine(updates, case["weights"], "sum", True, 1.0) if ties else sum(updates)
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
 
