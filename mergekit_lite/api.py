@@ -166,11 +166,11 @@ def merge(
 
 
 def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chunk_rows: int | None = None,
-                  max_memory: int | str | None = None, allow_pickle: bool = False) -> str:
+                  max_memory: int | str | None = None, allow_pickle: bool = False, workers: int | None = None) -> str:
     """The dry-run report: what each adapter touches, output size and shards, and a memory estimate."""
     prepared = prepare(config, allow_pickle)
     plan = prepared.plan
-    engine = _engine(prepared, resolve_device(device), chunk_rows, max_memory)
+    engine = _engine(prepared, resolve_device(device), chunk_rows, max_memory, workers)
     options = engine.options
     peak_chunk = max((engine.working_set_bytes(tensor) for tensor in plan.tensors), default=0)
     shards = shard_layout(_output_layout(plan), config.output.shard_size)
@@ -190,7 +190,8 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
         f"  base tensors: {len(plan.tensors)} ({touched_any} touched, {len(plan.tensors) - touched_any} copied as is)",
         f"  output: {config.output_path} ({format_size(plan.total_out_bytes)} in {len(shards)} shard(s), "
         f"dtype {config.output.dtype or 'as base'})",
-        f"  memory: device {options.device}, working set up to {format_size(peak_chunk)} per tensor "
+        f"  memory: device {options.device}"
+        f"{f', {options.workers} workers' if options.device.type == 'cpu' else ''}, working set up to {format_size(peak_chunk)} per tensor "
         f"(budget {format_size(options.max_memory)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
         "  dry run: nothing written",
     ]

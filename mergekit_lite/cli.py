@@ -47,7 +47,7 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
         config = config.with_output_path(out)
     if dry_run:
         click.echo(describe_plan(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory,
-                                 allow_pickle=allow_pickle))
+                                 allow_pickle=allow_pickle, workers=workers))
         return
     if config.output.push_to_hub:  # a missing token or offline mode fails now, not after a long merge
         from .publish import preflight

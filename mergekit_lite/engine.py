@@ -182,7 +182,12 @@ class MergeEngine:
         cols = max(tensor.info.cols, 1)
         chunk = rows * (cols * 4 * (WORKING_BUFFERS + materialized) + tensor.info.row_bytes)
         cached = tensor.info.rows * cols * 4 * len(self.active(tensor)) if self._caches_taus(tensor) else 0
-        return chunk + cached
+        return chunk * self._chunks_in_flight() + cached
+
+    def _chunks_in_flight(self) -> int:
+        """Chunks merged at once: one per worker plus the one waiting to be written (one on CUDA)."""
+        workers = self.options.workers if self.options.device.type == "cpu" else 1
+        return workers + 1 if workers > 1 else 1
 
     def _ranges(self, tensor: TensorPlan) -> list[tuple[int, int]]:
         """The row chunks of a tensor: sized for the method's working set when merged, else for a cast."""
