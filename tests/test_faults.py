@@ -48,10 +48,21 @@ import mergekit_lite.api, mergekit_lite.cli  # the slow imports, paid once
 def kill_self():
     os.kill(os.getpid(), signal.SIGKILL)
 
-def inject(point):
+def inject(point, marker=None):
     import mergekit_lite.writers.atomic as atomic
     exchange = atomic.exchange
-    if point == "before_exchange":
+    if point == "pause_midway":  # mid-merge, announce it and wait there for the test's signal
+        import time
+        from mergekit_lite.writers.checkpoint import ShardedWriter
+        begin, begun = ShardedWriter.begin, []
+        def pausing_begin(self, name):
+            begun.append(name)
+            if len(begun) == 3:
+                Path(marker).touch()
+                time.sleep(60)
+            return begin(self, name)
+        ShardedWriter.begin = pausing_begin
+    elif point == "before_exchange":
         atomic.exchange = lambda a, b: (kill_self(), exchange(a, b))[1]
     elif point == "after_exchange":
         atomic.exchange = lambda a, b: (exchange(a, b), kill_self())[0]
@@ -73,7 +84,7 @@ def child(job):
     for fd, name in ((0, os.devnull), (1, job["stdout"]), (2, job["stderr"])):
         os.dup2(os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC), fd)
     if job.get("inject"):
-        inject(job["inject"])
+        inject(job["inject"], job.get("marker"))
     code = 0
     try:
         mergekit_lite.cli.main(args=job["args"], prog_name="merge")
@@ -292,9 +303,13 @@ def test_sigint_and_sigterm_remove_the_temporary_folder_and_keep_the_previous_ou
     zygote: Zygote, outputs: dict[str, Any], signum: int, code: int, word: str
 ) -> None:
     work = outputs["work"]
-    pid = zygote.start(outputs["args"])
-    wait_for_staging(work, pid)
-    time.sleep(outputs["seconds"] / 5)
+    marker = zygote.logs / f"paused-{signum}"
+    pid = zygote.start(outputs["args"], inject="pause_midway", marker=str(marker))
+    deadline = time.monotonic() + 30
+    while not marker.exists():  # the merge is midway: its temporary folder holds part of the output
+        assert time.monotonic() < deadline, "the merge never reached the middle"
+        time.sleep(0.005)
+    assert any(n.startswith(".out.tmp-") for n in leftovers(work))
     os.kill(pid, signum)
     assert zygote.wait() == code
     assert one_error_line(zygote.stderr.read_text()).startswith(f"{word}:")
