@@ -79,6 +79,7 @@ class PeftAdapter:
         self.modules: dict[str, LoraModule] = {}
         #: full tensors saved by the adapter, by their parameter path in the base model ("lm_head.weight")
         self.full_tensors: dict[str, str] = {}
+        self._finite_keys: set[str] = set()  # tensors already checked for NaN/Inf (the file does not change)
         self._parse_keys()
         self._check_factors()
 
@@ -129,8 +130,12 @@ class PeftAdapter:
         raise AdapterError(f"{self.folder}: no {WEIGHTS_FILE}")
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One adapter tensor (small: factors, biases, magnitude vectors, saved modules), checked finite."""
-        return self._finite(key, self._read(key))
+        """One adapter tensor (small: factors, biases, magnitude vectors, saved modules), checked finite once."""
+        tensor = self._read(key)
+        if key not in self._finite_keys:
+            self._finite(key, tensor)
+            self._finite_keys.add(key)
+        return tensor
 
     def tensor_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a (possibly large) saved full tensor, checked finite."""
