@@ -6,9 +6,9 @@ Memory is bounded by one row chunk per tensor (plus the adapters' small factors)
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,10 +127,9 @@ class MergeEngine:
         """
         stats = EngineStats()
         reads: Prefetcher[Any] = Prefetcher(self._reads())
-        workers = self.options.workers if self.options.device.type == "cpu" else 1
         threads_before = torch.get_num_threads()
-        if workers > 1:
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="merge")
+        if self._workers > 1:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="merge")
             torch.set_num_threads(1)
         try:
             for tensor in self.plan.tensors:
@@ -184,10 +183,14 @@ class MergeEngine:
         cached = tensor.info.rows * cols * 4 * len(self.active(tensor)) if self._caches_taus(tensor) else 0
         return chunk * self._chunks_in_flight() + cached
 
+    @property
+    def _workers(self) -> int:
+        """Threads merging chunks side by side: the option on CPU, 1 on CUDA (the device does the work)."""
+        return self.options.workers if self.options.device.type == "cpu" else 1
+
     def _chunks_in_flight(self) -> int:
-        """Chunks merged at once: one per worker plus the one waiting to be written (one on CUDA)."""
-        workers = self.options.workers if self.options.device.type == "cpu" else 1
-        return workers + 1 if workers > 1 else 1
+        """Chunks merged at once: one per worker plus the one waiting to be written."""
+        return self._workers + 1 if self._workers > 1 else 1
 
     def _ranges(self, tensor: TensorPlan) -> list[tuple[int, int]]:
         """The row chunks of a tensor: sized for the method's working set when merged, else for a cast."""
@@ -250,7 +253,7 @@ class MergeEngine:
                 self._emit(chunk(base_rows, start, stop), writer, progress)
                 continue
             pending.append(pool.submit(chunk, base_rows, start, stop))
-            if len(pending) > self.options.workers:
+            if len(pending) > self._workers:
                 self._emit(pending.popleft().result(), writer, progress)
         while pending:
             self._emit(pending.popleft().result(), writer, progress)
@@ -312,7 +315,7 @@ class MergeEngine:
         buffer = self._tau_buffer
         if buffer is None or buffer.numel() < numel * len(active):
             # one buffer, grown to the largest tensor and reused: fresh pages would fault on every tensor
-            buffer = self._tau_buffer = None
+            buffer = self._tau_buffer = None  # drop the smaller one first, so both never coexist
             buffer = self._tau_buffer = torch.empty(numel * len(active), device=self.options.device,
                                                     dtype=self.options.compute_dtype)
         cached = {i: buffer[n * numel:(n + 1) * numel].view(shape) for n, i in enumerate(active)}

@@ -13,16 +13,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputExistsError, OutputPathError
+from ..errors import OutputExistsError
 from .failures import as_write_error
+from .preflight import check_output_path
 from .staging import lock_folder, retired_prefix, staging_folder
 from .swap import exchange
 
 
 def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless overwriting was asked for (checked before any work starts)."""
-    if target.exists() and not target.is_dir():
-        raise OutputPathError(f"output {target} is an existing file, not a folder; pick a folder path for the output")
+    """Refuse an output path that cannot be a folder, or an existing output unless overwriting was asked for."""
+    check_output_path(target)
     if target.exists() and not overwrite:
         raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
 
