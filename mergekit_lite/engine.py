@@ -23,8 +23,8 @@ from .plan import MergePlan, TensorPlan
 from .prefetch import Prefetcher
 from .progress import Progress
 from .safetensors_format import TORCH_DTYPES, tensor_bytes
-from .sparse import SparseTensorMerge
 from .sources.checkpoint import COPY_BLOCK, BaseCheckpoint
+from .sparse import SparseTensorMerge
 from .writers.checkpoint import ShardedWriter
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
