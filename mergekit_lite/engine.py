@@ -235,8 +235,7 @@ class MergeEngine:
                     taus = {i: tau[start:stop] for i, tau in cached.items()}
                 else:
                     taus = self._taus(deltas, sparse.active, base_rows, start, stop)
-                delta = sparse.merge_chunk(taus, start * row_elems)
-                merged = base_rows if delta is None else base_rows.add_(delta.reshape(base_rows.shape))
+                merged = sparse.add_into(base_rows, taus, start * row_elems)
             out = merged.to(out_dtype)
             if not all_finite(out):
                 raise NonFiniteError(

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 Mapper = Callable[..., Iterable[Any]]
 BINS = 1 << 16
 BAND_LIMIT = 1 << 22
@@ -102,13 +104,17 @@ def _sampled_band(chunks: Callable[[], Iterable[torch.Tensor]], k: int, total: i
     high = np.float32(np.inf) if high_rank < 1 else _rank_from_top(sample, high_rank)
     low = np.float32(0.0) if low_rank > size else _rank_from_top(sample, low_rank)
 
-    def in_band(chunk: torch.Tensor) -> tuple[int, np.ndarray]:
+    def in_band(chunk: torch.Tensor) -> tuple[int, np.ndarray | None]:
+        if fused.usable(chunk):  # one pass instead of abs, three compares, a count and a gather
+            return fused.band(chunk, float(high), float(low), band_limit)
         values = _magnitudes(chunk)
         return int(np.count_nonzero(values > high)), values[(values >= low) & (values <= high)]
 
     above, band, gathered = 0, [], 0
     for count, inside in mapper(in_band, chunks()):
         above += count
+        if inside is None:
+            return None
         gathered += len(inside)
         if gathered > band_limit:
             return None
@@ -210,6 +216,11 @@ class Trimmer:
                 start += chunk.numel()
 
     @property
+    def below(self) -> float:
+        """Entries with |x| > below are kept (before the tie rule); negative when everything is kept."""
+        return self._below
+
+    @property
     def splits_ties(self) -> bool:
         """True when some entries equal to the threshold are kept and others dropped."""
         return self.threshold.equal_keep != self.threshold.equal_total
@@ -228,11 +239,12 @@ class Trimmer:
         """
         trimmed = F.hardshrink(chunk, self._below) if self._below >= 0 else chunk.clone()
         if self.splits_ties:
-            self._drop_extra_ties(chunk, trimmed, flat_start)
+            self.drop_extra_ties(chunk, trimmed, flat_start)
         return trimmed
 
-    def _drop_extra_ties(self, chunk: torch.Tensor, out: torch.Tensor, flat_start: int) -> None:
-        """Zero, in `out`, the entries equal to the threshold beyond the first `equal_keep` in flat order."""
+    def drop_extra_ties(self, chunk: torch.Tensor, out: torch.Tensor, flat_start: int) -> None:
+        """Zero, in `out` (may be `chunk` itself), the entries equal to the threshold beyond the first
+        `equal_keep` in flat order."""
         seen = self._ties_before[flat_start] if self._ties_before is not None else self._equal_seen
         if seen >= self.threshold.equal_total:
             return  # every tie is met already

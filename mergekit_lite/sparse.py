@@ -12,11 +12,17 @@ from typing import Any
 
 import torch
 
+from . import fused
 from .errors import MergeConfigError
 from .methods import MergeMethod
+from .methods._common import sum_consensus, ties_consensus
 from .plan import MergePlan
 from .rng import UniformStream, stream_key
 from .select import Mapper, Trimmer, kth_largest_magnitude
+
+
+#: consensus functions the fused CPU kernel reproduces exactly; other methods take the torch path
+FUSED_KINDS = {sum_consensus: fused.SUM, ties_consensus: fused.TIES}
 
 
 def kept_count(density: float, numel: int) -> int:
@@ -77,6 +83,36 @@ class SparseTensorMerge:
     def chunks_independent(self) -> bool:
         """True when chunks may be merged in any order (every trimmer counted its split ties up front)."""
         return all(trimmer.order_free for trimmer in self.trimmers.values())
+
+    def add_into(self, base_rows: torch.Tensor, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
+        """base_rows + the merged delta of one chunk, in place. The τᵢ chunks are consumed (they may be
+        changed in place). One fused pass when the kernels apply, else the torch steps of `merge_chunk`."""
+        kind = FUSED_KINDS.get(self.method.consensus)  # type: ignore[arg-type]
+        chunks = [taus[i] for i in self.active]
+        if kind is None or len(chunks) > fused.MAX_TAUS or not fused.usable(base_rows, *chunks):
+            delta = self.merge_chunk(taus, flat_start)
+            return base_rows.add_(delta.reshape(base_rows.shape))
+        below, scale = [], []
+        for index, tau in zip(self.active, chunks):
+            own, weight, keep_above = self.adapter_params[index], self.weights[index], -1.0
+            trimmer = self.trimmers.get(index)
+            if self.method.sparsification == "magnitude" and trimmer is not None:
+                keep_above = trimmer.below
+                if trimmer.splits_ties:
+                    trimmer.drop_extra_ties(tau, tau, flat_start)
+            elif self.method.sparsification == "dare":
+                density = own["density"]
+                tau.mul_(self.streams[index].keep_mask(density, flat_start, tau.numel(), tau.device).reshape(tau.shape))
+                weight = weight / density if own["rescale"] else weight
+            below.append(keep_above)
+            scale.append(weight)
+        params = self.global_params
+        fused.consensus_into(
+            kind, base_rows, chunks, below, scale, [abs(self.weights[i]) for i in self.active],
+            sign_count=params.get("sign") == "count", normalize=bool(params.get("normalize", False)),
+            lam=params["lambda"],
+        )
+        return base_rows
 
     def merge_chunk(self, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
         """The merged delta for one chunk; τᵢ chunks must arrive in row order, starting at `flat_start`."""

@@ -1,0 +1,110 @@
+"""The fused CPU kernels (`_fused.c`) through ctypes, and when the engine may use them.
+
+A TIES chunk costs torch about 30 elementwise passes (trim, weight, vote, agree, sum, divide, add), each a
+trip through memory; the kernel does them in one, and the selection band pass likewise. The kernels are
+built at install when a C compiler is present. They repeat the torch path's float32 operations in the same
+order, so the output is the same bytes either way (tests/test_fused.py). Without them, or with
+MERGEKIT_LITE_KERNELS=torch, the engine runs its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+ENV = "MERGEKIT_LITE_KERNELS"
+#: the most task vectors one kernel call combines (the C side's stack buffers)
+MAX_TAUS = 64
+SUM, TIES = 0, 1
+
+_buffers = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they were not built (no compiler at install time)."""
+    spec = importlib.util.find_spec("mergekit_lite._fused")
+    if spec is None or not spec.origin:
+        return None
+    library = ctypes.CDLL(spec.origin)  # ctypes.CDLL releases the GIL during every call
+    pointer, size, single = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    library.mkl_band.argtypes = [pointer, size, single, single, pointer, size, ctypes.POINTER(size)]
+    library.mkl_band.restype = size
+    library.mkl_consensus.argtypes = [ctypes.c_int, ctypes.c_int, pointer, pointer, pointer, pointer,
+                                      ctypes.c_int, ctypes.c_int, single, pointer, size]
+    library.mkl_consensus.restype = ctypes.c_int
+    return library
+
+
+def enabled() -> bool:
+    """True when the fused kernels are built and not switched off (read on every call, so tests can flip it)."""
+    return os.environ.get(ENV, "auto") != "torch" and _library() is not None
+
+
+def describe() -> str:
+    """Which CPU path the engine takes, for `merge run --dry-run` and the logs."""
+    if os.environ.get(ENV, "auto") == "torch":
+        return f"torch ({ENV}=torch)"
+    if _library() is None:
+        return "torch (the fused C kernels were not built: no C compiler at install time)"
+    return "fused C kernels"
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the kernels are on and every tensor is a contiguous float32 CPU tensor."""
+    return enabled() and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
+
+
+def band(chunk: torch.Tensor, high: float, low: float, limit: int) -> tuple[int, np.ndarray | None]:
+    """(how many |x| > high, the |x| in [low, high] in flat order); None for the band when it holds more
+    than `limit` entries. `chunk` must pass `usable`."""
+    library = _library()
+    assert library is not None
+    numel = chunk.numel()
+    capacity = min(numel, limit) + 1  # the C copy loop writes one slot past the last kept entry
+    out = getattr(_buffers, "band", None)
+    if out is None or len(out) < capacity:
+        out = _buffers.band = np.empty(max(capacity, 1 << 18), dtype=np.float32)
+    above = ctypes.c_int64()
+    gathered = library.mkl_band(chunk.data_ptr(), numel, high, low, out.ctypes.data, capacity, ctypes.byref(above))
+    return above.value, (None if gathered < 0 else out[:gathered].copy())
+
+
+def consensus_into(
+    kind: int,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    below: Sequence[float],
+    scale: Sequence[float],
+    abs_weights: Sequence[float],
+    *,
+    sign_count: bool = False,
+    normalize: bool = True,
+    lam: float = 1.0,
+) -> None:
+    """base += the consensus (SUM or TIES) of uᵢ = trim(τᵢ, belowᵢ)·scaleᵢ, in one pass; see _fused.c.
+
+    Every tensor must pass `usable` and have base's numel; a negative belowᵢ keeps all of τᵢ.
+    """
+    library = _library()
+    assert library is not None and 1 <= len(taus) <= MAX_TAUS
+    count = len(taus)
+    numel = base.numel()
+    assert all(t.numel() == numel for t in taus)
+    floats = ctypes.c_float * count
+    status = library.mkl_consensus(
+        kind, count, (ctypes.c_void_p * count)(*(t.data_ptr() for t in taus)),
+        floats(*below), floats(*scale), floats(*abs_weights),
+        int(sign_count), int(normalize), lam, base.data_ptr(), numel,
+    )
+    if status != 0:
+        raise RuntimeError(f"fused consensus kernel refused {count} task vectors")

@@ -1,0 +1,138 @@
+"""The fused CPU kernels give the same bytes as the torch path they replace (mergekit_lite/_fused.c)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mergekit_lite import fused, merge
+from mergekit_lite.methods import get_method
+from mergekit_lite.methods._common import sum_consensus, ties_consensus
+from mergekit_lite.sparse import SparseTensorMerge
+
+from .test_engine import demo_config
+
+built = pytest.mark.skipif(not fused.enabled(), reason="the fused kernels were not built (no C compiler)")
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def test_kernels_are_built_where_a_compiler_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fused.ENV, raising=False)
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert fused.enabled(), fused.describe()
+        assert fused.describe() == "fused C kernels"
+    monkeypatch.setenv(fused.ENV, "torch")
+    assert not fused.enabled() and "MERGEKIT_LITE_KERNELS=torch" in fused.describe()
+
+
+def torch_consensus(kind: int, base: torch.Tensor, taus: list[torch.Tensor], below: list[float], scale: list[float],
+                    weights: list[float], params: dict) -> torch.Tensor:
+    """The engine's torch steps for one chunk: trim (hardshrink), weight, consensus, add."""
+    updates = [(F.hardshrink(t, b) if b >= 0 else t.clone()).mul_(s) for t, b, s in zip(taus, below, scale)]
+    combine = ties_consensus if kind == fused.TIES else sum_consensus
+    return base.clone().add_(combine(updates, weights, params))
+
+
+def chunk_values(numel: int) -> st.SearchStrategy[list[float]]:
+    """Values with many exact zeros, ties, both signed zeros and a wide range (where rounding could differ)."""
+    value = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5]),
+                      st.floats(-1e4, 1e4, allow_nan=False, width=32))
+    return st.lists(value, min_size=numel, max_size=numel)
+
+
+@built
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), count=st.integers(1, 5), numel=st.sampled_from([1, 7, 128, 129, 300]),
+       kind=st.sampled_from([fused.SUM, fused.TIES]), sign=st.sampled_from(["sum", "count"]),
+       normalize=st.booleans(), lam=st.sampled_from([1.0, 0.7, -1.3]))
+def test_consensus_kernel_matches_the_torch_steps_bit_for_bit(data: st.DataObject, count: int, numel: int, kind: int,
+                                                               sign: str, normalize: bool, lam: float) -> None:
+    taus = [torch.tensor(data.draw(chunk_values(numel)), dtype=torch.float32) for _ in range(count)]
+    base = torch.tensor(data.draw(chunk_values(numel)), dtype=torch.float32)
+    below = data.draw(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 0.75, 3.0]), min_size=count, max_size=count))
+    weights = data.draw(st.lists(st.sampled_from([1.0, -1.0, 0.3, 2.5, -0.7]), min_size=count, max_size=count))
+    scale = [w / data.draw(st.sampled_from([1.0, 0.3])) for w in weights]
+    params = {"sign": sign, "normalize": normalize, "lambda": lam}
+    expected = torch_consensus(kind, base, taus, below, scale, weights, params)
+    got = base.clone()
+    fused.consensus_into(kind, got, taus, below, scale, [abs(w) for w in weights],
+                         sign_count=sign == "count", normalize=normalize, lam=lam)
+    assert same_bytes(got, expected), (got, expected)
+
+
+@built
+@pytest.mark.parametrize("numel", [1, 127, 128, 1000, 1 << 16])
+def test_band_kernel_counts_and_gathers_like_numpy(numel: int) -> None:
+    values = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 3
+    values[::7] = 1.0  # ties at the band's edges
+    for high, low in [(1.0, 0.5), (float("inf"), 0.0), (1.0, 1.0), (0.2, 0.1)]:
+        magnitudes = values.abs().numpy()
+        above, band = fused.band(values, high, low, limit=numel)
+        assert above == np.count_nonzero(magnitudes > high)
+        assert band is not None and np.array_equal(band, magnitudes[(magnitudes >= low) & (magnitudes <= high)])
+
+
+@built
+def test_band_kernel_reports_an_overflowing_band() -> None:
+    values = torch.ones(1000)
+    assert fused.band(values, 2.0, 0.5, limit=999)[1] is None
+    above, band = fused.band(values, 2.0, 0.5, limit=1000)
+    assert above == 0 and band is not None and len(band) == 1000
+
+
+def tie_heavy_taus(rows: int, cols: int, count: int) -> list[torch.Tensor]:
+    """Task vectors of small integers: the trim threshold splits a tie in almost every one."""
+    generator = torch.Generator().manual_seed(rows * cols + count)
+    return [torch.randint(-4, 5, (rows, cols), generator=generator).float() * 0.25 for _ in range(count)]
+
+
+@built
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_fused_tensor_merge_matches_the_torch_path_with_split_ties(method: str, chunk: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    rows, cols, weights = 16, 24, [1.0, -0.5, 2.0]
+    taus = tie_heavy_taus(rows, cols, 3)
+    base = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
+    spec = get_method(method)
+    params, own = spec.resolve_params({"density": 0.4}, [{}, {"density": 0.7}, {}], weights)
+
+    def run() -> torch.Tensor:
+        sparse = SparseTensorMerge(spec, "t", rows * cols, [0, 1, 2], weights, params, own, seed=3)
+        for index in range(3):
+            if sparse.needs_selection(index):
+                sparse.prepare(index, lambda index=index: (taus[index][s:s + chunk] for s in range(0, rows, chunk)))
+        out = base.clone()
+        for start in reversed(range(0, rows, chunk)):  # out of order: the tie counts were taken up front
+            taus_chunk = {i: taus[i][start:start + chunk].clone() for i in range(3)}
+            out[start:start + chunk] = sparse.add_into(out[start:start + chunk].clone(), taus_chunk, start * cols)
+        return out
+
+    with_kernels = run()
+    monkeypatch.setenv(fused.ENV, "torch")
+    assert same_bytes(with_kernels, run())
+
+
+@built
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("ties", {"density": 0.4}), ("ties", {"density": 0.6, "sign": "count", "normalize": False, "lambda": 0.8}),
+    ("dare_ties", {"density": 0.5}), ("dare_linear", {"density": 0.5}), ("magnitude_prune", {"density": 0.3}),
+])
+def test_checkpoints_are_the_same_bytes_with_and_without_kernels(demo: Path, tmp_path: Path, method: str,
+                                                                 parameters: dict,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    config = demo_config(demo, tmp_path / "fused", method, [1.0, -0.5, 2.0], parameters=parameters)
+    with_kernels = merge(config, device="cpu", chunk_rows=5, workers=2, progress=False).output_dir
+    monkeypatch.setenv(fused.ENV, "torch")
+    without = merge(config, out=tmp_path / "torch", device="cpu", chunk_rows=5, workers=2, progress=False).output_dir
+    assert (with_kernels / "model.safetensors").read_bytes() == (without / "model.safetensors").read_bytes()
