@@ -24,8 +24,8 @@
 
 /* Selection band pass over one chunk: how many |x| exceed `high`, and every |x| in [low, high] copied to
  * `out` (flat order). Returns the number gathered, or -1 when `out` (cap entries) would overflow. */
-MKL_CLONES int64_t mkl_band(const float *restrict x, int64_t n, float high, float low, float *restrict out,
-                            int64_t cap, int64_t *restrict above) {
+static int64_t band_portable(const float *restrict x, int64_t n, float high, float low, float *restrict out,
+                             int64_t cap, int64_t *restrict above) {
     int64_t count_above = 0, gathered = 0;
     for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
         int m = n - j0 < BLOCK ? (int)(n - j0) : BLOCK;
@@ -50,6 +50,58 @@ MKL_CLONES int64_t mkl_band(const float *restrict x, int64_t n, float high, floa
     }
     *above = count_above;
     return gathered;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* The same with AVX2 "left-packing": each 8-lane mask picks a permutation that moves the in-band lanes to the
+ * front, and a full 8-lane store lands at the write position (the next store overwrites the tail). */
+__attribute__((target("avx2,popcnt"))) static int64_t band_avx2(const float *restrict x, int64_t n, float high,
+                                                                  float low, float *restrict out, int64_t cap,
+                                                                  int64_t *restrict above) {
+    static int32_t pack[256][8];
+    static int ready = 0;
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) { /* idempotent: racing threads write the same table */
+        for (int mask = 0; mask < 256; mask++) {
+            int at = 0;
+            for (int lane = 0; lane < 8; lane++) if (mask >> lane & 1) pack[mask][at++] = lane;
+            for (; at < 8; at++) pack[mask][at] = 0;
+        }
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+    }
+    const __m256 sign = _mm256_set1_ps(-0.0f), hi = _mm256_set1_ps(high), lo = _mm256_set1_ps(low);
+    int64_t count_above = 0, gathered = 0, j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j));
+        int over = _mm256_movemask_ps(_mm256_cmp_ps(v, hi, _CMP_GT_OQ));
+        int inside = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, lo, _CMP_GE_OQ), _mm256_cmp_ps(v, hi, _CMP_LE_OQ)));
+        count_above += __builtin_popcount(over);
+        if (inside) {
+            int kept = __builtin_popcount(inside);
+            if (gathered + 8 >= cap) { /* the 8-lane store needs room: finish this chunk the portable way */
+                int64_t rest_above = 0, rest = band_portable(x + j, n - j, high, low, out + gathered,
+                                                            cap - gathered, &rest_above);
+                *above = count_above - __builtin_popcount(over) + rest_above;
+                return rest < 0 ? -1 : gathered + rest;
+            }
+            __m256i order = _mm256_loadu_si256((const __m256i *)pack[inside]);
+            _mm256_storeu_ps(out + gathered, _mm256_permutevar8x32_ps(v, order));
+            gathered += kept;
+        }
+    }
+    int64_t tail_above = 0, tail = band_portable(x + j, n - j, high, low, out + gathered, cap - gathered, &tail_above);
+    *above = count_above + tail_above;
+    return tail < 0 ? -1 : gathered + tail;
+}
+#endif
+
+int64_t mkl_band(const float *restrict x, int64_t n, float high, float low, float *restrict out, int64_t cap,
+                 int64_t *restrict above) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return band_avx2(x, n, high, low, out, cap, above);
+#endif
+    return band_portable(x, n, high, low, out, cap, above);
 }
 
 /* base[j] += consensus over i of uᵢ[j], uᵢ = (|τᵢ[j]| > belowᵢ ? τᵢ[j] : 0) · scaleᵢ  (SEMANTICS §3).

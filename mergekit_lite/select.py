@@ -11,9 +11,9 @@ index first) the kept set is exactly k entries, whatever the chunking.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,8 @@ class Threshold:
     bits: int
     equal_keep: int
     equal_total: int
+    #: entries equal to the threshold in each chunk, in order, when the selection saw them (the sampled band)
+    chunk_ties: tuple[int, ...] | None = None
 
     @property
     def value(self) -> float:
@@ -66,16 +68,31 @@ def kth_largest_magnitude(
     """Exact threshold for keeping the k largest |τ| entries; `chunks()` yields τ row chunks in order.
 
     `numel` (the entries `chunks()` yields in all) lets the sample pass know its stride; without it a
-    counting pass runs first. `mapper` (e.g. a thread pool's map) runs the band pass over chunks side by
+    counting pass runs first. `mapper` (e.g. a thread pool's map) runs the passes over chunks side by
     side; give it only chunks that already exist (it may take them all at once).
     """
-    if k <= 0:
-        raise ValueError("k must be positive")
-    total = numel if numel is not None else sum(chunk.numel() for chunk in chunks())
-    if k > total:
-        raise ValueError(f"k={k} exceeds the {total} entries")
-    found = _sampled_band(chunks, k, total, band_limit, mapper)
-    return found if found is not None else _radix_select(chunks, k, total, band_limit)
+    return kth_largest_magnitudes({0: chunks}, {0: k}, band_limit, numel, mapper)[0]
+
+
+def kth_largest_magnitudes(
+    sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], ks: Mapping[int, int], band_limit: int = BAND_LIMIT,
+    numel: int | None = None, mapper: Mapper = map,
+) -> dict[int, Threshold]:
+    """`kth_largest_magnitude` of several task vectors of one tensor (same shape) at once.
+
+    Each pass runs over every (task vector, chunk) pair through `mapper`, so a thread pool stays busy
+    across task vectors instead of waiting on one task vector's serial steps.
+    """
+    totals = {}
+    for index, k in ks.items():
+        totals[index] = numel if numel is not None else sum(chunk.numel() for chunk in sources[index]())
+        if k <= 0:
+            raise ValueError("k must be positive")
+        if k > totals[index]:
+            raise ValueError(f"k={k} exceeds the {totals[index]} entries")
+    found = _sampled_band(sources, ks, totals, band_limit, mapper) or {}
+    return {index: found.get(index) or _radix_select(sources[index], k, totals[index], band_limit)
+            for index, k in ks.items()}
 
 
 def _magnitudes(chunk: torch.Tensor) -> np.ndarray:
@@ -83,46 +100,93 @@ def _magnitudes(chunk: torch.Tensor) -> np.ndarray:
     return chunk.reshape(-1).to(torch.float32).abs().numpy()
 
 
-def _sampled_band(chunks: Callable[[], Iterable[torch.Tensor]], k: int, total: int, band_limit: int,
-                  mapper: Mapper = map) -> Threshold | None:
-    """The exact threshold via a sampled band, or None when the band misses, overflows, or τ is on CUDA."""
-    stride, parts, position = 0, [], 0
-    for chunk in chunks():
-        if chunk.device.type != "cpu":
-            return None
-        stride = stride or _sample_stride(total, chunk.shape[-1] if chunk.dim() > 1 else 1)
-        flat = chunk.reshape(-1)
-        parts.append(_magnitudes(flat[(-position) % stride::stride]))
-        position += flat.numel()
-    sample = np.concatenate(parts)
-    if stride == 1:  # the sample is everything: select in it directly
-        return _select_in(sample, k, above=0)
-    size = len(sample)
-    expected = k / total * size  # rank of the k-th value within the sample, from the top
-    spread = MARGIN_SIGMAS * math.sqrt(max(expected * (1 - k / total), 1.0)) + MARGIN_ENTRIES
-    high_rank, low_rank = math.floor(expected - spread), math.ceil(expected + spread)
-    high = np.float32(np.inf) if high_rank < 1 else _rank_from_top(sample, high_rank)
-    low = np.float32(0.0) if low_rank > size else _rank_from_top(sample, low_rank)
+@dataclass
+class _Band:
+    """One task vector's sampled-band selection in progress."""
 
-    def in_band(chunk: torch.Tensor) -> tuple[int, np.ndarray | None]:
+    k: int
+    total: int
+    chunks: list[torch.Tensor]
+    stride: int = 0
+    high: np.float32 = np.float32(np.inf)
+    low: np.float32 = np.float32(0.0)
+    found: Threshold | None = None
+
+
+def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], ks: Mapping[int, int],
+                  totals: Mapping[int, int], band_limit: int, mapper: Mapper = map) -> dict[int, Threshold | None]:
+    """Exact thresholds via sampled bands; None for a task vector whose band misses or overflows, or on CUDA.
+
+    Three passes, each over all (task vector, chunk) pairs: a strided sample of |τ|, which brackets the
+    k-th value in a band; one pass counting the entries above the band and gathering the band; then an
+    exact select inside each band.
+    """
+    bands: dict[int, _Band] = {}
+    for index, k in ks.items():
+        chunks = list(sources[index]())
+        if chunks and all(chunk.device.type == "cpu" for chunk in chunks):
+            row = chunks[0].shape[-1] if chunks[0].dim() > 1 else 1
+            bands[index] = _Band(k, totals[index], chunks, _sample_stride(totals[index], row))
+    pairs = [(index, position) for index, band in bands.items() for position in range(len(band.chunks))]
+    starts = {index: np.cumsum([0] + [chunk.numel() for chunk in band.chunks]) for index, band in bands.items()}
+
+    def sample(index: int, position: int) -> np.ndarray:
+        band = bands[index]
+        flat = band.chunks[position].reshape(-1)
+        return _magnitudes(flat[(-int(starts[index][position])) % band.stride::band.stride])
+
+    samples: dict[int, list[np.ndarray]] = {index: [] for index in bands}
+    for (index, _), part in zip(pairs, mapper(sample, *zip(*pairs)) if pairs else ()):
+        samples[index].append(part)
+    list(mapper(lambda index: _bracket(bands[index], np.concatenate(samples[index])), list(bands)))
+
+    pending = [(index, position) for index, position in pairs if bands[index].found is None]
+
+    def in_band(index: int, position: int) -> tuple[int, np.ndarray | None]:
+        band, chunk = bands[index], bands[index].chunks[position]
         if fused.usable(chunk):  # one pass instead of abs, three compares, a count and a gather
-            return fused.band(chunk, float(high), float(low), band_limit)
+            return fused.band(chunk, float(band.high), float(band.low), band_limit)
         values = _magnitudes(chunk)
-        return int(np.count_nonzero(values > high)), values[(values >= low) & (values <= high)]
+        return int(np.count_nonzero(values > band.high)), values[(values >= band.low) & (values <= band.high)]
 
-    above, band, gathered = 0, [], 0
-    for count, inside in mapper(in_band, chunks()):
-        above += count
-        if inside is None:
-            return None
-        gathered += len(inside)
-        if gathered > band_limit:
-            return None
-        band.append(inside)
-    values = np.concatenate(band)
-    if not above < k <= above + len(values):
-        return None  # the k-th value lies outside the band: the exact fallback takes over
-    return _select_in(values, k, above)
+    above = dict.fromkeys(bands, 0)
+    gathered: dict[int, list[np.ndarray] | None] = {index: [] for index in bands}
+    for (index, _), (count, inside) in zip(pending, mapper(in_band, *zip(*pending)) if pending else ()):
+        above[index] += count
+        parts = gathered[index]
+        if parts is None:
+            continue
+        if inside is None or sum(map(len, parts)) + len(inside) > band_limit:
+            gathered[index] = None  # too crowded to gather: the exact fallback takes over
+            continue
+        parts.append(inside)
+    result: dict[int, Threshold | None] = {}
+    for index, band in bands.items():
+        parts = gathered[index]
+        if band.found is not None or parts is None:
+            result[index] = band.found
+            continue
+        values = np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
+        inside_band = above[index] < band.k <= above[index] + len(values)
+        found = _select_in(values, band.k, above[index]) if inside_band else None
+        if found is not None and found.equal_keep != found.equal_total:  # the band holds every tie: count them
+            kth = np.int32(found.bits).view(np.float32)
+            found = replace(found, chunk_ties=tuple(int(np.count_nonzero(part == kth)) for part in parts))
+        result[index] = found
+    return result
+
+
+def _bracket(band: _Band, sample: np.ndarray) -> None:
+    """Set the band's bounds from its sample (or select directly when the sample is everything)."""
+    if band.stride == 1:
+        band.found = _select_in(sample, band.k, above=0)
+        return
+    size = len(sample)
+    expected = band.k / band.total * size  # rank of the k-th value within the sample, from the top
+    spread = MARGIN_SIGMAS * math.sqrt(max(expected * (1 - band.k / band.total), 1.0)) + MARGIN_ENTRIES
+    high_rank, low_rank = math.floor(expected - spread), math.ceil(expected + spread)
+    band.high = np.float32(np.inf) if high_rank < 1 else _rank_from_top(sample, high_rank)
+    band.low = np.float32(0.0) if low_rank > size else _rank_from_top(sample, low_rank)
 
 
 def _sample_stride(total: int, row: int) -> int:
@@ -206,13 +270,15 @@ class Trimmer:
         #: the largest float32 below the threshold: |x| > below ⟺ |x| ≥ threshold, exactly
         self._below = float(np.nextafter(value, np.float32(0.0))) if value > 0 else -1.0
         self._equal_seen = 0
-        #: flat start of each chunk -> ties in the chunks before it (when counted up front)
-        self._ties_before: dict[int, int] | None = None
+        #: flat start of each chunk -> (ties in the chunks before it, ties in it), when counted up front
+        self._ties: dict[int, tuple[int, int]] | None = None
         if self.splits_ties and chunks is not None:
-            self._ties_before, seen, start = {}, 0, 0
+            self._ties, seen, start = {}, 0, 0
+            counts = iter(threshold.chunk_ties) if threshold.chunk_ties is not None else None
             for chunk in chunks():
-                self._ties_before[start] = seen
-                seen += len(self._tie_positions(chunk))
+                inside = next(counts) if counts is not None else len(self._tie_positions(chunk))
+                self._ties[start] = (seen, inside)
+                seen += inside
                 start += chunk.numel()
 
     @property
@@ -228,7 +294,7 @@ class Trimmer:
     @property
     def order_free(self) -> bool:
         """True when chunks may be trimmed in any order."""
-        return not self.splits_ties or self._ties_before is not None
+        return not self.splits_ties or self._ties is not None
 
     def trim(self, chunk: torch.Tensor, flat_start: int = 0) -> torch.Tensor:
         """τ with the entries outside the kept set zeroed (a new tensor); `flat_start` is the chunk's first
@@ -245,9 +311,9 @@ class Trimmer:
     def drop_extra_ties(self, chunk: torch.Tensor, out: torch.Tensor, flat_start: int) -> None:
         """Zero, in `out` (may be `chunk` itself), the entries equal to the threshold beyond the first
         `equal_keep` in flat order."""
-        seen = self._ties_before[flat_start] if self._ties_before is not None else self._equal_seen
-        if seen >= self.threshold.equal_total:
-            return  # every tie is met already
+        seen, inside = self._ties[flat_start] if self._ties is not None else (self._equal_seen, None)
+        if seen >= self.threshold.equal_total or (inside is not None and seen + inside <= self.threshold.equal_keep):
+            return  # this chunk's ties are all kept, or it has none
         ties = self._tie_positions(chunk)
         take = max(0, min(len(ties), self.threshold.equal_keep - seen))
         out.view(-1)[ties[take:]] = 0.0

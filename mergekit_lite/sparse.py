@@ -18,11 +18,17 @@ from .methods import MergeMethod
 from .methods._common import sum_consensus, ties_consensus
 from .plan import MergePlan
 from .rng import UniformStream, stream_key
-from .select import Mapper, Trimmer, kth_largest_magnitude
+from .select import Mapper, Trimmer, kth_largest_magnitudes
 
 
 #: consensus functions the fused CPU kernel reproduces exactly; other methods take the torch path
 FUSED_KINDS = {sum_consensus: fused.SUM, ties_consensus: fused.TIES}
+
+
+def fusable(method: MergeMethod, active: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """True when a tensor merged by `method` from `active` adapters can take the fused CPU kernels."""
+    return (FUSED_KINDS.get(method.consensus) is not None and 1 <= active <= fused.MAX_TAUS  # type: ignore[arg-type]
+            and device.type == "cpu" and dtype == torch.float32 and fused.enabled())
 
 
 def kept_count(density: float, numel: int) -> int:
@@ -77,8 +83,13 @@ class SparseTensorMerge:
 
     def prepare(self, index: int, chunks: Callable[[], Iterable[torch.Tensor]], mapper: Mapper = map) -> None:
         """Selection passes over τᵢ's chunks: the exact trim threshold of adapter `index`."""
-        k = kept_count(self.adapter_params[index]["density"], self.numel)
-        self.trimmers[index] = Trimmer(kth_largest_magnitude(chunks, k, numel=self.numel, mapper=mapper), chunks)
+        self.prepare_many({index: chunks}, mapper)
+
+    def prepare_many(self, sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], mapper: Mapper = map) -> None:
+        """`prepare` for several adapters at once, their passes side by side (chunks must already exist)."""
+        ks = {index: kept_count(self.adapter_params[index]["density"], self.numel) for index in sources}
+        for index, threshold in kth_largest_magnitudes(sources, ks, numel=self.numel, mapper=mapper).items():
+            self.trimmers[index] = Trimmer(threshold, sources[index])
 
     def chunks_independent(self) -> bool:
         """True when chunks may be merged in any order (every trimmer counted its split ties up front)."""
