@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import fused
 from .allocator import tune_allocator
 from .config import MergeConfig
 from .device import peak_device_bytes, peak_rss_bytes, resolve_device
@@ -19,7 +20,7 @@ from .progress import byte_progress
 from .sources.adapter import PeftAdapter
 from .sources.checkpoint import BaseCheckpoint
 from .sources.hub import hub_reference, resolve_model_dir
-from .sparse import check_densities
+from .sparse import FUSED_KINDS, check_densities
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory, check_target
 from .writers.card import render_card, warm_card_imports
@@ -193,8 +194,10 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
         f"  memory: device {options.device}"
         f"{f', {options.workers} workers' if options.device.type == 'cpu' else ''}, working set up to {format_size(peak_chunk)} per tensor "
         f"(budget {format_size(options.max_memory)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
-        "  dry run: nothing written",
     ]
+    if options.device.type == "cpu" and not config.merge_method.is_linear:
+        lines.append(f"  cpu kernels: {fused.describe() if FUSED_KINDS.get(config.merge_method.consensus) else 'torch'}")
+    lines.append("  dry run: nothing written")
     return "\n".join(lines)
 
 
