@@ -165,10 +165,11 @@ class MergeEngine:
         return stats
 
     def _materialized(self, tensor: TensorPlan) -> int:
-        """float32 buffers per chunk element beyond the working ones: τᵢ and the consensus buffers."""
+        """float32 buffers per chunk element beyond the working ones: τᵢ and the consensus buffers (the fused
+        kernels keep their consensus in registers and small blocks)."""
         if self.coefficients is not None or not self.merges(tensor):
             return 0
-        return len(self.active(tensor)) + SPARSE_BUFFERS
+        return len(self.active(tensor)) + (0 if self._fused(tensor) else SPARSE_BUFFERS)
 
     def _caches_taus(self, tensor: TensorPlan) -> bool:
         """True when a trimming method builds every τᵢ of the tensor once (they fit half the budget)."""
