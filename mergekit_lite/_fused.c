@@ -104,18 +104,57 @@ int64_t mkl_band(const float *restrict x, int64_t n, float high, float low, floa
     return band_portable(x, n, high, low, out, cap, above);
 }
 
-/* base[j] += consensus over i of uᵢ[j], uᵢ = (|τᵢ[j]| > belowᵢ ? τᵢ[j] : 0) · scaleᵢ  (SEMANTICS §3).
+/* out = left · right for a row-form low-rank product (rows × r times r × cols), with a fixed order: for each
+ * output, the r products in order k = 0..r-1, each rounded, summed left to right. A BLAS GEMM picks its own
+ * order by thread count, CPU and even pointer alignment, so the same τ could round differently from run to
+ * run; this order does not move, and the torch fallback (delta.py) repeats it. */
+MKL_CLONES void mkl_lowrank(const float *restrict left, int64_t rows, int64_t rank, const float *restrict right,
+                            int64_t cols, float *restrict out) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *l = left + i * rank;
+        float *o = out + i * cols;
+        const float first = l[0];
+        for (int64_t j = 0; j < cols; j++) o[j] = first * right[j];
+        for (int64_t k = 1; k < rank; k++) {
+            const float lk = l[k];
+            const float *rk = right + k * cols;
+            for (int64_t j = 0; j < cols; j++) o[j] = o[j] + lk * rk[j];
+        }
+    }
+}
+
+/* Element types of the base rows and the output (safetensors dtypes the kernel reads and writes itself). */
+enum { MKL_F32 = 0, MKL_BF16 = 1 };
+
+/* bfloat16 -> float32 is exact: the high half of the bits. */
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+/* float32 -> bfloat16, round to nearest even: c10::BFloat16's rule, so the bytes match torch's .to(bfloat16).
+ * (Non-finite values only feed the finite count: the engine refuses them.) */
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* out[j] = W[j] + consensus over i of uᵢ[j], uᵢ = (|τᵢ[j]| > belowᵢ ? τᵢ[j] : 0) · scaleᵢ  (SEMANTICS §3).
  *   kind 0 (sum):  λ · Σ uᵢ
  *   kind 1 (ties): γ = sign(Σ ballotᵢ) (+1 on 0), ballot = uᵢ or sign(uᵢ) (sign_count);
  *                  λ · γ · Σ relu(uᵢγ) / max(Σ [uᵢγ > 0]·|wᵢ|, FLT_MIN)  (the division only when normalize)
- * A negative belowᵢ keeps every entry. Mirrors methods/_common.py op for op (relu keeps -0.0 as torch does).
- * Returns 0, or -1 when n_tau is out of range. */
-MKL_CLONES int mkl_consensus(int kind, int n_tau, const float *const *taus, const float *below,
-                             const float *scale, const float *absw, int sign_count, int normalize, float lam,
-                             float *restrict base, int64_t n) {
-    if (n_tau < 1 || n_tau > MAX_TAUS) return -1;
+ * A negative belowᵢ keeps every entry. Mirrors methods/_common.py op for op (relu keeps -0.0 as torch does),
+ * then the cast to the output type. W is `base` (f32 or bf16); `out` (f32 or bf16) may be `base` itself.
+ * Returns how many outputs are not finite, or -1 when an argument is out of range. */
+MKL_CLONES int64_t mkl_consensus(int kind, int n_tau, const float *const *taus, const float *below,
+                                 const float *scale, const float *absw, int sign_count, int normalize, float lam,
+                                 const void *base, int base_type, void *out, int out_type, int64_t n) {
+    if (n_tau < 1 || n_tau > MAX_TAUS || base_type < MKL_F32 || base_type > MKL_BF16 || out_type < MKL_F32 ||
+        out_type > MKL_BF16)
+        return -1;
     float u[MAX_TAUS][BLOCK];
-    float acc[BLOCK], gamma[BLOCK], merged[BLOCK], divisor[BLOCK];
+    float acc[BLOCK], gamma[BLOCK], merged[BLOCK], divisor[BLOCK], result[BLOCK];
+    int64_t not_finite = 0;
     for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
         int m = n - j0 < BLOCK ? (int)(n - j0) : BLOCK;
         for (int i = 0; i < n_tau; i++) {
@@ -137,33 +176,55 @@ MKL_CLONES int mkl_consensus(int kind, int n_tau, const float *const *taus, cons
                 for (int j = 0; j < m; j++) acc[j] = acc[j] + ui[j];
             }
         }
-        float *b = base + j0;
         if (kind == 0) {
-            for (int j = 0; j < m; j++) b[j] = b[j] + acc[j] * lam;
-            continue;
-        }
-        for (int j = 0; j < m; j++) gamma[j] = acc[j] < 0.0f ? -1.0f : 1.0f;
-        for (int i = 0; i < n_tau; i++) {
-            const float *ui = u[i];
-            const float w = absw[i];
-            for (int j = 0; j < m; j++) {
-                float aligned = ui[j] * gamma[j];
-                aligned = aligned < 0.0f ? 0.0f : aligned;
-                float share = aligned > 0.0f ? w : 0.0f;
-                merged[j] = i == 0 ? aligned : merged[j] + aligned;
-                divisor[j] = i == 0 ? share : divisor[j] + share;
+            for (int j = 0; j < m; j++) result[j] = acc[j] * lam;
+        } else {
+            for (int j = 0; j < m; j++) gamma[j] = acc[j] < 0.0f ? -1.0f : 1.0f;
+            for (int i = 0; i < n_tau; i++) {
+                const float *ui = u[i];
+                const float w = absw[i];
+                for (int j = 0; j < m; j++) {
+                    float aligned = ui[j] * gamma[j];
+                    aligned = aligned < 0.0f ? 0.0f : aligned;
+                    float share = aligned > 0.0f ? w : 0.0f;
+                    merged[j] = i == 0 ? aligned : merged[j] + aligned;
+                    divisor[j] = i == 0 ? share : divisor[j] + share;
+                }
+            }
+            if (normalize) {
+                for (int j = 0; j < m; j++) {
+                    float d = divisor[j] < FLT_MIN ? FLT_MIN : divisor[j];
+                    result[j] = ((merged[j] * gamma[j]) / d) * lam;
+                }
+            } else {
+                for (int j = 0; j < m; j++) result[j] = (merged[j] * gamma[j]) * lam;
             }
         }
-        if (normalize) {
+        if (base_type == MKL_F32) {
+            const float *w = (const float *)base + j0;
+            for (int j = 0; j < m; j++) result[j] = w[j] + result[j];
+        } else {
+            const uint16_t *w = (const uint16_t *)base + j0;
+            for (int j = 0; j < m; j++) result[j] = bf16_to_f32(w[j]) + result[j];
+        }
+        int bad = 0;
+        if (out_type == MKL_F32) {
+            float *o = (float *)out + j0;
             for (int j = 0; j < m; j++) {
-                float d = divisor[j] < FLT_MIN ? FLT_MIN : divisor[j];
-                b[j] = b[j] + ((merged[j] * gamma[j]) / d) * lam;
+                o[j] = result[j];
+                bad += (result[j] - result[j]) != 0.0f; /* inf - inf and NaN - NaN are NaN */
             }
         } else {
-            for (int j = 0; j < m; j++) b[j] = b[j] + (merged[j] * gamma[j]) * lam;
+            uint16_t *o = (uint16_t *)out + j0;
+            for (int j = 0; j < m; j++) {
+                uint16_t h = f32_to_bf16(result[j]);
+                o[j] = h;
+                bad += (h & 0x7F80u) == 0x7F80u;
+            }
         }
+        not_finite += bad;
     }
-    return 0;
+    return not_finite;
 }
 
 static struct PyModuleDef fused_module = {PyModuleDef_HEAD_INIT, "_fused", "Fused CPU merge kernels (ctypes).", -1, NULL};

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import fused
 from .plan import BiasShift, Contribution, Dora, LowRank, SavedTensor, TensorPlan
 from .sources.adapter import PeftAdapter
 
@@ -24,7 +25,23 @@ class _Factors:
         self.right = right
 
     def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.mm(self.left[start:stop], self.right, out=out)
+        """τ[start:stop] as a 2-D tensor (into `out` when given).
+
+        On CPU the sum over the rank runs in a fixed order (k = 0..r-1, each product rounded), through the
+        fused kernel or the same steps in torch, so τ is the same bytes whatever the chunking, the threads or
+        the buffers' alignment (a BLAS GEMM changes its order with all three). Other devices use the GEMM.
+        """
+        left = self.left[start:stop]
+        if left.device.type != "cpu" or left.dtype != torch.float32:
+            return torch.mm(left, self.right, out=out)
+        if out is None:
+            out = torch.empty(left.shape[0], self.right.shape[1], dtype=left.dtype)
+        if fused.usable(left, self.right, out):
+            return fused.lowrank(left, self.right, out)
+        torch.mul(left[:, :1], self.right[:1], out=out)
+        for k in range(1, left.shape[1]):
+            out.add_(left[:, k:k + 1] * self.right[k:k + 1])
+        return out
 
 
 def _low_rank(adapter: PeftAdapter, item: LowRank | Dora, device: torch.device, dtype: torch.dtype, coef: float) -> _Factors:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import fused
 from .delta import TensorDeltas
 from .errors import NonFiniteError
 from .finite import all_finite
@@ -221,13 +222,20 @@ class MergeEngine:
                     yield functools.partial(self.base.read_bytes, name, offset, length)
             else:
                 # on CPU the read-ahead thread also widens merged rows to the compute dtype, off the main thread
-                widen = self.options.compute_dtype if self.merges(tensor) and self.options.device.type == "cpu" else None
+                # (the fused kernels read bfloat16 rows themselves)
+                widen = (self.options.compute_dtype if self.merges(tensor) and self.options.device.type == "cpu"
+                         and not self._raw_rows(tensor) else None)
                 for start, stop in self._ranges(tensor):
                     yield functools.partial(self._read_rows, name, start, stop, widen)
 
     def _read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None) -> torch.Tensor:
         rows = self.base.read_rows(name, start, stop)
         return rows if dtype is None else rows.to(dtype)
+
+    def _raw_rows(self, tensor: TensorPlan) -> bool:
+        """True when the fused kernels take this tensor's base rows as read and write its output dtype."""
+        return (self._fused(tensor) and TORCH_DTYPES[tensor.info.dtype] in fused.ROW_TYPES
+                and TORCH_DTYPES[tensor.out_dtype] in fused.ROW_TYPES)
 
     def _merge_tensor(self, tensor: TensorPlan, reads: Prefetcher[Any], writer: ShardedWriter, progress: Progress,
                       stats: EngineStats) -> None:
@@ -244,15 +252,16 @@ class MergeEngine:
         def chunk(base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             """One merged chunk in the output dtype (a pure function of its rows: safe to run side by side)."""
             if sparse is None:
-                merged = deltas.add_fused_rows(self.coefficients or [], base_rows, start, stop)
+                out = deltas.add_fused_rows(self.coefficients or [], base_rows, start, stop).to(out_dtype)
+                finite = all_finite(out)
             else:
                 if cached is not None:
                     taus = {i: tau[start:stop] for i, tau in cached.items()}
                 else:
-                    taus = self._taus(deltas, sparse.active, base_rows, start, stop)
-                merged = sparse.add_into(base_rows, taus, start * row_elems)
-            out = merged.to(out_dtype)
-            if not all_finite(out):
+                    wide = base_rows.to(device, dtype) if any(deltas.needs_base(i) for i in sparse.active) else None
+                    taus = self._taus(deltas, sparse.active, wide, start, stop)
+                out, finite = sparse.merged_rows(base_rows, taus, start * row_elems, out_dtype, dtype)
+            if not finite:
                 raise NonFiniteError(
                     f"merged tensor '{tensor.name}' has inf/NaN after the cast to {tensor.out_dtype} "
                     f"(rows {start}-{stop}); lower the adapter weights or use a wider output dtype"
@@ -261,8 +270,9 @@ class MergeEngine:
 
         pool = self._pool if sparse is None or sparse.chunks_independent() else None
         pending: deque[Future[torch.Tensor]] = deque()
+        raw = self._raw_rows(tensor)
         for start, stop in ranges:
-            base_rows = reads.next().to(device=device, dtype=dtype)
+            base_rows = reads.next() if raw else reads.next().to(device=device, dtype=dtype)
             if pool is None:
                 self._emit(chunk(base_rows, start, stop), writer, progress)
                 continue

@@ -23,6 +23,8 @@ ENV = "MERGEKIT_LITE_KERNELS"
 #: the most task vectors one kernel call combines (the C side's stack buffers)
 MAX_TAUS = 64
 SUM, TIES = 0, 1
+#: the types the consensus kernel reads base rows in and writes results in (the C enum)
+ROW_TYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _buffers = threading.local()
 
@@ -38,8 +40,11 @@ def _library() -> ctypes.CDLL | None:
     library.mkl_band.argtypes = [pointer, size, single, single, pointer, size, ctypes.POINTER(size)]
     library.mkl_band.restype = size
     library.mkl_consensus.argtypes = [ctypes.c_int, ctypes.c_int, pointer, pointer, pointer, pointer,
-                                      ctypes.c_int, ctypes.c_int, single, pointer, size]
-    library.mkl_consensus.restype = ctypes.c_int
+                                      ctypes.c_int, ctypes.c_int, single, pointer, ctypes.c_int, pointer,
+                                      ctypes.c_int, size]
+    library.mkl_consensus.restype = size
+    library.mkl_lowrank.argtypes = [pointer, size, size, pointer, size, pointer]
+    library.mkl_lowrank.restype = None
     return library
 
 
@@ -57,11 +62,9 @@ def describe() -> str:
     return "fused C kernels"
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """True when the kernels are on and every tensor is a contiguous float32 CPU tensor."""
-    return enabled() and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
-    )
+def usable(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """True when the kernels are on and every tensor is a contiguous CPU tensor of one of `dtypes`."""
+    return enabled() and all(t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous() for t in tensors)
 
 
 def band(chunk: torch.Tensor, high: float, low: float, limit: int) -> tuple[int, np.ndarray | None]:
@@ -87,24 +90,39 @@ def consensus_into(
     scale: Sequence[float],
     abs_weights: Sequence[float],
     *,
+    out: torch.Tensor | None = None,
     sign_count: bool = False,
     normalize: bool = True,
     lam: float = 1.0,
-) -> None:
-    """base += the consensus (SUM or TIES) of uᵢ = trim(τᵢ, belowᵢ)·scaleᵢ, in one pass; see _fused.c.
+) -> int:
+    """out = base + the consensus (SUM or TIES) of uᵢ = trim(τᵢ, belowᵢ)·scaleᵢ, in one pass; see _fused.c.
 
-    Every tensor must pass `usable` and have base's numel; a negative belowᵢ keeps all of τᵢ.
+    τᵢ must pass `usable`; base and out (default: base itself) are float32 or bfloat16 (ROW_TYPES), all
+    with base's numel. A negative belowᵢ keeps all of τᵢ. Returns how many outputs are not finite.
     """
     library = _library()
+    out = base if out is None else out
     assert library is not None and 1 <= len(taus) <= MAX_TAUS
     count = len(taus)
     numel = base.numel()
-    assert all(t.numel() == numel for t in taus)
+    assert all(t.numel() == numel for t in taus) and out.numel() == numel
     floats = ctypes.c_float * count
-    status = library.mkl_consensus(
+    not_finite = library.mkl_consensus(
         kind, count, (ctypes.c_void_p * count)(*(t.data_ptr() for t in taus)),
-        floats(*below), floats(*scale), floats(*abs_weights),
-        int(sign_count), int(normalize), lam, base.data_ptr(), numel,
+        floats(*below), floats(*scale), floats(*abs_weights), int(sign_count), int(normalize), lam,
+        base.data_ptr(), ROW_TYPES[base.dtype], out.data_ptr(), ROW_TYPES[out.dtype], numel,
     )
-    if status != 0:
+    if not_finite < 0:
         raise RuntimeError(f"fused consensus kernel refused {count} task vectors")
+    return int(not_finite)
+
+
+def lowrank(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = left @ right (2-D, all passing `usable`) with a fixed summation order (see _fused.c); returns out."""
+    library = _library()
+    assert library is not None and left.dim() == 2 and right.dim() == 2 and left.shape[1] == right.shape[0]
+    rows, rank = left.shape
+    cols = right.shape[1]
+    assert out.numel() == rows * cols and rank >= 1
+    library.mkl_lowrank(left.data_ptr(), rows, rank, right.data_ptr(), cols, out.data_ptr())
+    return out

@@ -14,6 +14,7 @@ import torch
 
 from . import fused
 from .errors import MergeConfigError
+from .finite import all_finite
 from .methods import MergeMethod
 from .methods._common import sum_consensus, ties_consensus
 from .plan import MergePlan
@@ -95,14 +96,21 @@ class SparseTensorMerge:
         """True when chunks may be merged in any order (every trimmer counted its split ties up front)."""
         return all(trimmer.order_free for trimmer in self.trimmers.values())
 
-    def add_into(self, base_rows: torch.Tensor, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
-        """base_rows + the merged delta of one chunk, in place. The τᵢ chunks are consumed (they may be
-        changed in place). One fused pass when the kernels apply, else the torch steps of `merge_chunk`."""
+    def merged_rows(self, base_rows: torch.Tensor, taus: Mapping[int, torch.Tensor], flat_start: int,
+                    out_dtype: torch.dtype, compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+        """W + the merged delta of one chunk, cast to `out_dtype`, and whether all of it is finite.
+
+        `base_rows` is W as read (the fused kernels take float32 and bfloat16 rows as they are; otherwise they
+        are widened to `compute_dtype` here). The τᵢ chunks are consumed (they may be changed in place). One
+        fused pass when the kernels apply, else the torch steps of `merge_chunk`, then a cast and a check.
+        """
         kind = FUSED_KINDS.get(self.method.consensus)  # type: ignore[arg-type]
         chunks = [taus[i] for i in self.active]
-        if kind is None or len(chunks) > fused.MAX_TAUS or not fused.usable(base_rows, *chunks):
-            delta = self.merge_chunk(taus, flat_start)
-            return base_rows.add_(delta.reshape(base_rows.shape))
+        rows_fit = out_dtype in fused.ROW_TYPES and fused.usable(base_rows, dtypes=tuple(fused.ROW_TYPES))
+        if kind is None or len(chunks) > fused.MAX_TAUS or not rows_fit or not fused.usable(*chunks):
+            merged = base_rows.to(compute_dtype).add_(self.merge_chunk(taus, flat_start).reshape(base_rows.shape))
+            out = merged.to(out_dtype)
+            return out, all_finite(out)
         below, scale = [], []
         for index, tau in zip(self.active, chunks):
             own, weight, keep_above = self.adapter_params[index], self.weights[index], -1.0
@@ -118,12 +126,13 @@ class SparseTensorMerge:
             below.append(keep_above)
             scale.append(weight)
         params = self.global_params
-        fused.consensus_into(
-            kind, base_rows, chunks, below, scale, [abs(self.weights[i]) for i in self.active],
+        out = base_rows if base_rows.dtype == out_dtype else torch.empty(base_rows.shape, dtype=out_dtype)
+        not_finite = fused.consensus_into(
+            kind, base_rows, chunks, below, scale, [abs(self.weights[i]) for i in self.active], out=out,
             sign_count=params.get("sign") == "count", normalize=bool(params.get("normalize", False)),
             lam=params["lambda"],
         )
-        return base_rows
+        return out, not_finite == 0
 
     def merge_chunk(self, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
         """The merged delta for one chunk; τᵢ chunks must arrive in row order, starting at `flat_start`."""

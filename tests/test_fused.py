@@ -54,20 +54,34 @@ def chunk_values(numel: int) -> st.SearchStrategy[list[float]]:
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), count=st.integers(1, 5), numel=st.sampled_from([1, 7, 128, 129, 300]),
        kind=st.sampled_from([fused.SUM, fused.TIES]), sign=st.sampled_from(["sum", "count"]),
-       normalize=st.booleans(), lam=st.sampled_from([1.0, 0.7, -1.3]))
+       normalize=st.booleans(), lam=st.sampled_from([1.0, 0.7, -1.3]),
+       base_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       out_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_consensus_kernel_matches_the_torch_steps_bit_for_bit(data: st.DataObject, count: int, numel: int, kind: int,
-                                                               sign: str, normalize: bool, lam: float) -> None:
+                                                               sign: str, normalize: bool, lam: float,
+                                                               base_dtype: torch.dtype, out_dtype: torch.dtype) -> None:
     taus = [torch.tensor(data.draw(chunk_values(numel)), dtype=torch.float32) for _ in range(count)]
-    base = torch.tensor(data.draw(chunk_values(numel)), dtype=torch.float32)
+    base = torch.tensor(data.draw(chunk_values(numel)), dtype=base_dtype)
     below = data.draw(st.lists(st.sampled_from([-1.0, 0.0, 0.5, 0.75, 3.0]), min_size=count, max_size=count))
     weights = data.draw(st.lists(st.sampled_from([1.0, -1.0, 0.3, 2.5, -0.7]), min_size=count, max_size=count))
     scale = [w / data.draw(st.sampled_from([1.0, 0.3])) for w in weights]
     params = {"sign": sign, "normalize": normalize, "lambda": lam}
-    expected = torch_consensus(kind, base, taus, below, scale, weights, params)
-    got = base.clone()
-    fused.consensus_into(kind, got, taus, below, scale, [abs(w) for w in weights],
-                         sign_count=sign == "count", normalize=normalize, lam=lam)
-    assert same_bytes(got, expected), (got, expected)
+    expected = torch_consensus(kind, base.float(), taus, below, scale, weights, params).to(out_dtype)
+    got = torch.empty(numel, dtype=out_dtype)
+    not_finite = fused.consensus_into(kind, base, taus, below, scale, [abs(w) for w in weights], out=got,
+                                      sign_count=sign == "count", normalize=normalize, lam=lam)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (got, expected)
+    assert not_finite == int((~torch.isfinite(expected)).sum())
+
+
+@built
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_consensus_kernel_counts_values_that_overflow(out_dtype: torch.dtype) -> None:
+    base = torch.tensor([3e38, -3e38, 1.0, 3.3e38])
+    tau = torch.tensor([3e38, -3e38, 1.0, 1e37])
+    out = torch.empty(4, dtype=out_dtype)
+    not_finite = fused.consensus_into(fused.SUM, base, [tau], [-1.0], [1.0], [1.0], out=out)
+    assert not_finite == int((~torch.isfinite((base + tau).to(out_dtype))).sum()) >= 2
 
 
 @built
@@ -115,7 +129,9 @@ def test_fused_tensor_merge_matches_the_torch_path_with_split_ties(method: str, 
         out = base.clone()
         for start in reversed(range(0, rows, chunk)):  # out of order: the tie counts were taken up front
             taus_chunk = {i: taus[i][start:start + chunk].clone() for i in range(3)}
-            out[start:start + chunk] = sparse.add_into(out[start:start + chunk].clone(), taus_chunk, start * cols)
+            merged, finite = sparse.merged_rows(out[start:start + chunk].clone(), taus_chunk, start * cols, torch.bfloat16)
+            assert finite
+            out[start:start + chunk] = merged.float()
         return out
 
     with_kernels = run()
