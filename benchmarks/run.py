@@ -232,7 +232,7 @@ def main() -> None:
     else:
         report = run(args)
         text = table(report)
-        stem = args.name or f"bench_{report['shape']['parameters'] // 10**6}M"
+        stem = args.name or f"bench_{round(report['shape']['parameters'] / 1e6)}M"
         (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (RESULTS / f"{stem}.md").write_text(text)
     print(text)
