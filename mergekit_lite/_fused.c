@@ -55,21 +55,22 @@ static int64_t band_portable(const float *restrict x, int64_t n, float high, flo
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
+/* For each 8-lane mask, the lanes it selects, moved to the front (filled once, when the library loads). */
+static int32_t pack[256][8];
+
+__attribute__((constructor)) static void fill_pack(void) {
+    for (int mask = 0; mask < 256; mask++) {
+        int at = 0;
+        for (int lane = 0; lane < 8; lane++) if (mask >> lane & 1) pack[mask][at++] = lane;
+        for (; at < 8; at++) pack[mask][at] = 0;
+    }
+}
+
 /* The same with AVX2 "left-packing": each 8-lane mask picks a permutation that moves the in-band lanes to the
  * front, and a full 8-lane store lands at the write position (the next store overwrites the tail). */
 __attribute__((target("avx2,popcnt"))) static int64_t band_avx2(const float *restrict x, int64_t n, float high,
                                                                   float low, float *restrict out, int64_t cap,
                                                                   int64_t *restrict above) {
-    static int32_t pack[256][8];
-    static int ready = 0;
-    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) { /* idempotent: racing threads write the same table */
-        for (int mask = 0; mask < 256; mask++) {
-            int at = 0;
-            for (int lane = 0; lane < 8; lane++) if (mask >> lane & 1) pack[mask][at++] = lane;
-            for (; at < 8; at++) pack[mask][at] = 0;
-        }
-        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
-    }
     const __m256 sign = _mm256_set1_ps(-0.0f), hi = _mm256_set1_ps(high), lo = _mm256_set1_ps(low);
     int64_t count_above = 0, gathered = 0, j = 0;
     for (; j + 8 <= n; j += 8) {
