@@ -140,6 +140,34 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
 
+/* out[at + j] = W[at + j] + delta[j] for j < m, rounded to the output type; returns how many are not finite. */
+static inline int add_and_store(const void *base, int base_type, void *out, int out_type, int64_t at, float *delta,
+                                int m) {
+    if (base_type == MKL_F32) {
+        const float *w = (const float *)base + at;
+        for (int j = 0; j < m; j++) delta[j] = w[j] + delta[j];
+    } else {
+        const uint16_t *w = (const uint16_t *)base + at;
+        for (int j = 0; j < m; j++) delta[j] = bf16_to_f32(w[j]) + delta[j];
+    }
+    int bad = 0;
+    if (out_type == MKL_F32) {
+        float *o = (float *)out + at;
+        for (int j = 0; j < m; j++) {
+            o[j] = delta[j];
+            bad += (delta[j] - delta[j]) != 0.0f; /* inf - inf and NaN - NaN are NaN */
+        }
+    } else {
+        uint16_t *o = (uint16_t *)out + at;
+        for (int j = 0; j < m; j++) {
+            uint16_t h = f32_to_bf16(delta[j]);
+            o[j] = h;
+            bad += (h & 0x7F80u) == 0x7F80u;
+        }
+    }
+    return bad;
+}
+
 /* out[j] = W[j] + consensus over i of uᵢ[j], uᵢ = (|τᵢ[j]| > belowᵢ ? τᵢ[j] : 0) · scaleᵢ  (SEMANTICS §3).
  *   kind 0 (sum):  λ · Σ uᵢ
  *   kind 1 (ties): γ = sign(Σ ballotᵢ) (+1 on 0), ballot = uᵢ or sign(uᵢ) (sign_count);
@@ -201,31 +229,59 @@ MKL_CLONES int64_t mkl_consensus(int kind, int n_tau, const float *const *taus, 
                 for (int j = 0; j < m; j++) result[j] = (merged[j] * gamma[j]) * lam;
             }
         }
-        if (base_type == MKL_F32) {
-            const float *w = (const float *)base + j0;
-            for (int j = 0; j < m; j++) result[j] = w[j] + result[j];
-        } else {
-            const uint16_t *w = (const uint16_t *)base + j0;
-            for (int j = 0; j < m; j++) result[j] = bf16_to_f32(w[j]) + result[j];
-        }
-        int bad = 0;
-        if (out_type == MKL_F32) {
-            float *o = (float *)out + j0;
-            for (int j = 0; j < m; j++) {
-                o[j] = result[j];
-                bad += (result[j] - result[j]) != 0.0f; /* inf - inf and NaN - NaN are NaN */
-            }
-        } else {
-            uint16_t *o = (uint16_t *)out + j0;
-            for (int j = 0; j < m; j++) {
-                uint16_t h = f32_to_bf16(result[j]);
-                o[j] = h;
-                bad += (h & 0x7F80u) == 0x7F80u;
-            }
-        }
-        not_finite += bad;
+        not_finite += add_and_store(base, base_type, out, out_type, j0, result, m);
     }
     return not_finite;
+}
+
+/* out[i, :] = W[i, :] + Σₖ left[i, k] · right[k, :], the task-arithmetic step: the rank sum in a fixed order
+ * with one fused multiply-add per k (s = l₀·r₀, then s = fma(lₖ, rₖ, s) for k = 1..r-1, each exactly rounded
+ * once), then W added once; W and out as in mkl_consensus. The result does not depend on chunking, threads
+ * or alignment. Columns go in blocks so the block of `right` stays in cache across rows. Returns the
+ * non-finite count, or -1. */
+static inline __attribute__((always_inline)) int64_t lowrank_add(const float *restrict left, int64_t rows,
+                                                                 int64_t rank, const float *restrict right,
+                                                                 int64_t cols, const void *base, int base_type,
+                                                                 void *out, int out_type) {
+    float sum[BLOCK];
+    int64_t not_finite = 0;
+    for (int64_t c0 = 0; c0 < cols; c0 += BLOCK) {
+        int m = cols - c0 < BLOCK ? (int)(cols - c0) : BLOCK;
+        for (int64_t i = 0; i < rows; i++) {
+            const float *l = left + i * rank;
+            const float first = l[0];
+            const float *r0 = right + c0;
+            for (int j = 0; j < m; j++) sum[j] = first * r0[j];
+            for (int64_t k = 1; k < rank; k++) {
+                const float lk = l[k];
+                const float *rk = right + k * cols + c0;
+                for (int j = 0; j < m; j++) sum[j] = fmaf(lk, rk[j], sum[j]);
+            }
+            not_finite += add_and_store(base, base_type, out, out_type, i * cols + c0, sum, m);
+        }
+    }
+    return not_finite;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* fmaf is one instruction here; elsewhere libm's fmaf gives the same (exactly rounded) results, slower */
+__attribute__((target("avx2,fma"))) static int64_t lowrank_add_fma(const float *restrict left, int64_t rows,
+                                                                   int64_t rank, const float *restrict right,
+                                                                   int64_t cols, const void *base, int base_type,
+                                                                   void *out, int out_type) {
+    return lowrank_add(left, rows, rank, right, cols, base, base_type, out, out_type);
+}
+#endif
+
+int64_t mkl_lowrank_add(const float *restrict left, int64_t rows, int64_t rank, const float *restrict right,
+                        int64_t cols, const void *base, int base_type, void *out, int out_type) {
+    if (rank < 1 || base_type < MKL_F32 || base_type > MKL_BF16 || out_type < MKL_F32 || out_type > MKL_BF16)
+        return -1;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return lowrank_add_fma(left, rows, rank, right, cols, base, base_type, out, out_type);
+#endif
+    return lowrank_add(left, rows, rank, right, cols, base, base_type, out, out_type);
 }
 
 static struct PyModuleDef fused_module = {PyModuleDef_HEAD_INIT, "_fused", "Fused CPU merge kernels (ctypes).", -1, NULL};

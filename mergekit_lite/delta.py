@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import fused
+from .finite import all_finite
 from .plan import BiasShift, Contribution, Dora, LowRank, SavedTensor, TensorPlan
 from .sources.adapter import PeftAdapter
 
@@ -112,7 +113,7 @@ class TensorDeltas:
         float32 delta. Other parts (DoRA, biases, saved tensors) depend on the unchanged base rows, so then
         the delta is summed first and added once.
         """
-        fused = self._fused(tuple(coefficients))
+        factors = self._fused(tuple(coefficients))
         parts: list[torch.Tensor] = []
         for index, items in enumerate(self.plan.by_adapter):
             coef = coefficients[index]
@@ -122,13 +123,35 @@ class TensorDeltas:
                 if not isinstance(item, LowRank):
                     parts.append(self._part(index, item, prepared, base_rows, start, stop) * coef)
         if not parts:
-            if fused is not None:
-                base_rows.reshape(stop - start, -1).addmm_(fused.left[start:stop], fused.right)
+            if factors is not None:
+                base_rows.reshape(stop - start, -1).addmm_(factors.left[start:stop], factors.right)
             return base_rows
-        total = fused.rows(start, stop) if fused is not None else None
+        total = factors.rows(start, stop) if factors is not None else None
         for part in parts:
             total = part if total is None else total + part.reshape(total.shape)
         return base_rows.add_(total.reshape(base_rows.shape))
+
+    def only_low_rank(self, coefficients: Sequence[float]) -> bool:
+        """True when every change with a non-zero coefficient is a plain low-rank product."""
+        return all(coef == 0 or all(isinstance(item, LowRank) for item in items)
+                   for items, coef in zip(self.plan.by_adapter, coefficients))
+
+    def merged_rows(self, coefficients: Sequence[float], base_rows: torch.Tensor, start: int, stop: int,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+        """W + Σ cᵢ τᵢ[start:stop] cast to `out_dtype`, and whether all of it is finite (linear methods).
+
+        When plain low-rank parts are the only changes and the fused kernels are built, one kernel pass
+        reads W as stored (float32 or bfloat16), sums the rank in a fixed order, adds W once and rounds to
+        the output dtype: the same bytes for any chunking, thread count or alignment. Otherwise the torch
+        steps of `add_fused_rows` (W widened to the compute dtype first), a cast and a check.
+        """
+        factors = self._fused(tuple(coefficients))
+        if (factors is not None and self.only_low_rank(coefficients) and out_dtype in fused.ROW_TYPES
+                and fused.usable(base_rows, dtypes=tuple(fused.ROW_TYPES)) and fused.usable(factors.left, factors.right)):
+            out = base_rows if base_rows.dtype == out_dtype else torch.empty(base_rows.shape, dtype=out_dtype)
+            return out, fused.lowrank_add(factors.left[start:stop], factors.right, base_rows, out) == 0
+        out = self.add_fused_rows(coefficients, base_rows.to(self.dtype), start, stop).to(out_dtype)
+        return out, all_finite(out)
 
     # -- preparation, once per tensor ------------------------------------------------------------
     def _fused(self, coefficients: tuple[float, ...]) -> _Factors | None:

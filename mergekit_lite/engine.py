@@ -19,9 +19,8 @@ import torch
 from . import fused
 from .delta import TensorDeltas
 from .errors import NonFiniteError
-from .finite import all_finite
 from .methods import MergeMethod
-from .plan import MergePlan, TensorPlan
+from .plan import LowRank, MergePlan, TensorPlan
 from .prefetch import Prefetcher
 from .progress import Progress
 from .safetensors_format import TORCH_DTYPES, tensor_bytes
@@ -234,8 +233,15 @@ class MergeEngine:
 
     def _raw_rows(self, tensor: TensorPlan) -> bool:
         """True when the fused kernels take this tensor's base rows as read and write its output dtype."""
-        return (self._fused(tensor) and TORCH_DTYPES[tensor.info.dtype] in fused.ROW_TYPES
-                and TORCH_DTYPES[tensor.out_dtype] in fused.ROW_TYPES)
+        return ((self._fused(tensor) or self._fused_linear(tensor))
+                and TORCH_DTYPES[tensor.info.dtype] in fused.ROW_TYPES and TORCH_DTYPES[tensor.out_dtype] in fused.ROW_TYPES)
+
+    def _fused_linear(self, tensor: TensorPlan) -> bool:
+        """True when a linear merge of this tensor goes through the fused low-rank kernel (plain LoRA only)."""
+        return (self.coefficients is not None and self.merges(tensor) and self.options.device.type == "cpu"
+                and self.options.compute_dtype == torch.float32 and fused.enabled()
+                and all(c == 0 or all(isinstance(item, LowRank) for item in items)
+                        for items, c in zip(tensor.by_adapter, self.coefficients)))
 
     def _merge_tensor(self, tensor: TensorPlan, reads: Prefetcher[Any], writer: ShardedWriter, progress: Progress,
                       stats: EngineStats) -> None:
@@ -252,8 +258,7 @@ class MergeEngine:
         def chunk(base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             """One merged chunk in the output dtype (a pure function of its rows: safe to run side by side)."""
             if sparse is None:
-                out = deltas.add_fused_rows(self.coefficients or [], base_rows, start, stop).to(out_dtype)
-                finite = all_finite(out)
+                out, finite = deltas.merged_rows(self.coefficients or [], base_rows, start, stop, out_dtype)
             else:
                 if cached is not None:
                     taus = {i: tau[start:stop] for i, tau in cached.items()}

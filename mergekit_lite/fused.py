@@ -45,6 +45,8 @@ def _library() -> ctypes.CDLL | None:
     library.mkl_consensus.restype = size
     library.mkl_lowrank.argtypes = [pointer, size, size, pointer, size, pointer]
     library.mkl_lowrank.restype = None
+    library.mkl_lowrank_add.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int, pointer, ctypes.c_int]
+    library.mkl_lowrank_add.restype = size
     return library
 
 
@@ -126,3 +128,18 @@ def lowrank(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch
     assert out.numel() == rows * cols and rank >= 1
     library.mkl_lowrank(left.data_ptr(), rows, rank, right.data_ptr(), cols, out.data_ptr())
     return out
+
+
+def lowrank_add(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> int:
+    """out = base + left @ right (rank sum in mkl_lowrank's order, base added once); left and right pass
+    `usable`, base and out are contiguous CPU float32 or bfloat16. Returns how many outputs are not finite."""
+    library = _library()
+    assert library is not None and left.dim() == 2 and right.dim() == 2 and left.shape[1] == right.shape[0]
+    rows, rank = left.shape
+    cols = right.shape[1]
+    assert base.numel() == out.numel() == rows * cols
+    not_finite = library.mkl_lowrank_add(left.data_ptr(), rows, rank, right.data_ptr(), cols, base.data_ptr(),
+                                         ROW_TYPES[base.dtype], out.data_ptr(), ROW_TYPES[out.dtype])
+    if not_finite < 0:
+        raise RuntimeError("fused low-rank kernel refused its arguments")
+    return int(not_finite)

@@ -152,3 +152,33 @@ def test_checkpoints_are_the_same_bytes_with_and_without_kernels(demo: Path, tmp
     monkeypatch.setenv(fused.ENV, "torch")
     without = merge(config, out=tmp_path / "torch", device="cpu", chunk_rows=5, workers=2, progress=False).output_dir
     assert (with_kernels / "model.safetensors").read_bytes() == (without / "model.safetensors").read_bytes()
+
+
+@built
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_kernel_is_the_product_added_once_and_does_not_depend_on_row_splits(out_dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(7)
+    left, right = torch.randn(37, 48, generator=generator), torch.randn(48, 300, generator=generator) * 0.01
+    base = torch.randn(37, 300, generator=generator).to(torch.bfloat16)
+    in_float32 = torch.empty(37, 300)
+    assert fused.lowrank_add(left, right, base, in_float32) == 0
+    exact = base.double() + left.double() @ right.double()
+    assert float((in_float32.double() - exact).abs().max()) <= 4 * 2**-24 * float(exact.abs().max())
+    whole = torch.empty(37, 300, dtype=out_dtype)
+    assert fused.lowrank_add(left, right, base, whole) == 0
+    assert torch.equal(whole, in_float32.to(out_dtype))  # rounded once, from the float32 result
+    pieces = torch.empty_like(whole)
+    for start, stop in [(0, 1), (1, 10), (10, 11), (11, 37)]:  # odd offsets: alignment must not matter
+        assert fused.lowrank_add(left[start:stop], right, base[start:stop], pieces[start:stop]) == 0
+    assert torch.equal(whole.view(torch.uint8), pieces.view(torch.uint8))
+
+
+@built
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_linear_merges_are_the_same_bytes_for_any_chunking_and_workers(demo: Path, tmp_path: Path, method: str) -> None:
+    config = demo_config(demo, tmp_path / "whole", method, [1.0, -0.5, 2.0])
+    whole = merge(config, device="cpu", workers=1, progress=False).output_dir
+    for chunk_rows, workers in [(1, 2), (3, 1), (7, 4)]:
+        other = merge(config, out=tmp_path / f"c{chunk_rows}w{workers}", device="cpu", chunk_rows=chunk_rows,
+                      workers=workers, progress=False).output_dir
+        assert (whole / "model.safetensors").read_bytes() == (other / "model.safetensors").read_bytes()
