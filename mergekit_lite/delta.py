@@ -56,6 +56,12 @@ def _low_rank(adapter: PeftAdapter, item: LowRank | Dora, device: torch.device, 
     return _Factors(b * scale, a)
 
 
+def only_low_rank(plan: TensorPlan, coefficients: Sequence[float]) -> bool:
+    """True when every change to this tensor with a non-zero coefficient is a plain low-rank product."""
+    return all(coef == 0 or all(isinstance(item, LowRank) for item in items)
+               for items, coef in zip(plan.by_adapter, coefficients))
+
+
 class TensorDeltas:
     """Everything needed to build τᵢ[rows] for one base tensor, loaded once onto the device."""
 
@@ -131,11 +137,6 @@ class TensorDeltas:
             total = part if total is None else total + part.reshape(total.shape)
         return base_rows.add_(total.reshape(base_rows.shape))
 
-    def only_low_rank(self, coefficients: Sequence[float]) -> bool:
-        """True when every change with a non-zero coefficient is a plain low-rank product."""
-        return all(coef == 0 or all(isinstance(item, LowRank) for item in items)
-                   for items, coef in zip(self.plan.by_adapter, coefficients))
-
     def merged_rows(self, coefficients: Sequence[float], base_rows: torch.Tensor, start: int, stop: int,
                     out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
         """W + Σ cᵢ τᵢ[start:stop] cast to `out_dtype`, and whether all of it is finite (linear methods).
@@ -146,7 +147,7 @@ class TensorDeltas:
         steps of `add_fused_rows` (W widened to the compute dtype first), a cast and a check.
         """
         factors = self._fused(tuple(coefficients))
-        if (factors is not None and self.only_low_rank(coefficients) and out_dtype in fused.ROW_TYPES
+        if (factors is not None and only_low_rank(self.plan, coefficients) and out_dtype in fused.ROW_TYPES
                 and fused.usable(base_rows, dtypes=tuple(fused.ROW_TYPES)) and fused.usable(factors.left, factors.right)):
             out = base_rows if base_rows.dtype == out_dtype else torch.empty(base_rows.shape, dtype=out_dtype)
             return out, fused.lowrank_add(factors.left[start:stop], factors.right, base_rows, out) == 0

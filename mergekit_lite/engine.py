@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from . import fused
-from .delta import TensorDeltas
+from .delta import TensorDeltas, only_low_rank
 from .errors import NonFiniteError
 from .methods import MergeMethod
-from .plan import LowRank, MergePlan, TensorPlan
+from .plan import MergePlan, TensorPlan
 from .prefetch import Prefetcher
 from .progress import Progress
 from .safetensors_format import TORCH_DTYPES, tensor_bytes
@@ -70,7 +70,7 @@ class EngineStats:
     max_chunk_rows: int = 0
 
 
-def rows_per_chunk(plan: TensorPlan, materialized: int, options: EngineOptions, fused: bool = False) -> int:
+def rows_per_chunk(plan: TensorPlan, materialized: int, options: EngineOptions, fused_kernels: bool = False) -> int:
     """Rows per chunk: forced by --chunk-rows, or as many as fit the memory budget (at least one)."""
     rows = plan.info.rows
     if options.chunk_rows is not None:
@@ -79,7 +79,7 @@ def rows_per_chunk(plan: TensorPlan, materialized: int, options: EngineOptions, 
     per_row = cols * 4 * (WORKING_BUFFERS + materialized) + plan.info.row_bytes
     size = options.max_memory // per_row
     if options.device.type == "cpu":
-        size = min(size, (options.cpu_fused_chunk_elements if fused else options.cpu_chunk_elements) // cols)
+        size = min(size, (options.cpu_fused_chunk_elements if fused_kernels else options.cpu_chunk_elements) // cols)
     return max(1, min(rows, size))
 
 
@@ -169,7 +169,7 @@ class MergeEngine:
         kernels keep their consensus in registers and small blocks)."""
         if self.coefficients is not None or not self.merges(tensor):
             return 0
-        return len(self.active(tensor)) + (0 if self._fused(tensor) else SPARSE_BUFFERS)
+        return len(self.active(tensor)) + (0 if self._fused_sparse(tensor) else SPARSE_BUFFERS)
 
     def _caches_taus(self, tensor: TensorPlan) -> bool:
         """True when a trimming method builds every τᵢ of the tensor once (they fit half the budget)."""
@@ -186,7 +186,7 @@ class MergeEngine:
         if not self.merges(tensor):
             return 0
         materialized = self._materialized(tensor)
-        rows = rows_per_chunk(tensor, materialized, self.options, self._fused(tensor))
+        rows = rows_per_chunk(tensor, materialized, self.options, self._fused_sparse(tensor))
         cols = max(tensor.info.cols, 1)
         chunk = rows * (cols * 4 * (WORKING_BUFFERS + materialized) + tensor.info.row_bytes)
         cached = tensor.info.rows * cols * 4 * len(self.active(tensor)) if self._caches_taus(tensor) else 0
@@ -204,10 +204,10 @@ class MergeEngine:
     def _ranges(self, tensor: TensorPlan) -> list[tuple[int, int]]:
         """The row chunks of a tensor: sized for the method's working set when merged, else for a cast."""
         return chunk_ranges(tensor.info.rows, rows_per_chunk(tensor, self._materialized(tensor), self.options,
-                                                             self._fused(tensor)))
+                                                             self._fused_sparse(tensor)))
 
-    def _fused(self, tensor: TensorPlan) -> bool:
-        """True when this tensor's chunks go through the fused CPU kernels (see sparse.fusable)."""
+    def _fused_sparse(self, tensor: TensorPlan) -> bool:
+        """True when a non-linear merge of this tensor goes through the fused CPU kernels (see sparse.fusable)."""
         return (self.coefficients is None and self.merges(tensor)
                 and fusable(self.method, len(self.active(tensor)), self.options.device, self.options.compute_dtype))
 
@@ -233,15 +233,14 @@ class MergeEngine:
 
     def _raw_rows(self, tensor: TensorPlan) -> bool:
         """True when the fused kernels take this tensor's base rows as read and write its output dtype."""
-        return ((self._fused(tensor) or self._fused_linear(tensor))
+        return ((self._fused_sparse(tensor) or self._fused_linear(tensor))
                 and TORCH_DTYPES[tensor.info.dtype] in fused.ROW_TYPES and TORCH_DTYPES[tensor.out_dtype] in fused.ROW_TYPES)
 
     def _fused_linear(self, tensor: TensorPlan) -> bool:
         """True when a linear merge of this tensor goes through the fused low-rank kernel (plain LoRA only)."""
         return (self.coefficients is not None and self.merges(tensor) and self.options.device.type == "cpu"
                 and self.options.compute_dtype == torch.float32 and fused.enabled()
-                and all(c == 0 or all(isinstance(item, LowRank) for item in items)
-                        for items, c in zip(tensor.by_adapter, self.coefficients)))
+                and only_low_rank(tensor, self.coefficients))
 
     def _merge_tensor(self, tensor: TensorPlan, reads: Prefetcher[Any], writer: ShardedWriter, progress: Progress,
                       stats: EngineStats) -> None:

@@ -29,7 +29,7 @@ ROW_TYPES = {torch.float32: 0, torch.bfloat16: 1}
 _buffers = threading.local()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when they were not built (no compiler at install time)."""
     spec = importlib.util.find_spec("mergekit_lite._fused")

@@ -108,8 +108,8 @@ class _Band:
     total: int
     chunks: list[torch.Tensor]
     stride: int = 0
-    high: np.float32 = np.float32(np.inf)
-    low: np.float32 = np.float32(0.0)
+    high: np.floating | float = math.inf  # the sample's order statistics (float32)
+    low: np.floating | float = 0.0
     found: Threshold | None = None
 
 

@@ -21,7 +21,6 @@ from .plan import MergePlan
 from .rng import UniformStream, stream_key
 from .select import Mapper, Trimmer, kth_largest_magnitudes
 
-
 #: consensus functions the fused CPU kernel reproduces exactly; other methods take the torch path
 FUSED_KINDS = {sum_consensus: fused.SUM, ties_consensus: fused.TIES}
 
