@@ -114,10 +114,10 @@ class TensorDeltas:
                        ) -> torch.Tensor:
         """base_rows + Σ cᵢ τᵢ[start:stop], in place (linear methods).
 
-        All plain low-rank parts are one GEMM over the concatenated factors; when they are the only changes,
-        the GEMM accumulates straight into the base rows (addmm_), which saves writing and re-reading a
-        float32 delta. Other parts (DoRA, biases, saved tensors) depend on the unchanged base rows, so then
-        the delta is summed first and added once.
+        All plain low-rank parts are one GEMM over the concatenated factors. The delta is summed first and
+        added to W once: a GEMM accumulating into W itself (addmm_) may add its partial sums one block at a
+        time, rounding W + partial each time, differently for each chunking. (On CPU with the fused kernels
+        built, `merged_rows` takes the kernel instead.)
         """
         factors = self._fused(tuple(coefficients))
         parts: list[torch.Tensor] = []
@@ -128,14 +128,10 @@ class TensorDeltas:
             for item, prepared in zip(items, self._cache(index)):
                 if not isinstance(item, LowRank):
                     parts.append(self._part(index, item, prepared, base_rows, start, stop) * coef)
-        if not parts:
-            if factors is not None:
-                base_rows.reshape(stop - start, -1).addmm_(factors.left[start:stop], factors.right)
-            return base_rows
-        total = factors.rows(start, stop) if factors is not None else None
+        total = torch.mm(factors.left[start:stop], factors.right) if factors is not None else None
         for part in parts:
             total = part if total is None else total + part.reshape(total.shape)
-        return base_rows.add_(total.reshape(base_rows.shape))
+        return base_rows if total is None else base_rows.add_(total.reshape(base_rows.shape))
 
     def merged_rows(self, coefficients: Sequence[float], base_rows: torch.Tensor, start: int, stop: int,
                     out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
