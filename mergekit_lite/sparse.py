@@ -110,20 +110,16 @@ class SparseTensorMerge:
             merged = base_rows.to(compute_dtype).add_(self.merge_chunk(taus, flat_start).reshape(base_rows.shape))
             out = merged.to(out_dtype)
             return out, all_finite(out)
-        below, scale = [], []
+        below = []
         for index, tau in zip(self.active, chunks):
-            own, weight, keep_above = self.adapter_params[index], self.weights[index], -1.0
             trimmer = self.trimmers.get(index)
-            if self.method.sparsification == "magnitude" and trimmer is not None:
-                keep_above = trimmer.below
+            if trimmer is not None:
                 if trimmer.splits_ties:
                     trimmer.drop_extra_ties(tau, tau, flat_start)
             elif self.method.sparsification == "dare":
-                density = own["density"]
-                tau.mul_(self.streams[index].keep_mask(density, flat_start, tau.numel(), tau.device).reshape(tau.shape))
-                weight = weight / density if own["rescale"] else weight
-            below.append(keep_above)
-            scale.append(weight)
+                tau.mul_(self._keep_mask(index, tau, flat_start))
+            below.append(trimmer.below if trimmer is not None else -1.0)  # the kernel trims |τ| > below
+        scale = [self._scale(index) for index in self.active]
         params = self.global_params
         out = base_rows if base_rows.dtype == out_dtype else torch.empty(base_rows.shape, dtype=out_dtype)
         not_finite = fused.consensus_into(
@@ -137,17 +133,24 @@ class SparseTensorMerge:
         """The merged delta for one chunk; τᵢ chunks must arrive in row order, starting at `flat_start`."""
         updates = []
         for index in self.active:
-            tau = taus[index]
-            own = self.adapter_params[index]
-            scale = self.weights[index]
+            tau, scale = taus[index], self._scale(index)
             fresh = False  # True once `tau` is a new tensor this loop owns (then scaled in place)
-            if self.method.sparsification == "magnitude":
-                if index in self.trimmers:
-                    tau, fresh = self.trimmers[index].trim(tau, flat_start), True
+            if index in self.trimmers:
+                tau, fresh = self.trimmers[index].trim(tau, flat_start), True
             elif self.method.sparsification == "dare":
-                density = own["density"]
-                tau = tau * self.streams[index].keep_mask(density, flat_start, tau.numel(), tau.device).reshape(tau.shape)
-                scale, fresh = (scale / density if own["rescale"] else scale), True
+                tau, fresh = tau * self._keep_mask(index, tau, flat_start), True
             updates.append((tau if scale == 1 else tau.mul_(scale)) if fresh else tau * scale)
         active_weights = [self.weights[i] for i in self.active]
         return self.method.consensus(updates, active_weights, self.global_params)  # type: ignore[misc]
+
+    def _scale(self, index: int) -> float:
+        """What adapter `index`'s kept entries are multiplied by: wᵢ, or wᵢ / density for rescaled DARE."""
+        own = self.adapter_params[index]
+        if self.method.sparsification == "dare" and own["rescale"]:
+            return self.weights[index] / own["density"]
+        return self.weights[index]
+
+    def _keep_mask(self, index: int, tau: torch.Tensor, flat_start: int) -> torch.Tensor:
+        """DARE's keep-mask (1.0 kept, 0.0 dropped) for a chunk of τᵢ starting at `flat_start`."""
+        mask = self.streams[index].keep_mask(self.adapter_params[index]["density"], flat_start, tau.numel(), tau.device)
+        return mask.reshape(tau.shape)
