@@ -92,7 +92,7 @@ class TensorDeltas:
                      out: torch.Tensor | None = None) -> torch.Tensor | None:
         """τᵢ[start:stop] of adapter `index` (None when it does not touch this tensor); base_rows = W[start:stop].
 
-        With `out` (2-D, contiguous) the result lands there: a plain low-rank τ is written by the GEMM itself.
+        With `out` (2-D, contiguous) the result lands there: a plain low-rank τ is written there directly.
         """
         items = self.plan.by_adapter[index]
         if not items:
@@ -143,9 +143,9 @@ class TensorDeltas:
         steps of `add_fused_rows` (W widened to the compute dtype first), a cast and a check.
         """
         factors = self._fused(tuple(coefficients))
-        if (factors is not None and only_low_rank(self.plan, coefficients) and out_dtype in fused.ROW_TYPES
-                and fused.usable(base_rows, dtypes=tuple(fused.ROW_TYPES)) and fused.usable(factors.left, factors.right)):
-            out = base_rows if base_rows.dtype == out_dtype else torch.empty(base_rows.shape, dtype=out_dtype)
+        if (factors is not None and only_low_rank(self.plan, coefficients) and fused.rows_usable(base_rows, out_dtype)
+                and fused.usable(factors.left, factors.right)):
+            out = fused.output_rows(base_rows, out_dtype)
             return out, fused.lowrank_add(factors.left[start:stop], factors.right, base_rows, out) == 0
         out = self.add_fused_rows(coefficients, base_rows.to(self.dtype), start, stop).to(out_dtype)
         return out, all_finite(out)

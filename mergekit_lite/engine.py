@@ -335,8 +335,8 @@ class MergeEngine:
 
     def _cached_taus(self, deltas: TensorDeltas, active: list[int], ranges: list[tuple[int, int]]
                      ) -> dict[int, torch.Tensor]:
-        """Every τᵢ of the tensor, built chunk by chunk into one buffer each (cache-sized GEMMs run ~4x
-        faster on CPU than one whole-tensor GEMM)."""
+        """Every τᵢ of the tensor, built chunk by chunk (cache-sized products run several times faster on
+        CPU than one whole-tensor one) into one buffer each."""
         shape = (deltas.plan.info.rows, *deltas.plan.info.shape[1:])
         numel = deltas.plan.info.rows * max(deltas.plan.info.cols, 1)
         buffer = self._tau_buffer

@@ -69,6 +69,16 @@ def usable(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.floa
     return enabled() and all(t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous() for t in tensors)
 
 
+def rows_usable(base_rows: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """True when the kernels can read these base rows as they are and write `out_dtype` (ROW_TYPES)."""
+    return out_dtype in ROW_TYPES and usable(base_rows, dtypes=tuple(ROW_TYPES))
+
+
+def output_rows(base_rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Where a kernel writes W + delta: over the base rows themselves when the dtype stays, else a new tensor."""
+    return base_rows if base_rows.dtype == out_dtype else torch.empty(base_rows.shape, dtype=out_dtype)
+
+
 def band(chunk: torch.Tensor, high: float, low: float, limit: int) -> tuple[int, np.ndarray | None]:
     """(how many |x| > high, the |x| in [low, high] in flat order); None for the band when it holds more
     than `limit` entries. `chunk` must pass `usable`."""

@@ -12,7 +12,7 @@ index first) the kept set is exactly k entries, whatever the chunking.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -106,52 +106,63 @@ class _Band:
 
     k: int
     total: int
-    chunks: list[torch.Tensor]
-    stride: int = 0
+    stride: int
     high: np.floating | float = math.inf  # the sample's order statistics (float32)
     low: np.floating | float = 0.0
     found: Threshold | None = None
+
+
+def _chunks_of(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], indices: Iterable[int]
+               ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(task vector, flat start, chunk) for every chunk of the given task vectors, in order, one at a time."""
+    for index in indices:
+        start = 0
+        for chunk in sources[index]():
+            yield index, start, chunk
+            start += chunk.numel()
 
 
 def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], ks: Mapping[int, int],
                   totals: Mapping[int, int], band_limit: int, mapper: Mapper = map) -> dict[int, Threshold | None]:
     """Exact thresholds via sampled bands; None for a task vector whose band misses or overflows, or on CUDA.
 
-    Three passes, each over all (task vector, chunk) pairs: a strided sample of |τ|, which brackets the
-    k-th value in a band; one pass counting the entries above the band and gathering the band; then an
-    exact select inside each band.
+    Three passes, each over all (task vector, chunk) pairs through `mapper`: a strided sample of |τ|, which
+    brackets the k-th value in a band; one pass counting the entries above the band and gathering the band;
+    then an exact select inside each band. With the builtin `map` the chunks are taken one at a time, so
+    chunks built on demand are never all held at once.
     """
     bands: dict[int, _Band] = {}
     for index, k in ks.items():
-        chunks = list(sources[index]())
-        if chunks and all(chunk.device.type == "cpu" for chunk in chunks):
-            row = chunks[0].shape[-1] if chunks[0].dim() > 1 else 1
-            bands[index] = _Band(k, totals[index], chunks, _sample_stride(totals[index], row))
-    pairs = [(index, position) for index, band in bands.items() for position in range(len(band.chunks))]
-    starts = {index: np.cumsum([0] + [chunk.numel() for chunk in band.chunks]) for index, band in bands.items()}
+        first = next(iter(sources[index]()), None)
+        if first is not None and first.device.type == "cpu":
+            bands[index] = _Band(k, totals[index], _sample_stride(totals[index], first.shape[-1] if first.dim() > 1 else 1))
 
-    def sample(index: int, position: int) -> np.ndarray:
-        band = bands[index]
-        flat = band.chunks[position].reshape(-1)
-        return _magnitudes(flat[(-int(starts[index][position])) % band.stride::band.stride])
+    def sample(item: tuple[int, int, torch.Tensor]) -> tuple[int, np.ndarray | None]:
+        index, start, chunk = item
+        if chunk.device.type != "cpu":
+            return index, None
+        return index, _magnitudes(chunk.reshape(-1)[(-start) % bands[index].stride::bands[index].stride])
 
-    samples: dict[int, list[np.ndarray]] = {index: [] for index in bands}
-    for (index, _), part in zip(pairs, mapper(sample, *zip(*pairs)) if pairs else ()):
-        samples[index].append(part)
+    samples: dict[int, list[np.ndarray] | None] = {index: [] for index in bands}
+    for index, part in mapper(sample, _chunks_of(sources, list(bands))):
+        parts = samples[index]
+        if parts is not None:
+            samples[index] = None if part is None else [*parts, part]
+    bands = {index: band for index, band in bands.items() if samples[index] is not None}
     list(mapper(lambda index: _bracket(bands[index], np.concatenate(samples[index])), list(bands)))
 
-    pending = [(index, position) for index, position in pairs if bands[index].found is None]
-
-    def in_band(index: int, position: int) -> tuple[int, np.ndarray | None]:
-        band, chunk = bands[index], bands[index].chunks[position]
+    def in_band(item: tuple[int, int, torch.Tensor]) -> tuple[int, int, np.ndarray | None]:
+        index, _, chunk = item
+        band = bands[index]
         if fused.usable(chunk):  # one pass instead of abs, three compares, a count and a gather
-            return fused.band(chunk, float(band.high), float(band.low), band_limit)
+            return index, *fused.band(chunk, float(band.high), float(band.low), band_limit)
         values = _magnitudes(chunk)
-        return int(np.count_nonzero(values > band.high)), values[(values >= band.low) & (values <= band.high)]
+        return index, int(np.count_nonzero(values > band.high)), values[(values >= band.low) & (values <= band.high)]
 
     above = dict.fromkeys(bands, 0)
     gathered: dict[int, list[np.ndarray] | None] = {index: [] for index in bands}
-    for (index, _), (count, inside) in zip(pending, mapper(in_band, *zip(*pending)) if pending else ()):
+    pending = [index for index, band in bands.items() if band.found is None]
+    for index, count, inside in mapper(in_band, _chunks_of(sources, pending)):
         above[index] += count
         parts = gathered[index]
         if parts is None:

@@ -105,8 +105,8 @@ class SparseTensorMerge:
         """
         kind = FUSED_KINDS.get(self.method.consensus)  # type: ignore[arg-type]
         chunks = [taus[i] for i in self.active]
-        rows_fit = out_dtype in fused.ROW_TYPES and fused.usable(base_rows, dtypes=tuple(fused.ROW_TYPES))
-        if kind is None or len(chunks) > fused.MAX_TAUS or not rows_fit or not fused.usable(*chunks):
+        if (kind is None or len(chunks) > fused.MAX_TAUS or not fused.rows_usable(base_rows, out_dtype)
+                or not fused.usable(*chunks)):
             merged = base_rows.to(compute_dtype).add_(self.merge_chunk(taus, flat_start).reshape(base_rows.shape))
             out = merged.to(out_dtype)
             return out, all_finite(out)
@@ -121,7 +121,7 @@ class SparseTensorMerge:
             below.append(trimmer.below if trimmer is not None else -1.0)  # the kernel trims |τ| > below
         scale = [self._scale(index) for index in self.active]
         params = self.global_params
-        out = base_rows if base_rows.dtype == out_dtype else torch.empty(base_rows.shape, dtype=out_dtype)
+        out = fused.output_rows(base_rows, out_dtype)
         not_finite = fused.consensus_into(
             kind, base_rows, chunks, below, scale, [abs(self.weights[i]) for i in self.active], out=out,
             sign_count=params.get("sign") == "count", normalize=bool(params.get("normalize", False)),

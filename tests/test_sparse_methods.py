@@ -262,3 +262,33 @@ def test_density_that_keeps_nothing_names_the_tensor(demo: Path, tmp_path: Path)
     with pytest.raises(MergeConfigError, match=r"density 1e-06 keeps 0 of the \d+ entries of tensor 'model\."):
         merge(config, device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_selection_over_chunks_built_on_demand_holds_only_a_couple_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory bound: when τ is rebuilt chunk by chunk (too large to cache), selection never keeps them all."""
+    import gc
+    import weakref
+
+    from mergekit_lite import select
+
+    monkeypatch.setattr(select, "SAMPLE", 256)  # a real sample and band pass, not the whole-sample shortcut
+    tau = torch.randn(400, 64, generator=torch.Generator().manual_seed(5))
+    alive, most = [0], [0]
+
+    def released() -> None:
+        alive[0] -= 1
+
+    def chunks():
+        for start in range(0, 400, 8):  # 50 chunks, each a fresh tensor as the engine's rebuilt τ chunks are
+            chunk = tau[start:start + 8].clone()
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+            weakref.finalize(chunk, released)
+            yield chunk
+            del chunk
+            gc.collect()
+
+    k = tau.numel() // 3
+    threshold = select.kth_largest_magnitudes({0: chunks}, {0: k}, numel=tau.numel())[0]
+    assert threshold.bits == int(tau.abs().flatten().kthvalue(tau.numel() - k + 1).values.view(torch.int32))
+    assert most[0] <= 3, most[0]
