@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0 -e '.[test,eval]'
+"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt torch==2.13.0 -e '.[test,eval,verify]'
 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest "$@"
