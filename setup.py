@@ -1,4 +1,4 @@
-"""Build the optional fused CPU kernels (mergekit_lite/_fused.c); metadata lives in setup.cfg.
+"""Build the optional fused CPU kernels (mergekit_lite/engine/_kernels.c); metadata lives in setup.cfg.
 
 `optional=True`: without a C compiler the install still succeeds and the engine uses its torch path,
 which gives the same bytes, only slower (`merge run --dry-run` says which one runs).
@@ -10,5 +10,5 @@ from setuptools import Extension, setup
 
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
 
-setup(ext_modules=[Extension("mergekit_lite._fused", ["mergekit_lite/_fused.c"], extra_compile_args=FLAGS,
+setup(ext_modules=[Extension("mergekit_lite.engine._kernels", ["mergekit_lite/engine/_kernels.c"], extra_compile_args=FLAGS,
                              optional=True)])

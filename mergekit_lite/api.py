@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from . import fused
-from .allocator import tune_allocator
 from .config import MergeConfig
-from .device import peak_device_bytes, peak_rss_bytes, resolve_device
-from .engine import DEFAULT_MAX_MEMORY, EngineOptions, MergeEngine, default_workers
-from .integrity import check_written
-from .plan import MergePlan, build_plan
+from .engine import kernels
+from .engine.allocator import tune_allocator
+from .engine.device import peak_device_bytes, peak_rss_bytes, resolve_device
+from .engine.elementwise import FUSED_KINDS, check_densities
+from .engine.loop import DEFAULT_MAX_MEMORY, EngineOptions, MergeEngine, default_workers
+from .engine.plan import MergePlan, build_plan
+from .formats.integrity import check_written
+from .hub.resolve import hub_reference, resolve_model_dir
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
 from .sources.checkpoint import BaseCheckpoint
-from .sources.hub import hub_reference, resolve_model_dir
-from .sparse import FUSED_KINDS, check_densities
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory, check_target
 from .writers.card import render_card, warm_card_imports
@@ -196,7 +196,7 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
         f"(budget {format_size(options.max_memory)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
     ]
     if options.device.type == "cpu" and not config.merge_method.is_linear:
-        lines.append(f"  cpu kernels: {fused.describe() if FUSED_KINDS.get(config.merge_method.consensus) else 'torch'}")
+        lines.append(f"  cpu kernels: {kernels.describe() if FUSED_KINDS.get(config.merge_method.consensus) else 'torch'}")
     lines.append("  dry run: nothing written")
     return "\n".join(lines)
 

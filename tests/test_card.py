@@ -11,8 +11,8 @@ import yaml
 from huggingface_hub import ModelCard
 
 from mergekit_lite import MergeConfig
-from mergekit_lite.publish import local_paths_in_metadata
-from mergekit_lite.sources.hub import resolve_model_dir
+from mergekit_lite.hub.publish import local_paths_in_metadata
+from mergekit_lite.hub.resolve import resolve_model_dir
 from mergekit_lite.writers.card import render_card
 
 from .hub_fixtures import hub, isolate_client, upload_folder  # noqa: F401

@@ -19,7 +19,7 @@ import yaml
 from click.testing import CliRunner
 
 from mergekit_lite.cli import main
-from mergekit_lite.evaluate import (
+from mergekit_lite.evaluation.lm_eval_runner import (
     LL_SUFFIX,
     SUITE_TASKS,
     ModelSpec,
@@ -274,7 +274,7 @@ def test_offline_switches_are_on_inside_and_restored_after(monkeypatch: pytest.M
 
 
 def test_importing_the_package_and_cli_does_not_import_lm_eval() -> None:
-    code = ("import sys, mergekit_lite, mergekit_lite.cli, mergekit_lite.evaluate; "
+    code = ("import sys, mergekit_lite, mergekit_lite.cli, mergekit_lite.evaluation.lm_eval_runner; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'datasets', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

@@ -17,10 +17,10 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mergekit_lite.engine.plan import build_plan
 
 from mergekit_lite.config import MergeConfig
 from mergekit_lite.errors import MergeError
-from mergekit_lite.plan import build_plan
 from mergekit_lite.sources.adapter import PeftAdapter
 from mergekit_lite.sources.checkpoint import BaseCheckpoint
 

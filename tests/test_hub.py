@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from mergekit_lite import AdapterError, CheckpointError, MergeConfig, merge
 from mergekit_lite.cli import main
-from mergekit_lite.publish import PublishError, UnpublishableError, publish_folder
-from mergekit_lite.sources.hub import parse_hub_id
+from mergekit_lite.hub.publish import PublishError, UnpublishableError, publish_folder
+from mergekit_lite.hub.resolve import parse_hub_id
 
 from .conftest import write_config
 from .hub_fixtures import WRITE_TOKEN, hub, isolate_client, upload_demo, upload_folder  # noqa: F401
@@ -147,7 +147,7 @@ def test_card_with_a_local_path_is_refused_before_any_request(
 
 
 def test_urls_tags_and_free_text_are_not_mistaken_for_local_paths() -> None:
-    from mergekit_lite.publish import local_paths_in_metadata
+    from mergekit_lite.hub.publish import local_paths_in_metadata
 
     metadata = {"base_model": ["org/a", "org/b"], "tags": ["region:us", "base_model:merge:org/a"],
                 "license_link": "https://example.org/LICENSE", "widget": [{"text": "/imagine a cat"}]}

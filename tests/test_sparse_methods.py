@@ -11,12 +11,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mergekit_lite.engine.elementwise import SparseTensorMerge
+from mergekit_lite.engine.rng import keep_mask, stream_key
+from mergekit_lite.engine.select import Trimmer
 
 from mergekit_lite import MergeConfig, MergeConfigError, merge
 from mergekit_lite.methods import get_method
-from mergekit_lite.rng import keep_mask, stream_key
-from mergekit_lite.select import Trimmer
-from mergekit_lite.sparse import SparseTensorMerge
 
 from .reference import load_checkpoint, plain_lora_task_vectors, ties_combine, trim
 
@@ -116,7 +116,7 @@ SELECTION_PATHS = {
 def test_ties_trim_keeps_exactly_k_entries_across_chunk_sizes(
     density: float, ties: bool, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mergekit_lite.select as select
+    import mergekit_lite.engine.select as select
 
     for name, value in SELECTION_PATHS[path].items():
         monkeypatch.setattr(select, name, value)
@@ -163,7 +163,7 @@ def test_dare_kept_fraction_is_within_4_sigma_of_density(density: float) -> None
 
 SELECTION_MEMORY_PROBE = """
 import resource, torch
-from mergekit_lite.select import kth_largest_magnitude, Trimmer
+from mergekit_lite.engine.select import kth_largest_magnitude, Trimmer
 torch.set_num_threads(1)
 chunk, count = 1_000_000, 100   # 100M float32 entries = 400 MB if ever materialized
 def chunks():
@@ -269,7 +269,7 @@ def test_selection_over_chunks_built_on_demand_holds_only_a_couple_at_once(monke
     import gc
     import weakref
 
-    from mergekit_lite import select
+    from mergekit_lite.engine import select
 
     monkeypatch.setattr(select, "SAMPLE", 256)  # a real sample and band pass, not the whole-sample shortcut
     tau = torch.randn(400, 64, generator=torch.Generator().manual_seed(5))

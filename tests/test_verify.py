@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from mergekit_lite import MergeConfig, merge
 from mergekit_lite.cli import main
 from mergekit_lite.errors import IntegrityError
-from mergekit_lite.integrity import check_written, read_layout
-from mergekit_lite.safetensors_format import SafetensorsFile
-from mergekit_lite.verify import check_finite
+from mergekit_lite.evaluation.verify import check_finite
+from mergekit_lite.formats.integrity import check_written, read_layout
+from mergekit_lite.formats.safetensors import SafetensorsFile
 from mergekit_lite.writers.checkpoint import OutputTensor
 
 INDEX = "model.safetensors.index.json"

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from ..engine.finite import all_finite
 from ..errors import AdapterError
-from ..finite import all_finite
-from ..safetensors_format import SafetensorsFile
+from ..formats.safetensors import SafetensorsFile
 from .adapter_config import check_config_types
 from .files import PickledTensors, inside_folder
 

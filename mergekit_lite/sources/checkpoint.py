@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..safetensors_format import DTYPE_NAMES, ITEM_SIZES, TORCH_DTYPES, pread_into, read_header
+from ..formats.safetensors import DTYPE_NAMES, ITEM_SIZES, TORCH_DTYPES, pread_into, read_header
 from .files import inside_folder, load_pickled
 
 SINGLE_FILE = "model.safetensors"

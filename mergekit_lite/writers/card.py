@@ -7,18 +7,15 @@ Hub id, and the body names Hub ids, never the cache folders they were downloaded
 from __future__ import annotations
 
 import importlib
-import threading
-
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import MergeConfig
-from ..sources.hub import cached_model_dir, hub_reference, parse_hub_id
+from ..hub.resolve import cached_model_dir, hub_reference, parse_hub_id
 from ..version import tool_version
 
 if TYPE_CHECKING:  # huggingface_hub is imported only when a card is written (it costs ~0.4 s of start-up)

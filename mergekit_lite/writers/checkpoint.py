@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..safetensors_format import encode_header
+from ..formats.safetensors import encode_header
 from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE
 from .failures import naming
 

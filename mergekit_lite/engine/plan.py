@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import AdapterError
-from .safetensors_format import FLOAT_DTYPES, ITEM_SIZES
-from .sources.adapter import LoraModule, PeftAdapter
-from .sources.checkpoint import BaseCheckpoint, TensorInfo
+from ..errors import AdapterError
+from ..formats.safetensors import FLOAT_DTYPES, ITEM_SIZES
+from ..sources.adapter import LoraModule, PeftAdapter
+from ..sources.checkpoint import BaseCheckpoint, TensorInfo
 
 #: model types whose attention/MLP layers are GPT-2 style Conv1D (weight stored in×out)
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}

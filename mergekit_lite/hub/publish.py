@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MergeError
-from .units import format_size
+from ..errors import MergeError
+from ..units import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def card_metadata(card: Path) -> dict[str, Any]:
 def local_paths_in_metadata(metadata: Mapping[str, Any]) -> list[str]:
     """'key: value' for each metadata value that is a local path (or, under base_model/datasets/new_version, not
     a Hub id). Free-text entries (widget prompts, gating forms) are not inspected."""
-    from .sources.hub import parse_hub_id
+    from .resolve import parse_hub_id
 
     found = []
     for key in _ID_KEYS:
@@ -276,7 +276,7 @@ def _translate(error: Exception, where: str, repo_id: str, branch: str) -> Merge
 
 def _check_weights(folder: Path) -> None:
     """Index and shards agree: every shard exists and is complete, every tensor is where the index says."""
-    from .integrity import read_layout
+    from ..formats.integrity import read_layout
 
     try:
         read_layout(folder)

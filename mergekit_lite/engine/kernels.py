@@ -1,9 +1,9 @@
-"""The fused CPU kernels (`_fused.c`) through ctypes, and when the engine may use them.
+"""The fused CPU kernels (`_kernels.c`) through ctypes, and when the engine may use them.
 
 A TIES chunk costs torch about 30 elementwise passes (trim, weight, vote, agree, sum, divide, add), each a
 trip through memory; the kernel does them in one, and the selection band pass likewise. The kernels are
 built at install when a C compiler is present. They repeat the torch path's float32 operations in the same
-order, so the output is the same bytes either way (tests/test_fused.py). Without them, or with
+order, so the output is the same bytes either way (tests/test_kernels.py). Without them, or with
 MERGEKIT_LITE_KERNELS=torch, the engine runs its torch path.
 """
 
@@ -32,7 +32,7 @@ _buffers = threading.local()
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when they were not built (no compiler at install time)."""
-    spec = importlib.util.find_spec("mergekit_lite._fused")
+    spec = importlib.util.find_spec("mergekit_lite.engine._kernels")
     if spec is None or not spec.origin:
         return None
     library = ctypes.CDLL(spec.origin)  # ctypes.CDLL releases the GIL during every call
@@ -107,7 +107,7 @@ def consensus_into(
     normalize: bool = True,
     lam: float = 1.0,
 ) -> int:
-    """out = base + the consensus (SUM or TIES) of uᵢ = trim(τᵢ, belowᵢ)·scaleᵢ, in one pass; see _fused.c.
+    """out = base + the consensus (SUM or TIES) of uᵢ = trim(τᵢ, belowᵢ)·scaleᵢ, in one pass; see _kernels.c.
 
     τᵢ must pass `usable`; base and out (default: base itself) are float32 or bfloat16 (ROW_TYPES), all
     with base's numel. A negative belowᵢ keeps all of τᵢ. Returns how many outputs are not finite.
@@ -130,7 +130,7 @@ def consensus_into(
 
 
 def lowrank(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = left @ right (2-D, all passing `usable`) with a fixed summation order (see _fused.c); returns out."""
+    """out = left @ right (2-D, all passing `usable`) with a fixed summation order (see _kernels.c); returns out."""
     library = _library()
     assert library is not None and left.dim() == 2 and right.dim() == 2 and left.shape[1] == right.shape[0]
     rows, rank = left.shape

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, IntegrityError, MergeError
+from ..errors import InputError, IntegrityError, MergeError
 
 #: max |logit diff| allowed, as a fraction of max |logit|, by the least precise stored dtype
 RELATIVE_TOLERANCE = {"F64": 1e-6, "F32": 1e-4, "F16": 1e-2, "BF16": 5e-2, "F8_E4M3": 0.3, "F8_E5M2": 0.3}
@@ -115,8 +115,8 @@ def recorded_inputs(folder: Path) -> tuple[str, str]:
     """(base, adapter) from the folder's recorded config, when it merged one adapter at full strength."""
     import yaml
 
-    from .api import CONFIG_COPY
-    from .config import MergeConfig
+    from ..api import CONFIG_COPY
+    from ..config import MergeConfig
 
     path = folder / CONFIG_COPY
     try:

@@ -12,23 +12,23 @@ from typing import Any
 
 import torch
 
-from . import fused
-from .errors import MergeConfigError
+from ..errors import MergeConfigError
+from ..methods import MergeMethod
+from ..methods._common import sum_consensus, ties_consensus
+from . import kernels
 from .finite import all_finite
-from .methods import MergeMethod
-from .methods._common import sum_consensus, ties_consensus
 from .plan import MergePlan
 from .rng import UniformStream, stream_key
 from .select import Mapper, Trimmer, kth_largest_magnitudes
 
 #: consensus functions the fused CPU kernel reproduces exactly; other methods take the torch path
-FUSED_KINDS = {sum_consensus: fused.SUM, ties_consensus: fused.TIES}
+FUSED_KINDS = {sum_consensus: kernels.SUM, ties_consensus: kernels.TIES}
 
 
 def fusable(method: MergeMethod, active: int, device: torch.device, dtype: torch.dtype) -> bool:
     """True when a tensor merged by `method` from `active` adapters can take the fused CPU kernels."""
-    return (FUSED_KINDS.get(method.consensus) is not None and 1 <= active <= fused.MAX_TAUS  # type: ignore[arg-type]
-            and device.type == "cpu" and dtype == torch.float32 and fused.enabled())
+    return (FUSED_KINDS.get(method.consensus) is not None and 1 <= active <= kernels.MAX_TAUS  # type: ignore[arg-type]
+            and device.type == "cpu" and dtype == torch.float32 and kernels.enabled())
 
 
 def kept_count(density: float, numel: int) -> int:
@@ -105,8 +105,8 @@ class SparseTensorMerge:
         """
         kind = FUSED_KINDS.get(self.method.consensus)  # type: ignore[arg-type]
         chunks = [taus[i] for i in self.active]
-        if (kind is None or len(chunks) > fused.MAX_TAUS or not fused.rows_usable(base_rows, out_dtype)
-                or not fused.usable(*chunks)):
+        if (kind is None or len(chunks) > kernels.MAX_TAUS or not kernels.rows_usable(base_rows, out_dtype)
+                or not kernels.usable(*chunks)):
             merged = base_rows.to(compute_dtype).add_(self.merge_chunk(taus, flat_start).reshape(base_rows.shape))
             out = merged.to(out_dtype)
             return out, all_finite(out)
@@ -121,8 +121,8 @@ class SparseTensorMerge:
             below.append(trimmer.below if trimmer is not None else -1.0)  # the kernel trims |τ| > below
         scale = [self._scale(index) for index in self.active]
         params = self.global_params
-        out = fused.output_rows(base_rows, out_dtype)
-        not_finite = fused.consensus_into(
+        out = kernels.output_rows(base_rows, out_dtype)
+        not_finite = kernels.consensus_into(
             kind, base_rows, chunks, below, scale, [abs(self.weights[i]) for i in self.active], out=out,
             sign_count=params.get("sign") == "count", normalize=bool(params.get("normalize", False)),
             lam=params["lambda"],

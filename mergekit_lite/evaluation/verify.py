@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, IntegrityError
-from .integrity import NotACheckpointError, StoredTensor, read_layout
-from .progress import byte_progress
-from .safetensors_format import FLOAT_DTYPES, TORCH_DTYPES, SafetensorsFile
-from .units import format_size
+from ..errors import InputError, IntegrityError
+from ..formats.integrity import NotACheckpointError, StoredTensor, read_layout
+from ..formats.safetensors import FLOAT_DTYPES, TORCH_DTYPES, SafetensorsFile
+from ..progress import byte_progress
+from ..units import format_size
 
 #: bytes of one tensor read at a time by the finiteness scan
 CHUNK_BYTES = 64 * 1024 * 1024

@@ -1,7 +1,7 @@
-/* Fused CPU kernels of the merge engine: one pass where torch would make ~30 (mergekit_lite/fused.py).
+/* Fused CPU kernels of the merge engine: one pass where torch would make ~30 (mergekit_lite/engine/kernels.py).
  *
  * Every float operation is the one the torch path does, in the same order and in float32, so both paths
- * give the same bytes (tests/test_fused.py). Build flags keep it that way: -ffp-contract=off (no FMA
+ * give the same bytes (tests/test_kernels.py). Build flags keep it that way: -ffp-contract=off (no FMA
  * contraction), never -ffast-math. Loops work on small blocks so the compiler vectorizes them; on x86-64
  * an AVX2 clone is picked at load time when the CPU has it.
  *
@@ -108,7 +108,7 @@ int64_t mkl_band(const float *restrict x, int64_t n, float high, float low, floa
 /* out = left · right for a row-form low-rank product (rows × r times r × cols), with a fixed order: for each
  * output, the r products in order k = 0..r-1, each rounded, summed left to right. A BLAS GEMM picks its own
  * order by thread count, CPU and even pointer alignment, so the same τ could round differently from run to
- * run; this order does not move, and the torch fallback (delta.py) repeats it. */
+ * run; this order does not move, and the torch fallback (engine/deltas.py) repeats it. */
 MKL_CLONES void mkl_lowrank(const float *restrict left, int64_t rows, int64_t rank, const float *restrict right,
                             int64_t cols, float *restrict out) {
     for (int64_t i = 0; i < rows; i++) {
@@ -284,6 +284,6 @@ int64_t mkl_lowrank_add(const float *restrict left, int64_t rows, int64_t rank, 
     return lowrank_add(left, rows, rank, right, cols, base, base_type, out, out_type);
 }
 
-static struct PyModuleDef fused_module = {PyModuleDef_HEAD_INIT, "_fused", "Fused CPU merge kernels (ctypes).", -1, NULL};
+static struct PyModuleDef fused_module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU merge kernels (ctypes).", -1, NULL};
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&fused_module); }
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&fused_module); }

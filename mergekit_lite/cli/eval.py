@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .cli_errors import friendly_errors
+from .errors import friendly_errors
 
 DEFAULT_OUT = "eval_report"
 
@@ -33,8 +33,8 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
     merge it describes, merging it first when its output folder is missing. Several configs over the same base
     share those rows, so one table compares methods. A MODEL_DIR (a checkpoint folder) is scored as it is.
     """
-    from .config import load_config
-    from .evaluate import EvalError, evaluate_models, offline, plan_models
+    from ..config import load_config
+    from ..evaluation.lm_eval_runner import EvalError, evaluate_models, offline, plan_models
 
     configs, model_dirs = [], []
     for target in targets:
@@ -66,8 +66,8 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
 
 def _merged_output(config: Any, device: str, remerge: bool, progress: bool) -> Path:
     """The config's merged folder: reused when it was made from this very config, else merged now."""
-    from .api import CONFIG_COPY, merge
-    from .evaluate import EvalError
+    from ..api import CONFIG_COPY, merge
+    from ..evaluation.lm_eval_runner import EvalError
 
     target = config.output_path
     if target.exists() and not remerge:

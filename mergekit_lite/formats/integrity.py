@@ -2,7 +2,7 @@
 
 A merge checks its staging folder with `check_written` before the atomic rename, so a short write or a
 layout bug never reaches the target; `merge verify` and `merge publish` check finished folders with
-`read_layout`. Only headers and file sizes are read here; `verify.py` adds the checks that read tensor data.
+`read_layout`. Only headers and file sizes are read here; `evaluation/verify.py` adds the checks that read tensor data.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, IntegrityError
-from .safetensors_format import read_header
-from .sources.checkpoint import INDEX_FILE, SINGLE_FILE
+from ..errors import InputError, IntegrityError
+from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE
+from .safetensors import read_header
 
 if TYPE_CHECKING:
-    from .writers.checkpoint import OutputTensor
+    from ..writers.checkpoint import OutputTensor
 
 
 class NotACheckpointError(InputError):

@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
-from . import fused
-from .delta import TensorDeltas, only_low_rank
-from .errors import NonFiniteError
-from .methods import MergeMethod
+from ..errors import NonFiniteError
+from ..formats.safetensors import TORCH_DTYPES, tensor_bytes
+from ..methods import MergeMethod
+from ..progress import Progress
+from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
+from ..writers.checkpoint import ShardedWriter
+from . import kernels
+from .deltas import TensorDeltas, only_low_rank
+from .elementwise import SparseTensorMerge, fusable
 from .plan import MergePlan, TensorPlan
 from .prefetch import Prefetcher
-from .progress import Progress
-from .safetensors_format import TORCH_DTYPES, tensor_bytes
-from .sources.checkpoint import COPY_BLOCK, BaseCheckpoint
-from .sparse import SparseTensorMerge, fusable
-from .writers.checkpoint import ShardedWriter
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 #: float32 buffers alive per element of a chunk besides the τᵢ: W, the merged delta, W + delta
@@ -234,12 +234,12 @@ class MergeEngine:
     def _raw_rows(self, tensor: TensorPlan) -> bool:
         """True when the fused kernels take this tensor's base rows as read and write its output dtype."""
         return ((self._fused_sparse(tensor) or self._fused_linear(tensor))
-                and TORCH_DTYPES[tensor.info.dtype] in fused.ROW_TYPES and TORCH_DTYPES[tensor.out_dtype] in fused.ROW_TYPES)
+                and TORCH_DTYPES[tensor.info.dtype] in kernels.ROW_TYPES and TORCH_DTYPES[tensor.out_dtype] in kernels.ROW_TYPES)
 
     def _fused_linear(self, tensor: TensorPlan) -> bool:
         """True when a linear merge of this tensor goes through the fused low-rank kernel (plain LoRA only)."""
         return (self.coefficients is not None and self.merges(tensor) and self.options.device.type == "cpu"
-                and self.options.compute_dtype == torch.float32 and fused.enabled()
+                and self.options.compute_dtype == torch.float32 and kernels.enabled()
                 and only_low_rank(tensor, self.coefficients))
 
     def _merge_tensor(self, tensor: TensorPlan, reads: Prefetcher[Any], writer: ShardedWriter, progress: Progress,

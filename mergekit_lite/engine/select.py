@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fused
+from . import kernels
 
 Mapper = Callable[..., Iterable[Any]]
 BINS = 1 << 16
@@ -154,8 +154,8 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
     def in_band(item: tuple[int, int, torch.Tensor]) -> tuple[int, int, np.ndarray | None]:
         index, _, chunk = item
         band = bands[index]
-        if fused.usable(chunk):  # one pass instead of abs, three compares, a count and a gather
-            return index, *fused.band(chunk, float(band.high), float(band.low), band_limit)
+        if kernels.usable(chunk):  # one pass instead of abs, three compares, a count and a gather
+            return index, *kernels.band(chunk, float(band.high), float(band.low), band_limit)
         values = _magnitudes(chunk)
         return index, int(np.count_nonzero(values > band.high)), values[(values >= band.low) & (values <= band.high)]
 

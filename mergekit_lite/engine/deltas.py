@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from . import fused
+from ..sources.adapter import PeftAdapter
+from . import kernels
 from .finite import all_finite
 from .plan import BiasShift, Contribution, Dora, LowRank, SavedTensor, TensorPlan
-from .sources.adapter import PeftAdapter
 
 
 class _Factors:
@@ -37,8 +37,8 @@ class _Factors:
             return torch.mm(left, self.right, out=out)
         if out is None:
             out = torch.empty(left.shape[0], self.right.shape[1], dtype=left.dtype)
-        if fused.usable(left, self.right, out):
-            return fused.lowrank(left, self.right, out)
+        if kernels.usable(left, self.right, out):
+            return kernels.lowrank(left, self.right, out)
         torch.mul(left[:, :1], self.right[:1], out=out)
         for k in range(1, left.shape[1]):
             out.add_(left[:, k:k + 1] * self.right[k:k + 1])
@@ -143,10 +143,10 @@ class TensorDeltas:
         steps of `add_fused_rows` (W widened to the compute dtype first), a cast and a check.
         """
         factors = self._fused(tuple(coefficients))
-        if (factors is not None and only_low_rank(self.plan, coefficients) and fused.rows_usable(base_rows, out_dtype)
-                and fused.usable(factors.left, factors.right)):
-            out = fused.output_rows(base_rows, out_dtype)
-            return out, fused.lowrank_add(factors.left[start:stop], factors.right, base_rows, out) == 0
+        if (factors is not None and only_low_rank(self.plan, coefficients) and kernels.rows_usable(base_rows, out_dtype)
+                and kernels.usable(factors.left, factors.right)):
+            out = kernels.output_rows(base_rows, out_dtype)
+            return out, kernels.lowrank_add(factors.left[start:stop], factors.right, base_rows, out) == 0
         out = self.add_fused_rows(coefficients, base_rows.to(self.dtype), start, stop).to(out_dtype)
         return out, all_finite(out)
 

@@ -1,4 +1,4 @@
-"""The fused CPU kernels give the same bytes as the torch path they replace (mergekit_lite/_fused.c)."""
+"""The fused CPU kernels give the same bytes as the torch path they replace (mergekit_lite/engine/_kernels.c)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mergekit_lite.engine.elementwise import SparseTensorMerge
 
-from mergekit_lite import fused, merge
+from mergekit_lite import merge
+from mergekit_lite.engine import kernels
 from mergekit_lite.methods import get_method
 from mergekit_lite.methods._common import sum_consensus, ties_consensus
-from mergekit_lite.sparse import SparseTensorMerge
 
 from .test_engine import demo_config
 
-built = pytest.mark.skipif(not fused.enabled(), reason="the fused kernels were not built (no C compiler)")
+built = pytest.mark.skipif(not kernels.enabled(), reason="the fused kernels were not built (no C compiler)")
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -27,19 +28,19 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_kernels_are_built_where_a_compiler_exists(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(fused.ENV, raising=False)
+    monkeypatch.delenv(kernels.ENV, raising=False)
     if shutil.which("cc") or shutil.which("gcc"):
-        assert fused.enabled(), fused.describe()
-        assert fused.describe() == "fused C kernels"
-    monkeypatch.setenv(fused.ENV, "torch")
-    assert not fused.enabled() and "MERGEKIT_LITE_KERNELS=torch" in fused.describe()
+        assert kernels.enabled(), kernels.describe()
+        assert kernels.describe() == "fused C kernels"
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert not kernels.enabled() and "MERGEKIT_LITE_KERNELS=torch" in kernels.describe()
 
 
 def torch_consensus(kind: int, base: torch.Tensor, taus: list[torch.Tensor], below: list[float], scale: list[float],
                     weights: list[float], params: dict) -> torch.Tensor:
     """The engine's torch steps for one chunk: trim (hardshrink), weight, consensus, add."""
     updates = [(F.hardshrink(t, b) if b >= 0 else t.clone()).mul_(s) for t, b, s in zip(taus, below, scale)]
-    combine = ties_consensus if kind == fused.TIES else sum_consensus
+    combine = ties_consensus if kind == kernels.TIES else sum_consensus
     return base.clone().add_(combine(updates, weights, params))
 
 
@@ -53,7 +54,7 @@ def chunk_values(numel: int) -> st.SearchStrategy[list[float]]:
 @built
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), count=st.integers(1, 5), numel=st.sampled_from([1, 7, 128, 129, 300]),
-       kind=st.sampled_from([fused.SUM, fused.TIES]), sign=st.sampled_from(["sum", "count"]),
+       kind=st.sampled_from([kernels.SUM, kernels.TIES]), sign=st.sampled_from(["sum", "count"]),
        normalize=st.booleans(), lam=st.sampled_from([1.0, 0.7, -1.3]),
        base_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        out_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
@@ -68,7 +69,7 @@ def test_consensus_kernel_matches_the_torch_steps_bit_for_bit(data: st.DataObjec
     params = {"sign": sign, "normalize": normalize, "lambda": lam}
     expected = torch_consensus(kind, base.float(), taus, below, scale, weights, params).to(out_dtype)
     got = torch.empty(numel, dtype=out_dtype)
-    not_finite = fused.consensus_into(kind, base, taus, below, scale, [abs(w) for w in weights], out=got,
+    not_finite = kernels.consensus_into(kind, base, taus, below, scale, [abs(w) for w in weights], out=got,
                                       sign_count=sign == "count", normalize=normalize, lam=lam)
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (got, expected)
     assert not_finite == int((~torch.isfinite(expected)).sum())
@@ -80,7 +81,7 @@ def test_consensus_kernel_counts_values_that_overflow(out_dtype: torch.dtype) ->
     base = torch.tensor([3e38, -3e38, 1.0, 3.3e38])
     tau = torch.tensor([3e38, -3e38, 1.0, 1e37])
     out = torch.empty(4, dtype=out_dtype)
-    not_finite = fused.consensus_into(fused.SUM, base, [tau], [-1.0], [1.0], [1.0], out=out)
+    not_finite = kernels.consensus_into(kernels.SUM, base, [tau], [-1.0], [1.0], [1.0], out=out)
     assert not_finite == int((~torch.isfinite((base + tau).to(out_dtype))).sum()) >= 2
 
 
@@ -91,7 +92,7 @@ def test_band_kernel_counts_and_gathers_like_numpy(numel: int) -> None:
     values[::7] = 1.0  # ties at the band's edges
     for high, low in [(1.0, 0.5), (float("inf"), 0.0), (1.0, 1.0), (0.2, 0.1)]:
         magnitudes = values.abs().numpy()
-        above, band = fused.band(values, high, low, limit=numel)
+        above, band = kernels.band(values, high, low, limit=numel)
         assert above == np.count_nonzero(magnitudes > high)
         assert band is not None and np.array_equal(band, magnitudes[(magnitudes >= low) & (magnitudes <= high)])
 
@@ -99,8 +100,8 @@ def test_band_kernel_counts_and_gathers_like_numpy(numel: int) -> None:
 @built
 def test_band_kernel_reports_an_overflowing_band() -> None:
     values = torch.ones(1000)
-    assert fused.band(values, 2.0, 0.5, limit=999)[1] is None
-    above, band = fused.band(values, 2.0, 0.5, limit=1000)
+    assert kernels.band(values, 2.0, 0.5, limit=999)[1] is None
+    above, band = kernels.band(values, 2.0, 0.5, limit=1000)
     assert above == 0 and band is not None and len(band) == 1000
 
 
@@ -135,7 +136,7 @@ def test_fused_tensor_merge_matches_the_torch_path_with_split_ties(method: str, 
         return out
 
     with_kernels = run()
-    monkeypatch.setenv(fused.ENV, "torch")
+    monkeypatch.setenv(kernels.ENV, "torch")
     assert same_bytes(with_kernels, run())
 
 
@@ -149,7 +150,7 @@ def test_checkpoints_are_the_same_bytes_with_and_without_kernels(demo: Path, tmp
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     config = demo_config(demo, tmp_path / "fused", method, [1.0, -0.5, 2.0], parameters=parameters)
     with_kernels = merge(config, device="cpu", chunk_rows=5, workers=2, progress=False).output_dir
-    monkeypatch.setenv(fused.ENV, "torch")
+    monkeypatch.setenv(kernels.ENV, "torch")
     without = merge(config, out=tmp_path / "torch", device="cpu", chunk_rows=5, workers=2, progress=False).output_dir
     assert (with_kernels / "model.safetensors").read_bytes() == (without / "model.safetensors").read_bytes()
 
@@ -161,15 +162,15 @@ def test_low_rank_kernel_is_the_product_added_once_and_does_not_depend_on_row_sp
     left, right = torch.randn(37, 48, generator=generator), torch.randn(48, 300, generator=generator) * 0.01
     base = torch.randn(37, 300, generator=generator).to(torch.bfloat16)
     in_float32 = torch.empty(37, 300)
-    assert fused.lowrank_add(left, right, base, in_float32) == 0
+    assert kernels.lowrank_add(left, right, base, in_float32) == 0
     exact = base.double() + left.double() @ right.double()
     assert float((in_float32.double() - exact).abs().max()) <= 4 * 2**-24 * float(exact.abs().max())
     whole = torch.empty(37, 300, dtype=out_dtype)
-    assert fused.lowrank_add(left, right, base, whole) == 0
+    assert kernels.lowrank_add(left, right, base, whole) == 0
     assert torch.equal(whole, in_float32.to(out_dtype))  # rounded once, from the float32 result
     pieces = torch.empty_like(whole)
     for start, stop in [(0, 1), (1, 10), (10, 11), (11, 37)]:  # odd offsets: alignment must not matter
-        assert fused.lowrank_add(left[start:stop], right, base[start:stop], pieces[start:stop]) == 0
+        assert kernels.lowrank_add(left[start:stop], right, base[start:stop], pieces[start:stop]) == 0
     assert torch.equal(whole.view(torch.uint8), pieces.view(torch.uint8))
 
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .errors import MergeConfigError
+from ..errors import MergeConfigError
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:

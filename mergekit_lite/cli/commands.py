@@ -6,9 +6,9 @@ import logging
 
 import click
 
-from .cli_errors import friendly_errors
+from ..version import tool_version
+from .errors import friendly_errors
 from .startup import heavy_imports
-from .version import tool_version
 
 
 @click.group()
@@ -39,8 +39,8 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
         workers: int | None, overwrite: bool, dry_run: bool, no_progress: bool, allow_pickle: bool) -> None:
     """Merge the adapters CONFIG lists into its base and write the checkpoint."""
     with heavy_imports():
-        from .api import describe_plan, merge
-        from .config import load_config
+        from ..api import describe_plan, merge
+        from ..config import load_config
 
     config = load_config(config_path)
     if out:
@@ -50,18 +50,18 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
                                  allow_pickle=allow_pickle, workers=workers))
         return
     if config.output.push_to_hub:  # a missing token or offline mode fails now, not after a long merge
-        from .publish import preflight
+        from ..hub.publish import preflight
 
         preflight(config.output.push_to_hub)
     result = merge(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory, workers=workers,
                    overwrite=overwrite, progress=not no_progress, allow_pickle=allow_pickle)
     click.echo(result.summary())
     if config.eval is not None:
-        from .evaluate import evaluate_after_merge
+        from ..evaluation.lm_eval_runner import evaluate_after_merge
 
         click.echo(evaluate_after_merge(result, progress=not no_progress))
     if config.output.push_to_hub:
-        from .publish import publish_after_merge
+        from ..hub.publish import publish_after_merge
 
         click.echo(publish_after_merge(result))
 
@@ -70,7 +70,7 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
 @friendly_errors
 def methods() -> None:
     """List the merge methods with their parameters and papers."""
-    from .methods import REGISTRY
+    from ..methods import REGISTRY
 
     for method in REGISTRY.values():
         params = ", ".join(
@@ -82,9 +82,9 @@ def methods() -> None:
 
 def _add_optional_commands() -> None:
     """Commands that live in their own modules (each owns its imports, which can be heavy)."""
-    from .cli_eval import eval_command
-    from .cli_publish import publish_command
-    from .cli_verify import verify_command
+    from .eval import eval_command
+    from .publish import publish_command
+    from .verify import verify_command
 
     main.add_command(eval_command, "eval")
     main.add_command(publish_command, "publish")

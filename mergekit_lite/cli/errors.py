@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .errors import MergeError
+from ..errors import MergeError
 
 
 class Terminated(BaseException):

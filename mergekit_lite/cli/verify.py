@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .cli_errors import friendly_errors
-from .logit_check import RELATIVE_TOLERANCE
+from ..evaluation.logit_check import RELATIVE_TOLERANCE
+from .errors import friendly_errors
 
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _DEFAULTS = ", ".join(f"{name} {RELATIVE_TOLERANCE[code]:g}" for code, name in _DTYPE_NAMES.items())
@@ -33,14 +33,14 @@ def verify_command(out_dir: str, base: str | None, adapter: str | None, against_
     --base and --adapter (or --against-inputs), also loads the merged model and base + adapter through PEFT
     (unmerged, float32, CPU; needs `pip install 'mergekit_lite[verify]'`) and compares their logits.
     """
-    from .errors import InputError
-    from .verify import verify_checkpoint
+    from ..errors import InputError
+    from ..evaluation.verify import verify_checkpoint
 
     folder = Path(out_dir)
     if against_inputs:
         if base or adapter:
             raise InputError("give either --against-inputs or --base/--adapter, not both")
-        from .logit_check import recorded_inputs
+        from ..evaluation.logit_check import recorded_inputs
 
         base, adapter = recorded_inputs(folder)
     report = verify_checkpoint(folder, base=base, adapter=adapter, atol=atol, progress=not no_progress)

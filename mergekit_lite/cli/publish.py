@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 import click
 
-from .cli_errors import friendly_errors
+from .errors import friendly_errors
 
 
 @click.command(name="publish")
@@ -24,7 +23,7 @@ def publish_command(out_dir: str, repo_id: str, private: bool, revision: str | N
     paths in the card's metadata). The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT picks the Hub.
     Publishing an unchanged folder makes no new commit.
     """
-    from .publish import describe_publish, publish_folder
+    from ..hub.publish import describe_publish, publish_folder
 
     if dry_run:
         click.echo(describe_publish(out_dir, repo_id, private=private, revision=revision))

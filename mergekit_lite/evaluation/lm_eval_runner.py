@@ -30,17 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MergeError
-from .suggest import did_you_mean
+from ..errors import MergeError
+from ..suggest import did_you_mean
 
 if TYPE_CHECKING:
-    from .api import MergeResult
-    from .config import MergeConfig
+    from ..api import MergeResult
+    from ..config import MergeConfig
 
 logger = logging.getLogger(__name__)
 
 #: Where the offline suite's lm-eval task YAMLs live in a checkout (overridable with MERGEKIT_LITE_EVAL_TASKS).
-SUITE_TASKS_DIR = Path(__file__).resolve().parents[1] / "evals" / "tasks"
+SUITE_TASKS_DIR = Path(__file__).resolve().parents[2] / "evals" / "tasks"
 #: The suite's tasks, in table order.
 SUITE_TASKS: tuple[str, ...] = ("capitals", "add", "reverse", "sentiment")
 #: Suffix of a task's companion that scores the log-likelihood of the correct answer.
@@ -360,7 +360,7 @@ def evaluate_models(
     """Run lm-eval on every model over the same tasks and write the report folder; return the report."""
     from tqdm.auto import tqdm
 
-    from .device import resolve_device
+    from ..engine.device import resolve_device
 
     names, extra_paths = split_task_args(tasks)
     device_name = str(resolve_device(device))
@@ -610,7 +610,7 @@ def write_chart(report: EvalReport, path: Path) -> Path:
 
 def local_model_dir(config: MergeConfig, reference: str, kind: str) -> Path:
     """A base or adapter folder without any download (local, or already in the Hub cache), else an error."""
-    from .sources.hub import cached_model_dir
+    from ..hub.resolve import cached_model_dir
 
     with offline():
         folder = cached_model_dir(config, reference, kind)
@@ -663,7 +663,7 @@ def _report_settings(config: MergeConfig) -> tuple[list[str] | None, int | None,
 
 def evaluate_after_merge(result: MergeResult, progress: bool = True) -> str:
     """Evaluate a finished merge as its config's `eval:` section asks; put the tables in its card; return them."""
-    from .writers.card import render_card
+    from ..writers.card import render_card
 
     config = result.config
     if result.output_dir is None:

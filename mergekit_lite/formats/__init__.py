@@ -1,0 +1,1 @@
+"""The safetensors vocabulary: file layout, dtypes, index, and re-reading written checkpoints."""

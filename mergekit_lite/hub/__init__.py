@@ -1,0 +1,1 @@
+"""The Hugging Face Hub: resolving Hub ids to local snapshots, and publishing a merged folder."""
