@@ -13,9 +13,10 @@ from .config import MergeConfig
 from .engine import kernels
 from .engine.allocator import tune_allocator
 from .engine.device import peak_device_bytes, peak_rss_bytes, resolve_device
-from .engine.elementwise import FUSED_KINDS, check_densities
-from .engine.loop import DEFAULT_MAX_MEMORY, EngineOptions, MergeEngine, default_workers
+from .engine.elementwise import check_densities
+from .engine.loop import MergeEngine
 from .engine.plan import MergePlan, build_plan
+from .engine.schedule import DEFAULT_MAX_MEMORY, EngineOptions, check_phase, default_workers
 from .formats.integrity import check_written
 from .hub.resolve import hub_reference, resolve_model_dir
 from .progress import byte_progress
@@ -88,6 +89,7 @@ def prepare(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
                 for spec in config.adapters]
     plan = build_plan(base, adapters, _out_dtype_name(config))
     check_densities(plan, config.merge_method, config.adapter_params)
+    check_phase(plan.tensors, config.merge_method, [a.label for a in adapters])
     return PreparedMerge(config, base, adapters, plan)
 
 
@@ -195,8 +197,9 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
         f"{f', {options.workers} workers' if options.device.type == 'cpu' else ''}, working set up to {format_size(peak_chunk)} per tensor "
         f"(budget {format_size(options.max_memory)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
     ]
-    if options.device.type == "cpu" and not config.merge_method.is_linear:
-        lines.append(f"  cpu kernels: {kernels.describe() if FUSED_KINDS.get(config.merge_method.consensus) else 'torch'}")
+    method = config.merge_method
+    if options.device.type == "cpu" and method.is_elementwise:
+        lines.append(f"  cpu kernels: {kernels.describe() if method.phase.kernel else 'torch'}")
     lines.append("  dry run: nothing written")
     return "\n".join(lines)
 

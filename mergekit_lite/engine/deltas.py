@@ -1,17 +1,20 @@
 """Task vectors τᵢ of one base tensor for any row range, on the compute device (SEMANTICS §1).
 
 The adapters' factors of a tensor are small (r × in, out × r), so they are loaded once per tensor; τᵢ rows
-are then produced chunk by chunk. For linear methods all adapters' low-rank parts fuse into one GEMM over
-the concatenated, pre-scaled factors: Σ cᵢ sᵢ Bᵢ[rows] Aᵢ = [c₁s₁B₁ | c₂s₂B₂ | …][rows] · [A₁; A₂; …].
+are then produced chunk by chunk. For linear methods all adapters' low-rank parts become one product over
+the concatenated, pre-scaled factors: Σ cᵢ sᵢ Bᵢ[rows] Aᵢ = [c₁s₁B₁ | c₂s₂B₂ | …][rows] · [A₁; A₂; …]; a
+factored method hands back its own (L, R), streamed the same way (`StreamedDelta`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from ..methods import LowRankFactors
 from ..sources.adapter import PeftAdapter
 from . import kernels
 from .finite import all_finite
@@ -45,21 +48,46 @@ class _Factors:
         return out
 
 
-def _low_rank(adapter: PeftAdapter, item: LowRank | Dora, device: torch.device, dtype: torch.dtype, coef: float) -> _Factors:
-    """Row-form factors of coef · s · B·A (Linear) or coef · s · (B·A)ᵀ (Conv1D, Embedding)."""
+def _low_rank(adapter: PeftAdapter, item: LowRank | Dora, device: torch.device, dtype: torch.dtype) -> LowRankFactors:
+    """τ = s·B·A (Linear) or s·(B·A)ᵀ = s·Aᵀ·Bᵀ (Conv1D, Embedding) as (left, right, s) in the tensor's layout."""
     module = item.module
     a = adapter.tensor(module.a_key).to(device=device, dtype=dtype)
     b = adapter.tensor(module.b_key).to(device=device, dtype=dtype)
-    scale = coef * module.scale
     if isinstance(item, LowRank) and item.transposed:
-        return _Factors(a.T.contiguous(), (b * scale).T.contiguous())
-    return _Factors(b * scale, a)
+        return LowRankFactors(a.T.contiguous(), b.T.contiguous(), module.scale)
+    return LowRankFactors(b, a, module.scale)
 
 
-def only_low_rank(plan: TensorPlan, coefficients: Sequence[float]) -> bool:
-    """True when every change to this tensor with a non-zero coefficient is a plain low-rank product."""
-    return all(coef == 0 or all(isinstance(item, LowRank) for item in items)
-               for items, coef in zip(plan.by_adapter, coefficients))
+def _scaled(factors: LowRankFactors, coef: float) -> _Factors:
+    """coef · τ in row form, the scale folded into the left factor with one rounding (coef·s first)."""
+    return _Factors(factors.left * (coef * factors.scale), factors.right)
+
+
+@dataclass(frozen=True)
+class _PreparedLowRank:
+    """A plain low-rank change loaded once: as stored (for the linear and factored phases) and as τᵢ rows."""
+
+    raw: LowRankFactors
+    scaled: _Factors
+
+
+RowsFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StreamedDelta:
+    """A merged delta as the linear and factored phases stream it: left @ right plus any dense parts
+    (DoRA, saved tensors, bias shifts), each a function of (W rows, start, stop)."""
+
+    factors: _Factors | None
+    dense: tuple[RowsFn, ...] = ()
+
+    @staticmethod
+    def of(left: torch.Tensor | None, right: torch.Tensor | None, dense: Sequence[RowsFn] = ()) -> StreamedDelta:
+        """Wrap factors (L, R) with delta = L @ R; a rank-0 L (or None) means no low-rank part."""
+        if left is None or right is None or left.shape[1] == 0:
+            return StreamedDelta(None, tuple(dense))
+        return StreamedDelta(_Factors(left.contiguous(), right.contiguous()), tuple(dense))
 
 
 class TensorDeltas:
@@ -78,8 +106,8 @@ class TensorDeltas:
         self.dtype = dtype
         self._caches: dict[int, list[object]] = {}
         self._lock = threading.RLock()  # chunks may be merged side by side; factors are loaded once
-        self._fused_key: tuple[float, ...] | None = None
-        self._fused_value: _Factors | None = None
+        self._linear_key: tuple[float, ...] | None = None
+        self._linear_value: StreamedDelta | None = None
 
     def _vector(self, adapter: PeftAdapter, key: str) -> torch.Tensor:
         return adapter.tensor(key).to(device=self.device, dtype=self.dtype)
@@ -100,7 +128,7 @@ class TensorDeltas:
         cache = self._cache(index)
         if out is not None:
             if len(items) == 1 and isinstance(items[0], LowRank):
-                return cache[0].rows(start, stop, out=out)  # type: ignore[attr-defined]
+                return cache[0].scaled.rows(start, stop, out=out)  # type: ignore[attr-defined]
             result = self.adapter_rows(index, base_rows, start, stop)
             assert result is not None
             return out.copy_(result.reshape(out.shape))
@@ -110,67 +138,79 @@ class TensorDeltas:
             total = part if total is None else total + part
         return total
 
-    def add_fused_rows(self, coefficients: Sequence[float], base_rows: torch.Tensor, start: int, stop: int
-                       ) -> torch.Tensor:
-        """base_rows + Σ cᵢ τᵢ[start:stop], in place (linear methods).
+    def linear_delta(self, coefficients: Sequence[float]) -> StreamedDelta:
+        """Σ cᵢ τᵢ for a linear method: all plain low-rank parts as one product over the concatenated factors
+        ([c₁s₁B₁ | c₂s₂B₂ | …] · [A₁; A₂; …]), every other change as a dense part. Built once per tensor."""
+        with self._lock:
+            key = tuple(coefficients)
+            if self._linear_key != key:
+                self._linear_key, self._linear_value = key, self._build_linear(key)
+            return self._linear_value  # type: ignore[return-value]
 
-        All plain low-rank parts are one GEMM over the concatenated factors. The delta is summed first and
-        added to W once: a GEMM accumulating into W itself (addmm_) may add its partial sums one block at a
-        time, rounding W + partial each time, differently for each chunking. (On CPU with the fused kernels
-        built, `merged_rows` takes the kernel instead.)
-        """
-        factors = self._fused(tuple(coefficients))
-        parts: list[torch.Tensor] = []
+    def _build_linear(self, coefficients: tuple[float, ...]) -> StreamedDelta:
+        lefts, rights, dense = [], [], []
         for index, items in enumerate(self.plan.by_adapter):
             coef = coefficients[index]
-            if coef == 0 or all(isinstance(item, LowRank) for item in items):
+            if coef == 0:
                 continue
             for item, prepared in zip(items, self._cache(index)):
-                if not isinstance(item, LowRank):
-                    parts.append(self._part(index, item, prepared, base_rows, start, stop) * coef)
-        total = torch.mm(factors.left[start:stop], factors.right) if factors is not None else None
-        for part in parts:
+                if isinstance(item, LowRank):
+                    scaled = _scaled(prepared.raw, coef)  # type: ignore[attr-defined]
+                    lefts.append(scaled.left)
+                    rights.append(scaled.right)
+                else:
+                    dense.append(self._dense_part(index, item, prepared, coef))
+        if not lefts:
+            return StreamedDelta(None, tuple(dense))
+        return StreamedDelta(_Factors(torch.cat(lefts, dim=1), torch.cat(rights, dim=0)), tuple(dense))
+
+    def _dense_part(self, index: int, item: Contribution, prepared: object, coef: float) -> RowsFn:
+        def rows(base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            return self._part(index, item, prepared, base_rows, start, stop) * coef
+        return rows
+
+    def adapter_factors(self, index: int) -> list[LowRankFactors]:
+        """Adapter `index`'s plain low-rank changes of this tensor, unscaled (τᵢ = Σ scale · left @ right)."""
+        return [prepared.raw for item, prepared in zip(self.plan.by_adapter[index], self._cache(index))  # type: ignore[attr-defined]
+                if isinstance(item, LowRank)]
+
+    def vector(self, index: int) -> torch.Tensor:
+        """Adapter `index`'s whole change of a 1-D tensor (a bias shift), for methods that combine vectors."""
+        total = self.adapter_rows(index, None, 0, self.plan.info.rows)  # type: ignore[arg-type]
+        assert total is not None
+        return total
+
+    def add_rows(self, delta: StreamedDelta, base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """base_rows + delta[start:stop], in place.
+
+        The delta is summed first and added to W once: a GEMM accumulating into W itself (addmm_) may add its
+        partial sums one block at a time, rounding W + partial each time, differently for each chunking. (On
+        CPU with the kernels built, `merged_rows` takes the kernel instead.)
+        """
+        total = torch.mm(delta.factors.left[start:stop], delta.factors.right) if delta.factors is not None else None
+        for part_rows in delta.dense:
+            part = part_rows(base_rows, start, stop)
             total = part if total is None else total + part.reshape(total.shape)
         return base_rows if total is None else base_rows.add_(total.reshape(base_rows.shape))
 
-    def merged_rows(self, coefficients: Sequence[float], base_rows: torch.Tensor, start: int, stop: int,
+    def merged_rows(self, delta: StreamedDelta, base_rows: torch.Tensor, start: int, stop: int,
                     out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-        """W + Σ cᵢ τᵢ[start:stop] cast to `out_dtype`, and whether all of it is finite (linear methods).
+        """W + delta[start:stop] cast to `out_dtype`, and whether all of it is finite (linear, factored phases).
 
-        When plain low-rank parts are the only changes and the fused kernels are built, one kernel pass
-        reads W as stored (float32 or bfloat16), sums the rank in a fixed order, adds W once and rounds to
-        the output dtype: the same bytes for any chunking, thread count or alignment. Otherwise the torch
-        steps of `add_fused_rows` (W widened to the compute dtype first), a cast and a check.
+        When the delta is only low-rank and the kernels are built, one kernel pass reads W as stored (float32
+        or bfloat16), sums the rank in a fixed order, adds W once and rounds to the output dtype: the same bytes
+        for any chunking, thread count or alignment. Otherwise the torch steps of `add_rows` (W widened to the
+        compute dtype first), a cast and a check.
         """
-        factors = self._fused(tuple(coefficients))
-        if (factors is not None and only_low_rank(self.plan, coefficients) and kernels.rows_usable(base_rows, out_dtype)
+        factors = delta.factors
+        if (factors is not None and not delta.dense and kernels.rows_usable(base_rows, out_dtype)
                 and kernels.usable(factors.left, factors.right)):
             out = kernels.output_rows(base_rows, out_dtype)
             return out, kernels.lowrank_add(factors.left[start:stop], factors.right, base_rows, out) == 0
-        out = self.add_fused_rows(coefficients, base_rows.to(self.dtype), start, stop).to(out_dtype)
+        out = self.add_rows(delta, base_rows.to(self.dtype), start, stop).to(out_dtype)
         return out, all_finite(out)
 
     # -- preparation, once per tensor ------------------------------------------------------------
-    def _fused(self, coefficients: tuple[float, ...]) -> _Factors | None:
-        with self._lock:
-            return self._fused_locked(coefficients)
-
-    def _fused_locked(self, coefficients: tuple[float, ...]) -> _Factors | None:
-        if self._fused_key == coefficients:
-            return self._fused_value
-        lefts, rights = [], []
-        for index, items in enumerate(self.plan.by_adapter):
-            if coefficients[index] == 0:
-                continue
-            for item in items:
-                if isinstance(item, LowRank):
-                    factors = _low_rank(self.adapters[index], item, self.device, self.dtype, coefficients[index])
-                    lefts.append(factors.left)
-                    rights.append(factors.right)
-        value = _Factors(torch.cat(lefts, dim=1), torch.cat(rights, dim=0)) if lefts else None
-        self._fused_key, self._fused_value = coefficients, value
-        return value
-
     def _cache(self, index: int) -> list[object]:
         with self._lock:
             if index not in self._caches:
@@ -179,12 +219,13 @@ class TensorDeltas:
 
     def _prepare(self, index: int, item: Contribution) -> object:
         adapter = self.adapters[index]
-        if isinstance(item, (LowRank, Dora)):
-            factors = _low_rank(adapter, item, self.device, self.dtype, 1.0)
-            if isinstance(item, Dora):
-                assert item.module.magnitude_key is not None
-                return factors, self._vector(adapter, item.module.magnitude_key).reshape(-1)
-            return factors
+        if isinstance(item, LowRank):
+            raw = _low_rank(adapter, item, self.device, self.dtype)
+            return _PreparedLowRank(raw, _scaled(raw, 1.0))
+        if isinstance(item, Dora):
+            assert item.module.magnitude_key is not None
+            factors = _scaled(_low_rank(adapter, item, self.device, self.dtype), 1.0)
+            return factors, self._vector(adapter, item.module.magnitude_key).reshape(-1)
         if isinstance(item, BiasShift):
             return self._vector(adapter, item.key) * item.scale
         return None  # SavedTensor: read row ranges lazily, it can be as large as the base tensor
@@ -193,8 +234,8 @@ class TensorDeltas:
         self, index: int, item: Contribution, prepared: object, base_rows: torch.Tensor, start: int, stop: int
     ) -> torch.Tensor:
         if isinstance(item, LowRank):
-            assert isinstance(prepared, _Factors)
-            return prepared.rows(start, stop)
+            assert isinstance(prepared, _PreparedLowRank)
+            return prepared.scaled.rows(start, stop)
         if isinstance(item, BiasShift):
             assert isinstance(prepared, torch.Tensor)
             return prepared[start:stop].clone()  # callers own what they get

@@ -1,4 +1,4 @@
-"""Streaming one tensor through a non-linear method: sparsify each τᵢ, weight it, combine (SEMANTICS §3–§5).
+"""Streaming one tensor through an elementwise method: sparsify each τᵢ, weight it, combine (SEMANTICS §3–§5).
 
 TIES-style trimming needs each τᵢ's exact k-th largest magnitude before any chunk can be merged, so
 `prepare` runs the selection passes; DARE needs no pass: its keep-mask is a pure function of the flat index.
@@ -13,22 +13,15 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from ..methods import MergeMethod
-from ..methods._common import sum_consensus, ties_consensus
+from ..methods import ElementwisePhase, MergeMethod
 from . import kernels
 from .finite import all_finite
 from .plan import MergePlan
 from .rng import UniformStream, stream_key
 from .select import Mapper, Trimmer, kth_largest_magnitudes
 
-#: consensus functions the fused CPU kernel reproduces exactly; other methods take the torch path
-FUSED_KINDS = {sum_consensus: kernels.SUM, ties_consensus: kernels.TIES}
-
-
-def fusable(method: MergeMethod, active: int, device: torch.device, dtype: torch.dtype) -> bool:
-    """True when a tensor merged by `method` from `active` adapters can take the fused CPU kernels."""
-    return (FUSED_KINDS.get(method.consensus) is not None and 1 <= active <= kernels.MAX_TAUS  # type: ignore[arg-type]
-            and device.type == "cpu" and dtype == torch.float32 and kernels.enabled())
+#: the C kernels an elementwise method may declare (ElementwisePhase.kernel)
+KERNELS = {"sum": kernels.SUM, "ties": kernels.TIES}
 
 
 def kept_count(density: float, numel: int) -> int:
@@ -65,8 +58,9 @@ class SparseTensorMerge:
         adapter_params: Sequence[Mapping[str, Any]],
         seed: int,
     ) -> None:
-        assert method.consensus is not None
+        assert isinstance(method.phase, ElementwisePhase)
         self.method = method
+        self.phase = method.phase
         self.tensor_name = tensor_name
         self.numel = numel
         self.active = list(active)
@@ -103,7 +97,7 @@ class SparseTensorMerge:
         are widened to `compute_dtype` here). The τᵢ chunks are consumed (they may be changed in place). One
         fused pass when the kernels apply, else the torch steps of `merge_chunk`, then a cast and a check.
         """
-        kind = FUSED_KINDS.get(self.method.consensus)  # type: ignore[arg-type]
+        kind = KERNELS.get(self.phase.kernel)  # type: ignore[arg-type]
         chunks = [taus[i] for i in self.active]
         if (kind is None or len(chunks) > kernels.MAX_TAUS or not kernels.rows_usable(base_rows, out_dtype)
                 or not kernels.usable(*chunks)):
@@ -141,7 +135,7 @@ class SparseTensorMerge:
                 tau, fresh = tau * self._keep_mask(index, tau, flat_start), True
             updates.append((tau if scale == 1 else tau.mul_(scale)) if fresh else tau * scale)
         active_weights = [self.weights[i] for i in self.active]
-        return self.method.consensus(updates, active_weights, self.global_params)  # type: ignore[misc]
+        return self.phase.combine(updates, active_weights, self.global_params)
 
     def _scale(self, index: int) -> float:
         """What adapter `index`'s kept entries are multiplied by: wᵢ, or wᵢ / density for rescaled DARE."""

@@ -128,7 +128,8 @@ def recorded_inputs(folder: Path) -> tuple[str, str]:
     if len(config.adapters) != 1:
         raise InputError(f"{path}: merges {len(config.adapters)} adapters; the logit check compares one adapter")
     method = config.merge_method
-    coefficient = method.coefficients(config.weights, config.global_params)[0] if method.coefficients else None
+    coefficients = method.coefficients(config.weights, config.global_params)
+    coefficient = coefficients[0] if coefficients else None
     if method.sparsification is not None or coefficient is None or abs(coefficient - 1.0) > 1e-9:
         raise InputError(f"{path}: method {config.method} applies the adapter at "
                          f"{'coefficient ' + format(coefficient, 'g') if coefficient is not None else 'a non-linear rule'}"

@@ -5,10 +5,22 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .registry import REGISTRY, MergeMethod, Param, get_method, register
+from .registry import (
+    REGISTRY,
+    ElementwisePhase,
+    FactoredPhase,
+    LinearPhase,
+    LowRankFactors,
+    MergeMethod,
+    Param,
+    Phase,
+    get_method,
+    register,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "registry" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["REGISTRY", "MergeMethod", "Param", "get_method", "register"]
+__all__ = ["REGISTRY", "ElementwisePhase", "FactoredPhase", "LinearPhase", "LowRankFactors", "MergeMethod", "Param", "Phase",
+           "get_method", "register"]

@@ -1,4 +1,4 @@
-"""Parameters and consensus steps shared by the sparsifying methods (TIES, DARE, magnitude pruning)."""
+"""Parameters and per-chunk combine steps shared by the sparsifying methods (TIES, DARE, magnitude pruning)."""
 
 from __future__ import annotations
 

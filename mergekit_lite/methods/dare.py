@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, RESCALE, SIGN, sum_consensus, ties_consensus
-from .registry import MergeMethod, register
+from .registry import ElementwisePhase, MergeMethod, register
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -14,8 +14,7 @@ DARE_LINEAR = register(
         paper_url=PAPER,
         summary="tᵢ = mᵢ ⊙ τᵢ / density with a counter-based Bernoulli keep-mask mᵢ; τ = λ · Σ wᵢtᵢ",
         params=(DENSITY, RESCALE, LAMBDA),
-        sparsification="dare",
-        consensus=sum_consensus,
+        phase=ElementwisePhase(sum_consensus, sparsification="dare", kernel="sum"),
     )
 )
 
@@ -26,7 +25,6 @@ DARE_TIES = register(
         paper_url=PAPER,
         summary="the DARE tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
         params=(DENSITY, RESCALE, SIGN, NORMALIZE_TIES, LAMBDA),
-        sparsification="dare",
-        consensus=ties_consensus,
+        phase=ElementwisePhase(ties_consensus, sparsification="dare", kernel="ties"),
     )
 )

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import MergeConfigError
-from .registry import MergeMethod, Param, register
+from .registry import LinearPhase, MergeMethod, Param, register
 
 
 def linear_coefficients(weights: Sequence[float], params: Mapping[str, Any]) -> list[float]:
@@ -32,7 +32,7 @@ LINEAR = register(
         paper_url="https://arxiv.org/abs/2203.05482",
         summary="τ = Σ wᵢτᵢ / Σ wᵢ, or Σ wᵢτᵢ with normalize: false",
         params=(Param("normalize", True, bool, "divide by the sum of the weights"),),
-        coefficients=linear_coefficients,
+        phase=LinearPhase(linear_coefficients),
         validate=_validate,
     )
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import DENSITY, LAMBDA, sum_consensus
-from .registry import MergeMethod, register
+from .registry import ElementwisePhase, MergeMethod, register
 
 MAGNITUDE_PRUNE = register(
     MergeMethod(
@@ -12,7 +12,6 @@ MAGNITUDE_PRUNE = register(
         paper_url="https://arxiv.org/abs/2306.01708",
         summary="keep each τᵢ's ⌊density·numel⌋ largest magnitudes; τ = λ · Σ wᵢtᵢ",
         params=(DENSITY, LAMBDA),
-        sparsification="magnitude",
-        consensus=sum_consensus,
+        phase=ElementwisePhase(sum_consensus, sparsification="magnitude", kernel="sum"),
     )
 )

@@ -1,9 +1,16 @@
 """The one registry of merge methods: each row carries what the CLI, the config checks and the model card need.
 
-A method is a pure description plus pure tensor functions; it never touches files, devices or progress.
-Linear methods (the merged delta is a fixed combination Σ cᵢ τᵢ) give `coefficients`, which lets the engine
-fuse all adapters of a tensor into one GEMM. Other methods give `combine`, which sees every adapter's τᵢ for
-one row chunk, and may declare a selection pass (`needs_threshold`) so the engine can stream them exactly.
+A method is a pure description plus pure tensor functions; it never touches files, devices or progress. How
+the engine runs it is the method's *phase*, declared, never inferred:
+
+- `LinearPhase`: constants cᵢ, the merged delta is Σ cᵢ τᵢ. The engine streams W + Σ cᵢ PᵢQᵢ in one pass
+  over the concatenated factors.
+- `ElementwisePhase`: optional per-tensor preparation (an exact trim threshold for `sparsification:
+  "magnitude"`, a counter-based keep-mask stream for `"dare"`), then a pure per-chunk `combine` of the
+  weighted uᵢ. `kernel` names the fused C kernel that reproduces `combine` bit for bit, when there is one.
+- `FactoredPhase`: given every adapter's low-rank factors of one tensor, return factors (L, R) of the merged
+  delta; the engine then streams W + L·R in row chunks through the same path as the linear methods. This is
+  where methods computed in the low-rank core of the stacked factors attach.
 """
 
 from __future__ import annotations
@@ -56,27 +63,87 @@ class Param:
 
 
 @dataclass(frozen=True)
+class LowRankFactors:
+    """One adapter's low-rank change of one tensor, in the tensor's layout: τᵢ = scale · left @ right.
+
+    `left` is m×r and `right` r×n (for Conv1D and embeddings already transposed); the scale is kept apart so
+    a method can fold its own coefficient into it with one rounding, as the linear path does.
+    """
+
+    left: Any
+    right: Any
+    scale: float
+
+
+@dataclass(frozen=True)
+class LinearPhase:
+    """The merged delta is Σ cᵢ τᵢ with constants cᵢ = coefficients(weights, params)."""
+
+    coefficients: Callable[[Sequence[float], Mapping[str, Any]], list[float]]
+
+
+@dataclass(frozen=True)
+class ElementwisePhase:
+    """Per-tensor preparation, then a pure per-chunk combine of uᵢ = wᵢ tᵢ (tᵢ: τᵢ thinned as declared)."""
+
+    #: (uᵢ of the adapters touching a tensor, their wᵢ, params) -> the merged delta of the chunk
+    combine: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any]], Any]
+    #: how each τᵢ is thinned first: "magnitude" (exact top-k trim, needs a selection pass), "dare", or None
+    sparsification: str | None = None
+    #: the fused C kernel that computes `combine` bit for bit ("sum" or "ties"); None: torch only
+    kernel: str | None = None
+
+
+@dataclass(frozen=True)
+class FactoredPhase:
+    """The merged delta of a tensor as factors (L, R) computed from every adapter's low-rank factors."""
+
+    #: ([LowRankFactors of the adapters touching the tensor], their wᵢ, params) -> (L m×k, R k×n), delta = L @ R
+    factors: Callable[[Sequence[LowRankFactors], Sequence[float], Mapping[str, Any]], tuple[Any, Any]]
+    #: for 1-D changes (lora_bias shifts), which have no factors: ([τᵢ], [wᵢ], params) -> merged delta (the
+    #: method applies the weights itself, as `factors` does); None refuses them
+    vectors: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any]], Any] | None = None
+
+
+Phase = LinearPhase | ElementwisePhase | FactoredPhase
+
+
+@dataclass(frozen=True)
 class MergeMethod:
-    """A registry row: name, parameters with defaults, display name and paper link, and the math."""
+    """A registry row: name, parameters with defaults, display name and paper link, and the phase that runs it."""
 
     name: str
     display_name: str
     paper_url: str | None
     summary: str
+    phase: Phase
     params: tuple[Param, ...] = ()
-    #: linear methods: weights, global params -> cᵢ with τ = Σ cᵢ τᵢ
-    coefficients: Callable[[Sequence[float], Mapping[str, Any]], list[float]] | None = None
     #: per-adapter parameter checks that need the whole list (e.g. Σ w ≠ 0), run at config time
     validate: Callable[[Sequence[float], Mapping[str, Any], Sequence[Mapping[str, Any]]], None] | None = None
-    #: how each τᵢ is thinned before combining: "magnitude" (TIES trim), "dare" (random drop), or None
-    sparsification: str | None = None
-    #: non-linear methods: (uᵢ = wᵢ tᵢ of the adapters touching a tensor, their wᵢ, params) -> merged delta
-    consensus: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any]], Any] | None = None
 
     @property
     def is_linear(self) -> bool:
         """True when the merged delta is Σ cᵢ τᵢ with constants cᵢ (fusable, single pass)."""
-        return self.coefficients is not None
+        return isinstance(self.phase, LinearPhase)
+
+    @property
+    def is_elementwise(self) -> bool:
+        """True when the method combines τᵢ entry by entry, chunk by chunk."""
+        return isinstance(self.phase, ElementwisePhase)
+
+    @property
+    def is_factored(self) -> bool:
+        """True when the method returns factors of the merged delta from the adapters' factors."""
+        return isinstance(self.phase, FactoredPhase)
+
+    @property
+    def sparsification(self) -> str | None:
+        """How an elementwise method thins each τᵢ ("magnitude", "dare"), else None."""
+        return self.phase.sparsification if isinstance(self.phase, ElementwisePhase) else None
+
+    def coefficients(self, weights: Sequence[float], params: Mapping[str, Any]) -> list[float] | None:
+        """The cᵢ of a linear method, None for the other phases."""
+        return self.phase.coefficients(weights, params) if isinstance(self.phase, LinearPhase) else None
 
     def param(self, name: str) -> Param:
         """Return the parameter called `name`."""

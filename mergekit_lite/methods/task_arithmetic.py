@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .registry import MergeMethod, Param, register
+from .registry import LinearPhase, MergeMethod, Param, register
 
 
 def task_arithmetic_coefficients(weights: Sequence[float], params: Mapping[str, Any]) -> list[float]:
@@ -20,6 +20,6 @@ TASK_ARITHMETIC = register(
         paper_url="https://arxiv.org/abs/2212.04089",
         summary="τ = λ · Σ wᵢτᵢ",
         params=(Param("lambda", 1.0, float, "global scale of the summed task vectors"),),
-        coefficients=task_arithmetic_coefficients,
+        phase=LinearPhase(task_arithmetic_coefficients),
     )
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, ties_consensus
-from .registry import MergeMethod, register
+from .registry import ElementwisePhase, MergeMethod, register
 
 TIES = register(
     MergeMethod(
@@ -12,7 +12,6 @@ TIES = register(
         paper_url="https://arxiv.org/abs/2306.01708",
         summary="trim each τᵢ to its ⌊density·numel⌋ largest magnitudes, elect the sign, disjoint mean of agreeing wᵢtᵢ",
         params=(DENSITY, SIGN, NORMALIZE_TIES, LAMBDA),
-        sparsification="magnitude",
-        consensus=ties_consensus,
+        phase=ElementwisePhase(ties_consensus, sparsification="magnitude", kernel="ties"),
     )
 )
