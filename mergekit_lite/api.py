@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,27 +18,20 @@ from .engine.elementwise import check_densities
 from .engine.loop import MergeEngine
 from .engine.plan import MergePlan, build_plan
 from .engine.schedule import DEFAULT_MAX_MEMORY, EngineOptions, check_phase, default_workers
-from .formats.integrity import check_written
 from .hub.resolve import hub_reference, resolve_model_dir
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
 from .sources.checkpoint import BaseCheckpoint
 from .units import format_size, parse_size
-from .writers.atomic import atomic_directory, check_target
-from .writers.card import render_card, warm_card_imports
-from .writers.checkpoint import (
-    OutputTensor,
-    ShardedWriter,
-    shard_layout,
-    side_file_bytes,
-    write_side_files,
-)
-from .writers.failures import naming
-from .writers.preflight import check_apart, check_free_space, check_output_path
+from .writers.atomic import atomic_directory
+from .writers.card import warm_card_imports
+from .writers.checkpoint import shard_layout
+from .writers.kinds import CONFIG_COPY, output_kind, write_output
+from .writers.preflight import check_apart, check_free_space, preflight_output
 from .writers.staging import remove_stale
 
 logger = logging.getLogger(__name__)
-CONFIG_COPY = "mergekit_lite_config.yaml"
+__all__ = ["CONFIG_COPY", "MergeResult", "PreparedMerge", "describe_plan", "merge", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -70,26 +64,49 @@ class MergeResult:
 
 @dataclass
 class PreparedMerge:
-    """A config with its inputs opened and its plan built: all that can fail fast has been checked."""
+    """A config with its inputs opened and its plan built: all that can fail fast has been checked.
+
+    A context manager: leaving it closes every file the inputs opened (no reliance on garbage collection).
+    """
 
     config: MergeConfig
     base: BaseCheckpoint
     adapters: list[PeftAdapter]
     plan: MergePlan
 
+    def close(self) -> None:
+        """Close the base checkpoint's and the adapters' open files."""
+        for adapter in self.adapters:
+            adapter.close()
+        self.base.close()
+
+    def __enter__(self) -> PreparedMerge:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def prepare(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
     """Open the base and adapters lazily and build the plan (reads headers, configs and adapter factors).
 
     `allow_pickle` is the user's explicit opt-in to read pickled .bin inputs (with weights_only=True); it is an
-    argument, never a config key, so a config file from a stranger cannot switch it on.
+    argument, never a config key, so a config file from a stranger cannot switch it on. Whatever was opened
+    is closed again if a check fails; on success the caller closes it (use the result as a context manager).
     """
-    base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"), allow_pickle=allow_pickle)
-    adapters = [PeftAdapter(resolve_model_dir(config, spec.path, kind="adapter"), spec.label, allow_pickle=allow_pickle)
-                for spec in config.adapters]
-    plan = build_plan(base, adapters, _out_dtype_name(config))
-    check_densities(plan, config.merge_method, config.adapter_params)
-    check_phase(plan.tensors, config.merge_method, [a.label for a in adapters])
+    with ExitStack() as stack:
+        base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"), allow_pickle=allow_pickle)
+        stack.callback(base.close)
+        adapters = []
+        for spec in config.adapters:
+            adapter = PeftAdapter(resolve_model_dir(config, spec.path, kind="adapter"), spec.label,
+                                  allow_pickle=allow_pickle)
+            stack.callback(adapter.close)
+            adapters.append(adapter)
+        plan = build_plan(base, adapters, _out_dtype_name(config))
+        check_densities(plan, config.merge_method, config.adapter_params)
+        check_phase(plan.tensors, config.merge_method, [a.label for a in adapters])
+        stack.pop_all()  # checks passed: the caller owns the open files now
     return PreparedMerge(config, base, adapters, plan)
 
 
@@ -106,50 +123,40 @@ def merge(
     progress: bool = True,
     allow_pickle: bool = False,
 ) -> MergeResult:
-    """Merge the adapters into the base as `config` says and write the checkpoint atomically."""
+    """Merge the adapters into the base as `config` says and write the output atomically.
+
+    The output path is checked once, before any input is opened or downloaded (a file in the way, an existing
+    output without `overwrite`, an output inside a local input or holding one); Hub inputs are checked against
+    it once resolved, then the free space.
+    """
     started = time.perf_counter()
     if out is not None:
         config = config.with_output_path(out)
     target = config.output_path
     resolved_device = resolve_device(device)
+    kind = output_kind()
     if not dry_run:
-        check_output_path(target)
         remove_stale(target.resolve())
-        check_apart(target, _local_inputs(config))  # before any Hub download; again below on the resolved folders
-        check_target(target, overwrite)
-    prepared = prepare(config, allow_pickle)
-    touched = {a.label: names for a, names in zip(prepared.adapters, prepared.plan.touched_by)}
-    layout = _output_layout(prepared.plan)
-    if dry_run:
-        return MergeResult(
-            config, None, str(resolved_device), dry_run=True, touched=touched,
-            shards=len(shard_layout(layout, config.output.shard_size)),
-        )
-    check_apart(target, _input_folders(prepared))
-    needed = prepared.plan.total_out_bytes + side_file_bytes(prepared.base.folder)
-    check_free_space(target, needed)
-    engine = _engine(prepared, resolved_device, chunk_rows, max_memory, workers)
-    if resolved_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(resolved_device)
-    tune_allocator()
-    warm_card_imports()
-    with atomic_directory(target, overwrite, needed) as staging:
-        writer = ShardedWriter(staging, layout, config.output.shard_size)
-        bar = byte_progress(prepared.plan.total_out_bytes, progress)
-        try:
-            stats = engine.run(writer, bar)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
-        write_side_files(prepared.base.folder, staging, config.output.dtype)
-        with naming(staging / CONFIG_COPY):
-            (staging / CONFIG_COPY).write_text(config.to_yaml())
-        with naming(staging / "README.md"):
-            (staging / "README.md").write_text(render_card(config))
-        check_written(staging, layout)  # a short write or a layout bug never reaches the target
+        preflight_output(target, overwrite, _local_inputs(config))
+    with prepare(config, allow_pickle) as prepared:
+        touched = {a.label: names for a, names in zip(prepared.adapters, prepared.plan.touched_by)}
+        layout = kind.layout(prepared.plan)
+        if dry_run:
+            return MergeResult(
+                config, None, str(resolved_device), dry_run=True, touched=touched,
+                shards=len(shard_layout(layout, config.output.shard_size)),
+            )
+        check_apart(target, _hub_inputs(config, prepared))
+        needed = sum(t.nbytes for t in layout) + kind.side_file_bytes(prepared.base.folder)
+        check_free_space(target, needed)
+        engine = _engine(prepared, resolved_device, chunk_rows, max_memory, workers)
+        if resolved_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(resolved_device)
+        tune_allocator()
+        warm_card_imports()
+        with atomic_directory(target, overwrite, needed) as staging:
+            bar = byte_progress(prepared.plan.total_out_bytes, progress)
+            stats, shards = write_output(kind, engine, staging, prepared.base.folder, config, layout, bar)
     result = MergeResult(
         config=config,
         output_dir=target,
@@ -161,7 +168,7 @@ def merge(
         peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=peak_device_bytes(resolved_device),
         chunk_rows=stats.max_chunk_rows,
-        shards=len(writer.shards),
+        shards=shards,
         touched=touched,
     )
     logger.info(result.summary())
@@ -171,12 +178,17 @@ def merge(
 def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chunk_rows: int | None = None,
                   max_memory: int | str | None = None, allow_pickle: bool = False, workers: int | None = None) -> str:
     """The dry-run report: what each adapter touches, output size and shards, and a memory estimate."""
-    prepared = prepare(config, allow_pickle)
-    plan = prepared.plan
+    with prepare(config, allow_pickle) as prepared:
+        return _describe(prepared, device, chunk_rows, max_memory, workers)
+
+
+def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: int | None,
+              max_memory: int | str | None, workers: int | None) -> str:
+    config, plan = prepared.config, prepared.plan
     engine = _engine(prepared, resolve_device(device), chunk_rows, max_memory, workers)
     options = engine.options
     peak_chunk = max((engine.working_set_bytes(tensor) for tensor in plan.tensors), default=0)
-    shards = shard_layout(_output_layout(plan), config.output.shard_size)
+    shards = shard_layout(output_kind().layout(plan), config.output.shard_size)
     touched_any = sum(1 for t in plan.tensors if t.touched)
     lines = [
         f"plan: {config.merge_method.display_name} ({config.method}) of {len(plan.adapters)} adapter(s) into "
@@ -225,16 +237,11 @@ def _local_inputs(config: MergeConfig) -> list[tuple[str, Path]]:
     return [(what, config.resolve_path(ref)) for what, ref in references if hub_reference(config, ref) is None]
 
 
-def _input_folders(prepared: PreparedMerge) -> list[tuple[str, Path]]:
-    """Every input's local folder after Hub resolution, described for an error message."""
-    return [("the base model", prepared.base.folder)] + [
-        (f"adapter '{adapter.label}'", adapter.folder) for adapter in prepared.adapters
-    ]
-
-
-def _output_layout(plan: MergePlan) -> list[OutputTensor]:
-    """The output tensors in write order, with their output dtypes and sizes."""
-    return [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors]
+def _hub_inputs(config: MergeConfig, prepared: PreparedMerge) -> list[tuple[str, Path]]:
+    """The inputs that were Hub ids, as resolved local folders (the local ones were checked before opening)."""
+    folders = [("the base model", config.base_model, prepared.base.folder)]
+    folders += [(f"adapter '{a.label}'", spec.path, a.folder) for spec, a in zip(config.adapters, prepared.adapters)]
+    return [(what, folder) for what, ref, folder in folders if hub_reference(config, ref) is not None]
 
 
 def _out_dtype_name(config: MergeConfig) -> str | None:

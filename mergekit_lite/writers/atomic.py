@@ -15,31 +15,26 @@ from pathlib import Path
 
 from ..errors import OutputExistsError
 from .failures import as_write_error
-from .preflight import check_output_path
 from .staging import lock_folder, retired_prefix, staging_folder
 from .swap import exchange
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse an output path that cannot be a folder, or an existing output unless overwriting was asked for."""
-    check_output_path(target)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
 
 
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool, needed_bytes: int = 0) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target`, on any failure it vanishes.
 
-    An OS error while writing the output becomes a WriteError saying what to do (`needed_bytes`: the output's
-    size, for the free-space advice).
+    The output path was checked by `preflight.preflight_output` before the inputs were opened; here only an
+    output that appeared since then is refused (without `overwrite`), at the moment of the swap. An OS error
+    while writing the output becomes a WriteError saying what to do (`needed_bytes`: the output's size, for
+    the free-space advice).
     """
     target = target.resolve()
-    check_target(target, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with staging_folder(target) as staging:
             yield staging
+            if not overwrite and os.path.lexists(target):
+                raise OutputExistsError(f"output {target} appeared while merging; pass --overwrite to replace it")
             _commit(staging, target)
     except OSError as error:
         failure = as_write_error(error, target, needed_bytes)

@@ -6,12 +6,22 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import OutputPathError, WriteError
+from ..errors import OutputExistsError, OutputPathError, WriteError
 from ..units import format_size
 from .failures import nearest_existing
 
 #: Room kept beyond the planned bytes for the card, the config copy and the index.
 FREE_SPACE_MARGIN = 1 << 20
+
+
+def preflight_output(target: Path, overwrite: bool, inputs: Iterable[tuple[str, Path]]) -> None:
+    """Every check of the output path, once per run and before any input is opened: not a file or under one,
+    not an existing output unless `overwrite`, apart from every local input (Hub inputs are checked with
+    `check_apart` once resolved)."""
+    check_output_path(target)
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
+    check_apart(target, inputs)
 
 
 def check_output_path(target: Path) -> None:

@@ -1,0 +1,109 @@
+"""Output kinds: what a merge writes into its staging folder, as a strategy the API runs without knowing which.
+
+A kind owns its tensor layout, how the engine's tensors become that layout (the producer), its side files,
+and how its card relates to the base. The sharded safetensors writer, the staging folder, the atomic swap and
+the integrity check are shared: a second kind (a PEFT adapter) reuses all four.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from ..formats.integrity import check_written
+from ..progress import Progress
+from .card import render_card
+from .checkpoint import OutputTensor, ShardedWriter, side_file_bytes, write_side_files
+from .failures import naming
+
+if TYPE_CHECKING:  # the API imports this module; these are only types here
+    from ..config import MergeConfig
+    from ..engine.loop import EngineStats, MergeEngine
+    from ..engine.plan import MergePlan
+
+CONFIG_COPY = "mergekit_lite_config.yaml"
+CARD = "README.md"
+
+
+class OutputKind(Protocol):
+    """One kind of output: a layout, a producer, side files and a card relation."""
+
+    #: the `output.format` name
+    name: str
+    #: `base_model_relation` on the card ("merge" for a checkpoint, "adapter" for a PEFT adapter)
+    card_relation: str
+
+    def layout(self, plan: MergePlan) -> list[OutputTensor]:
+        """The output tensors in write order, with their dtypes and sizes."""
+        ...
+
+    def side_file_bytes(self, base_folder: Path) -> int:
+        """Bytes of the side files, for the free-space check."""
+        ...
+
+    def produce(self, engine: MergeEngine, writer: ShardedWriter, progress: Progress) -> EngineStats:
+        """Run the engine into the writer, tensor by tensor in layout order."""
+        ...
+
+    def write_side_files(self, base_folder: Path, staging: Path, config: MergeConfig) -> None:
+        """Everything beside the tensors (configs, tokenizer, card)."""
+        ...
+
+
+@dataclass(frozen=True)
+class CheckpointOutput:
+    """A standard Hugging Face checkpoint: every base tensor, merged or copied, plus the base's side files."""
+
+    name: str = "checkpoint"
+    card_relation: str = "merge"
+
+    def layout(self, plan: MergePlan) -> list[OutputTensor]:
+        """Every base tensor in read order, in its output dtype."""
+        return [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors]
+
+    def side_file_bytes(self, base_folder: Path) -> int:
+        """config.json, generation config and tokenizer files copied from the base."""
+        return side_file_bytes(base_folder)
+
+    def produce(self, engine: MergeEngine, writer: ShardedWriter, progress: Progress) -> EngineStats:
+        """The engine writes W + merged delta (or W as is) for every base tensor."""
+        return engine.run(writer, progress)
+
+    def write_side_files(self, base_folder: Path, staging: Path, config: MergeConfig) -> None:
+        """The base's config (dtype updated), generation config and tokenizer; the resolved config; the card."""
+        write_side_files(base_folder, staging, config.output.dtype)
+        write_text(staging / CONFIG_COPY, config.to_yaml())
+        write_text(staging / CARD, render_card(config))
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {"checkpoint": CheckpointOutput()}
+
+
+def output_kind(name: str = "checkpoint") -> OutputKind:
+    """The output kind called `name`."""
+    return OUTPUT_KINDS[name]
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a side file, naming it in any OS error."""
+    with naming(path):
+        path.write_text(text)
+
+
+def write_output(kind: OutputKind, engine: MergeEngine, staging: Path, base_folder: Path, config: MergeConfig,
+                 layout: list[OutputTensor], progress: Progress) -> tuple[EngineStats, int]:
+    """Produce `kind` into `staging`, then re-open and check every shard against the layout (a short write or
+    a layout bug never reaches the target). Returns the engine's stats and the number of shards."""
+    writer = ShardedWriter(staging, layout, config.output.shard_size)
+    try:
+        stats = kind.produce(engine, writer, progress)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    kind.write_side_files(base_folder, staging, config)
+    check_written(staging, layout)
+    return stats, len(writer.shards)
