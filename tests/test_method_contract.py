@@ -21,6 +21,7 @@ from mergekit_lite.engine.schedule import C_LOWRANK, C_SUM, C_TIES, TORCH
 from mergekit_lite.methods import (
     REGISTRY,
     ElementwisePhase,
+    FactoredContext,
     FactoredPhase,
     LinearPhase,
     LowRankFactors,
@@ -36,7 +37,7 @@ FACTORED_TA = "factored_task_arithmetic_for_tests"
 
 
 def factored_task_arithmetic(factors: Sequence[LowRankFactors], weights: Sequence[float],
-                             params: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+                             params: Mapping[str, Any], context: FactoredContext) -> tuple[torch.Tensor, torch.Tensor]:
     """λ Σ wᵢ sᵢ Pᵢ Qᵢ as stacked factors, each coefficient folded into Pᵢ with one rounding (as linear does)."""
     lefts = [f.left * ((params["lambda"] * float(w)) * f.scale) for f, w in zip(factors, weights)]
     return torch.cat(lefts, dim=1), torch.cat([f.right for f in factors], dim=0)

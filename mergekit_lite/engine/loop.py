@@ -20,7 +20,7 @@ import torch
 
 from ..errors import NonFiniteError
 from ..formats.safetensors import TORCH_DTYPES, tensor_bytes
-from ..methods import FactoredPhase, MergeMethod
+from ..methods import FactoredContext, FactoredPhase, MergeMethod
 from ..progress import Progress
 from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
 from ..writers.checkpoint import ShardedWriter
@@ -209,7 +209,9 @@ class MergeEngine:
         factors = [deltas.adapter_factors(i) for i in active]
         if any(len(f) != 1 for f in factors):
             raise AssertionError(f"tensor '{schedule.name}': one low-rank change per adapter expected")
-        left, right = phase.factors([f[0] for f in factors], weights, self.global_params)
+        context = FactoredContext(schedule.name, (schedule.plan.info.rows, max(schedule.plan.info.cols, 1)), self.seed,
+                                  tuple(active), tuple(self.adapter_params[i] for i in active))
+        left, right = phase.factors([f[0] for f in factors], weights, self.global_params, context)
         left = left.to(device=self.options.device, dtype=self.options.compute_dtype)
         right = right.to(device=self.options.device, dtype=self.options.compute_dtype)
         rows, cols = schedule.plan.info.rows, max(schedule.plan.info.cols, 1)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .registry import Param
+from .registry import FactoredContext, FactoredPhase, Param
 
 DENSITY = Param(
     "density", None, float, "fraction of each task vector's entries kept, in (0, 1]", per_adapter=True,
@@ -16,6 +16,8 @@ DENSITY = Param(
 LAMBDA = Param("lambda", 1.0, float, "global scale of the merged task vector")
 SIGN = Param("sign", "sum", str, "sign election: sum of weighted values, or count of signs", choices=("sum", "count"))
 NORMALIZE_TIES = Param("normalize", True, bool, "divide by Σ|wᵢ| of the adapters that agree with the elected sign")
+SPACE = Param("space", "full", str, "where the entry-wise steps run: on the dense task vectors (full), or on the "
+              "core of the stacked LoRA factors (core: Core Space merging, another method)", choices=("full", "core"))
 RESCALE = Param("rescale", True, bool, "divide kept entries by the density", per_adapter=True)
 
 
@@ -57,3 +59,16 @@ def ties_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], pa
     if divisor is not None:  # where no adapter agrees, merged is 0 and so is the result
         merged.div_(divisor.clamp_(min=torch.finfo(divisor.dtype).tiny))
     return merged if params["lambda"] == 1 else merged.mul_(params["lambda"])
+
+
+def core_space_phase(name: str) -> FactoredPhase:
+    """`space: core` of the elementwise method `name`: its steps on the core matrices (SEMANTICS §3c)."""
+    from ._core import core_space_factors
+    from ._subspace import mean_of_vectors
+    from .registry import get_method
+
+    def factors(factors: Sequence[Any], weights: Sequence[float], params: Mapping[str, Any],
+                context: FactoredContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return core_space_factors(get_method(name), factors, weights, params, context)
+
+    return FactoredPhase(factors, vectors=mean_of_vectors)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, RESCALE, SIGN, sum_consensus, ties_consensus
+from ._common import (
+    DENSITY,
+    LAMBDA,
+    NORMALIZE_TIES,
+    RESCALE,
+    SIGN,
+    SPACE,
+    core_space_phase,
+    sum_consensus,
+    ties_consensus,
+)
 from .registry import ElementwisePhase, MergeMethod, register
 
 PAPER = "https://arxiv.org/abs/2311.03099"
@@ -10,10 +20,11 @@ PAPER = "https://arxiv.org/abs/2311.03099"
 DARE_LINEAR = register(
     MergeMethod(
         name="dare_linear",
+        core_phase=core_space_phase("dare_linear"),
         display_name="DARE (linear)",
         paper_url=PAPER,
         summary="tᵢ = mᵢ ⊙ τᵢ / density with a counter-based Bernoulli keep-mask mᵢ; τ = λ · Σ wᵢtᵢ",
-        params=(DENSITY, RESCALE, LAMBDA),
+        params=(DENSITY, RESCALE, LAMBDA, SPACE),
         phase=ElementwisePhase(sum_consensus, sparsification="dare", kernel="sum"),
     )
 )
@@ -21,10 +32,11 @@ DARE_LINEAR = register(
 DARE_TIES = register(
     MergeMethod(
         name="dare_ties",
+        core_phase=core_space_phase("dare_ties"),
         display_name="DARE + TIES",
         paper_url=PAPER,
         summary="the DARE tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
-        params=(DENSITY, RESCALE, SIGN, NORMALIZE_TIES, LAMBDA),
+        params=(DENSITY, RESCALE, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
         phase=ElementwisePhase(ties_consensus, sparsification="dare", kernel="ties"),
     )
 )

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from ._common import DENSITY, LAMBDA, sum_consensus
+from ._common import DENSITY, LAMBDA, SPACE, core_space_phase, sum_consensus
 from .registry import ElementwisePhase, MergeMethod, register
 
 MAGNITUDE_PRUNE = register(
     MergeMethod(
         name="magnitude_prune",
+        core_phase=core_space_phase("magnitude_prune"),
         display_name="Magnitude pruning",
         paper_url="https://arxiv.org/abs/2306.01708",
         summary="keep each τᵢ's ⌊density·numel⌋ largest magnitudes; τ = λ · Σ wᵢtᵢ",
-        params=(DENSITY, LAMBDA),
+        params=(DENSITY, LAMBDA, SPACE),
         phase=ElementwisePhase(sum_consensus, sparsification="magnitude", kernel="sum"),
     )
 )

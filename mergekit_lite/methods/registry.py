@@ -16,7 +16,7 @@ the engine runs it is the method's *phase*, declared, never inferred:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import MergeConfigError
@@ -95,11 +95,29 @@ class ElementwisePhase:
 
 
 @dataclass(frozen=True)
+class FactoredContext:
+    """What a factored method may know about the tensor besides the factors (for rank caps and DARE keys)."""
+
+    #: the base tensor's name
+    tensor: str
+    #: (m, n): the tensor's shape as a matrix (rows, columns)
+    shape: tuple[int, int]
+    #: the merge's seed
+    seed: int
+    #: config indices of the adapters whose factors are given, in order
+    adapters: tuple[int, ...]
+    #: their per-adapter parameters (density, rescale, …), in the same order
+    adapter_params: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True)
 class FactoredPhase:
     """The merged delta of a tensor as factors (L, R) computed from every adapter's low-rank factors."""
 
-    #: ([LowRankFactors of the adapters touching the tensor], their wᵢ, params) -> (L m×k, R k×n), delta = L @ R
-    factors: Callable[[Sequence[LowRankFactors], Sequence[float], Mapping[str, Any]], tuple[Any, Any]]
+    #: ([LowRankFactors of the adapters touching the tensor], their wᵢ, params, context) -> (L m×k, R k×n),
+    #: the merged delta being L @ R
+    factors: Callable[[Sequence[LowRankFactors], Sequence[float], Mapping[str, Any], FactoredContext],
+                      tuple[Any, Any]]
     #: for 1-D changes (lora_bias shifts), which have no factors: ([τᵢ], [wᵢ], params) -> merged delta (the
     #: method applies the weights itself, as `factors` does); None refuses them
     vectors: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any]], Any] | None = None
@@ -120,6 +138,16 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     #: per-adapter parameter checks that need the whole list (e.g. Σ w ≠ 0), run at config time
     validate: Callable[[Sequence[float], Mapping[str, Any], Sequence[Mapping[str, Any]]], None] | None = None
+    #: the same steps run in the core of the stacked factors (`space: core`), when the method offers it
+    core_phase: FactoredPhase | None = None
+
+    def resolved(self, params: Mapping[str, Any]) -> MergeMethod:
+        """The method as `params` run it: with `space: core`, the core-space variant (another method than the
+        one of the same name in full space, and named so on the card)."""
+        if self.core_phase is not None and params.get("space") == "core":
+            return replace(self, phase=self.core_phase, display_name=f"{self.display_name} in core space",
+                           core_phase=None)
+        return self
 
     @property
     def is_linear(self) -> bool:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, ties_consensus
+from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, ties_consensus
 from .registry import ElementwisePhase, MergeMethod, register
 
 TIES = register(
     MergeMethod(
         name="ties",
+        core_phase=core_space_phase("ties"),
         display_name="TIES",
         paper_url="https://arxiv.org/abs/2306.01708",
         summary="trim each τᵢ to its ⌊density·numel⌋ largest magnitudes, elect the sign, disjoint mean of agreeing wᵢtᵢ",
-        params=(DENSITY, SIGN, NORMALIZE_TIES, LAMBDA),
+        params=(DENSITY, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
         phase=ElementwisePhase(ties_consensus, sparsification="magnitude", kernel="ties"),
     )
 )

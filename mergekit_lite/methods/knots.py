@@ -1,0 +1,78 @@
+"""knots: KnOTS, a base method run on the adapters' representations in their shared left singular basis (§3c)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import MergeConfigError
+from ._common import LAMBDA, NORMALIZE_TIES, RESCALE, SIGN
+from ._core import CORE_DTYPE, elementwise_merge, rank_svd
+from ._subspace import mean_of_vectors
+from .registry import FactoredContext, FactoredPhase, LowRankFactors, MergeMethod, Param, get_method, register
+
+BASES = ("ties", "dare_ties", "dare_linear", "magnitude_prune", "linear", "task_arithmetic")
+DENSITY_OPTIONAL = Param("density", None, float, "fraction of each representation's entries kept, in (0, 1] "
+                         "(needed by the sparsifying bases)", per_adapter=True, interval=(0.0, 1.0))
+
+
+def knots_factors(factors: Sequence[LowRankFactors], weights: Sequence[float], params: Mapping[str, Any],
+                  context: FactoredContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD of [τ₁ … τ_T] = U Σ [Z₁ … Z_T] from the factors; `base` merges the representations ΣZᵢ into Z;
+    the merged delta is U Z."""
+    m, n = context.shape
+    lefts = [f.left.to(CORE_DTYPE) * f.scale for f in factors]
+    u_p, k_p = torch.linalg.qr(torch.cat(lefts, dim=1), mode="reduced")
+    blocks, bases, start = [], [], 0
+    for f in factors:
+        stop = start + f.left.shape[1]
+        u_q, k_q = torch.linalg.qr(f.right.to(CORE_DTYPE).T, mode="reduced")
+        blocks.append(k_p[:, start:stop] @ k_q.T)
+        bases.append(u_q)
+        start = stop
+    u, s, vh = rank_svd(torch.cat(blocks, dim=1), (m, len(factors) * n))
+    representations, start = [], 0
+    for block, u_q in zip(blocks, bases):
+        stop = start + block.shape[1]
+        representations.append((s[:, None] * vh[:, start:stop]) @ u_q.T)
+        start = stop
+    merged = elementwise_merge(get_method(params["base"]), representations, weights, params, context, "knots")
+    return u_p @ u, merged
+
+
+def knots_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
+    """1-D changes: a linear base combines them as it would (so knots with a linear base is that base
+    everywhere); otherwise they are averaged, as for every subspace method."""
+    coefficients = get_method(params["base"]).coefficients(weights, params)
+    if coefficients is None:
+        return mean_of_vectors(taus, weights, params)
+    total = taus[0] * coefficients[0]
+    for tau, c in zip(taus[1:], coefficients[1:]):
+        total = total + tau * c
+    return total
+
+
+def _validate(weights: Sequence[float], params: Mapping[str, Any], own: Sequence[Mapping[str, Any]]) -> None:
+    base = get_method(params["base"])
+    if base.sparsification is not None and any(o["density"] is None for o in own):
+        raise MergeConfigError(f"method 'knots' with base '{base.name}' needs 'density': set it under parameters "
+                               "(or every adapter entry)")
+    if base.validate is not None:
+        base.validate(weights, params, own)
+
+
+KNOTS = register(
+    MergeMethod(
+        name="knots",
+        display_name="KnOTS",
+        paper_url="https://arxiv.org/abs/2410.19735",
+        summary="the base method (ties, dare_*, magnitude_prune, linear, task_arithmetic) run on each adapter's "
+                "representation ΣZᵢ in the shared singular basis U of [τ₁ … τ_T]; merged delta U·Z",
+        params=(Param("base", "ties", str, "the method run on the aligned representations", choices=BASES),
+                DENSITY_OPTIONAL, RESCALE, SIGN, NORMALIZE_TIES, LAMBDA),
+        phase=FactoredPhase(knots_factors, vectors=knots_vectors),
+        validate=_validate,
+    )
+)
