@@ -16,7 +16,7 @@ from .engine.allocator import tune_allocator
 from .engine.device import peak_device_bytes, peak_rss_bytes, resolve_device
 from .engine.elementwise import check_densities
 from .engine.loop import MergeEngine
-from .engine.plan import MergePlan, build_plan
+from .engine.plan import LowRank, MergePlan, build_plan
 from .engine.schedule import DEFAULT_MAX_MEMORY, EngineOptions, check_phase, default_workers
 from .hub.resolve import hub_reference, resolve_model_dir
 from .progress import byte_progress
@@ -212,8 +212,26 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
     method = config.merge_method
     if options.device.type == "cpu" and method.is_elementwise:
         lines.append(f"  cpu kernels: {kernels.describe() if method.phase.kernel else 'torch'}")
+    if method.is_factored:
+        lines += _core_lines(engine)
     lines.append("  dry run: nothing written")
     return "\n".join(lines)
+
+
+def _core_lines(engine: MergeEngine) -> list[str]:
+    """Per merged tensor, the core a factored method works in: R = Σ rᵢ, and its decompositions (never m×n)."""
+    lines = ["  factored: per tensor, thin QRs of the m×R and n×R stacked factors, then SVDs of R×R cores "
+             "(float64); the delta L·R is streamed like task arithmetic"]
+    for schedule in engine.schedules:
+        if schedule.action != "merge":
+            continue
+        info = schedule.plan.info
+        ranks = [item.module.rank for i in schedule.active for item in schedule.plan.by_adapter[i]
+                 if isinstance(item, LowRank)]
+        shape = "x".join(map(str, info.shape))
+        work = f"core R={sum(ranks)} ({len(ranks)} adapter(s))" if ranks else "1-D: mean of the adapters' shifts"
+        lines.append(f"    {schedule.name} [{shape}]: {work}")
+    return lines
 
 
 def _engine(prepared: PreparedMerge, device: torch.device, chunk_rows: int | None,
