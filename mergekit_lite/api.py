@@ -51,6 +51,10 @@ class MergeResult:
     shards: int = 0
     dry_run: bool = False
     touched: dict[str, list[str]] = field(default_factory=dict)
+    #: `output.format`: "checkpoint" or "peft"
+    output_format: str = "checkpoint"
+    #: what the output kind adds to the summary (a compressed adapter's kept energy)
+    notes: str = ""
 
     def summary(self) -> str:
         """One human line for the end of `merge run`."""
@@ -59,6 +63,7 @@ class MergeResult:
             f"merged {self.tensors_merged} tensors, copied {self.tensors_copied}, wrote "
             f"{format_size(self.bytes_written)} in {self.shards} shard(s) to {self.output_dir} in {self.seconds:.1f} s "
             f"(peak RSS {format_size(self.peak_rss_bytes)}{device_peak}, device {self.device})"
+            + (f"; {self.notes}" if self.notes else "")
         )
 
 
@@ -134,13 +139,14 @@ def merge(
         config = config.with_output_path(out)
     target = config.output_path
     resolved_device = resolve_device(device)
-    kind = output_kind()
+    kind = output_kind(config)
     if not dry_run:
         remove_stale(target.resolve())
         preflight_output(target, overwrite, _local_inputs(config))
     with prepare(config, allow_pickle) as prepared:
         touched = {a.label: names for a, names in zip(prepared.adapters, prepared.plan.touched_by)}
-        layout = kind.layout(prepared.plan)
+        engine = _engine(prepared, resolved_device, chunk_rows, max_memory, workers)
+        layout = kind.layout(engine)
         if dry_run:
             return MergeResult(
                 config, None, str(resolved_device), dry_run=True, touched=touched,
@@ -149,13 +155,12 @@ def merge(
         check_apart(target, _hub_inputs(config, prepared))
         needed = sum(t.nbytes for t in layout) + kind.side_file_bytes(prepared.base.folder)
         check_free_space(target, needed)
-        engine = _engine(prepared, resolved_device, chunk_rows, max_memory, workers)
         if resolved_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(resolved_device)
         tune_allocator()
         warm_card_imports()
         with atomic_directory(target, overwrite, needed) as staging:
-            bar = byte_progress(prepared.plan.total_out_bytes, progress)
+            bar = byte_progress(sum(t.nbytes for t in layout), progress)
             stats, shards = write_output(kind, engine, staging, prepared.base.folder, config, layout, bar)
     result = MergeResult(
         config=config,
@@ -170,6 +175,8 @@ def merge(
         chunk_rows=stats.max_chunk_rows,
         shards=shards,
         touched=touched,
+        output_format=kind.name,
+        notes=kind.summary(),
     )
     logger.info(result.summary())
     return result
@@ -188,7 +195,7 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
     engine = _engine(prepared, resolve_device(device), chunk_rows, max_memory, workers)
     options = engine.options
     peak_chunk = max((engine.working_set_bytes(tensor) for tensor in plan.tensors), default=0)
-    shards = shard_layout(output_kind().layout(plan), config.output.shard_size)
+    shards = shard_layout(output_kind(config).layout(engine), config.output.shard_size)
     touched_any = sum(1 for t in plan.tensors if t.touched)
     lines = [
         f"plan: {config.merge_method.display_name} ({config.method}) of {len(plan.adapters)} adapter(s) into "

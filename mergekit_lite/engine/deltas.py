@@ -187,11 +187,17 @@ class TensorDeltas:
         partial sums one block at a time, rounding W + partial each time, differently for each chunking. (On
         CPU with the kernels built, `merged_rows` takes the kernel instead.)
         """
+        total = self.delta_rows(delta, base_rows, start, stop)
+        return base_rows if total is None else base_rows.add_(total.reshape(base_rows.shape))
+
+    def delta_rows(self, delta: StreamedDelta, base_rows: torch.Tensor | None, start: int, stop: int
+                   ) -> torch.Tensor | None:
+        """delta[start:stop] (None when empty); `base_rows` = W[start:stop] is needed only by dense parts."""
         total = torch.mm(delta.factors.left[start:stop], delta.factors.right) if delta.factors is not None else None
         for part_rows in delta.dense:
-            part = part_rows(base_rows, start, stop)
+            part = part_rows(base_rows, start, stop)  # type: ignore[arg-type]
             total = part if total is None else total + part.reshape(total.shape)
-        return base_rows if total is None else base_rows.add_(total.reshape(base_rows.shape))
+        return total
 
     def merged_rows(self, delta: StreamedDelta, base_rows: torch.Tensor, start: int, stop: int,
                     out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:

@@ -194,6 +194,49 @@ class MergeEngine:
         while pending:
             self._emit(pending.popleft().result(), writer, progress)
 
+    # -- one tensor at a time, for outputs other than a checkpoint (a PEFT adapter) --------------------------
+
+    def tensor_delta(self, schedule: TensorSchedule) -> StreamedDelta:
+        """The merged delta of one tensor as the linear path streams it (linear and factored phases only):
+        factors (L, R) plus any dense parts."""
+        deltas = TensorDeltas(schedule.plan, self.plan.adapters, self.options.device, self.options.compute_dtype)
+        if self.coefficients is not None:
+            return deltas.linear_delta(self.coefficients)
+        return self._factored_delta(schedule, deltas)
+
+    def dense_delta(self, schedule: TensorSchedule) -> torch.Tensor:
+        """The whole merged delta of one tensor in the compute dtype, shaped rows × cols (or 1-D): holds one
+        tensor's delta, for a low-rank approximation of a full-rank merge or a 1-D change."""
+        tensor = schedule.plan
+        device, dtype = self.options.device, self.options.compute_dtype
+        rows, cols = tensor.info.rows, max(tensor.info.cols, 1)
+        deltas = TensorDeltas(tensor, self.plan.adapters, device, dtype)
+        out = torch.empty(rows, cols, device=device, dtype=dtype)
+        if not self.method.is_elementwise:
+            streamed = self.tensor_delta(schedule)
+            for start, stop in schedule.ranges:
+                base_rows = self._wide_rows(tensor, start, stop) if streamed.dense else None
+                part = deltas.delta_rows(streamed, base_rows, start, stop)
+                out[start:stop] = 0.0 if part is None else part.reshape(stop - start, cols)
+            return out.reshape(tensor.info.shape)
+        sparse, cached = self._prepare_sparse(schedule, deltas)
+        for start, stop in schedule.ranges:
+            if cached is not None:
+                taus = {i: tau[start:stop].clone() for i, tau in cached.items()}
+            else:
+                wide = (self._wide_rows(tensor, start, stop) if any(deltas.needs_base(i) for i in sparse.active)
+                        else None)
+                taus = self._taus(deltas, sparse.active, wide, start, stop)
+            out[start:stop] = sparse.merge_chunk(taus, start * cols).reshape(stop - start, cols)
+        return out.reshape(tensor.info.shape)
+
+    def merge_into(self, schedule: TensorSchedule, writer: ShardedWriter, progress: Progress) -> None:
+        """W + the merged delta of one tensor, in the output dtype, streamed into `writer` (reads in order)."""
+        self._merge_tensor(schedule, _DirectReads(self, schedule), writer, progress, EngineStats())
+
+    def _wide_rows(self, tensor: TensorPlan, start: int, stop: int) -> torch.Tensor:
+        return self.base.read_rows(tensor.name, start, stop).to(self.options.device, self.options.compute_dtype)
+
     def _factored_delta(self, schedule: TensorSchedule, deltas: TensorDeltas) -> StreamedDelta:
         """The factored phase: the method's (L, R) from the active adapters' factors, or its merge of 1-D
         changes (bias shifts), as a delta the linear path streams."""
@@ -296,3 +339,15 @@ class MergeEngine:
         writer.write(data)
         progress.update(data.nbytes)
 
+
+
+class _DirectReads:
+    """The reads of one tensor's chunks in order, without a read-ahead thread (one tensor at a time)."""
+
+    def __init__(self, engine: MergeEngine, schedule: TensorSchedule) -> None:
+        self._rows = iter([functools.partial(engine._read_rows, schedule.name, start, stop, schedule.read_dtype)
+                           for start, stop in schedule.ranges])
+
+    def next(self) -> Any:
+        """The next chunk's base rows."""
+        return next(self._rows)()

@@ -20,7 +20,6 @@ from .failures import naming
 if TYPE_CHECKING:  # the API imports this module; these are only types here
     from ..config import MergeConfig
     from ..engine.loop import EngineStats, MergeEngine
-    from ..engine.plan import MergePlan
 
 CONFIG_COPY = "mergekit_lite_config.yaml"
 CARD = "README.md"
@@ -34,8 +33,8 @@ class OutputKind(Protocol):
     #: `base_model_relation` on the card ("merge" for a checkpoint, "adapter" for a PEFT adapter)
     card_relation: str
 
-    def layout(self, plan: MergePlan) -> list[OutputTensor]:
-        """The output tensors in write order, with their dtypes and sizes."""
+    def layout(self, engine: MergeEngine) -> list[OutputTensor]:
+        """The output tensors in write order, with their dtypes and sizes (the engine's schedules decided)."""
         ...
 
     def side_file_bytes(self, base_folder: Path) -> int:
@@ -46,8 +45,16 @@ class OutputKind(Protocol):
         """Run the engine into the writer, tensor by tensor in layout order."""
         ...
 
-    def write_side_files(self, base_folder: Path, staging: Path, config: MergeConfig) -> None:
-        """Everything beside the tensors (configs, tokenizer, card)."""
+    def shard_size(self, config: MergeConfig) -> int:
+        """Bytes per safetensors shard."""
+        ...
+
+    def finish(self, staging: Path, layout: list[OutputTensor], base_folder: Path, config: MergeConfig) -> None:
+        """After the tensors: check every shard against the layout, then write the side files."""
+        ...
+
+    def summary(self) -> str:
+        """What this kind adds to `merge run`'s summary line ('' when nothing)."""
         ...
 
 
@@ -58,9 +65,9 @@ class CheckpointOutput:
     name: str = "checkpoint"
     card_relation: str = "merge"
 
-    def layout(self, plan: MergePlan) -> list[OutputTensor]:
+    def layout(self, engine: MergeEngine) -> list[OutputTensor]:
         """Every base tensor in read order, in its output dtype."""
-        return [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors]
+        return [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in engine.plan.tensors]
 
     def side_file_bytes(self, base_folder: Path) -> int:
         """config.json, generation config and tokenizer files copied from the base."""
@@ -70,19 +77,35 @@ class CheckpointOutput:
         """The engine writes W + merged delta (or W as is) for every base tensor."""
         return engine.run(writer, progress)
 
-    def write_side_files(self, base_folder: Path, staging: Path, config: MergeConfig) -> None:
-        """The base's config (dtype updated), generation config and tokenizer; the resolved config; the card."""
+    def shard_size(self, config: MergeConfig) -> int:
+        """`output.shard_size`."""
+        return config.output.shard_size
+
+    def finish(self, staging: Path, layout: list[OutputTensor], base_folder: Path, config: MergeConfig) -> None:
+        """The base's config (dtype updated), generation config and tokenizer; the resolved config; the card;
+        then every shard re-opened and checked against the layout."""
         write_side_files(base_folder, staging, config.output.dtype)
         write_text(staging / CONFIG_COPY, config.to_yaml())
         write_text(staging / CARD, render_card(config))
+        check_written(staging, layout)
+
+    def summary(self) -> str:
+        """Nothing to add."""
+        return ""
 
 
-OUTPUT_KINDS: dict[str, OutputKind] = {"checkpoint": CheckpointOutput()}
+#: output.format -> the kind's name (the values `output_kind` builds)
+OUTPUT_FORMATS = ("checkpoint", "peft")
 
 
-def output_kind(name: str = "checkpoint") -> OutputKind:
-    """The output kind called `name`."""
-    return OUTPUT_KINDS[name]
+def output_kind(config: MergeConfig) -> OutputKind:
+    """A fresh output kind for `config`'s `output.format` (a kind records what it wrote, for the card)."""
+    output_format = getattr(config.output, "format", "checkpoint")
+    if output_format == "peft":
+        from .adapter import PeftAdapterOutput
+
+        return PeftAdapterOutput(rank=getattr(config.output, "rank", None), dtype=config.output.dtype)
+    return CheckpointOutput()
 
 
 def write_text(path: Path, text: str) -> None:
@@ -95,7 +118,7 @@ def write_output(kind: OutputKind, engine: MergeEngine, staging: Path, base_fold
                  layout: list[OutputTensor], progress: Progress) -> tuple[EngineStats, int]:
     """Produce `kind` into `staging`, then re-open and check every shard against the layout (a short write or
     a layout bug never reaches the target). Returns the engine's stats and the number of shards."""
-    writer = ShardedWriter(staging, layout, config.output.shard_size)
+    writer = ShardedWriter(staging, layout, kind.shard_size(config))
     try:
         stats = kind.produce(engine, writer, progress)
         writer.close()
@@ -104,6 +127,5 @@ def write_output(kind: OutputKind, engine: MergeEngine, staging: Path, base_fold
         raise
     finally:
         progress.close()
-    kind.write_side_files(base_folder, staging, config)
-    check_written(staging, layout)
+    kind.finish(staging, layout, base_folder, config)
     return stats, len(writer.shards)
