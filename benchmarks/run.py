@@ -3,6 +3,8 @@
     python benchmarks/run.py                      # the 492M setup of the benchmarks issue, 3 repeats
     python benchmarks/run.py --layers 2 --repeats 1 --tools ours,io   # a quick look
     python benchmarks/run.py --scaling            # peak RSS at 1x, 2x, 4x depth
+    python benchmarks/run.py --tools io,ours --methods task_arithmetic,tsv_m,iso_c,iso_cts,knots,ties_core
+    python benchmarks/run.py --tools ours,peft --methods task_arithmetic,adapter_exact,adapter_r16
 
 Peers are installed into their own venv (benchmarks/work/peers-venv, torch pinned to 2.13.0), never into
 the project's. Wall time and peak RSS come from /usr/bin/time (the child's maximum resident set). Cases run
@@ -31,8 +33,24 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 from synthetic import Shape, add_shape_arguments, build  # noqa: E402
 
-OUR_METHODS = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}
-PEFT_METHODS = {"task_arithmetic": "cat", "ties": "ties", "dare_ties": "dare_ties"}
+#: case -> (method, parameters, output options); the first three are the default run
+OUR_METHODS: dict[str, tuple[str, dict, dict]] = {
+    "task_arithmetic": ("task_arithmetic", {}, {}),
+    "ties": ("ties", {"density": 0.5}, {}),
+    "dare_ties": ("dare_ties", {"density": 0.5}, {}),
+    "tsv_m": ("tsv_m", {}, {}),
+    "iso_c": ("iso_c", {}, {}),
+    "iso_cts": ("iso_cts", {}, {}),
+    "knots": ("knots", {"density": 0.5}, {}),
+    "ties_core": ("ties", {"density": 0.5, "space": "core"}, {}),
+    "adapter_exact": ("task_arithmetic", {}, {"format": "peft"}),
+    "adapter_r16": ("task_arithmetic", {}, {"format": "peft", "rank": 16}),
+}
+DEFAULT_METHODS = ["task_arithmetic", "ties", "dare_ties"]
+#: case -> PEFT's add_weighted_adapter combination (an adapter_* case saves PEFT's adapter, not a merged model)
+PEFT_METHODS = {"task_arithmetic": "cat", "ties": "ties", "dare_ties": "dare_ties", "adapter_exact": "cat",
+                "adapter_r16": "svd"}
+MERGEKIT_METHODS = {"task_arithmetic", "ties", "dare_ties"}
 
 
 def ensure_peers() -> Path:
@@ -60,12 +78,14 @@ def timed(command: list[str], log: Path) -> dict:
     return {"wall_s": wall, "peak_rss_bytes": rss_kb * 1024}
 
 
-def our_config(root: Path, method: str, out: Path, adapters: int) -> Path:
+def our_config(root: Path, case: str, out: Path, adapters: int) -> Path:
+    method, parameters, output = OUR_METHODS[case]
     data = {
-        "base_model": str(root / "base"), "method": method, "parameters": OUR_METHODS[method],
+        "base_model": str(root / "base"), "method": method, "parameters": parameters,
         "adapters": [{"path": str(root / f"adapter_{i}")} for i in range(adapters)],
-        "output": {"path": str(out)}, "seed": 0,
+        "output": {"path": str(out), **output}, "seed": 0,
     }
+    method = case
     path = WORK / f"ours_{method}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -96,11 +116,14 @@ def cases(root: Path, tools: list[str], methods: list[str], adapters: int,
             config = our_config(root, method, out / f"ours_{method}", adapters)
             found[f"mergekit_lite {method}"] = ([merge, "run", str(config), "--no-progress", "--device", "cpu"],
                                                 [out / f"ours_{method}"])
-        if "peft" in tools and peers is not None:
-            found[f"PEFT {PEFT_METHODS[method]}"] = ([
-                str(peers), str(HERE / "peers" / "peft_merge.py"), str(root / "base"), str(out / f"peft_{method}"),
-                PEFT_METHODS[method], *[str(root / f"adapter_{i}") for i in range(adapters)]], [out / f"peft_{method}"])
-        if "mergekit" in tools and peers is not None:
+        if "peft" in tools and peers is not None and method in PEFT_METHODS:
+            adapter_only = ["--adapter"] if method.startswith("adapter_") else []
+            label = f"PEFT {PEFT_METHODS[method]}" + (" (adapter saved)" if adapter_only else "")
+            found[label] = ([
+                str(peers), str(HERE / "peers" / "peft_merge.py"), *adapter_only, str(root / "base"),
+                str(out / f"peft_{method}"), PEFT_METHODS[method], *[str(root / f"adapter_{i}") for i in range(adapters)]],
+                [out / f"peft_{method}"])
+        if "mergekit" in tools and peers is not None and method in MERGEKIT_METHODS:
             cache = WORK / "lora-cache"
             found[f"mergekit {method}"] = ([
                 str(PEERS / "bin" / "mergekit-yaml"), str(mergekit_config(root, method, adapters)),
@@ -137,6 +160,43 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict:
             "fraction_of_entries_differing": differing / max(total, 1)}
 
 
+def adapter_deltas(folder: Path) -> dict:
+    """Module path -> scale · B · A (float64) of a plain LoRA adapter folder (r, lora_alpha and the patterns)."""
+    import re
+
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+
+    def pattern(table: dict, module: str, default: float) -> float:
+        return next((v for k, v in table.items() if re.match(rf"(.*\.)?({k})$", module)), default)
+
+    out = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len("base_model.model."):-len(".lora_A.weight")]
+        b = tensors[key.replace("lora_A", "lora_B")]
+        r = pattern(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scale = alpha / (r**0.5 if config.get("use_rslora") else r)
+        out[module] = scale * (b.double() @ a.double())
+    return out
+
+
+def adapter_error(candidate: Path, inputs: list[Path]) -> float:
+    """‖Δ_candidate − Σᵢ τᵢ‖_F / ‖Σᵢ τᵢ‖_F over all modules: how far a merged adapter is from the exact sum."""
+    exact: dict = {}
+    for folder in inputs:
+        for module, delta in adapter_deltas(folder).items():
+            exact[module] = exact[module] + delta if module in exact else delta
+    got = adapter_deltas(candidate)
+    error = sum(float(((got.get(m, 0) - d) ** 2).sum()) for m, d in exact.items())
+    norm = sum(float((d**2).sum()) for d in exact.values())
+    return (error / norm) ** 0.5
+
+
 def run(args: argparse.Namespace) -> dict:
     shape = Shape(args.hidden, args.intermediate, args.layers, args.vocab)
     root = build(WORK / f"synthetic_h{args.hidden}_l{args.layers}_v{args.vocab}", shape, args.adapters, args.rank)
@@ -168,8 +228,16 @@ def run(args: argparse.Namespace) -> dict:
     if (out / "ours_task_arithmetic").is_dir() and (out / "peft_task_arithmetic").is_dir():
         agreement["task_arithmetic: ours vs PEFT cat"] = compare(out / "ours_task_arithmetic", out / "peft_task_arithmetic",
                                                                  root / "base")
+    inputs = [root / f"adapter_{i}" for i in range(args.adapters)]
+    errors = {}
+    for case in ("adapter_exact", "adapter_r16"):
+        for tool, folder in (("mergekit_lite", out / f"ours_{case}"), ("PEFT", out / f"peft_{case}")):
+            weights = folder / "merged" if (folder / "merged").is_dir() else folder  # PEFT saves in a subfolder
+            if (weights / "adapter_model.safetensors").is_file():
+                errors[f"{tool} {case}"] = adapter_error(weights, inputs)
     return {"shape": vars(shape) | {"parameters": shape.parameters()}, "adapters": args.adapters, "rank": args.rank,
-            "repeats": args.repeats, "machine": machine(), "results": summary, "agreement": agreement}
+            "repeats": args.repeats, "machine": machine(), "results": summary, "agreement": agreement,
+            "adapter_errors": errors}
 
 
 def machine() -> str:
@@ -207,6 +275,9 @@ def table(report: dict) -> str:
                   "|---|---|---|"]
         for label, value in report["agreement"].items():
             lines.append(f"| {label} | {value['relative_delta_error']:.2%} | {value['fraction_of_entries_differing']:.2%} |")
+    if report.get("adapter_errors"):
+        lines += ["", "| merged adapter | ‖Δ − Σ τᵢ‖_F / ‖Σ τᵢ‖_F |", "|---|---|"]
+        lines += [f"| {label} | {value:.4f} |" for label, value in report["adapter_errors"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +287,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer-repeats", type=int, default=1, help="repeats for mergekit (slow)")
     parser.add_argument("--tools", type=lambda s: s.split(","), default=["io", "ours", "peft", "mergekit"])
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(OUR_METHODS))
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=DEFAULT_METHODS,
+                        help=f"cases, from: {', '.join(OUR_METHODS)}")
     parser.add_argument("--scaling", action="store_true", help="ours and PEFT at 1x, 2x, 4x depth")
     parser.add_argument("--name", default=None, help="results file stem")
     args = parser.parse_args()
