@@ -1,4 +1,10 @@
-"""Errors of our own, so the CLI can turn each into one readable line and the right exit code."""
+"""Every error mergekit_lite raises on purpose, so the CLI can turn each into one readable line and exit code.
+
+Exit 2 when what was asked cannot be done as given (config, inputs, output path, a missing extra, a folder
+that cannot be published); exit 1 when a run, a check or the Hub failed. Modules that used to define some of
+these (formats.integrity, evaluation.logit_check, evaluation.lm_eval_runner, hub.publish) import them from here,
+so the old import paths keep working.
+"""
 
 from __future__ import annotations
 
@@ -51,3 +57,31 @@ class WriteError(MergeError):
 
 class IntegrityError(MergeError):
     """A written checkpoint does not match what the plan said it would hold, or `merge verify` found a fault."""
+
+
+class NotACheckpointError(InputError):
+    """The folder holds no safetensors checkpoint at all (nothing to verify or publish)."""
+
+
+class VerifyExtraMissing(MergeError):
+    """transformers or peft is not installed, so the logit check cannot run."""
+
+    exit_code = 2
+
+
+class EvalError(MergeError):
+    """An evaluation cannot run as asked: lm-eval missing, an unknown task, a model folder that is not there."""
+
+    exit_code = 2
+
+
+class PublishError(MergeError):
+    """Publishing failed on the Hub's side: no or wrong token, no write access, network, offline mode."""
+
+    exit_code = 1
+
+
+class UnpublishableError(PublishError):
+    """The folder, its card or the repo id cannot be published as they are (nothing was sent)."""
+
+    exit_code = 2

@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from ..evaluation.logit_check import RELATIVE_TOLERANCE
+from ..formats.safetensors import DTYPES
 from .errors import friendly_errors
 
-_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_DEFAULTS = ", ".join(f"{name} {RELATIVE_TOLERANCE[code]:g}" for code, name in _DTYPE_NAMES.items())
+#: the default tolerance factor of each dtype a merge may write, by its config name (float32 1e-4, ...)
+_DEFAULTS = ", ".join(f"{d.config_name} {RELATIVE_TOLERANCE[code]:g}" for code, d in DTYPES.items() if d.config_name)
 
 
 @click.command(name="verify")

@@ -12,19 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, IntegrityError, MergeError
+from ..errors import InputError, IntegrityError, MergeError, VerifyExtraMissing
 
 #: max |logit diff| allowed, as a fraction of max |logit|, by the least precise stored dtype
 RELATIVE_TOLERANCE = {"F64": 1e-6, "F32": 1e-4, "F16": 1e-2, "BF16": 5e-2, "F8_E4M3": 0.3, "F8_E5M2": 0.3}
 SEED = 0
 BATCH = 3
 SEQUENCE = 16
-
-
-class VerifyExtraMissing(MergeError):
-    """transformers or peft is not installed, so the logit check cannot run."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, IntegrityError
-from ..formats.integrity import NotACheckpointError, StoredTensor, read_layout
-from ..formats.safetensors import FLOAT_DTYPES, TORCH_DTYPES, SafetensorsFile
+from ..errors import InputError, IntegrityError, NotACheckpointError
+from ..formats.integrity import read_layout
+from ..formats.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo, is_floating
 from ..progress import byte_progress
 from ..units import format_size
 
 #: bytes of one tensor read at a time by the finiteness scan
 CHUNK_BYTES = 64 * 1024 * 1024
-_NATIVE_FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def verify_checkpoint(folder: str | Path, *, base: str | None = None, adapter: s
     if not folder.is_dir():
         raise NotACheckpointError(f"{folder}: not a folder (give the output folder of `merge run`)")
     checks: list[CheckResult] = []
-    layout: dict[str, dict[str, StoredTensor]] | None = None
+    layout: dict[str, dict[str, TensorInfo]] | None = None
 
     def run(name: str, check: Callable[[], str]) -> None:
         try:
@@ -120,10 +119,10 @@ def check_config(folder: Path) -> str:
     return f"parses (model_type {config.get('model_type', 'not set')})"
 
 
-def check_finite(folder: Path, layout: dict[str, dict[str, StoredTensor]], chunk_bytes: int = CHUNK_BYTES,
+def check_finite(folder: Path, layout: dict[str, dict[str, TensorInfo]], chunk_bytes: int = CHUNK_BYTES,
                  progress: bool = False) -> str:
     """Every floating tensor holds no NaN or Inf, read a row chunk at a time (memory stays at one chunk)."""
-    floats = [(shard, t) for shard, tensors in layout.items() for t in tensors.values() if _is_float(t.dtype)]
+    floats = [(shard, t) for shard, tensors in layout.items() for t in tensors.values() if is_floating(t.dtype)]
     total = sum(t.nbytes for _, t in floats)
     bar = byte_progress(total, progress, "verifying")
     first: tuple[str, str, int, int] | None = None
@@ -132,7 +131,7 @@ def check_finite(folder: Path, layout: dict[str, dict[str, StoredTensor]], chunk
         for shard in layout:
             reader = SafetensorsFile(folder / shard)
             try:
-                for tensor in sorted((t for s, t in floats if s == shard), key=lambda t: t.begin):
+                for tensor in sorted((t for s, t in floats if s == shard), key=lambda t: t.offset):
                     nan, inf = _count_nonfinite(reader, tensor, chunk_bytes)
                     bar.update(tensor.nbytes)
                     if nan or inf:
@@ -149,31 +148,23 @@ def check_finite(folder: Path, layout: dict[str, dict[str, StoredTensor]], chunk
     return f"{len(floats)} floating tensors ({format_size(total)}) hold no NaN or Inf"
 
 
-def _count_nonfinite(reader: SafetensorsFile, tensor: StoredTensor, chunk_bytes: int) -> tuple[int, int]:
+def _count_nonfinite(reader: SafetensorsFile, tensor: TensorInfo, chunk_bytes: int) -> tuple[int, int]:
     """(NaN count, Inf count) of one tensor, streamed in row chunks of at most ~chunk_bytes."""
-    rows = tensor.shape[0] if tensor.shape else 1
-    row_bytes = tensor.nbytes // max(rows, 1)
-    step = max(1, chunk_bytes // max(row_bytes, 1))
+    step = max(1, chunk_bytes // max(tensor.row_bytes, 1))
     nan = inf = 0
-    for start in range(0, rows, step):
+    for start in range(0, tensor.rows, step):
         try:
-            chunk = reader.tensor(tensor.name, start, min(start + step, rows))
+            chunk = reader.tensor(tensor.name, start, min(start + step, tensor.rows))
         except ValueError as error:
             raise IntegrityError(f"{reader.path}: tensor '{tensor.name}' cannot be read ({error})") from None
-        if tensor.dtype not in _NATIVE_FLOATS:
+        if tensor.dtype not in FLOAT_DTYPES:  # 8-bit floats are widened first: torch supports them only in part
             chunk = chunk.float()
         nan += int(torch.isnan(chunk).sum())
         inf += int(torch.isinf(chunk).sum())
     return nan, inf
 
 
-def _is_float(dtype: str) -> bool:
-    """Floating dtypes, the 8-bit ones included (they can hold NaN)."""
-    return dtype in FLOAT_DTYPES or (dtype in TORCH_DTYPES and TORCH_DTYPES[dtype].is_floating_point)
-
-
-def _lowest_float(layout: dict[str, dict[str, StoredTensor]]) -> str:
-    """The least precise floating dtype stored, which sets how closely the logits can agree."""
-    order = ["F8_E5M2", "F8_E4M3", "BF16", "F16", "F32", "F64"]
-    stored = {t.dtype for tensors in layout.values() for t in tensors.values()}
-    return next((dtype for dtype in order if dtype in stored), "F32")
+def _lowest_float(layout: dict[str, dict[str, TensorInfo]]) -> str:
+    """The least precise floating dtype stored (fewest significand bits), which sets how closely the logits agree."""
+    stored = {t.dtype for tensors in layout.values() for t in tensors.values() if is_floating(t.dtype)}
+    return min(stored, key=lambda code: DTYPES[code].significand or 0, default="F32")

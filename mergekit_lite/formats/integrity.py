@@ -7,57 +7,29 @@ layout bug never reaches the target; `merge verify` and `merge publish` check fi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError, IntegrityError
-from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE
-from .safetensors import read_header
+from ..errors import IntegrityError, NotACheckpointError
+from .safetensors import INDEX_FILE, SINGLE_FILE, FormatError, SafetensorsIndex, TensorInfo, read_index, read_tensors
 
-if TYPE_CHECKING:
-    from ..writers.checkpoint import OutputTensor
+__all__ = ["NotACheckpointError", "check_written", "read_layout", "read_shard"]
 
 
-class NotACheckpointError(InputError):
-    """The folder holds no safetensors checkpoint at all (nothing to verify or publish)."""
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor as a shard's header describes it (offsets relative to the data start)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the tensor occupies in the file."""
-        return self.end - self.begin
-
-
-def read_shard(path: Path) -> dict[str, StoredTensor]:
+def read_shard(path: Path) -> dict[str, TensorInfo]:
     """A shard's tensors from its header, which must be sane and describe exactly the file's length."""
     try:
-        header, data_start = read_header(path)
+        tensors, data_start = read_tensors(path)
     except (OSError, ValueError) as error:
         raise IntegrityError(f"{path}: not a readable safetensors file ({error})") from None
-    if not isinstance(header, dict):
-        raise IntegrityError(f"{path}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    tensors = {name: _entry(path, name, entry) for name, entry in header.items()}
-    position = 0
-    for tensor in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
-        if tensor.begin != position:
-            what = "overlaps the tensor before it" if tensor.begin < position else "leaves a gap before it"
-            raise IntegrityError(f"{path}: tensor '{tensor.name}' {what} (data_offsets start {tensor.begin}, "
+    position = 0  # relative to the data start, as the header's data_offsets are
+    for tensor in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+        begin = tensor.offset - data_start
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise IntegrityError(f"{path}: tensor '{tensor.name}' {what} (data_offsets start {begin}, "
                                  f"expected {position})")
-        position = tensor.end
+        position = begin + tensor.nbytes
     size = path.stat().st_size
     if size != data_start + position:
         state = "truncated" if size < data_start + position else "has trailing bytes"
@@ -65,31 +37,29 @@ def read_shard(path: Path) -> dict[str, StoredTensor]:
     return tensors
 
 
-def read_index(folder: Path) -> dict[str, str] | None:
-    """The index's weight map (tensor -> shard file), or None for a single-file checkpoint."""
+def _read_index(folder: Path) -> SafetensorsIndex | None:
+    """The folder's index, or None for a single-file checkpoint."""
     path = folder / INDEX_FILE
     if not path.is_file():
         return None
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise IntegrityError(f"{path}: not a valid safetensors index ({error})") from None
-    return weight_map
+        return read_index(path)
+    except FormatError as error:
+        detail = error.__cause__ or "weight_map must map tensor names to file names"
+        raise IntegrityError(f"{path}: not a valid safetensors index ({detail})") from None
 
 
-def read_layout(folder: Path) -> dict[str, dict[str, StoredTensor]]:
+def read_layout(folder: Path) -> dict[str, dict[str, TensorInfo]]:
     """Shard file -> its tensors, after checking index and shards agree (no missing, stray or escaping file)."""
     present = sorted(p.name for p in folder.glob("*.safetensors"))
-    weight_map = read_index(folder)
-    if weight_map is None:
+    index = _read_index(folder)
+    if index is None:
         if SINGLE_FILE not in present:
             raise NotACheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
         if len(present) > 1:
             raise IntegrityError(f"{folder}: {len(present)} safetensors files but no {INDEX_FILE}")
         return {SINGLE_FILE: read_shard(folder / SINGLE_FILE)}
-    index_path = folder / INDEX_FILE
+    index_path, weight_map = index.path, index.weight_map
     named = sorted(set(weight_map.values()))
     root = folder.resolve()
     escaping = [name for name in named if not (folder / name).resolve().is_relative_to(root)]
@@ -111,11 +81,14 @@ def read_layout(folder: Path) -> dict[str, dict[str, StoredTensor]]:
                                  f"{_more(absent)}")
         if extra:
             raise IntegrityError(f"{folder / shard}: tensor '{extra[0]}' is not in the index{_more(extra)}")
-    _check_total_size(index_path, layout)
+    total = sum(t.nbytes for tensors in layout.values() for t in tensors.values())
+    if index.total_size is not None and index.total_size != total:
+        raise IntegrityError(f"{index_path}: total_size {index.total_size} but the shards hold {total} bytes "
+                             "of tensors")
     return layout
 
 
-def check_written(folder: Path, expected: Sequence[OutputTensor]) -> None:
+def check_written(folder: Path, expected: Sequence[TensorInfo]) -> None:
     """Re-read the shards just written and prove they hold exactly `expected` (names, dtypes, shapes, sizes)."""
     layout = read_layout(folder)
     where = {name: (shard, tensor) for shard, tensors in layout.items() for name, tensor in tensors.items()}
@@ -134,23 +107,6 @@ def check_written(folder: Path, expected: Sequence[OutputTensor]) -> None:
     if where:
         name, (shard, _) = next(iter(where.items()))
         raise IntegrityError(f"{folder / shard}: tensor '{name}' is not in the plan{_more(list(where))}")
-
-
-def _entry(path: Path, name: str, entry: Any) -> StoredTensor:
-    """One header entry, already checked by read_header (known dtype, shape matching the offsets)."""
-    begin, end = entry["data_offsets"]
-    return StoredTensor(name, entry["dtype"], tuple(entry["shape"]), begin, end)
-
-
-def _check_total_size(index_path: Path, layout: dict[str, dict[str, StoredTensor]]) -> None:
-    """The index's metadata.total_size, when given, is the bytes of all tensors."""
-    try:
-        declared = json.loads(index_path.read_text()).get("metadata", {}).get("total_size")
-    except (OSError, ValueError, AttributeError):
-        declared = None
-    total = sum(t.nbytes for tensors in layout.values() for t in tensors.values())
-    if declared is not None and declared != total:
-        raise IntegrityError(f"{index_path}: total_size {declared} but the shards hold {total} bytes of tensors")
 
 
 def _more(names: Sequence[str]) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MergeError
+from ..errors import MergeError, PublishError, UnpublishableError
 from ..units import format_size
 
 logger = logging.getLogger(__name__)
@@ -31,18 +31,6 @@ _ID_KEYS = ("base_model", "datasets", "new_version")
 _FREE_TEXT_KEYS = ("widget", "inference", "description", "extra_gated_prompt", "extra_gated_heading",
                    "extra_gated_description", "extra_gated_fields", "extra_gated_button_content")
 _WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
-
-
-class PublishError(MergeError):
-    """Publishing failed on the Hub's side: no or wrong token, no write access, network, offline mode."""
-
-    exit_code = 1
-
-
-class UnpublishableError(PublishError):
-    """The folder, its card or the repo id cannot be published as they are (nothing was sent)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

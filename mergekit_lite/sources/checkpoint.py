@@ -8,49 +8,29 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
-from ..formats.safetensors import DTYPE_NAMES, ITEM_SIZES, TORCH_DTYPES, pread_into, read_header
+from ..formats.safetensors import (
+    DTYPE_NAMES,
+    INDEX_FILE,
+    ITEM_SIZES,
+    SINGLE_FILE,
+    TORCH_DTYPES,
+    FormatError,
+    TensorInfo,
+    pread_into,
+    read_index,
+    read_tensors,
+)
 from .files import inside_folder, load_pickled
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+__all__ = ["COPY_BLOCK", "INDEX_FILE", "PICKLED_INDEX", "SINGLE_FILE", "BaseCheckpoint", "TensorInfo"]
+
 PICKLED_INDEX = "pytorch_model.bin.index.json"
 COPY_BLOCK = 8 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one base tensor lives and what it is, from the safetensors header alone."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    data_start: int
-    nbytes: int
-
-    @property
-    def rows(self) -> int:
-        """Number of rows the engine may split the tensor into (1 for a scalar)."""
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes per row in the stored dtype."""
-        return self.nbytes // max(self.rows, 1)
-
-    @property
-    def cols(self) -> int:
-        """Elements per row."""
-        count = 1
-        for size in self.shape[1:]:
-            count *= size
-        return count
 
 
 class BaseCheckpoint:
@@ -105,11 +85,10 @@ class BaseCheckpoint:
     def _indexed_files(self, index: Path) -> list[Path]:
         """The shards an index names, each checked to be a plain file inside the model folder."""
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
-            raise CheckpointError(f"{index}: not a valid weights index ({type(error).__name__}: {error})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            weight_map = read_index(index).weight_map
+        except FormatError as error:
+            what = f"not a valid weights index ({error})" if error.__cause__ else str(error)
+            raise CheckpointError(f"{index}: {what}") from None
         files = []
         for name in dict.fromkeys(weight_map.values()):
             path = inside_folder(self.folder, name, self.folder / name, where=f"{index}: shard")
@@ -124,15 +103,11 @@ class BaseCheckpoint:
             self._index_pickled(file)
             return
         try:
-            header, data_start = read_header(file)
+            tensors, _ = read_tensors(file)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
-        entries = sorted(
-            ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
-        )
-        for name, entry in entries:
-            begin, end = entry["data_offsets"]
-            self._add(TensorInfo(name, file, entry["dtype"], tuple(entry["shape"]), data_start + begin, end - begin))
+        for info in sorted(tensors.values(), key=lambda t: t.offset):
+            self._add(info)
 
     def _add(self, info: TensorInfo) -> None:
         if info.name in self.tensors:
@@ -158,7 +133,7 @@ class BaseCheckpoint:
             if dtype is None:
                 raise CheckpointError(f"{file}: tensor '{name}' has dtype {tensor.dtype}, which cannot be stored")
             nbytes = tensor.numel() * ITEM_SIZES[dtype]
-            self._add(TensorInfo(name, file, dtype, tuple(tensor.shape), 0, nbytes))
+            self._add(TensorInfo(name, dtype, tuple(tensor.shape), nbytes, file))
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())
@@ -167,7 +142,7 @@ class BaseCheckpoint:
         return name in self.tensors
 
     def info(self, name: str) -> TensorInfo:
-        """The header entry of tensor `name`."""
+        """What is known of tensor `name` before reading it: dtype, shape, size, file and offset."""
         return self.tensors[name]
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -197,7 +172,7 @@ class BaseCheckpoint:
         if descriptor is None:
             descriptor = os.open(info.file, os.O_RDONLY)
             self._handles[info.file] = descriptor
-        if pread_into(descriptor, info.data_start + offset, view) != len(view):
+        if pread_into(descriptor, info.offset + offset, view) != len(view):
             raise CheckpointError(f"{info.file}: truncated while reading tensor '{info.name}'")
 
     def close(self) -> None:

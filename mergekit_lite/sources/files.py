@@ -57,7 +57,7 @@ def load_pickled(path: Path, error: type[InputError]) -> dict[str, torch.Tensor]
 
 
 class PickledTensors:
-    """A pickled adapter state dict behind the small read API of SafetensorsFile (keys, shape, dtype, tensor)."""
+    """A pickled adapter state dict behind the small read API of SafetensorsFile (keys, shape, is_float, tensor)."""
 
     def __init__(self, path: Path, error: type[InputError]) -> None:
         self.path = path

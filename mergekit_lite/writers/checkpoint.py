@@ -11,12 +11,10 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..formats.safetensors import encode_header
-from ..sources.checkpoint import INDEX_FILE, SINGLE_FILE
+from ..formats.safetensors import INDEX_FILE, SINGLE_FILE, TensorInfo, encode_header
 from .failures import naming
 
 SIDE_FILES = (
@@ -34,19 +32,13 @@ SIDE_FILES = (
 )
 
 
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the output layout."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
+#: a tensor of the output layout is a TensorInfo without a file yet; this name is kept for its callers
+OutputTensor = TensorInfo
 
 
-def shard_layout(tensors: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:
+def shard_layout(tensors: list[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:
     """Split tensors, in order, into shards of at most `shard_size` bytes (a larger tensor gets its own)."""
-    shards: list[list[OutputTensor]] = [[]]
+    shards: list[list[TensorInfo]] = [[]]
     size = 0
     for tensor in tensors:
         if shards[-1] and size + tensor.nbytes > shard_size:
@@ -126,7 +118,7 @@ class BackgroundFile:
 class ShardedWriter:
     """Receives tensors in layout order, a chunk of bytes at a time, and writes shards plus the index."""
 
-    def __init__(self, folder: Path, tensors: list[OutputTensor], shard_size: int) -> None:
+    def __init__(self, folder: Path, tensors: list[TensorInfo], shard_size: int) -> None:
         self.folder = folder
         self.shards = shard_layout(tensors, shard_size)
         self.names = shard_names(len(self.shards))
@@ -163,9 +155,8 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
         self._shard = shard
-        entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in self.shards[shard]]
         self._file = BackgroundFile(self.folder / self.names[shard])
-        self._file.write(encode_header(entries, {"format": "pt"}))
+        self._file.write(encode_header(self.shards[shard], {"format": "pt"}))
 
     def close(self) -> None:
         """Finish the last shard and write the index when there are several shards."""
@@ -186,9 +177,6 @@ class ShardedWriter:
         if self._file is not None:
             self._file.abort()
             self._file = None
-
-
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def write_side_files(base_folder: Path, out_folder: Path, out_dtype: str | None) -> list[str]:
