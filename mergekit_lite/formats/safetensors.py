@@ -74,7 +74,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def dtype_code(config_name: str | None) -> str | None:
     """The safetensors code of a config's `output.dtype` ("bfloat16" -> "BF16"); None stays None (keep the base's)."""
-    if config_name is None:
+    if not config_name:
         return None
     return {d.config_name: code for code, d in DTYPES.items() if d.config_name}[config_name]
 
