@@ -18,6 +18,7 @@ from .engine.elementwise import check_densities
 from .engine.loop import MergeEngine
 from .engine.plan import LowRank, MergePlan, build_plan
 from .engine.schedule import DEFAULT_MAX_MEMORY, EngineOptions, check_phase, default_workers
+from .formats.safetensors import dtype_code
 from .hub.resolve import hub_reference, resolve_model_dir
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
@@ -108,7 +109,7 @@ def prepare(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
                                   allow_pickle=allow_pickle)
             stack.callback(adapter.close)
             adapters.append(adapter)
-        plan = build_plan(base, adapters, _out_dtype_name(config))
+        plan = build_plan(base, adapters, dtype_code(config.output.dtype))
         check_densities(plan, config.merge_method, config.adapter_params)
         check_phase(plan.tensors, config.merge_method, [a.label for a in adapters])
         stack.pop_all()  # checks passed: the caller owns the open files now
@@ -267,8 +268,3 @@ def _hub_inputs(config: MergeConfig, prepared: PreparedMerge) -> list[tuple[str,
     folders = [("the base model", config.base_model, prepared.base.folder)]
     folders += [(f"adapter '{a.label}'", spec.path, a.folder) for spec, a in zip(config.adapters, prepared.adapters)]
     return [(what, folder) for what, ref, folder in folders if hub_reference(config, ref) is not None]
-
-
-def _out_dtype_name(config: MergeConfig) -> str | None:
-    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-    return names[config.output.dtype] if config.output.dtype else None

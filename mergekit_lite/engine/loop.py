@@ -244,7 +244,7 @@ class MergeEngine:
         assert isinstance(phase, FactoredPhase)
         active = schedule.active
         weights = [self.weights[i] for i in active]
-        if schedule.plan.info.cols == 0 or all(not deltas.adapter_factors(i) for i in active):
+        if all(not deltas.adapter_factors(i) for i in active):  # 1-D changes (bias shifts) only
             assert phase.vectors is not None  # schedule.check_phase refused the rest before any work
             merged = phase.vectors([deltas.vector(i) for i in active], weights, self.global_params)
             merged = merged.to(device=self.options.device, dtype=self.options.compute_dtype)

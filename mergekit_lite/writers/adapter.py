@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import MergeConfigError
-from ..formats.safetensors import TORCH_DTYPES, tensor_bytes
+from ..formats.safetensors import ITEM_SIZES, TORCH_DTYPES, TensorInfo, tensor_bytes
 from ..progress import Progress
-from .checkpoint import OutputTensor, ShardedWriter
+from .checkpoint import ShardedWriter
 from .failures import naming
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class PeftAdapterOutput:
 
     # -- the plan: roles, modules and ranks, before anything is written ------------------------------
 
-    def layout(self, engine: MergeEngine) -> list[OutputTensor]:
+    def layout(self, engine: MergeEngine) -> list[TensorInfo]:
         """Every adapter tensor in write order; factored methods compute their factors once here for the ranks."""
         self.tensors = [self._describe(engine, s) for s in engine.schedules if s.action == "merge"]
         dtype = self._dtype_code()
@@ -87,7 +87,7 @@ class PeftAdapterOutput:
         for t in self.tensors:
             info = t.schedule.plan.info
             if t.role == "full":
-                out.append(OutputTensor(PREFIX + t.schedule.name, t.schedule.plan.out_dtype, info.shape,
+                out.append(TensorInfo(PREFIX + t.schedule.name, t.schedule.plan.out_dtype, info.shape,
                                         t.schedule.plan.out_nbytes))
             elif t.role == "bias":
                 out.append(_tensor(f"{PREFIX}{t.module}.lora_B.bias", dtype, (info.shape[0],)))
@@ -110,7 +110,7 @@ class PeftAdapterOutput:
                 )
         if any(isinstance(item, SavedTensor) for _, item in items):
             return AdapterTensor(schedule, "full", schedule.name.rsplit(".", 1)[0])
-        if schedule.plan.info.cols == 0 or all(isinstance(item, BiasShift) for _, item in items):
+        if all(isinstance(item, BiasShift) for _, item in items):
             key = next(item.key for _, item in items if isinstance(item, BiasShift))
             return AdapterTensor(schedule, "bias", _module_of(key, ".lora_B.bias"))
         low = [item for _, item in items if isinstance(item, LowRank)]
@@ -226,7 +226,7 @@ class PeftAdapterOutput:
         """One file: PEFT reads a single adapter_model.safetensors (adapters are small)."""
         return 1 << 62
 
-    def finish(self, staging: Path, layout: list[OutputTensor], base_folder: Path, config: MergeConfig) -> None:
+    def finish(self, staging: Path, layout: list[TensorInfo], base_folder: Path, config: MergeConfig) -> None:
         """Check the tensor file against the layout, give it PEFT's name, then adapter_config.json, the resolved
         merge config and the card."""
         from ..formats.integrity import check_written
@@ -304,10 +304,8 @@ class PeftAdapterOutput:
         return "\n".join(lines)
 
 
-def _tensor(name: str, dtype: str, shape: tuple[int, ...]) -> OutputTensor:
-    from ..formats.safetensors import ITEM_SIZES
-
-    return OutputTensor(name, dtype, shape, math.prod(shape) * ITEM_SIZES[dtype])
+def _tensor(name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
+    return TensorInfo(name, dtype, shape, math.prod(shape) * ITEM_SIZES[dtype])
 
 
 def _factor_keys(t: AdapterTensor, shape: tuple[int, ...]) -> tuple[tuple[str, tuple[int, int]], ...]:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..formats.integrity import check_written
+from ..formats.safetensors import TensorInfo
 from ..progress import Progress
 from .card import render_card
-from .checkpoint import OutputTensor, ShardedWriter, side_file_bytes, write_side_files
+from .checkpoint import ShardedWriter, side_file_bytes, write_side_files
 from .failures import naming
 
 if TYPE_CHECKING:  # the API imports this module; these are only types here
@@ -33,7 +34,7 @@ class OutputKind(Protocol):
     #: `base_model_relation` on the card ("merge" for a checkpoint, "adapter" for a PEFT adapter)
     card_relation: str
 
-    def layout(self, engine: MergeEngine) -> list[OutputTensor]:
+    def layout(self, engine: MergeEngine) -> list[TensorInfo]:
         """The output tensors in write order, with their dtypes and sizes (the engine's schedules decided)."""
         ...
 
@@ -49,7 +50,7 @@ class OutputKind(Protocol):
         """Bytes per safetensors shard."""
         ...
 
-    def finish(self, staging: Path, layout: list[OutputTensor], base_folder: Path, config: MergeConfig) -> None:
+    def finish(self, staging: Path, layout: list[TensorInfo], base_folder: Path, config: MergeConfig) -> None:
         """After the tensors: check every shard against the layout, then write the side files."""
         ...
 
@@ -65,9 +66,9 @@ class CheckpointOutput:
     name: str = "checkpoint"
     card_relation: str = "merge"
 
-    def layout(self, engine: MergeEngine) -> list[OutputTensor]:
+    def layout(self, engine: MergeEngine) -> list[TensorInfo]:
         """Every base tensor in read order, in its output dtype."""
-        return [OutputTensor(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in engine.plan.tensors]
+        return [TensorInfo(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in engine.plan.tensors]
 
     def side_file_bytes(self, base_folder: Path) -> int:
         """config.json, generation config and tokenizer files copied from the base."""
@@ -81,7 +82,7 @@ class CheckpointOutput:
         """`output.shard_size`."""
         return config.output.shard_size
 
-    def finish(self, staging: Path, layout: list[OutputTensor], base_folder: Path, config: MergeConfig) -> None:
+    def finish(self, staging: Path, layout: list[TensorInfo], base_folder: Path, config: MergeConfig) -> None:
         """The base's config (dtype updated), generation config and tokenizer; the resolved config; the card;
         then every shard re-opened and checked against the layout."""
         write_side_files(base_folder, staging, config.output.dtype)
@@ -115,7 +116,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_output(kind: OutputKind, engine: MergeEngine, staging: Path, base_folder: Path, config: MergeConfig,
-                 layout: list[OutputTensor], progress: Progress) -> tuple[EngineStats, int]:
+                 layout: list[TensorInfo], progress: Progress) -> tuple[EngineStats, int]:
     """Produce `kind` into `staging`, then re-open and check every shard against the layout (a short write or
     a layout bug never reaches the target). Returns the engine's stats and the number of shards."""
     writer = ShardedWriter(staging, layout, kind.shard_size(config))
