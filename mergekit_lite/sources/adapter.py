@@ -243,9 +243,11 @@ class PeftAdapter:
         if "_file" in self.__dict__:
             self._file.close()
 
-    def __del__(self) -> None:  # file descriptors go back when the adapter is dropped
-        if "_file" in self.__dict__:
-            self._file.close()
+    def __enter__(self) -> PeftAdapter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def describe(self) -> str:
         """One line for plans and cards: rank, alpha, variants."""

@@ -181,9 +181,11 @@ class BaseCheckpoint:
             os.close(descriptor)
         self._handles.clear()
 
-    def __del__(self) -> None:  # file descriptors go back when the checkpoint is dropped
-        if "_handles" in self.__dict__:
-            self.close()
+    def __enter__(self) -> BaseCheckpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def read_json(self, filename: str) -> dict | None:
         """A JSON file of the base folder (config.json, ...) or None when absent."""
