@@ -1,19 +1,20 @@
 """Build the offline evaluation suite: a tiny Llama base, four synthetic tasks, one real LoRA adapter per task.
 
-Everything is made here, from fixed seeds, on the CPU, with no download:
+Everything is made here, from fixed seeds, on the CPU, with no download, into the suite folder that ships
+inside the package, ``mergekit_lite/evaluation/suite/`` (``SUITE`` below; its ``tasks/`` are written by hand):
 
-* ``evals/data/<task>/{train,test}.jsonl`` — four tasks in one shared prompt format (``Q: ...`` / ``A: ...``):
+* ``data/<task>/{train,test}.jsonl`` — four tasks in one shared prompt format (``Q: ...`` / ``A: ...``):
   ``capitals`` (made-up country → capital facts: recall), ``add`` (two-digit + one-digit sums: carrying),
   ``reverse`` (four distinct letters backwards: attention by position) and ``sentiment`` (three made-up words
   of one polarity → good/poor: a lexicon). Test rows carry multiple-choice ``choices`` and ``label``.
-* ``evals/suite/base`` — a 4-layer, 128-wide Llama (0.88 M parameters, the character tokenizer of
+* ``base/`` — a 4-layer, 128-wide Llama (0.88 M parameters, the character tokenizer of
   ``evals/fixtures.make_tokenizer``) trained briefly on *generic* text in the same format (copy a word or a
   number, its first/last letter, its length, upper-case it, digits backwards): a working language model that
   knows the format but none of the four tasks.
-* ``evals/suite/adapters/<task>`` — one PEFT LoRA adapter per task (rank 8, every linear layer), trained on that
+* ``adapters/<task>/`` — one PEFT LoRA adapter per task (rank 8, every linear layer), trained on that
   task's train file (plus a replay of the base's generic text) with few steps, so that merges of them can still
-  be told apart (FIELD-NOTES, "Merging adapters of a tiny base").
-* ``evals/suite/scores.json`` — the recipe, and held-out multiple-choice accuracy and answer log-likelihood of
+  be told apart (on a narrower 96-wide, 3-layer base, adapters trained longer interfered completely when merged).
+* ``scores.json`` — the recipe, and held-out multiple-choice accuracy and answer log-likelihood of
   the base and of each adapter, measured by this script's own scorer (the sums lm-eval makes).
 
 Run ``python evals/build_suite.py`` (about 5½ minutes of one CPU thread) to rebuild in place, or
@@ -51,7 +52,10 @@ if str(REPO) not in sys.path:
 
 from evals.fixtures import _quiet, _save_base, make_tokenizer  # noqa: E402
 
-EVALS = Path(__file__).resolve().parent
+#: The suite folder shipped as package data: tasks/ (by hand) and the data/, base/, adapters/, scores.json built here.
+SUITE = REPO / "mergekit_lite" / "evaluation" / "suite"
+#: What `build` writes into the suite folder (and `--check` compares).
+BUILT = ("data", "base", "adapters", "scores.json")
 TASKS: tuple[str, ...] = ("capitals", "add", "reverse", "sentiment")
 SEED = 20240611
 
@@ -369,14 +373,18 @@ def build_task_adapter(base_dir: Path, out_dir: Path, train_rows: list[dict[str,
     with _quiet():
         peft_model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
     _normalize_adapter_config(out_dir / "adapter_config.json")
-    readme = out_dir / "README.md"
-    readme.write_text(
-        f"# mergekit_lite eval suite: `{task}` adapter\n\nA rank-{recipe.lora_r} LoRA (every linear layer) on "
-        f"`../../base`, trained by `evals/build_suite.py` on `evals/data/{task}/train.jsonl` (no other suite "
-        f"task; {recipe.replay} of every {recipe.adapter_batch} rows replay the base's generic text). "
-        "Rebuild with `python evals/build_suite.py`.\n"
-    )
+    (out_dir / "README.md").write_text(adapter_readme(task, recipe))
     return out_dir
+
+
+def adapter_readme(task: str, recipe: Recipe = RECIPE) -> str:
+    """The card of a suite adapter (paths relative to its folder, like its `base_model_name_or_path`)."""
+    return (
+        f"# mergekit_lite eval suite: `{task}` adapter\n\nA rank-{recipe.lora_r} LoRA (every linear layer) on "
+        f"`../../base`, trained by `evals/build_suite.py` on `../../data/{task}/train.jsonl` (no other suite "
+        f"task; {recipe.replay} of every {recipe.adapter_batch} rows replay the base's generic text). "
+        "Rebuild with `python evals/build_suite.py` from a mergekit_lite checkout.\n"
+    )
 
 
 def _normalize_adapter_config(path: Path) -> None:
@@ -455,18 +463,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def build(out_root: Path, recipe: Recipe = RECIPE, seed: int = SEED) -> dict[str, Any]:
-    """Write data/ and suite/ under `out_root` (the evals folder); return the scores written to suite/scores.json."""
+def build(suite: Path, recipe: Recipe = RECIPE, seed: int = SEED) -> dict[str, Any]:
+    """Write data/, base/, adapters/ and scores.json into `suite` (tasks/ is left alone); return the scores."""
     torch.set_num_threads(1)  # shared CPUs, and one thread keeps the float sums in one order
     torch.use_deterministic_algorithms(True)
     started = time.perf_counter()
-    data_dir, suite = out_root / "data", out_root / "suite"
+    data_dir = suite / "data"
     for task_index, task in enumerate(TASKS):
         train, test = TASK_BUILDERS[task](random.Random(seed + 1 + task_index))
         write_jsonl(data_dir / task / "train.jsonl", train)
         write_jsonl(data_dir / task / "test.jsonl", test)
-    if suite.exists():
-        shutil.rmtree(suite)
+    for folder in (suite / "base", suite / "adapters"):
+        if folder.exists():
+            shutil.rmtree(folder)
     print(f"training the base ({recipe.base_steps} steps)", flush=True)
     build_base(suite / "base", recipe, seed)
     for task_index, task in enumerate(TASKS):
@@ -480,10 +489,13 @@ def build(out_root: Path, recipe: Recipe = RECIPE, seed: int = SEED) -> dict[str
     return summary
 
 
-def _digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root`, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+def _digest(suite: Path) -> dict[str, str]:
+    """sha256 of every file `build` writes into `suite`, by path relative to it."""
+    files = []
+    for name in BUILT:
+        files += [suite / name] if (suite / name).is_file() else sorted((suite / name).rglob("*"))
+    files = [p for p in files if p.is_file() and "__pycache__" not in p.parts]
+    return {p.relative_to(suite).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def print_scores(scores: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -496,7 +508,8 @@ def print_scores(scores: dict[str, dict[str, dict[str, float]]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI: rebuild the suite in place, or (--check) in a temporary folder and compare with the committed one."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=EVALS, help="the evals folder to write data/ and suite/ into")
+    parser.add_argument("--out", type=Path, default=SUITE,
+                        help="the suite folder to write data/, base/, adapters/ and scores.json into")
     parser.add_argument("--check", action="store_true",
                         help="build into a temporary folder and compare scores and files with --out")
     args = parser.parse_args(argv)
@@ -507,10 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         summary = build(Path(tmp))
         print_scores(summary["scores"])
-        committed = json.loads((args.out / "suite" / "scores.json").read_text())
+        committed = json.loads((args.out / "scores.json").read_text())
         same_scores = committed == summary
-        differing = [name for sub in ("data", "suite") for name, digest in _digest(Path(tmp) / sub).items()
-                     if _digest(args.out / sub).get(name) != digest]
+        ours = _digest(args.out)
+        differing = [name for name, digest in _digest(Path(tmp)).items() if ours.get(name) != digest]
     print(f"scores {'identical' if same_scores else 'DIFFER'}; files differing: {differing or 'none'}")
     return 0 if same_scores else 1
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import MergeConfigError
 from .methods import MergeMethod, get_method
@@ -20,7 +20,7 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_CONFIG_NODES = 100_000
 
 _TOP_KEYS = ("base_model", "method", "parameters", "adapters", "output", "seed", "eval")
-_OUTPUT_KEYS = ("path", "dtype", "shard_size", "push_to_hub", "private")
+_OUTPUT_KEYS = ("path", "format", "rank", "dtype", "shard_size", "push_to_hub", "private")
 _EVAL_KEYS = ("tasks", "limit", "batch_size")
 _ADAPTER_KEYS = ("path", "weight", "name")
 
@@ -28,7 +28,7 @@ _ADAPTER_KEYS = ("path", "weight", "name")
 class AdapterSpec(BaseModel):
     """One adapter entry: where it is, its signed weight, and per-adapter method parameters."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str
     weight: float = 1.0
@@ -44,9 +44,13 @@ class AdapterSpec(BaseModel):
 class OutputSpec(BaseModel):
     """Where and how the merged checkpoint is written."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str
+    #: checkpoint: a full Hugging Face checkpoint; peft: one merged LoRA adapter (SEMANTICS §6)
+    format: Literal["checkpoint", "peft"] = "checkpoint"
+    #: peft only: compress every merged delta to this rank (Eckart–Young, or a randomized SVD for full-rank ones)
+    rank: int | None = Field(default=None, ge=1)
     dtype: OutputDtype | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
     push_to_hub: str | None = None
@@ -57,11 +61,17 @@ class OutputSpec(BaseModel):
     def _parse_shard_size(cls, value: Any) -> int:
         return parse_size(value)
 
+    @model_validator(mode="after")
+    def _rank_needs_an_adapter(self) -> OutputSpec:
+        if self.rank is not None and self.format != "peft":
+            raise ValueError("'rank' compresses an adapter output: set format: peft, or drop rank")
+        return self
+
 
 class EvalSpec(BaseModel):
     """Evaluate after merging (`merge run`): which lm-eval tasks, how many examples each."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     tasks: list[str] | None = None
     limit: int | None = Field(default=None, ge=1)
@@ -69,9 +79,16 @@ class EvalSpec(BaseModel):
 
 
 class MergeConfig(BaseModel):
-    """A whole merge: base, method and its parameters, adapters, output, seed."""
+    """A whole merge: base, method and its parameters, adapters, output, seed.
 
-    model_config = ConfigDict(frozen=True)
+    Built directly (`MergeConfig(base_model=..., method=..., adapters=[...], output=...)`) or from a mapping
+    (`from_dict`, `load_config`), it is checked the same way: unknown keys, an unknown method and parameters the
+    method does not take are MergeConfigErrors with a 'did you mean', and defaults are filled in. Adapter entries
+    built directly carry method parameters under `parameters` (`{"path": ..., "parameters": {"density": 0.5}}`);
+    relative paths resolve against the current folder (from_dict: its `base_dir`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     base_model: str
     method: str
@@ -84,47 +101,50 @@ class MergeConfig(BaseModel):
     _config_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _resolved: tuple[dict[str, Any], list[dict[str, Any]]] = PrivateAttr()
 
+    def __init__(self, **data: Any) -> None:
+        """Check and type the fields; every problem is a MergeConfigError (one line per pydantic problem)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise MergeConfigError(_describe(error)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_in_a_config_file(cls, data: Any) -> Any:
+        """Check a mapping of fields as from_dict checks a config file, with the same messages, and take its shapes.
+
+        Unknown keys are refused with a 'did you mean' (never dropped); `output` may be a path; an adapter may be
+        a path, and its method parameters may sit beside `path` as in YAML (`{"path": ..., "density": 0.5}`) or
+        under `parameters`. Model instances (OutputSpec, AdapterSpec, EvalSpec) are taken as they are.
+        """
+        if not isinstance(data, Mapping):
+            return data
+        return _checked_fields(data, _adapter_entry)
+
+    @model_validator(mode="after")
+    def _resolve_method(self) -> MergeConfig:
+        """The method must exist; its parameters are checked and defaults filled (global and per adapter)."""
+        method = get_method(self.method)
+        self._resolved = method.resolve_params(
+            self.parameters, [a.parameters for a in self.adapters], [a.weight for a in self.adapters]
+        )
+        return self
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: str | Path | None = None) -> MergeConfig:
         """Check and type a config mapping; relative paths will resolve against `base_dir` (default: cwd)."""
         if not isinstance(data, Mapping):
             raise MergeConfigError("the config must be a mapping of keys (base_model, method, adapters, output, ...)")
-        _check_keys(data, _TOP_KEYS, "config")
-        for key in ("base_model", "method", "adapters", "output"):
-            if key not in data:
-                raise MergeConfigError(f"config: missing required key '{key}'")
-        method = get_method(str(data["method"]))
-        output = data["output"]
-        if isinstance(output, str):
-            output = {"path": output}
-        if not isinstance(output, Mapping):
-            raise MergeConfigError("output: must be a mapping like {path: out/merged}")
-        _check_keys(output, _OUTPUT_KEYS, "output")
-        if data.get("eval") is not None:
-            if not isinstance(data["eval"], Mapping):
-                raise MergeConfigError("eval: must be a mapping like {tasks: [capitals], limit: 50}")
-            _check_keys(data["eval"], _EVAL_KEYS, "eval")
-        adapters = data["adapters"]
-        if not isinstance(adapters, list) or not adapters:
-            raise MergeConfigError("adapters: must be a non-empty list of {path: ..., weight: ...}")
-        adapter_entries = [_split_adapter(entry, index, method) for index, entry in enumerate(adapters)]
-        parameters = data.get("parameters") or {}
-        if not isinstance(parameters, Mapping):
-            raise MergeConfigError("parameters: must be a mapping of method parameters")
-        try:
-            config = cls(**{**data, "output": output, "adapters": adapter_entries, "parameters": dict(parameters)})
-        except ValidationError as error:
-            raise MergeConfigError(_describe(error)) from None
+        # A file's adapter entries keep every key but path/weight/name as a method parameter (`parameters` too);
+        # the constructor then checks the fields, the method and its parameters like any direct construction.
+        config = cls(**_checked_fields(data, _split_adapter))
         config._config_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-        config._resolved = method.resolve_params(
-            config.parameters, [a.parameters for a in config.adapters], [a.weight for a in config.adapters]
-        )
         return config
 
     @property
     def merge_method(self) -> MergeMethod:
-        """The registry row of `method`."""
-        return get_method(self.method)
+        """The registry row of `method`, as its parameters run it (`space: core` picks the core-space variant)."""
+        return get_method(self.method).resolved(self.global_params)
 
     @property
     def config_dir(self) -> Path:
@@ -172,6 +192,10 @@ class MergeConfig(BaseModel):
             entry.update(spec.parameters)
             adapters.append(entry)
         output: dict[str, Any] = {"path": self.output.path, "shard_size": self.output.shard_size}
+        if self.output.format != "checkpoint":
+            output["format"] = self.output.format
+        if self.output.rank is not None:
+            output["rank"] = self.output.rank
         if self.output.dtype:
             output["dtype"] = self.output.dtype
         if self.output.push_to_hub:
@@ -250,17 +274,69 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -
             raise MergeConfigError(f"{where}: unknown key '{key}'" + did_you_mean(str(key), allowed))
 
 
-def _split_adapter(entry: Any, index: int, method: MergeMethod) -> dict[str, Any]:
-    """Separate an adapter entry's own keys from the method parameters it overrides."""
+def _checked_fields(data: Mapping[str, Any], adapter_entry: Callable[[Any, int], Any]) -> dict[str, Any]:
+    """The config-file checks, in one order and with one set of messages for from_dict and direct construction:
+    keys, required keys, the method's name, output, eval, adapters (each shaped by `adapter_entry`), parameters.
+
+    Run again on fields it returned, it returns them unchanged (from_dict's result goes through the constructor).
+    """
+    _check_keys(data, _TOP_KEYS, "config")
+    for key in ("base_model", "method", "adapters", "output"):
+        if key not in data:
+            raise MergeConfigError(f"config: missing required key '{key}'")
+    get_method(str(data["method"]))
+    output = data["output"]
+    if isinstance(output, str):
+        output = {"path": output}
+    if not isinstance(output, (Mapping, OutputSpec)):
+        raise MergeConfigError("output: must be a mapping like {path: out/merged}")
+    if isinstance(output, Mapping):
+        _check_keys(output, _OUTPUT_KEYS, "output")
+    if data.get("eval") is not None and not isinstance(data["eval"], EvalSpec):
+        if not isinstance(data["eval"], Mapping):
+            raise MergeConfigError("eval: must be a mapping like {tasks: [capitals], limit: 50}")
+        _check_keys(data["eval"], _EVAL_KEYS, "eval")
+    adapters = data["adapters"]
+    if not isinstance(adapters, list) or not adapters:
+        raise MergeConfigError("adapters: must be a non-empty list of {path: ..., weight: ...}")
+    adapter_entries = [adapter_entry(entry, index) for index, entry in enumerate(adapters)]
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise MergeConfigError("parameters: must be a mapping of method parameters")
+    return {**data, "output": output, "adapters": adapter_entries, "parameters": dict(parameters)}
+
+
+def _adapter_mapping(entry: Any, index: int) -> Mapping[str, Any]:
+    """An adapter entry as a mapping with a path (a bare string is its path), else the config-file error."""
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, Mapping):
         raise MergeConfigError(f"adapters[{index}]: must be a mapping like {{path: ..., weight: 1.0}}")
     if "path" not in entry:
         raise MergeConfigError(f"adapters[{index}]: missing required key 'path'")
+    return entry
+
+
+def _split_adapter(entry: Any, index: int) -> dict[str, Any]:
+    """A config file's adapter entry: its own keys, and every other key as a method parameter it overrides."""
+    entry = _adapter_mapping(entry, index)
     own = {k: v for k, v in entry.items() if k in _ADAPTER_KEYS}
     overrides = {k: v for k, v in entry.items() if k not in _ADAPTER_KEYS}
     return {**own, "parameters": overrides}
+
+
+def _adapter_entry(entry: Any, index: int) -> Any:
+    """An adapter given to the constructor: an AdapterSpec as it is, else as in a config file, except that
+    method parameters may also come under `parameters` (how from_dict hands over the entries it split)."""
+    if isinstance(entry, AdapterSpec):
+        return entry
+    entry = _adapter_mapping(entry, index)
+    given = entry.get("parameters")
+    if given is not None and not isinstance(given, Mapping):
+        return entry  # pydantic names the problem: adapters[i].parameters must be a dictionary
+    own = {k: v for k, v in entry.items() if k in _ADAPTER_KEYS}
+    overrides = {k: v for k, v in entry.items() if k not in (*_ADAPTER_KEYS, "parameters")}
+    return {**own, "parameters": {**(given or {}), **overrides}}
 
 
 def _describe(error: ValidationError) -> str:

@@ -1,6 +1,7 @@
-"""`merge eval` on the offline suite (evals/suite): adapters learn their tasks, a linear merge keeps part of each,
-the report agrees with lm-eval's own JSON, PEFT and our merge give the same per-sample log-likelihoods, and
-nothing reaches for the network. lm-eval runs are capped with --limit to keep the module well under 90 s."""
+"""`merge eval` on the offline suite (mergekit_lite/evaluation/suite): adapters learn their tasks, a linear merge
+keeps part of each, the report agrees with lm-eval's own JSON, PEFT and our merge agree on every per-sample
+log-likelihood (to 1e-4), and nothing reaches for the network. lm-eval runs are capped with --limit to keep the
+module well under 90 s; they are all marked slow."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from mergekit_lite.evaluation.lm_eval_runner import (
 
 from .conftest import REPO, write_config
 
-SUITE = REPO / "evals" / "suite"
+SUITE = REPO / "mergekit_lite" / "evaluation" / "suite"
 LIMIT = 40  # examples per task in the end-to-end run (capitals has 48, the others 150)
 
 
@@ -83,6 +84,7 @@ def _scores(report: Path) -> dict[str, dict[str, dict[str, float]]]:
 # ------------------------------------------------------------------------------------------- the claims
 
 
+@pytest.mark.slow
 def test_each_adapter_beats_the_base_on_its_own_task_by_a_wide_margin(linear_report: Path) -> None:
     scores = _scores(linear_report)
     for task in SUITE_TASKS:
@@ -92,9 +94,11 @@ def test_each_adapter_beats_the_base_on_its_own_task_by_a_wide_margin(linear_rep
         assert adapter["answer_ll"] >= base["answer_ll"] + 3.0, (task, base, adapter)  # nats per answer
 
 
+@pytest.mark.slow
 def test_linear_merge_of_all_adapters_scores_above_the_base_on_every_task(linear_report: Path) -> None:
-    # The score is the answer's log-likelihood (FIELD-NOTES: on a tiny base, a 4-way average keeps part of each
-    # adapter's gain there while exact-choice accuracy of the most computed skill, `add`, stays at the base's).
+    # The score is the answer's log-likelihood (evals/README.md, results: on a tiny base, a 4-way average keeps
+    # part of each adapter's gain there while exact-choice accuracy of the most computed skill, `add`, stays at the
+    # base's).
     scores = _scores(linear_report)
     for task in SUITE_TASKS:
         base, merged, adapter = scores["base"][task], scores["linear"][task], scores[task][task]
@@ -104,6 +108,7 @@ def test_linear_merge_of_all_adapters_scores_above_the_base_on_every_task(linear
     assert mean_acc["linear"] > mean_acc["base"], mean_acc
 
 
+@pytest.mark.slow
 def test_report_files_exist_and_the_tables_equal_lm_evals_json(linear_report: Path) -> None:
     names = ["base", *SUITE_TASKS, "linear"]
     results = {}
@@ -155,7 +160,8 @@ def _tables(markdown: str) -> dict[str, list[dict[str, str]]]:
     return out
 
 
-def test_peft_adapter_and_our_single_adapter_merge_give_the_same_per_sample_loglikelihoods(
+@pytest.mark.slow
+def test_peft_adapter_and_our_single_adapter_merge_agree_on_every_per_sample_loglikelihood(
     lm_eval_ready: None, tmp_path: Path
 ) -> None:
     from mergekit_lite import load_config, merge
@@ -184,6 +190,7 @@ def test_peft_adapter_and_our_single_adapter_merge_give_the_same_per_sample_logl
 # ------------------------------------------------------------------------------------------ the command
 
 
+@pytest.mark.slow
 def test_merge_run_with_an_eval_section_puts_the_table_in_the_model_card(lm_eval_ready: None, tmp_path: Path) -> None:
     config = _suite_config(tmp_path, "linear", adapters=("sentiment",),
                            eval={"tasks": ["sentiment"], "limit": 8, "batch_size": 8})
@@ -199,6 +206,7 @@ def test_merge_run_with_an_eval_section_puts_the_table_in_the_model_card(lm_eval
     assert "| linear | merge |" in result.output  # the table is echoed too
 
 
+@pytest.mark.slow
 def test_merge_eval_scores_model_folders_as_they_are(lm_eval_ready: None, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["eval", str(SUITE / "base"), "--tasks", "add", "--limit", "5",
                                        "--out", str(tmp_path / "r"), "--no-progress"])
@@ -209,12 +217,14 @@ def test_merge_eval_scores_model_folders_as_they_are(lm_eval_ready: None, tmp_pa
     assert set(data["scores"]["base"]["add"]) == {"acc", "answer_ll", "exact"}
 
 
+@pytest.mark.slow
 def test_an_unknown_task_is_one_line_with_a_suggestion(lm_eval_ready: None, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["eval", str(SUITE / "base"), "--tasks", "capitels", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == ["error: unknown lm-eval task 'capitels' (did you mean 'capitals'?)"]
 
 
+@pytest.mark.slow
 def test_suite_task_yamls_load_from_any_working_directory(lm_eval_ready: None, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import lm_eval.tasks
@@ -273,6 +283,7 @@ def test_offline_switches_are_on_inside_and_restored_after(monkeypatch: pytest.M
     assert constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ
 
 
+@pytest.mark.slow
 def test_importing_the_package_and_cli_does_not_import_lm_eval() -> None:
     code = ("import sys, mergekit_lite, mergekit_lite.cli, mergekit_lite.evaluation.lm_eval_runner; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'datasets', 'matplotlib')))")
@@ -280,9 +291,9 @@ def test_importing_the_package_and_cli_does_not_import_lm_eval() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_the_suite_task_folder_is_the_checkouts() -> None:
-    assert suite_tasks_dir() == (REPO / "evals" / "tasks").resolve()
+def test_the_suite_task_folder_is_the_packages() -> None:
+    assert suite_tasks_dir() == (SUITE / "tasks").resolve()
     for task in SUITE_TASKS:
-        assert (REPO / "evals" / "tasks" / f"{task}.yaml").is_file()
-        assert (REPO / "evals" / "data" / task / "test.jsonl").is_file()
-        assert (REPO / "evals" / "data" / task / "train.jsonl").is_file()
+        assert (SUITE / "tasks" / f"{task}.yaml").is_file()
+        assert (SUITE / "data" / task / "test.jsonl").is_file()
+        assert (SUITE / "data" / task / "train.jsonl").is_file()

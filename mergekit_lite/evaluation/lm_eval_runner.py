@@ -8,8 +8,10 @@ lm-evaluation-harness on every model over the same tasks and writes a report fol
   per task for each merge: ``(merged − base) / (adapter alone − base)``;
 * ``scores.json`` — the same numbers, machine-readable; ``chart.png`` — grouped bars (needs matplotlib).
 
-Tasks default to the offline suite in ``evals/tasks`` (built by ``evals/build_suite.py``). A suite task ``T``
-has a companion ``T_ll`` (log-likelihood of the correct answer), reported as a second, smooth score.
+Tasks default to the offline suite, which ships inside the package (``suite/`` beside this module: ``tasks/``,
+``data/``, the tiny ``base/`` and its ``adapters/``; built by ``evals/build_suite.py`` in a checkout), so an
+installed wheel has it too. A suite task ``T`` has a companion ``T_ll`` (log-likelihood of the correct answer),
+reported as a second, smooth score.
 Offline by construction: the Hub switches are set before lm-eval, transformers or datasets are imported (and
 patched where a library read them already), model paths are absolute, and lm-eval's built-in task index is
 never built. lm_eval is imported lazily, so ``import mergekit_lite`` stays light.
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MergeError
+from ..errors import EvalError
 from ..suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -39,8 +41,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Where the offline suite's lm-eval task YAMLs live in a checkout (overridable with MERGEKIT_LITE_EVAL_TASKS).
-SUITE_TASKS_DIR = Path(__file__).resolve().parents[2] / "evals" / "tasks"
+#: The offline suite, package data: tasks/ (lm-eval YAMLs), data/<task>/, base/, adapters/<task>/, scores.json.
+SUITE_DIR = Path(__file__).resolve().parent / "suite"
+#: The suite's lm-eval task YAMLs (overridable with MERGEKIT_LITE_EVAL_TASKS).
+SUITE_TASKS_DIR = SUITE_DIR / "tasks"
 #: The suite's tasks, in table order.
 SUITE_TASKS: tuple[str, ...] = ("capitals", "add", "reverse", "sentiment")
 #: Suffix of a task's companion that scores the log-likelihood of the correct answer.
@@ -64,12 +68,6 @@ _METRIC_TITLES = {
         ),
     ),
 }
-
-
-class EvalError(MergeError):
-    """An evaluation cannot run as asked: lm-eval missing, an unknown task, a model folder that is not there."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -132,6 +130,12 @@ class EvalReport:
             title, note = _METRIC_TITLES[metric]
             parts += [f"{heading} {title}", "", note, "", markdown_table(self, metric), ""]
         return "\n".join(parts).rstrip() + "\n"
+
+    def move_to(self, folder: Path) -> None:
+        """Record that the report folder now lives at `folder` (it was written elsewhere, then moved there)."""
+        old, folder = self.out_dir, Path(folder)
+        self.files = [folder / f.relative_to(old) if f.is_relative_to(old) else f for f in self.files]
+        self.out_dir = folder
 
     def summary(self) -> str:
         """What `merge eval` prints: the tables and where the files are."""
@@ -254,7 +258,7 @@ def _keep_global_rngs() -> Iterator[None]:
 
 
 def suite_tasks_dir() -> Path:
-    """The folder of the offline suite's task YAMLs (env MERGEKIT_LITE_EVAL_TASKS overrides the checkout's)."""
+    """The folder of the offline suite's task YAMLs (env MERGEKIT_LITE_EVAL_TASKS overrides the package's)."""
     override = os.environ.get("MERGEKIT_LITE_EVAL_TASKS")
     return Path(override).expanduser().resolve() if override else SUITE_TASKS_DIR
 
@@ -265,8 +269,8 @@ def task_manager(extra_paths: Sequence[Path] = ()) -> Any:
     paths = [p for p in (suite_tasks_dir(), *extra_paths) if p.is_dir()]
     if not paths:
         raise EvalError(
-            f"no lm-eval task folder found (looked for {suite_tasks_dir()}): run from a mergekit_lite checkout, "
-            "set MERGEKIT_LITE_EVAL_TASKS, or pass --tasks with a YAML file or folder"
+            f"no lm-eval task folder found (looked for {suite_tasks_dir()}): reinstall mergekit_lite (the suite "
+            "ships with it), set MERGEKIT_LITE_EVAL_TASKS, or pass --tasks with a YAML file or folder"
         )
     with _quiet_lm_eval():
         return lm_eval.tasks.TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
@@ -662,20 +666,34 @@ def _report_settings(config: MergeConfig) -> tuple[list[str] | None, int | None,
 
 
 def evaluate_after_merge(result: MergeResult, progress: bool = True) -> str:
-    """Evaluate a finished merge as its config's `eval:` section asks; put the tables in its card; return them."""
-    from ..writers.card import render_card
+    """Evaluate a finished merge as its config's `eval:` section asks; put the tables in its card; return them.
+
+    The merged folder changes only in two atomic steps, like the merge itself: the report is built in a staging
+    folder beside `eval/` and swapped into place when complete (atomic_directory), then the new card, rendered
+    before that swap, replaces README.md with os.replace (writers.card.replace_card). A failure or a kill at any
+    point leaves the card complete, old or new, and `eval/` absent or complete; a killed run's staging folder is
+    removed by the next one.
+    """
+    from ..writers.atomic import atomic_directory
+    from ..writers.card import render_card, replace_card
+    from ..writers.staging import remove_stale
 
     config = result.config
     if result.output_dir is None:
         raise EvalError("nothing to evaluate: the merge was a dry run")
     tasks, limit, batch_size = _report_settings(config)
     models, references = plan_models([config], [result.output_dir])
-    report = evaluate_models(models, result.output_dir / RUN_REPORT_DIR, tasks=tasks, limit=limit,
-                             batch_size=batch_size, device=result.device, references=references, progress=progress)
-    section = card_section(report)
-    merged = next((m.name for m in report.models if m.kind == "merge"), None)
-    eval_results = report.scores.get(merged) if merged else None  # the merge's own scores -> model-index
-    (result.output_dir / "README.md").write_text(render_card(config, extra_sections=[section], eval_results=eval_results))
+    report_dir = (result.output_dir / RUN_REPORT_DIR).resolve()
+    remove_stale(report_dir)
+    with atomic_directory(report_dir, overwrite=True) as staging:
+        report = evaluate_models(models, staging, tasks=tasks, limit=limit, batch_size=batch_size,
+                                 device=result.device, references=references, progress=progress)
+        section = card_section(report)
+        merged = next((m.name for m in report.models if m.kind == "merge"), None)
+        eval_results = report.scores.get(merged) if merged else None  # the merge's own scores -> model-index
+        card = render_card(config, extra_sections=[section], eval_results=eval_results)
+    report.move_to(report_dir)
+    replace_card(result.output_dir, card)
     return report.summary()
 
 

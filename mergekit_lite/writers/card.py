@@ -2,13 +2,20 @@
 
 Metadata never holds a local path (the Hub rejects them): `base_model` is written only when the base is a
 Hub id, and the body names Hub ids, never the cache folders they were downloaded to.
+
+A merge writes its card in the staging folder, so it arrives with the checkpoint in one swap; a card rewritten
+later, in place (`merge run` with an `eval:` section), goes through `replace_card`: all or nothing too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
+import os
+import stat
+import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +31,8 @@ if TYPE_CHECKING:  # huggingface_hub is imported only when a card is written (it
 logger = logging.getLogger(__name__)
 
 TAGS = ["merge", "mergekit_lite"]
+#: The card's file name in a checkpoint folder (what the Hub shows).
+CARD_FILE = "README.md"
 DEFAULT_PIPELINE_TAG = "text-generation"
 #: config.json architecture suffix -> pipeline tag, when the base card does not say
 _ARCHITECTURE_PIPELINES = (
@@ -50,8 +59,12 @@ def render_card(
     config: MergeConfig,
     extra_sections: list[str] | None = None,
     eval_results: Mapping[str, Mapping[str, float]] | None = None,
+    relation: str = "merge",
 ) -> str:
     """The model card text: YAML front matter and a body that lets anyone reproduce the merge.
+
+    `relation` is the output's relation to the base: "merge" (a checkpoint, `library_name: transformers`) or
+    "adapter" (a merged PEFT adapter, `library_name: peft`, tagged `lora`).
 
     `extra_sections` are markdown blocks placed before "Reproduce"; `eval_results` (task -> metric -> value,
     of the merged model) become an "Evaluation" table and `model-index` results in the metadata.
@@ -60,11 +73,12 @@ def render_card(
     base_ref = hub_reference(config, config.base_model)
     base_meta = _base_metadata(config)
     name = _model_name(config)
+    adapter = relation == "adapter"
     data: dict[str, Any] = {
-        "library_name": "transformers",
+        "library_name": "peft" if adapter else "transformers",
         "pipeline_tag": _pipeline_tag(base_meta),
-        "tags": list(TAGS),
-        "base_model_relation": "merge",
+        "tags": [*TAGS, "lora"] if adapter else list(TAGS),
+        "base_model_relation": relation,
     }
     if base_ref is not None:
         data["base_model"] = base_ref.repo_id
@@ -83,7 +97,8 @@ def render_card(
         [
             f"# {name}",
             "",
-            f"A merge of {len(config.adapters)} LoRA adapter(s) into {base_shown}, made with "
+            f"A merge of {len(config.adapters)} LoRA adapter(s) "
+            f"{'as one LoRA adapter for' if adapter else 'into'} {base_shown}, made with "
             f"mergekit_lite {tool_version()}.",
             "",
             "## Method",
@@ -110,6 +125,55 @@ def render_card(
         ]
     )
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
+
+
+def replace_card(folder: Path, text: str) -> Path:
+    """Make `text` the card of the checkpoint in `folder`, atomically; return the card's path.
+
+    A reader, or a run killed at any moment, finds the old card or the new one, never a part of either: the
+    text goes to a temporary file in the same folder (same file system), is flushed to disk, and os.replace
+    renames it over README.md. On any failure the temporary file is removed and the old card is untouched.
+    The new card keeps the old one's permission bits (a first card gets the umask's).
+    """
+    path = Path(folder) / CARD_FILE
+    fd, temporary = tempfile.mkstemp(prefix=f".{CARD_FILE}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, _file_mode(path))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _sync_folder(path.parent)
+    return path
+
+
+def _file_mode(path: Path) -> int:
+    """Permission bits for a file replacing `path`: its own, else what open() gives a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (the rename) to disk where the system lets a folder be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def warm_card_imports() -> threading.Thread:
