@@ -1,4 +1,19 @@
-"""Shared fixtures: the committed demo (base + three adapters) and helpers to write configs."""
+"""Shared fixtures: the committed demo (base + three adapters) and helpers to write configs.
+
+Two tiers: tests marked `slow` (real signals, fuzzing, lm-eval end to end, the 100M-entry memory probe, anything
+over about a second) and the rest. The fast tier, for edit-test loops (under a minute on two cores):
+
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m "not slow"
+
+`./scripts/test.sh` (what CI runs) runs both tiers, with the derandomized "ci" Hypothesis profile.
+
+Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (default "dev"; "ci" where the CI variable is set, as
+Hypothesis itself does):
+- "ci": derandomized (the same examples on every run, no example database), no deadline, and a failure prints
+  the blob to replay it with @reproduce_failure;
+- "dev": random examples on every run (each local run explores new inputs), failures are saved to and replayed
+  from .hypothesis/, no deadline either (these tests check results, not timing).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +24,13 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
+settings.register_profile("dev", derandomize=False, print_blob=True, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "evals" / "demo"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
 from click.testing import CliRunner
 
 from mergekit_lite.cli import main
@@ -62,11 +64,8 @@ def test_existing_output_exits_2_and_debug_shows_the_traceback(demo: Path, tmp_p
     assert debug.exit_code != 0 and debug.exc_info is not None and debug.exc_info[0].__name__ == "OutputExistsError"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: there is no missing CUDA to report")
 def test_missing_cuda_is_a_clear_error(demo: Path, tmp_path: Path) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        return
     config = write_config(tmp_path, demo_data(demo, tmp_path / "out"))
     result = CliRunner().invoke(main, ["run", str(config), "--device", "cuda"])
     assert result.exit_code == 2 and "CUDA is not available" in result.stderr

@@ -3,9 +3,9 @@
 Every case ends with the previous output intact or the complete new one at the target, one readable error line,
 and no temporary folder beside the target once the next run has started.
 
-The signal tests run the real `merge run` in child processes. Importing torch costs seconds per process, so a
-"zygote" imports the CLI once and forks one child per run (what `python -m mergekit_lite.cli` does, minus the
-imports); the test signals the child directly, exactly as a user's `kill` would.
+The signal tests (marked slow) run the real `merge run` in child processes. Importing torch costs seconds per
+process, so a "zygote" imports the CLI once and forks one child per run (what `python -m mergekit_lite.cli` does,
+minus the imports); the test signals the child directly, exactly as a user's `kill` would.
 """
 
 from __future__ import annotations
@@ -246,6 +246,7 @@ def put_back_old(outputs: dict[str, Any]) -> None:
         shutil.copytree(outputs["saved"], target)
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_the_previous_output_or_the_new_one(zygote: Zygote, outputs: dict[str, Any]) -> None:
     work, seconds = outputs["work"], outputs["seconds"]
     seen = set()
@@ -271,6 +272,7 @@ def test_sigkill_at_any_moment_leaves_the_previous_output_or_the_new_one(zygote:
     put_back_old(outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("point", "expected"), [("before_exchange", "old"), ("after_exchange", "new")])
 def test_sigkill_right_before_or_after_the_swap_leaves_a_complete_output(
     zygote: Zygote, outputs: dict[str, Any], point: str, expected: str
@@ -284,6 +286,7 @@ def test_sigkill_right_before_or_after_the_swap_leaves_a_complete_output(
     put_back_old(outputs)
 
 
+@pytest.mark.slow
 def test_without_renameat2_a_kill_between_the_renames_is_repaired_by_the_next_run(
     zygote: Zygote, outputs: dict[str, Any]
 ) -> None:
@@ -298,6 +301,7 @@ def test_without_renameat2_a_kill_between_the_renames_is_repaired_by_the_next_ru
     assert digest(work / "out") == outputs["old"] and leftovers(work) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_sigint_and_sigterm_remove_the_temporary_folder_and_keep_the_previous_output(
     zygote: Zygote, outputs: dict[str, Any], signum: int, code: int, word: str
@@ -316,6 +320,7 @@ def test_sigint_and_sigterm_remove_the_temporary_folder_and_keep_the_previous_ou
     assert digest(work / "out") == outputs["old"] and leftovers(work) == []
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_one_clear_error_and_leaves_nothing(zygote: Zygote, demo: Path, tmp_path: Path) -> None:
     config = demo_config(demo, tmp_path, tmp_path / "work" / "out")
     code = zygote.run(["run", str(config), "--device", "cpu", "--no-progress"], fsize=64 * 1024)

@@ -223,6 +223,7 @@ def test_push_to_hub_in_the_config_pushes_after_merge_run(hub: HubStandIn, demo:
 
 
 # ------------------------------------------------------------------------------------------------ Hub inputs
+@pytest.mark.slow
 def test_a_merge_of_hub_ids_equals_the_merge_of_the_local_folders(hub: HubStandIn, demo: Path, tmp_path: Path) -> None:
     oids = upload_demo(demo, tmp_path)
     work = tmp_path / "work"
@@ -277,6 +278,7 @@ def test_a_local_folder_wins_over_a_hub_id(hub: HubStandIn, demo: Path, tmp_path
     assert result.touched  # planned from the local folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "base, adapter, error, message",
     [
@@ -324,6 +326,7 @@ def test_a_hub_base_without_safetensors_is_refused(hub: HubStandIn, demo: Path, 
         merge(config, device="cpu", progress=False, dry_run=True)
 
 
+@pytest.mark.slow
 def test_offline_mode_uses_the_cache_and_is_a_clear_error_without_it(
     hub: HubStandIn, demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

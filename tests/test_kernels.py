@@ -52,7 +52,8 @@ def chunk_values(numel: int) -> st.SearchStrategy[list[float]]:
 
 
 @built
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), count=st.integers(1, 5), numel=st.sampled_from([1, 7, 128, 129, 300]),
        kind=st.sampled_from([kernels.SUM, kernels.TIES]), sign=st.sampled_from(["sum", "count"]),
        normalize=st.booleans(), lam=st.sampled_from([1.0, 0.7, -1.3]),

@@ -76,6 +76,7 @@ def test_a_clean_merge_verifies_ok_with_one_line_per_check(merged: Path) -> None
     assert result.exit_code == 0, result.output
     assert len(read_layout(merged)) > 1  # the index path is exercised
     for check in ("layout", "config.json", "finite"):
+        assert len(re.findall(rf"^{re.escape(check)} +\S+: ", result.output, re.M)) == 1, result.output
         assert re.search(rf"^{re.escape(check)} +ok: ", result.output, re.M), result.output
     assert "index matches the shards" in result.output and "all 3 checks ok" in result.output
 
