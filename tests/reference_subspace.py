@@ -217,11 +217,13 @@ def knots(taus: Sequence[Any], weights: Sequence[float], base: str, params: Mapp
     m, n = dense[0].shape
     count = len(dense)
     densities = list(per_adapter_densities) if per_adapter_densities is not None else [params.get("density")] * count
-    left, sigma, right_t = numerical_rank_svd(np.hstack(dense))
+    left, sigma, _ = numerical_rank_svd(np.hstack(dense))
     if sigma.size == 0:
         return np.zeros((m, n))
-    z = sigma[:, None] * right_t
-    representations = [z[:, i * n:(i + 1) * n] for i in range(count)]
+    # ΣZᵢ is the i-th n-column block of Σ Vᵀ; as τᵢ = U·ΣZᵢ with orthonormal U, it is also Uᵀτᵢ, which is how it is
+    # computed here: an adapter with τᵢ = 0 then has a representation of exact zeros (the SVD's Σ Vᵀ block would
+    # carry ~1e-32 noise, and TIES counts any non-zero uᵢ in its divisor).
+    representations = [left.T @ t for t in dense]
     return left @ run_base(base, representations, weights, params, densities)
 
 
