@@ -43,7 +43,8 @@ def factored_task_arithmetic(factors: Sequence[LowRankFactors], weights: Sequenc
     return torch.cat(lefts, dim=1), torch.cat([f.right for f in factors], dim=0)
 
 
-def summed_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
+def summed_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any],
+                   context: FactoredContext) -> torch.Tensor:
     """Σ (λwᵢ)·τᵢ for 1-D changes (bias shifts), summed in adapter order as the linear path does."""
     total = taus[0] * (params["lambda"] * float(weights[0]))
     for tau, w in zip(taus[1:], weights[1:]):

@@ -55,19 +55,8 @@ METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 NEEDS_DENSITY = {"knots_ties", "knots_magnitude_prune", "knots_dare_ties", "knots_dare_linear", "core_ties",
                  "core_magnitude_prune", "core_dare_ties", "core_dare_linear"}
-# Bugs found by these tests (xfail(strict=True) until fixed in the package):
-KNOTS_TIES_ZERO = (
-    "knots with base ties / dare_ties: an adapter whose τᵢ is exactly 0 on a tensor (all-zero lora_B) and that is "
-    "not the last adapter touching it gets a representation ΣZᵢ of rounding noise instead of exact zeros; TIES "
-    "counts every non-zero uᵢ that agrees with the elected sign in its divisor Σ Mᵢ|wᵢ|, so the zero adapter's |wᵢ| "
-    "dilutes the merge (12-35% relative Frobenius error on 16×14 / 18×15, ranks 4/0/4; expected, as the dense "
-    "definition gives: the same result as leaving the adapter out; with the zero adapter last it is)"
-)
-KNOTS_LINEAR_PARTIAL = (
-    "knots with base linear (normalize: true) divides by Σ wᵢ of the adapters touching the tensor only; linear "
-    "(SEMANTICS §3) counts every adapter in Σ wᵢ, and §3c says knots with a linear base equals that base exactly "
-    "(adapters qv w=0.7, kvo w=0.5, r2 w=1.0: down_proj comes out 2.2/1.5 = 1.467× the linear delta, q_proj 2.2/1.7)"
-)
+# Bugs these tests found, now fixed: knots with a TIES base counted an all-zero adapter (its representation was
+# rounding noise, not 0) in the TIES divisor; knots with a linear base divided by Σ wᵢ of the touching adapters only.
 REFERENCED = [key for key, (_, _, covered) in METHODS.items() if covered]
 ORDER_FREE = ["tsv_m", "iso_c", "iso_cts"]
 # Entry-wise steps in a basis fixed by [P₁ … P_T] and [Q₁; …; Q_T] (SEMANTICS §3c `space: core`): that basis is
@@ -357,12 +346,7 @@ def test_tsv_m_of_one_adapter_is_alpha_w_tau(seed: int, m: int, n: int, r: int, 
     assert rel_err(run("tsv_m", [factor], [w], {"alpha": alpha}), alpha * w * tau) <= 1e-9
 
 
-def _xfail_knots_ties_zero(keys: Sequence[str], failing: Sequence[str] = ("knots_ties",)) -> list[Any]:
-    return [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=KNOTS_TIES_ZERO)) if k in failing else k
-            for k in keys]
-
-
-@pytest.mark.parametrize("key", _xfail_knots_ties_zero(INVARIANT_KEYS))
+@pytest.mark.parametrize("key", INVARIANT_KEYS)
 def test_a_zero_adapter_and_rank_deficient_factors_give_finite_results(key: str) -> None:
     factors = random_factors(9, 16, 14, [4, 3, 4], [1.0, 2.0, 1.0])
     zero = LowRankFactors(torch.zeros_like(factors[1].left), factors[1].right, factors[1].scale)
@@ -381,12 +365,9 @@ KNOTS_KEYS = [k for k in METHODS if k.startswith("knots_")]
 
 @pytest.mark.parametrize("position", [0, 1, 2])
 @pytest.mark.parametrize("key", KNOTS_KEYS)
-def test_knots_an_all_zero_adapter_is_the_same_as_leaving_it_out(key: str, position: int,
-                                                                  request: pytest.FixtureRequest) -> None:
+def test_knots_an_all_zero_adapter_is_the_same_as_leaving_it_out(key: str, position: int) -> None:
     # τ_z = 0: its representation ΣZ_z = Uᵀτ_z is 0, so every base ignores it (TIES: u_z = 0 never agrees; the DARE
     # keys of the other adapters are their config indices, unchanged); linear with normalize: false likewise.
-    if key in ("knots_ties", "knots_dare_ties") and position < 2:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOTS_TIES_ZERO))
     factors = random_factors(12, 18, 15, [4, 3, 3], [1.0, 2.0, 1.0])
     zero = LowRankFactors(torch.zeros_like(factors[2].left), factors[2].right, factors[2].scale)
     extra = {"normalize": False} if key == "knots_linear" else {}
@@ -664,7 +645,6 @@ def test_adapters_of_different_ranks_and_module_sets_with_negative_weights(demo:
         assert check_against_reference(key, demo / "base", adapters, out) == 14
 
 
-@pytest.mark.xfail(strict=True, reason=KNOTS_LINEAR_PARTIAL)
 def test_knots_linear_equals_linear_end_to_end_with_partial_module_sets(demo: Path, zoo: dict[str, Path],
                                                                         tmp_path: Path) -> None:
     # an adapter that does not touch a tensor still counts in Σ wᵢ (SEMANTICS §3 linear), so knots(linear) too
@@ -696,8 +676,7 @@ def test_knots_task_arithmetic_equals_task_arithmetic_end_to_end_with_partial_mo
         torch.testing.assert_close(outs["knots"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=KNOTS_TIES_ZERO))
-                                 if k == "knots_ties" else k for k in E2E])
+@pytest.mark.parametrize("key", E2E)
 def test_zero_and_rank_deficient_b_give_finite_output(demo: Path, zoo: dict[str, Path], tmp_path: Path,
                                                       key: str) -> None:
     adapters = [(demo / "adapters" / "style", 1.0), (zoo["zeroed"], 0.6), (demo / "adapters" / "facts", -0.4)]

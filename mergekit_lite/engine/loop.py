@@ -244,16 +244,16 @@ class MergeEngine:
         assert isinstance(phase, FactoredPhase)
         active = schedule.active
         weights = [self.weights[i] for i in active]
+        context = FactoredContext(schedule.name, (schedule.plan.info.rows, max(schedule.plan.info.cols, 1)), self.seed,
+                                  tuple(active), tuple(self.adapter_params[i] for i in active), tuple(self.weights))
         if all(not deltas.adapter_factors(i) for i in active):  # 1-D changes (bias shifts) only
             assert phase.vectors is not None  # schedule.check_phase refused the rest before any work
-            merged = phase.vectors([deltas.vector(i) for i in active], weights, self.global_params)
+            merged = phase.vectors([deltas.vector(i) for i in active], weights, self.global_params, context)
             merged = merged.to(device=self.options.device, dtype=self.options.compute_dtype)
             return StreamedDelta(None, (lambda _rows, start, stop: merged[start:stop].clone(),))
         factors = [deltas.adapter_factors(i) for i in active]
         if any(len(f) != 1 for f in factors):
             raise AssertionError(f"tensor '{schedule.name}': one low-rank change per adapter expected")
-        context = FactoredContext(schedule.name, (schedule.plan.info.rows, max(schedule.plan.info.cols, 1)), self.seed,
-                                  tuple(active), tuple(self.adapter_params[i] for i in active))
         left, right = phase.factors([f[0] for f in factors], weights, self.global_params, context)
         left = left.to(device=self.options.device, dtype=self.options.compute_dtype)
         right = right.to(device=self.options.device, dtype=self.options.compute_dtype)

@@ -107,8 +107,10 @@ def elementwise_merge(base: MergeMethod, matrices: Sequence[torch.Tensor], weigh
                       params: Mapping[str, Any], context: FactoredContext, space: str) -> torch.Tensor:
     """`base`'s steps (trim or DARE, weights, sign election, disjoint merge, λ) on the adapters' matrices as if
     they were the task vectors; a linear `base` is its Σ cᵢ Xᵢ. DARE's keys are (seed, adapter, tensor:space)."""
-    coefficients = base.coefficients(weights, params)
-    if coefficients is not None:
+    coefficients = base.coefficients(context.all_weights or weights, params)
+    if coefficients is not None:  # Σ wᵢ of a linear base counts every adapter, as in full space (SEMANTICS §3)
+        if context.all_weights:
+            coefficients = [coefficients[i] for i in context.adapters]
         total = matrices[0] * coefficients[0]
         for x, c in zip(matrices[1:], coefficients[1:]):
             total = total + x * c

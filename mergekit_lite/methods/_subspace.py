@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
-from .registry import Param
+from .registry import FactoredContext, Param
 
 ALPHA = Param("alpha", 1.0, float, "global scale of the merged delta")
 
 
-def mean_of_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
+def mean_of_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any],
+                    context: FactoredContext) -> torch.Tensor:
     """1-D changes (lora_bias shifts) are averaged, Σ wᵢτᵢ / T, as the papers do for 1-D parameters."""
     total = taus[0] * float(weights[0])
     for tau, w in zip(taus[1:], weights[1:]):

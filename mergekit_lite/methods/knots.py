@@ -33,21 +33,22 @@ def knots_factors(factors: Sequence[LowRankFactors], weights: Sequence[float], p
         bases.append(u_q)
         start = stop
     u, s, vh = rank_svd(torch.cat(blocks, dim=1), (m, len(factors) * n))
-    representations, start = [], 0
-    for block, u_q in zip(blocks, bases):
-        stop = start + block.shape[1]
-        representations.append((s[:, None] * vh[:, start:stop]) @ u_q.T)
-        start = stop
+    # ΣZᵢ = Uᵀτᵢ (= Σ·Vᵢᵀ·U_Qiᵀ): computed from the block itself, so an adapter that is 0 here stays exactly 0
+    # (from Σ·Vᵀ it would be rounding noise, which TIES would count as an agreeing adapter)
+    representations = [(u.T @ block) @ u_q.T for block, u_q in zip(blocks, bases)]
     merged = elementwise_merge(get_method(params["base"]), representations, weights, params, context, "knots")
     return u_p @ u, merged
 
 
-def knots_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
+def knots_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any],
+                  context: FactoredContext) -> torch.Tensor:
     """1-D changes: a linear base combines them as it would (so knots with a linear base is that base
     everywhere); otherwise they are averaged, as for every subspace method."""
-    coefficients = get_method(params["base"]).coefficients(weights, params)
+    coefficients = get_method(params["base"]).coefficients(context.all_weights or weights, params)
     if coefficients is None:
-        return mean_of_vectors(taus, weights, params)
+        return mean_of_vectors(taus, weights, params, context)
+    if context.all_weights:
+        coefficients = [coefficients[i] for i in context.adapters]
     total = taus[0] * coefficients[0]
     for tau, c in zip(taus[1:], coefficients[1:]):
         total = total + tau * c

@@ -108,6 +108,8 @@ class FactoredContext:
     adapters: tuple[int, ...]
     #: their per-adapter parameters (density, rescale, …), in the same order
     adapter_params: tuple[Mapping[str, Any], ...]
+    #: every adapter's weight wᵢ in config order, touching this tensor or not (a linear method's Σ wᵢ counts all)
+    all_weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,9 +120,9 @@ class FactoredPhase:
     #: the merged delta being L @ R
     factors: Callable[[Sequence[LowRankFactors], Sequence[float], Mapping[str, Any], FactoredContext],
                       tuple[Any, Any]]
-    #: for 1-D changes (lora_bias shifts), which have no factors: ([τᵢ], [wᵢ], params) -> merged delta (the
-    #: method applies the weights itself, as `factors` does); None refuses them
-    vectors: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any]], Any] | None = None
+    #: for 1-D changes (lora_bias shifts), which have no factors: ([τᵢ], [wᵢ], params, context) -> merged delta
+    #: (the method applies the weights itself, as `factors` does); None refuses them
+    vectors: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any], FactoredContext], Any] | None = None
 
 
 Phase = LinearPhase | ElementwisePhase | FactoredPhase
