@@ -6,7 +6,6 @@ TIES-style trimming needs each τᵢ's exact k-th largest magnitude before any c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 
 from ..errors import MergeConfigError
 from ..methods import ElementwisePhase, MergeMethod
+from ..methods._common import kept_count
 from . import kernels
 from .finite import all_finite
 from .plan import MergePlan
@@ -22,11 +22,6 @@ from .select import Mapper, Trimmer, kth_largest_magnitudes
 
 #: the C kernels an elementwise method may declare (ElementwisePhase.kernel)
 KERNELS = {"sum": kernels.SUM, "ties": kernels.TIES}
-
-
-def kept_count(density: float, numel: int) -> int:
-    """kᵢ = ⌊density · numel⌋ (density 1 keeps everything)."""
-    return numel if density >= 1.0 else math.floor(density * numel)
 
 
 def check_densities(plan: MergePlan, method: MergeMethod, adapter_params: Sequence[Mapping[str, Any]]) -> None:

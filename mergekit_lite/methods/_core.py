@@ -9,7 +9,6 @@ decomposes or multiplies out an m×n matrix; the arithmetic is float64 (the core
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from ..engine.rng import keep_mask, stream_key
 from ..errors import MergeConfigError
+from ._common import kept_count
 from .registry import ElementwisePhase, FactoredContext, LowRankFactors, MergeMethod
 
 CORE_DTYPE = torch.float64
@@ -80,11 +80,6 @@ def polar(x: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor
 
 
 # -- the entry-wise steps of the sparsifying methods, on small dense matrices (KnOTS, core space) ---------
-
-
-def kept_count(density: float, numel: int) -> int:
-    """kᵢ = ⌊density · numel⌋ (density 1 keeps everything)."""
-    return numel if density >= 1.0 else math.floor(density * numel)
 
 
 def trim_exact(x: torch.Tensor, density: float, where: str) -> torch.Tensor:

@@ -82,6 +82,9 @@ class PeftAdapterOutput:
     def layout(self, engine: MergeEngine) -> list[TensorInfo]:
         """Every adapter tensor in write order; factored methods compute their factors once here for the ranks."""
         self.tensors = [self._describe(engine, s) for s in engine.schedules if s.action == "merge"]
+        if not self.tensors:
+            raise MergeConfigError("output.format peft: no adapter changes any tensor (every weight or coefficient "
+                                   "is 0), so there is no adapter to write; the merge is the base model itself")
         dtype = self._dtype_code()
         out = []
         for t in self.tensors:
@@ -193,12 +196,10 @@ class PeftAdapterOutput:
         """A seeded randomized SVD of the tensor's whole (full-rank) delta, its relative error measured."""
         delta = engine.dense_delta(t.schedule).reshape(t.schedule.plan.info.rows, -1)
         k = t.rank
-        generator_state = torch.random.get_rng_state()
-        try:
+        devices = [delta.device] if delta.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the caller's CPU and CUDA generators are left as they were
             torch.manual_seed(engine.seed)
             u, s, v = torch.svd_lowrank(delta, q=min(k + OVERSAMPLE, *delta.shape), niter=POWER_ITERATIONS)
-        finally:
-            torch.random.set_rng_state(generator_state)
         left, right = u[:, :k] * s[:k], v[:, :k].T.contiguous()
         norm = float(torch.linalg.vector_norm(delta.double()))
         error = float(torch.linalg.vector_norm((delta - left @ right).double())) / norm if norm > 0 else 0.0
@@ -254,7 +255,7 @@ class PeftAdapterOutput:
         return {
             "peft_type": "LORA",
             "task_type": next((i.get("task_type") for i in inputs if i.get("task_type")), None),
-            "base_model_name_or_path": config.base_model,
+            "base_model_name_or_path": _base_reference(config),
             "r": r,
             "lora_alpha": r,
             "rank_pattern": pattern,
@@ -296,7 +297,7 @@ class PeftAdapterOutput:
                  "", "Load it with `PeftModel.from_pretrained(base, this_folder)`; `merge_and_unload()` gives the "
                  "merged checkpoint.", ""]
         if self.compression:
-            lines += [f"Compressed to rank {self.rank}: {self.summary()}.", "",
+            lines += [f"Compressed: {self.summary()}.", "",
                       "| tensor | rank | kept ‖ΔW‖²_F | relative error |", "|---|---|---|---|"]
             lines += [f"| {c.tensor} | {c.rank} | {c.kept_energy:.6f} | {c.relative_error:.3g} |"
                       for c in self.compression]
@@ -326,3 +327,11 @@ def _module_of(key: str, suffix: str) -> str:
     return module[: -len(suffix)] if module.endswith(suffix) else module
 
 
+
+
+def _base_reference(config: MergeConfig) -> str:
+    """The base as PEFT should find it: its Hub id (with revision), or the absolute local folder."""
+    from ..hub.resolve import hub_reference
+
+    reference = hub_reference(config, config.base_model)
+    return str(reference) if reference is not None else str(config.resolve_path(config.base_model))
