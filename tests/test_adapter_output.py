@@ -708,3 +708,31 @@ def test_randomized_rank_k_leaves_the_cuda_rng_alone(demo: Path, tmp_path: Path)
     }
     merge(MergeConfig.from_dict(data), device="cuda", progress=False)
     assert torch.equal(torch.cuda.get_rng_state(), before), "the merge moved the caller's CUDA RNG"
+
+
+# -- merge verify on adapter outputs ----------------------------------------------------------------------------
+
+
+def test_merge_verify_checks_an_adapter_output_and_its_logits_against_the_checkpoint(demo: Path,
+                                                                                      tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mergekit_lite.cli import main
+
+    adapters = _demo_adapters(demo, [1.0, -0.6, 0.5])
+    outputs = {}
+    for fmt in ("checkpoint", "peft"):
+        config = _config(demo / "base", adapters, tmp_path / fmt, "task_arithmetic", {"lambda": 0.7}, format=fmt)
+        outputs[fmt] = Path(_run(config).output_dir)
+    runner = CliRunner()
+    result = runner.invoke(main, ["verify", str(outputs["peft"]), "--no-progress", "--base", str(demo / "base"),
+                                  "--checkpoint", str(outputs["checkpoint"])])
+    assert result.exit_code == 0, result.output
+    assert "adapter_config.json ok" in result.output and "logits      ok" in result.output
+    weights = outputs["peft"] / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    dropped = next(k for k in tensors if k.endswith("lora_B.weight"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights))
+    result = runner.invoke(main, ["verify", str(outputs["peft"]), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "adapter_config.json FAIL" in result.output and "has no lora_B.weight" in result.output

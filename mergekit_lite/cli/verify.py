@@ -23,16 +23,23 @@ _DEFAULTS = ", ".join(f"{d.config_name} {RELATIVE_TOLERANCE[code]:g}" for code, 
 @click.option("--atol", type=click.FloatRange(min=0), default=None,
               help=f"Max |logit difference| allowed. Default: the largest |logit| times a factor set by the stored "
                    f"dtype ({_DEFAULTS}).")
+@click.option("--checkpoint", default=None,
+              help="For an adapter output (format: peft): the checkpoint merge of the same config; with --base, "
+                   "base + the adapter must give its logits.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar of the NaN/Inf scan.")
 @friendly_errors
 def verify_command(out_dir: str, base: str | None, adapter: str | None, against_inputs: bool, atol: float | None,
-                   no_progress: bool) -> None:
+                   checkpoint: str | None, no_progress: bool) -> None:
     """Check OUT_DIR (the output of `merge run`): exit 0 when every check passes, 1 on a fault, 2 if no checkpoint.
 
     Checks that the index and the shards agree, that every shard is complete with a sane header, that
     config.json parses and that no floating tensor holds NaN or Inf (streamed, a chunk at a time). With
     --base and --adapter (or --against-inputs), also loads the merged model and base + adapter through PEFT
     (unmerged, float32, CPU; needs `pip install 'mergekit_lite[verify]'`) and compares their logits.
+
+    An adapter output (format: peft) gets the adapter checks instead: its safetensors file, its LoRA config
+    and factor pairs, finite factors; with --base and --checkpoint, base + this adapter through PEFT against
+    the checkpoint merge's logits.
     """
     from ..errors import InputError
     from ..evaluation.verify import verify_checkpoint
@@ -44,7 +51,8 @@ def verify_command(out_dir: str, base: str | None, adapter: str | None, against_
         from ..evaluation.logit_check import recorded_inputs
 
         base, adapter = recorded_inputs(folder)
-    report = verify_checkpoint(folder, base=base, adapter=adapter, atol=atol, progress=not no_progress)
+    report = verify_checkpoint(folder, base=base, adapter=adapter, atol=atol, progress=not no_progress,
+                               checkpoint=checkpoint)
     for line in report.lines():
         click.echo(line)
     report.raise_for_faults()

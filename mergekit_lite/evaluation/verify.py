@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, IntegrityError, NotACheckpointError
-from ..formats.integrity import read_layout
+from ..formats.integrity import read_layout, read_shard
 from ..formats.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo, is_floating
 from ..progress import byte_progress
 from ..units import format_size
 
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 #: bytes of one tensor read at a time by the finiteness scan
 CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -63,11 +64,18 @@ class VerifyReport:
 
 def verify_checkpoint(folder: str | Path, *, base: str | None = None, adapter: str | None = None,
                       atol: float | None = None, chunk_bytes: int = CHUNK_BYTES,
-                      progress: bool = False) -> VerifyReport:
-    """Check a merged folder and return one result per check (NotACheckpointError when it is no checkpoint)."""
+                      progress: bool = False, checkpoint: str | None = None) -> VerifyReport:
+    """Check a merged folder and return one result per check (NotACheckpointError when it is no checkpoint).
+
+    A merged PEFT adapter (`output.format: peft`) is recognised by its adapter_config.json; `checkpoint` then
+    names the checkpoint merge of the same config, whose logits base + this adapter must reproduce.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise NotACheckpointError(f"{folder}: not a folder (give the output folder of `merge run`)")
+    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+        return verify_adapter(folder, base=base, checkpoint=checkpoint, atol=atol, chunk_bytes=chunk_bytes,
+                              progress=progress)
     checks: list[CheckResult] = []
     layout: dict[str, dict[str, TensorInfo]] | None = None
 
@@ -103,6 +111,72 @@ def verify_checkpoint(folder: str | Path, *, base: str | None = None, adapter: s
 
             run("logits", lambda: compare_logits(folder, base, adapter, atol, _lowest_float(layout or {})).describe())
     return VerifyReport(folder, checks)
+
+
+def verify_adapter(folder: Path, *, base: str | None = None, checkpoint: str | None = None,
+                   atol: float | None = None, chunk_bytes: int = CHUNK_BYTES, progress: bool = False) -> VerifyReport:
+    """The checks of a merged PEFT adapter: its one safetensors file, its LoRA config and factor pairs, finite
+    factors; with `base` and `checkpoint`, base + adapter (PEFT, unmerged) against the checkpoint merge's logits."""
+    checks: list[CheckResult] = []
+    layout: dict[str, dict[str, TensorInfo]] = {}
+
+    def run(name: str, check: Callable[[], str]) -> None:
+        try:
+            checks.append(CheckResult(name, "ok", check()))
+        except IntegrityError as error:
+            checks.append(CheckResult(name, "FAIL", str(error)))
+
+    def check_layout() -> str:
+        path = folder / ADAPTER_WEIGHTS
+        if not path.is_file():
+            raise IntegrityError(f"{path}: missing (PEFT loads the adapter's factors from it)")
+        layout[ADAPTER_WEIGHTS] = read_shard(path)
+        tensors = layout[ADAPTER_WEIGHTS]
+        size = sum(t.nbytes for t in tensors.values())
+        return f"{len(tensors)} tensors, {format_size(size)}; header sane, size matches"
+
+    run("layout", check_layout)
+    run(ADAPTER_CONFIG, lambda: check_adapter_config(folder, layout.get(ADAPTER_WEIGHTS, {})))
+    if not layout:
+        checks.append(CheckResult("finite", "skipped", "the layout is broken"))
+    else:
+        run("finite", lambda: check_finite(folder, layout, chunk_bytes, progress))
+    if base is not None or checkpoint is not None:
+        if base is None or checkpoint is None:
+            raise InputError("the logit check of an adapter output needs --base and --checkpoint (the checkpoint "
+                             "merge of the same config)")
+        if not all(check.status == "ok" for check in checks):
+            checks.append(CheckResult("logits", "skipped", "an earlier check failed"))
+        else:
+            from .logit_check import compare_logits
+
+            run("logits", lambda: compare_logits(Path(checkpoint), base, str(folder), atol,
+                                                 _lowest_float(layout)).describe())
+    return VerifyReport(folder, checks)
+
+
+def check_adapter_config(folder: Path, tensors: dict[str, TensorInfo]) -> str:
+    """adapter_config.json is a LoRA config, and every lora_A has its lora_B with the same rank."""
+    path = folder / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise IntegrityError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise IntegrityError(f"{path}: not a LoRA adapter config (peft_type {config.get('peft_type')!r})"
+                             if isinstance(config, dict) else f"{path}: not a JSON object")
+    pairs = 0
+    for name, a in tensors.items():
+        for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
+            if name.endswith(a_suffix):
+                b = tensors.get(name[: -len(a_suffix)] + b_suffix)
+                if b is None:
+                    raise IntegrityError(f"{folder / ADAPTER_WEIGHTS}: '{name}' has no {b_suffix.lstrip('.')}")
+                if a.shape[0] != b.shape[1]:
+                    raise IntegrityError(f"{folder / ADAPTER_WEIGHTS}: '{name}' has rank {a.shape[0]} but its "
+                                         f"{b_suffix.lstrip('.')} has {b.shape[1]}")
+                pairs += 1
+    return f"LoRA, r={config.get('r')}, {pairs} factor pair(s), {len(config.get('rank_pattern') or {})} rank pattern(s)"
 
 
 def check_config(folder: Path) -> str:
