@@ -106,7 +106,8 @@ def render_card(
             f"**{method.display_name}** (`{method.name}`){paper}: {method.summary}.",
             "",
             f"Parameters: {params}. Seed: `{config.seed}`. Arithmetic in float32, rounded once to the output dtype "
-            f"(`{config.output.dtype or 'same as base'}`).",
+            f"(`{config.output.dtype or ('float32' if adapter else 'same as base')}`"
+            f"{', the dtype of the factors' if adapter else ''}).",
             "",
             "## Adapters",
             "",
