@@ -80,6 +80,7 @@ def test_publish_then_snapshot_download_gives_byte_identical_files(
     assert any("base_model_relation: merge" in card for card in hub.validated_cards)
 
 
+@pytest.mark.slow
 def test_republishing_an_unchanged_folder_makes_no_new_commit(hub: HubStandIn, folder: Path) -> None:
     first = publish_folder(folder, "user/demo-merge")
     commits = hub.commit_count("user/demo-merge")
@@ -269,6 +270,7 @@ def test_only_what_a_merge_reads_is_downloaded(hub: HubStandIn, demo: Path, tmp_
                        "tokenizer_config.json", "merges.txt"}
 
 
+@pytest.mark.slow
 def test_a_local_folder_wins_over_a_hub_id(hub: HubStandIn, demo: Path, tmp_path: Path) -> None:
     upload_demo(demo, tmp_path)
     shutil.copytree(demo / "adapters" / "facts", tmp_path / "org" / "style")  # a local folder named like the id
@@ -304,6 +306,7 @@ def test_a_missing_repo_or_revision_is_a_clear_error(
     assert result.exit_code == 2 and last.startswith("error: ") and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_wrong_token_on_download_is_a_clear_error(
     hub: HubStandIn, demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -231,7 +231,8 @@ def demo_config(demo: Path, out: Path, method: str, parameters: dict, densities:
                                   "adapters": adapters, "output": {"path": str(out)}, "seed": seed})
 
 
-@pytest.mark.parametrize("chunk_rows", [None, pytest.param(1, marks=pytest.mark.slow), 13])  # one row: a second
+@pytest.mark.slow  # three whole merges, about a second each (the dense-reference properties above stay fast)
+@pytest.mark.parametrize("chunk_rows", [None, 1, 13])
 def test_ties_through_files_equals_the_reference(demo: Path, tmp_path: Path, chunk_rows: int | None) -> None:
     config = demo_config(demo, tmp_path / "out", "ties", {"density": 0.4}, densities=[0.4, 0.2, 0.7])
     merged = load_checkpoint(merge(config, device="cpu", chunk_rows=chunk_rows, progress=False).output_dir)
