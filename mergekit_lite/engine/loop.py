@@ -31,6 +31,7 @@ from .prefetch import Prefetcher
 from .schedule import (  # noqa: F401  (re-exported: the engine's options and budget live with the schedule)
     CAST,
     COPY,
+    MERGE,
     DEFAULT_MAX_MEMORY,
     EngineOptions,
     TensorSchedule,
@@ -79,6 +80,10 @@ class MergeEngine:
         self._by_name = {schedule.name: schedule for schedule in self.schedules}
         self._tau_buffer: torch.Tensor | None = None
         self._pool: ThreadPoolExecutor | None = None
+        #: factored methods: the next tensors' deltas, computed ahead in one background thread
+        self._ahead: ThreadPoolExecutor | None = None
+        self._factored: dict[str, Future[StreamedDelta]] = {}
+        self._upcoming: Iterator[TensorSchedule] = iter(())
 
     def schedule(self, tensor: TensorPlan) -> TensorSchedule:
         """The schedule decided for `tensor`."""
@@ -102,6 +107,9 @@ class MergeEngine:
         if self.options.merge_threads > 1:
             self._pool = ThreadPoolExecutor(self.options.merge_threads, thread_name_prefix="merge")
             torch.set_num_threads(1)
+        if self.method.is_factored:  # each tensor's core math runs while the previous tensor streams
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="core")
+            self._queue_factored(iter(s for s in self.schedules if s.action == MERGE))
         try:
             for schedule in self.schedules:
                 writer.begin(schedule.name)
@@ -122,6 +130,9 @@ class MergeEngine:
             reads.close()
             if collecting:
                 gc.enable()
+            if self._ahead is not None:
+                self._ahead.shutdown(wait=True, cancel_futures=True)
+                self._ahead, self._factored = None, {}
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
@@ -160,7 +171,7 @@ class MergeEngine:
         elif self.coefficients is not None:
             streamed = deltas.linear_delta(self.coefficients)
         else:
-            streamed = self._factored_delta(schedule, deltas)
+            streamed = self._take_factored(schedule, deltas)
 
         def chunk(base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             """One merged chunk in the output dtype (a pure function of its rows: safe to run side by side)."""
@@ -236,6 +247,25 @@ class MergeEngine:
 
     def _wide_rows(self, tensor: TensorPlan, start: int, stop: int) -> torch.Tensor:
         return self.base.read_rows(tensor.name, start, stop).to(self.options.device, self.options.compute_dtype)
+
+    def _queue_factored(self, upcoming: Iterator[TensorSchedule]) -> None:
+        """Start computing the deltas of the next two merged tensors in the background."""
+        self._upcoming = upcoming
+        for _ in range(2):
+            self._submit_next()
+
+    def _submit_next(self) -> None:
+        schedule = next(self._upcoming, None)
+        if schedule is not None and self._ahead is not None:
+            self._factored[schedule.name] = self._ahead.submit(self.tensor_delta, schedule)
+
+    def _take_factored(self, schedule: TensorSchedule, deltas: TensorDeltas) -> StreamedDelta:
+        """This tensor's factored delta: computed ahead when the run started the background thread."""
+        future = self._factored.pop(schedule.name, None)
+        if future is None:
+            return self._factored_delta(schedule, deltas)
+        self._submit_next()
+        return future.result()
 
     def _factored_delta(self, schedule: TensorSchedule, deltas: TensorDeltas) -> StreamedDelta:
         """The factored phase: the method's (L, R) from the active adapters' factors, or its merge of 1-D

@@ -34,6 +34,9 @@ class Core:
     u_q: torch.Tensor
     #: the adapters' p×q cores, in the order of the factors given
     cores: tuple[torch.Tensor, ...]
+    #: the R factors of the two QRs: P = U_P K_P (p×R), Qᵀ = U_Q K_Q (q×R)
+    k_p: torch.Tensor
+    k_q: torch.Tensor
     #: (m, n) of the tensor, for the numerical-rank rule
     shape: tuple[int, int]
 
@@ -58,7 +61,7 @@ def core_of(factors: Sequence[LowRankFactors], coefficients: Sequence[float], sh
         stop = start + f.left.shape[1]
         cores.append(k_p[:, start:stop] @ k_q[:, start:stop].T)
         start = stop
-    return Core(u_p, u_q, tuple(cores), shape)
+    return Core(u_p, u_q, tuple(cores), k_p, k_q, shape)
 
 
 def rank_svd(x: torch.Tensor, shape: tuple[int, ...] | None = None
@@ -92,24 +95,40 @@ def trim_exact(x: torch.Tensor, density: float, where: str) -> torch.Tensor:
         raise MergeConfigError(f"{where}: density {density} keeps 0 of its {numel} entries; raise the density "
                                f"to at least {1 / numel:.3g}")
     flat = x.reshape(-1)
-    order = torch.argsort(flat.abs(), descending=True, stable=True)
-    kept = torch.zeros_like(flat)
-    kept[order[:k]] = flat[order[:k]]
-    return kept.reshape(x.shape)
+    magnitude = flat.abs()
+    threshold = torch.kthvalue(magnitude, numel - k + 1).values  # the k-th largest |x|
+    keep = magnitude > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:  # entries equal to the threshold: the lower flat indices first
+        keep[torch.nonzero(magnitude == threshold).reshape(-1)[:missing]] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(x.shape)
+
+
+def base_coefficients(base: MergeMethod, weights: Sequence[float], params: Mapping[str, Any],
+                      context: FactoredContext) -> list[float] | None:
+    """A linear `base`'s cᵢ for the adapters in `context` (None for other methods); its Σ wᵢ counts every
+    adapter of the merge, touching the tensor or not, as in full space (SEMANTICS §3)."""
+    coefficients = base.coefficients(context.all_weights or weights, params)
+    if coefficients is not None and context.all_weights:
+        coefficients = [coefficients[i] for i in context.adapters]
+    return coefficients
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float]) -> torch.Tensor:
+    """Σ cᵢ xᵢ, added in order."""
+    total = tensors[0] * float(coefficients[0])
+    for x, c in zip(tensors[1:], coefficients[1:]):
+        total = total + x * float(c)
+    return total
 
 
 def elementwise_merge(base: MergeMethod, matrices: Sequence[torch.Tensor], weights: Sequence[float],
                       params: Mapping[str, Any], context: FactoredContext, space: str) -> torch.Tensor:
     """`base`'s steps (trim or DARE, weights, sign election, disjoint merge, λ) on the adapters' matrices as if
     they were the task vectors; a linear `base` is its Σ cᵢ Xᵢ. DARE's keys are (seed, adapter, tensor:space)."""
-    coefficients = base.coefficients(context.all_weights or weights, params)
-    if coefficients is not None:  # Σ wᵢ of a linear base counts every adapter, as in full space (SEMANTICS §3)
-        if context.all_weights:
-            coefficients = [coefficients[i] for i in context.adapters]
-        total = matrices[0] * coefficients[0]
-        for x, c in zip(matrices[1:], coefficients[1:]):
-            total = total + x * c
-        return total
+    coefficients = base_coefficients(base, weights, params, context)
+    if coefficients is not None:
+        return weighted_sum(matrices, coefficients)
     phase = base.phase
     assert isinstance(phase, ElementwisePhase)
     updates = []
@@ -134,11 +153,8 @@ def core_space_factors(method: MergeMethod, factors: Sequence[LowRankFactors], w
     m, n = context.shape
     total_rank = sum(f.left.shape[1] for f in factors)
     core = core_of(factors, [1.0] * len(factors), context.shape)
-    p, q = stacked(factors, [1.0] * len(factors))
-    k_p = core.u_p.T @ p  # p×R: the R factor of P's QR (recomputed: cheap, and keeps core_of's interface small)
-    k_q = core.u_q.T @ q.T
-    left_p, _, _ = rank_svd(k_p, (m, total_rank))
-    left_q, _, _ = rank_svd(k_q, (n, total_rank))
+    left_p, _, _ = rank_svd(core.k_p, (m, total_rank))  # V_P = U_P · left_p: [P₁ … P_T] = U_P K_P
+    left_q, _, _ = rank_svd(core.k_q, (n, total_rank))  # V_Q = U_Q · left_q: [Q₁; …; Q_T]ᵀ = U_Q K_Q
     matrices = [left_p.T @ c @ left_q for c in core.cores]
     merged = elementwise_merge(method, matrices, weights, params, context, "core")
     return core.u_p @ (left_p @ merged), (core.u_q @ left_q).T

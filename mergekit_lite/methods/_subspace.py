@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ._core import weighted_sum
 from .registry import FactoredContext, Param
 
 ALPHA = Param("alpha", 1.0, float, "global scale of the merged delta")
@@ -15,7 +16,4 @@ ALPHA = Param("alpha", 1.0, float, "global scale of the merged delta")
 def mean_of_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any],
                     context: FactoredContext) -> torch.Tensor:
     """1-D changes (lora_bias shifts) are averaged, Σ wᵢτᵢ / T, as the papers do for 1-D parameters."""
-    total = taus[0] * float(weights[0])
-    for tau, w in zip(taus[1:], weights[1:]):
-        total = total + tau * float(w)
-    return total / len(taus)
+    return weighted_sum(taus, weights) / len(taus)

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import MergeConfigError
 from ._common import LAMBDA, NORMALIZE_TIES, RESCALE, SIGN
-from ._core import CORE_DTYPE, elementwise_merge, rank_svd
+from ._core import CORE_DTYPE, base_coefficients, elementwise_merge, rank_svd, weighted_sum
 from ._subspace import mean_of_vectors
 from .registry import FactoredContext, FactoredPhase, LowRankFactors, MergeMethod, Param, get_method, register
 
@@ -44,15 +44,10 @@ def knots_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params
                   context: FactoredContext) -> torch.Tensor:
     """1-D changes: a linear base combines them as it would (so knots with a linear base is that base
     everywhere); otherwise they are averaged, as for every subspace method."""
-    coefficients = get_method(params["base"]).coefficients(context.all_weights or weights, params)
+    coefficients = base_coefficients(get_method(params["base"]), weights, params, context)
     if coefficients is None:
         return mean_of_vectors(taus, weights, params, context)
-    if context.all_weights:
-        coefficients = [coefficients[i] for i in context.adapters]
-    total = taus[0] * coefficients[0]
-    for tau, c in zip(taus[1:], coefficients[1:]):
-        total = total + tau * c
-    return total
+    return weighted_sum(taus, coefficients)
 
 
 def _validate(weights: Sequence[float], params: Mapping[str, Any], own: Sequence[Mapping[str, Any]]) -> None:
