@@ -736,3 +736,32 @@ def test_merge_verify_checks_an_adapter_output_and_its_logits_against_the_checkp
     result = runner.invoke(main, ["verify", str(outputs["peft"]), "--no-progress"])
     assert result.exit_code == 1, result.output
     assert "adapter_config.json FAIL" in result.output and "has no lora_B.weight" in result.output
+
+
+def test_merge_eval_scores_an_adapter_output_as_the_base_with_the_adapter_through_peft(demo: Path,
+                                                                                        tmp_path: Path) -> None:
+    """No merge to disk: the report's merge row is the base with the merged adapter applied by PEFT (the
+    lm-eval run itself is covered by tests/test_eval.py; here, which model each row loads)."""
+    from mergekit_lite.evaluation.lm_eval_runner import plan_models
+
+    config = _config(demo / "base", _demo_adapters(demo, [1.0, -0.6, 0.5]), tmp_path / "adapter", "task_arithmetic",
+                     {}, format="peft")
+    out = Path(_run(config).output_dir)
+    models, references = plan_models([config], [out], [out])
+    merged = next(m for m in models if m.kind == "merge")
+    assert merged.path == (demo / "base").resolve() and merged.adapter == out.resolve()
+    assert merged.model_args("cpu")["peft"] == str(out.resolve())
+    assert [m.kind for m in models if m.adapter == out.resolve()] == ["merge"]  # the plain folder is the same row
+
+
+def test_merge_publish_accepts_an_adapter_output_and_refuses_an_incomplete_one(demo: Path, tmp_path: Path) -> None:
+    from mergekit_lite.hub.publish import UnpublishableError, check_folder
+
+    config = _config(demo / "base", _demo_adapters(demo, [1.0, 0.5, 0.5]), tmp_path / "adapter", "task_arithmetic",
+                     {}, format="peft")
+    out = Path(_run(config).output_dir)
+    names = {f.path for f in check_folder(out)}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= names
+    (out / "adapter_model.safetensors").write_bytes((out / "adapter_model.safetensors").read_bytes()[:100])
+    with pytest.raises(UnpublishableError, match="adapter_model.safetensors"):
+        check_folder(out)

@@ -652,11 +652,32 @@ def plan_models(configs: Sequence[MergeConfig], merged_dirs: Sequence[Path],
             add(spec.label, "adapter", base_dir, local_model_dir(config, spec.path, "adapter"))
             for spec in config.adapters
         )
-        merged_name = add(Path(merged).name, "merge", Path(merged))
+        if is_adapter_output(Path(merged)):  # format: peft: the base with the merged adapter, unmerged
+            merged_name = add(Path(merged).name, "merge", base_dir, Path(merged))
+        else:
+            merged_name = add(Path(merged).name, "merge", Path(merged))
         references[merged_name] = RetentionRef(base_name, adapter_names)
     for folder in model_dirs:
-        add(Path(folder).resolve().name, "model", Path(folder))
+        if is_adapter_output(Path(folder)):
+            add(Path(folder).resolve().name, "model", adapter_base(Path(folder)), Path(folder))
+        else:
+            add(Path(folder).resolve().name, "model", Path(folder))
     return models, references
+
+
+def is_adapter_output(folder: Path) -> bool:
+    """True for a PEFT adapter folder (a `format: peft` merge): adapter_config.json and no config.json."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(folder: Path) -> Path:
+    """The local base folder an adapter folder names (base_model_name_or_path), for evaluating it through PEFT."""
+    recorded = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    candidate = Path(recorded) if Path(recorded).is_absolute() else (folder / recorded)
+    if not candidate.is_dir():
+        raise EvalError(f"{folder}: its base '{recorded}' is not a local folder; evaluate the merge config instead, "
+                        "which names the base")
+    return candidate.resolve()
 
 
 def _report_settings(config: MergeConfig) -> tuple[list[str] | None, int | None, int]:
@@ -691,10 +712,25 @@ def evaluate_after_merge(result: MergeResult, progress: bool = True) -> str:
         section = card_section(report)
         merged = next((m.name for m in report.models if m.kind == "merge"), None)
         eval_results = report.scores.get(merged) if merged else None  # the merge's own scores -> model-index
-        card = render_card(config, extra_sections=[section], eval_results=eval_results)
+        adapter = is_adapter_output(result.output_dir)
+        sections = [*_own_sections(result.output_dir / "README.md", "## Adapter"), section] if adapter else [section]
+        card = render_card(config, extra_sections=sections, eval_results=eval_results,
+                           relation="adapter" if adapter else "merge")
     report.move_to(report_dir)
     replace_card(result.output_dir, card)
     return report.summary()
+
+
+def _own_sections(card: Path, heading: str) -> list[str]:
+    """The `heading` section of an existing card (an adapter output's ranks and kept energy), to keep it."""
+    if not card.is_file():
+        return []
+    text = card.read_text()
+    start = text.find(f"\n{heading}\n")
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + len(heading) + 2)
+    return [text[start + 1: end if end > 0 else len(text)]]
 
 
 def card_section(report: EvalReport) -> str:

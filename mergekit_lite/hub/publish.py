@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 CONFIG_FILE = "config.json"
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 #: hidden files and folders (editor droppings, .cache/) are never uploaded
 IGNORE_PATTERNS = (".*", "*/.*")
 #: card metadata keys whose values must be Hub ids
@@ -84,15 +85,18 @@ def folder_files(folder: Path) -> list[FolderFile]:
 
 
 def check_folder(folder: Path) -> list[FolderFile]:
-    """Check that `folder` is a complete checkpoint with a publishable card; return the files to upload."""
+    """Check that `folder` is a complete checkpoint (or adapter output) with a publishable card; return the files
+    to upload."""
     if not folder.is_dir():
         raise UnpublishableError(f"{folder}: not a folder (give the output folder of `merge run`)")
-    if not (folder / CONFIG_FILE).is_file():
-        raise UnpublishableError(f"{folder}: no {CONFIG_FILE}; not a checkpoint folder (`merge run` writes one)")
+    adapter = (folder / ADAPTER_CONFIG_FILE).is_file() and not (folder / CONFIG_FILE).is_file()
+    if not adapter and not (folder / CONFIG_FILE).is_file():
+        raise UnpublishableError(f"{folder}: no {CONFIG_FILE} (a checkpoint) or {ADAPTER_CONFIG_FILE} (an adapter "
+                                 "output); not a folder `merge run` wrote")
     if not (folder / CARD_FILE).is_file():
         raise UnpublishableError(f"{folder}: no {CARD_FILE} model card (`merge run` writes one); refusing to publish "
                                  "a model without a card")
-    _check_weights(folder)
+    _check_weights(folder, adapter)
     metadata = card_metadata(folder / CARD_FILE)
     local = local_paths_in_metadata(metadata)
     if local:
@@ -262,12 +266,18 @@ def _translate(error: Exception, where: str, repo_id: str, branch: str) -> Merge
     return None
 
 
-def _check_weights(folder: Path) -> None:
-    """Index and shards agree: every shard exists and is complete, every tensor is where the index says."""
-    from ..formats.integrity import read_layout
+def _check_weights(folder: Path, adapter: bool = False) -> None:
+    """Index and shards agree: every shard exists and is complete, every tensor is where the index says (for an
+    adapter output: its one adapter_model.safetensors is complete)."""
+    from ..formats.integrity import read_layout, read_shard
 
     try:
-        read_layout(folder)
+        if adapter:
+            if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
+                raise UnpublishableError(f"{folder}: no {ADAPTER_WEIGHTS_FILE}; the adapter output is incomplete")
+            read_shard(folder / ADAPTER_WEIGHTS_FILE)
+        else:
+            read_layout(folder)
     except MergeError as error:  # a fault on disk is a folder we refuse to send, not a Hub failure
         raise UnpublishableError(str(error)) from None
 
