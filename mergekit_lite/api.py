@@ -13,7 +13,7 @@ import torch
 from .config import MergeConfig
 from .engine import kernels
 from .engine.allocator import tune_allocator
-from .engine.device import peak_device_bytes, peak_rss_bytes, resolve_device
+from .engine.device import peak_device_bytes, peak_rss_bytes, resolve_device, single_threaded_torch
 from .engine.elementwise import check_densities
 from .engine.loop import MergeEngine
 from .engine.plan import LowRank, MergePlan, build_plan
@@ -100,7 +100,7 @@ def prepare(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
     argument, never a config key, so a config file from a stranger cannot switch it on. Whatever was opened
     is closed again if a check fails; on success the caller closes it (use the result as a context manager).
     """
-    with ExitStack() as stack:
+    with ExitStack() as stack, single_threaded_torch():
         base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"), allow_pickle=allow_pickle)
         stack.callback(base.close)
         adapters = []

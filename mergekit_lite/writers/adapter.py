@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..engine.device import single_threaded_torch
 from ..errors import MergeConfigError
 from ..formats.safetensors import ITEM_SIZES, TORCH_DTYPES, TensorInfo, tensor_bytes
 from ..progress import Progress
@@ -81,7 +82,8 @@ class PeftAdapterOutput:
 
     def layout(self, engine: MergeEngine) -> list[TensorInfo]:
         """Every adapter tensor in write order; factored methods compute their factors once here for the ranks."""
-        self.tensors = [self._describe(engine, s) for s in engine.schedules if s.action == "merge"]
+        with single_threaded_torch():
+            self.tensors = [self._describe(engine, s) for s in engine.schedules if s.action == "merge"]
         if not self.tensors:
             raise MergeConfigError("output.format peft: no adapter changes any tensor (every weight or coefficient "
                                    "is 0), so there is no adapter to write; the merge is the base model itself")
@@ -145,6 +147,13 @@ class PeftAdapterOutput:
         stats = EngineStats()
         out_dtype = TORCH_DTYPES[self._dtype_code()]
         self.compression = []
+        with single_threaded_torch():
+            self._produce_all(engine, writer, progress, stats, out_dtype)
+        stats.bytes_written = writer.bytes_written
+        return stats
+
+    def _produce_all(self, engine: MergeEngine, writer: ShardedWriter, progress: Progress, stats: EngineStats,
+                     out_dtype: torch.dtype) -> None:
         for t in self.tensors:
             if t.role == "full":
                 writer.begin(PREFIX + t.schedule.name)
@@ -162,8 +171,6 @@ class PeftAdapterOutput:
                 self._write(writer, progress, a_key, a.to(out_dtype))
                 self._write(writer, progress, b_key, b.to(out_dtype))
             stats.tensors_merged += 1
-        stats.bytes_written = writer.bytes_written
-        return stats
 
     def _factors(self, engine: MergeEngine, t: AdapterTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L m×k, R k×n) of the tensor's merged delta at the rank written."""
@@ -335,3 +342,4 @@ def _base_reference(config: MergeConfig) -> str:
 
     reference = hub_reference(config, config.base_model)
     return str(reference) if reference is not None else str(config.resolve_path(config.base_model))
+
