@@ -23,6 +23,10 @@ from ..errors import MergeConfigError
 from ..suggest import did_you_mean
 
 
+#: Core Space merging (Panariello et al., NeurIPS 2025): what `space: core` runs
+CORE_SPACE_PAPER = "https://arxiv.org/abs/2509.17786"
+
+
 @dataclass(frozen=True)
 class Param:
     """One method parameter: its default, its type, and whether an adapter entry may override it."""
@@ -148,7 +152,8 @@ class MergeMethod:
         one of the same name in full space, and named so on the card)."""
         if self.core_phase is not None and params.get("space") == "core":
             return replace(self, phase=self.core_phase, display_name=f"{self.display_name} in core space",
-                           core_phase=None)
+                           core_phase=None, paper_url=CORE_SPACE_PAPER,
+                           summary=f"{self.summary}, on the core matrices of the stacked LoRA factors (Core Space)")
         return self
 
     @property
