@@ -20,8 +20,7 @@ from mergekit_lite.cli import main
 from mergekit_lite.errors import IntegrityError
 from mergekit_lite.evaluation.verify import check_finite
 from mergekit_lite.formats.integrity import check_written, read_layout
-from mergekit_lite.formats.safetensors import SafetensorsFile
-from mergekit_lite.writers.checkpoint import OutputTensor
+from mergekit_lite.formats.safetensors import SafetensorsFile, TensorInfo
 
 INDEX = "model.safetensors.index.json"
 TOUCHED = "model.layers.0.self_attn.q_proj.weight"  # the style adapter changes it
@@ -64,10 +63,10 @@ def rewrite_shard(path: Path, change: Callable[[dict[str, torch.Tensor]], None])
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def planned(demo: Path) -> list[OutputTensor]:
+def planned(demo: Path) -> list[TensorInfo]:
     """What a float32 merge of the demo must write: the base's own names, dtypes and shapes."""
     stored = [t for tensors in read_layout(demo / "base").values() for t in tensors.values()]
-    return [OutputTensor(t.name, t.dtype, t.shape, t.nbytes) for t in stored]
+    return [TensorInfo(t.name, t.dtype, t.shape, t.nbytes) for t in stored]
 
 
 # ------------------------------------------------------------------------------------------------ clean output
@@ -93,16 +92,16 @@ def test_check_written_names_the_shard_and_tensor_that_differ_from_the_plan(
     position = next(k for k, t in enumerate(plan) if t.name == TOUCHED)
     t = plan[position]
     if fault == "shape":
-        plan[position] = OutputTensor(t.name, t.dtype, (t.shape[1], t.shape[0] // 2), t.nbytes // 2)
+        plan[position] = TensorInfo(t.name, t.dtype, (t.shape[1], t.shape[0] // 2), t.nbytes // 2)
         message = rf"{re.escape(shard_of(merged, TOUCHED).name)}: tensor '{TOUCHED}' has shape \[64, 64\], the plan"
     elif fault == "dtype":
-        plan[position] = OutputTensor(t.name, "BF16", t.shape, t.nbytes // 2)
+        plan[position] = TensorInfo(t.name, "BF16", t.shape, t.nbytes // 2)
         message = rf"{re.escape(shard_of(merged, TOUCHED).name)}: tensor '{TOUCHED}' is F32, the plan says BF16"
     elif fault == "plan_lacks_one":
         del plan[position]
         message = rf"{re.escape(shard_of(merged, TOUCHED).name)}: tensor '{TOUCHED}' is not in the plan"
     else:
-        plan.append(OutputTensor("lm_head.extra", "F32", (2,), 8))
+        plan.append(TensorInfo("lm_head.extra", "F32", (2,), 8))
         message = "tensor 'lm_head.extra' of the plan is in no shard"
     with pytest.raises(IntegrityError, match=message):
         check_written(merged, plan)

@@ -311,7 +311,7 @@ class Trimmer:
         """τ with the entries outside the kept set zeroed (a new tensor); `flat_start` is the chunk's first
         flat index (chunks in row order when the tie counts were not taken up front).
 
-        One fused float kernel (hardshrink keeps x where |x| > λ) instead of a mask built from boolean or
+        One float op (hardshrink keeps x where |x| > λ) instead of a mask built from boolean or
         sign arithmetic; a threshold of 0 keeps everything but the ties beyond the kept count.
         """
         trimmed = F.hardshrink(chunk, self._below) if self._below >= 0 else chunk.clone()

@@ -32,10 +32,6 @@ SIDE_FILES = (
 )
 
 
-#: a tensor of the output layout is a TensorInfo without a file yet; this name is kept for its callers
-OutputTensor = TensorInfo
-
-
 def shard_layout(tensors: list[TensorInfo], shard_size: int) -> list[list[TensorInfo]]:
     """Split tensors, in order, into shards of at most `shard_size` bytes (a larger tensor gets its own)."""
     shards: list[list[TensorInfo]] = [[]]
