@@ -196,7 +196,9 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
     engine = _engine(prepared, resolve_device(device), chunk_rows, max_memory, workers)
     options = engine.options
     peak_chunk = max((engine.working_set_bytes(tensor) for tensor in plan.tensors), default=0)
-    shards = shard_layout(output_kind(config).layout(engine), config.output.shard_size)
+    kind = output_kind(config)
+    layout = kind.layout(engine)
+    shards = shard_layout(layout, kind.shard_size(config))
     touched_any = sum(1 for t in plan.tensors if t.touched)
     lines = [
         f"plan: {config.merge_method.display_name} ({config.method}) of {len(plan.adapters)} adapter(s) into "
@@ -211,8 +213,8 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
             lines.append(f"    {name}")
     lines += [
         f"  base tensors: {len(plan.tensors)} ({touched_any} touched, {len(plan.tensors) - touched_any} copied as is)",
-        f"  output: {config.output_path} ({format_size(plan.total_out_bytes)} in {len(shards)} shard(s), "
-        f"dtype {config.output.dtype or 'as base'})",
+        f"  output: {config.output_path}{_format_line(config)} ({format_size(sum(t.nbytes for t in layout))} in "
+        f"{len(shards)} file(s), dtype {config.output.dtype or ('float32' if kind.name == 'peft' else 'as base')})",
         f"  memory: device {options.device}"
         f"{f', {options.workers} workers' if options.device.type == 'cpu' else ''}, working set up to {format_size(peak_chunk)} per tensor "
         f"(budget {format_size(options.max_memory)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
@@ -224,6 +226,19 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
         lines += _core_lines(engine)
     lines.append("  dry run: nothing written")
     return "\n".join(lines)
+
+
+def _format_line(config: MergeConfig) -> str:
+    """How an adapter output is written (checkpoints say nothing more)."""
+    if config.output.format != "peft":
+        return ""
+    method = config.merge_method
+    if config.output.rank is None:
+        return " as one PEFT adapter, exact factors"
+    if method.is_elementwise:
+        return (f" as one PEFT adapter at rank {config.output.rank}: a seeded randomized SVD of each tensor's whole "
+                "delta (one tensor's delta held at a time)")
+    return f" as one PEFT adapter at rank {config.output.rank}: the Eckart–Young cut of each factored delta's core"
 
 
 def _core_lines(engine: MergeEngine) -> list[str]:

@@ -765,3 +765,15 @@ def test_merge_publish_accepts_an_adapter_output_and_refuses_an_incomplete_one(d
     (out / "adapter_model.safetensors").write_bytes((out / "adapter_model.safetensors").read_bytes()[:100])
     with pytest.raises(UnpublishableError, match="adapter_model.safetensors"):
         check_folder(out)
+
+
+def test_dry_run_says_how_an_adapter_output_is_written(demo: Path, tmp_path: Path) -> None:
+    from mergekit_lite import describe_plan
+
+    adapters = _demo_adapters(demo, [1.0, 0.5, 0.5])
+    exact = _config(demo / "base", adapters, tmp_path / "a", "task_arithmetic", {}, format="peft")
+    ranked = _config(demo / "base", adapters, tmp_path / "b", "ties", {"density": 0.5}, format="peft", rank=2)
+    assert "as one PEFT adapter, exact factors" in describe_plan(exact, device="cpu")
+    text = describe_plan(ranked, device="cpu")
+    assert "randomized SVD" in text and "one tensor's delta held at a time" in text
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
