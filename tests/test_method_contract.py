@@ -136,20 +136,37 @@ def test_a_factored_method_refuses_dora_by_name_before_any_work(factored_method:
 def test_the_schedule_is_what_the_loop_runs_and_the_estimate_reports(demo: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from mergekit_lite.api import _engine, prepare
+    from mergekit_lite.sources.checkpoint import BaseCheckpoint
+    from mergekit_lite.units import format_size
 
+    reads: list[tuple[str, int, int]] = []
+    read_rows = BaseCheckpoint.read_rows
+
+    def recording(self: BaseCheckpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        reads.append((name, start, stop))
+        return read_rows(self, name, start, stop)
+
+    monkeypatch.setattr(BaseCheckpoint, "read_rows", recording)
     expected = {"task_arithmetic": C_LOWRANK, "ties": C_TIES, "magnitude_prune": C_SUM}
     for method, kernel in expected.items():
         parameters = {"density": 0.5} if method != "task_arithmetic" else {}
         config = demo_config(demo, tmp_path / method, method, [1.0, 1.0, 1.0], parameters=parameters)
-        engine = _engine(prepare(config), torch.device("cpu"), None, "512MiB")
-        merged = [s for s in engine.schedules if s.action == "merge"]
+        with prepare(config) as prepared:
+            schedules = _engine(prepared, torch.device("cpu"), None, "512MiB").schedules
+        merged = [s for s in schedules if s.action == "merge"]
         assert merged and {s.kernel for s in merged} == ({kernel} if kernels.enabled() else {TORCH})
-        for schedule in engine.schedules:
-            assert engine.working_set_bytes(schedule.plan) == schedule.working_set
-            if schedule.action == "merge":
-                covered = [row for start, stop in schedule.ranges for row in range(start, stop)]
-                assert covered == list(range(schedule.plan.info.rows))
+        for schedule in merged:
+            covered = [row for start, stop in schedule.ranges for row in range(start, stop)]
+            assert covered == list(range(schedule.plan.info.rows))
+        # the loop reads exactly the schedules' row chunks, in order (raw-byte copies read no rows) ...
+        reads.clear()
+        merge(config, device="cpu", progress=False, max_memory="512MiB")
+        assert reads == [(s.name, start, stop) for s in schedules if s.action != "copy" for start, stop in s.ranges]
+        # ... and the dry run's estimate is the largest working set they hold
+        peak = max(s.working_set for s in schedules)
+        assert f"working set up to {format_size(peak)} per tensor" in describe_plan(config, device="cpu")
     monkeypatch.setenv(kernels.ENV, "torch")
     config = demo_config(demo, tmp_path / "t", "ties", [1.0, 1.0, 1.0], parameters={"density": 0.5})
-    assert {s.kernel for s in _engine(prepare(config), torch.device("cpu"), None, "512MiB").schedules} == {TORCH}
+    with prepare(config) as prepared:
+        assert {s.kernel for s in _engine(prepared, torch.device("cpu"), None, "512MiB").schedules} == {TORCH}
     assert "cpu kernels: torch" in describe_plan(config, device="cpu")

@@ -8,6 +8,7 @@ factored method hands back its own (L, R), streamed the same way (`StreamedDelta
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,12 +64,17 @@ def _scaled(factors: LowRankFactors, coef: float) -> _Factors:
     return _Factors(factors.left * (coef * factors.scale), factors.right)
 
 
-@dataclass(frozen=True)
 class _PreparedLowRank:
-    """A plain low-rank change loaded once: as stored (for the linear and factored phases) and as τᵢ rows."""
+    """A plain low-rank change loaded once: as stored (for the linear and factored phases) and, when an
+    elementwise method asks for τᵢ rows, with its scale folded in (made on first use)."""
 
-    raw: LowRankFactors
-    scaled: _Factors
+    def __init__(self, raw: LowRankFactors) -> None:
+        self.raw = raw
+
+    @functools.cached_property
+    def scaled(self) -> _Factors:
+        """τᵢ in row form."""
+        return _scaled(self.raw, 1.0)
 
 
 RowsFn = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -162,7 +168,7 @@ class TensorDeltas:
                     dense.append(self._dense_part(index, item, prepared, coef))
         if not lefts:
             return StreamedDelta(None, tuple(dense))
-        return StreamedDelta(_Factors(torch.cat(lefts, dim=1), torch.cat(rights, dim=0)), tuple(dense))
+        return StreamedDelta.of(torch.cat(lefts, dim=1), torch.cat(rights, dim=0), dense)
 
     def _dense_part(self, index: int, item: Contribution, prepared: object, coef: float) -> RowsFn:
         def rows(base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -226,8 +232,7 @@ class TensorDeltas:
     def _prepare(self, index: int, item: Contribution) -> object:
         adapter = self.adapters[index]
         if isinstance(item, LowRank):
-            raw = _low_rank(adapter, item, self.device, self.dtype)
-            return _PreparedLowRank(raw, _scaled(raw, 1.0))
+            return _PreparedLowRank(_low_rank(adapter, item, self.device, self.dtype))
         if isinstance(item, Dora):
             assert item.module.magnitude_key is not None
             factors = _scaled(_low_rank(adapter, item, self.device, self.dtype), 1.0)

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import MergeConfigError
 from ..methods import ElementwisePhase, MergeMethod
-from ..methods._common import kept_count
+from ..methods._common import kept_count, kept_scale
 from . import kernels
 from .finite import all_finite
 from .plan import MergePlan
@@ -134,10 +134,7 @@ class SparseTensorMerge:
 
     def _scale(self, index: int) -> float:
         """What adapter `index`'s kept entries are multiplied by: wᵢ, or wᵢ / density for rescaled DARE."""
-        own = self.adapter_params[index]
-        if self.method.sparsification == "dare" and own["rescale"]:
-            return self.weights[index] / own["density"]
-        return self.weights[index]
+        return kept_scale(self.weights[index], self.adapter_params[index], self.method.sparsification)
 
     def _keep_mask(self, index: int, tau: torch.Tensor, flat_start: int) -> torch.Tensor:
         """DARE's keep-mask (1.0 kept, 0.0 dropped) for a chunk of τᵢ starting at `flat_start`."""

@@ -28,18 +28,7 @@ from .deltas import StreamedDelta, TensorDeltas
 from .elementwise import SparseTensorMerge
 from .plan import MergePlan, TensorPlan
 from .prefetch import Prefetcher
-from .schedule import (  # noqa: F401  (re-exported: the engine's options and budget live with the schedule)
-    CAST,
-    COPY,
-    MERGE,
-    DEFAULT_MAX_MEMORY,
-    EngineOptions,
-    TensorSchedule,
-    chunk_ranges,
-    default_workers,
-    rows_per_chunk,
-    schedule_tensor,
-)
+from .schedule import CAST, COPY, MERGE, EngineOptions, TensorSchedule, schedule_tensor
 
 
 @dataclass
@@ -231,13 +220,11 @@ class MergeEngine:
                 out[start:stop] = 0.0 if part is None else part.reshape(stop - start, cols)
             return out.reshape(tensor.info.shape)
         sparse, cached = self._prepare_sparse(schedule, deltas)
-        for start, stop in schedule.ranges:
+        for start, stop in schedule.ranges:  # merge_chunk leaves its inputs as they are: cached slices will do
             if cached is not None:
-                taus = {i: tau[start:stop].clone() for i, tau in cached.items()}
+                taus = {i: tau[start:stop] for i, tau in cached.items()}
             else:
-                wide = (self._wide_rows(tensor, start, stop) if any(deltas.needs_base(i) for i in sparse.active)
-                        else None)
-                taus = self._taus(deltas, sparse.active, wide, start, stop)
+                taus = self._taus(deltas, sparse.active, None, start, stop)
             out[start:stop] = sparse.merge_chunk(taus, start * cols).reshape(stop - start, cols)
         return out.reshape(tensor.info.shape)
 
@@ -246,6 +233,7 @@ class MergeEngine:
         self._merge_tensor(schedule, _DirectReads(self, schedule), writer, progress, EngineStats())
 
     def _wide_rows(self, tensor: TensorPlan, start: int, stop: int) -> torch.Tensor:
+        """W[start:stop] on the device in the compute dtype."""
         return self.base.read_rows(tensor.name, start, stop).to(self.options.device, self.options.compute_dtype)
 
     def _queue_factored(self, upcoming: Iterator[TensorSchedule]) -> None:
@@ -305,7 +293,7 @@ class MergeEngine:
         """W[start:stop] on the device when some τᵢ depends on the base rows (DoRA, saved tensors), else None."""
         if not any(deltas.needs_base(i) for i in active):
             return None
-        return self.base.read_rows(deltas.plan.name, start, stop).to(self.options.device, self.options.compute_dtype)
+        return self._wide_rows(deltas.plan, start, stop)
 
     def _prepare_sparse(self, schedule: TensorSchedule, deltas: TensorDeltas
                         ) -> tuple[SparseTensorMerge, dict[int, torch.Tensor] | None]:
@@ -368,7 +356,6 @@ class MergeEngine:
         data = tensor_bytes(rows.cpu())
         writer.write(data)
         progress.update(data.nbytes)
-
 
 
 class _DirectReads:

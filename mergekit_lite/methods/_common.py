@@ -34,6 +34,13 @@ def kept_count(density: float, numel: int) -> int:
     return min(numel, math.floor(density * numel * (1.0 + KEPT_COUNT_SLACK)))
 
 
+def kept_scale(weight: float, own: Mapping[str, Any], sparsification: str | None) -> float:
+    """What an adapter's kept entries are multiplied by: wᵢ, or wᵢ / density for rescaled DARE."""
+    if sparsification == "dare" and own["rescale"]:
+        return float(weight) / own["density"]
+    return float(weight)
+
+
 def sum_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
     """τ = λ · Σ uᵢ (uᵢ = wᵢ tᵢ already weighted)."""
     total = updates[0].clone()

@@ -17,7 +17,7 @@ import torch
 
 from ..engine.rng import keep_mask, stream_key
 from ..errors import MergeConfigError
-from ._common import kept_count
+from ._common import kept_count, kept_scale
 from .registry import ElementwisePhase, FactoredContext, LowRankFactors, MergeMethod
 
 CORE_DTYPE = torch.float64
@@ -134,15 +134,12 @@ def elementwise_merge(base: MergeMethod, matrices: Sequence[torch.Tensor], weigh
     updates = []
     for x, w, index, own in zip(matrices, weights, context.adapters, context.adapter_params):
         where = f"tensor '{context.tensor}' ({space} of adapters[{index}])"
-        scale = float(w)
         if phase.sparsification == "magnitude":
             x = trim_exact(x, own["density"], where)
         elif phase.sparsification == "dare":
             key = stream_key(context.seed, index, f"{context.tensor}:{space}")
             x = x * keep_mask(key, own["density"], 0, x.numel(), x.device).to(x.dtype).reshape(x.shape)
-            if own["rescale"]:
-                scale = float(w) / own["density"]
-        updates.append(x * scale)
+        updates.append(x * kept_scale(w, own, phase.sparsification))
     return phase.combine(updates, list(weights), params)
 
 

@@ -22,7 +22,6 @@ from typing import Any
 from ..errors import MergeConfigError
 from ..suggest import did_you_mean
 
-
 #: Core Space merging (Panariello et al., NeurIPS 2025): what `space: core` runs
 CORE_SPACE_PAPER = "https://arxiv.org/abs/2509.17786"
 

@@ -20,15 +20,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..engine.device import single_threaded_torch
+from ..engine.loop import EngineStats
+from ..engine.plan import BiasShift, Dora, LowRank, SavedTensor
 from ..errors import MergeConfigError
 from ..formats.safetensors import ITEM_SIZES, TORCH_DTYPES, TensorInfo, tensor_bytes
+from ..methods import LowRankFactors
+from ..methods._core import core_of
 from ..progress import Progress
 from .checkpoint import ShardedWriter
 from .failures import naming
 
 if TYPE_CHECKING:
     from ..config import MergeConfig
-    from ..engine.loop import EngineStats, MergeEngine
+    from ..engine.loop import MergeEngine
     from ..engine.schedule import TensorSchedule
 
 PREFIX = "base_model.model."
@@ -103,8 +107,6 @@ class PeftAdapterOutput:
         return out
 
     def _describe(self, engine: MergeEngine, schedule: TensorSchedule) -> AdapterTensor:
-        from ..engine.plan import BiasShift, Dora, LowRank, SavedTensor
-
         items = [(i, item) for i in schedule.active for item in schedule.plan.by_adapter[i]]
         labels = [a.label for a in engine.plan.adapters]
         for i, item in items:
@@ -142,8 +144,6 @@ class PeftAdapterOutput:
 
     def produce(self, engine: MergeEngine, writer: ShardedWriter, progress: Progress) -> EngineStats:
         """Write every adapter tensor in layout order, one base tensor's delta at a time."""
-        from ..engine.loop import EngineStats
-
         stats = EngineStats()
         out_dtype = TORCH_DTYPES[self._dtype_code()]
         self.compression = []
@@ -188,15 +188,13 @@ class PeftAdapterOutput:
     def _truncated(self, t: AdapterTensor, left: torch.Tensor, right: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eckart–Young: the best rank-k factors of L·R from the SVD of its small core (float64)."""
-        q_l, k_l = torch.linalg.qr(left.double(), mode="reduced")
-        q_r, k_r = torch.linalg.qr(right.double().T, mode="reduced")
-        u, s, vh = torch.linalg.svd(k_l @ k_r.T, full_matrices=False)
+        core = core_of([LowRankFactors(left, right, 1.0)], [1.0], (left.shape[0], right.shape[1]))
+        u, s, vh = torch.linalg.svd(core.cores[0], full_matrices=False)
         k = t.rank
         total = float((s**2).sum())
         kept = float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
         self.compression.append(Compression(t.schedule.name, k, kept, math.sqrt(max(0.0, 1.0 - kept))))
-        new_left = (q_l @ u[:, :k]) * s[:k]
-        new_right = vh[:k] @ q_r.T
+        new_left, new_right = core.u_p @ (u[:, :k] * s[:k]), vh[:k] @ core.u_q.T
         return new_left.to(left.dtype), new_right.to(right.dtype)
 
     def _randomized(self, engine: MergeEngine, t: AdapterTensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,11 +101,10 @@ OUTPUT_FORMATS = ("checkpoint", "peft")
 
 def output_kind(config: MergeConfig) -> OutputKind:
     """A fresh output kind for `config`'s `output.format` (a kind records what it wrote, for the card)."""
-    output_format = getattr(config.output, "format", "checkpoint")
-    if output_format == "peft":
+    if config.output.format == "peft":
         from .adapter import PeftAdapterOutput
 
-        return PeftAdapterOutput(rank=getattr(config.output, "rank", None), dtype=config.output.dtype)
+        return PeftAdapterOutput(rank=config.output.rank, dtype=config.output.dtype)
     return CheckpointOutput()
 
 
