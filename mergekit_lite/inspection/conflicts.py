@@ -1,0 +1,142 @@
+"""Sign conflicts among the entries TIES keeps, streamed over row chunks: the one dense part of `merge inspect`.
+
+TIES at density d keeps, of each τᵢ, exactly kᵢ = ⌊d · numel⌋ largest magnitudes (ties at the threshold: lower
+flat index first, SEMANTICS §3). The kept set here is the engine's own: the same τᵢ rows (`TensorDeltas`), the
+same exact selection (`kth_largest_magnitudes`) and the same `Trimmer`, so the counts are of exactly the
+entries a TIES merge would see. uᵢ = wᵢ · trimmed τᵢ, as TIES weighs them before the sign vote.
+
+Counted per tensor: positions where at least two uᵢ are non-zero (overlapping), those among them whose
+non-zero uᵢ do not all share a sign (conflicting), per pair the same two counts, and the kept entries whose
+sign differs from the elected one (γ = sign Σuᵢ, +1 at 0), which TIES' disjoint merge drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..engine.select import Trimmer, kth_largest_magnitudes
+from ..errors import MergeConfigError
+from ..methods._common import kept_count
+
+ChunkSource = Callable[[], Iterable[torch.Tensor]]
+
+
+@dataclass
+class ConflictCounts:
+    """Counts over one tensor (or a sum over many): T adapters, in the order their updates were given."""
+
+    adapters: int
+    #: positions where ≥ 2 of the uᵢ are non-zero
+    overlapping: int = 0
+    #: of those, positions holding both a positive and a negative uᵢ
+    conflicting: int = 0
+    #: non-zero kept entries, all adapters together
+    kept: int = 0
+    #: kept entries whose sign differs from the elected γ (dropped by the disjoint merge)
+    dropped: int = 0
+    #: entries the counts looked at (per adapter): numel, or the sampled entries
+    entries: int = 0
+    #: per pair (i, j): positions where both are non-zero, and where their signs differ
+    pair_both: list[list[int]] = field(default_factory=list)
+    pair_opposite: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.pair_both:
+            self.pair_both = [[0] * self.adapters for _ in range(self.adapters)]
+            self.pair_opposite = [[0] * self.adapters for _ in range(self.adapters)]
+
+    @property
+    def rate(self) -> float | None:
+        """conflicting / overlapping; None when no position is kept by two adapters."""
+        return self.conflicting / self.overlapping if self.overlapping else None
+
+    @property
+    def dropped_share(self) -> float | None:
+        """dropped / kept: the share of kept entries the sign election throws away."""
+        return self.dropped / self.kept if self.kept else None
+
+    def pair_rate(self, i: int, j: int) -> float | None:
+        """Opposite signs among the positions both adapters keep; None when they share none."""
+        both = self.pair_both[i][j]
+        return self.pair_opposite[i][j] / both if both else None
+
+    def add(self, other: ConflictCounts, positions: Sequence[int] | None = None) -> None:
+        """Add `other` (over adapters `positions` of this one; default the same adapters)."""
+        where = list(positions) if positions is not None else list(range(self.adapters))
+        self.overlapping += other.overlapping
+        self.conflicting += other.conflicting
+        self.kept += other.kept
+        self.dropped += other.dropped
+        self.entries += other.entries
+        for a, i in enumerate(where):
+            for b, j in enumerate(where):
+                self.pair_both[i][j] += other.pair_both[a][b]
+                self.pair_opposite[i][j] += other.pair_opposite[a][b]
+
+
+def count_chunk(updates: Sequence[torch.Tensor], counts: ConflictCounts) -> None:
+    """Add one chunk's counts to `counts`; `updates` are the weighted, trimmed uᵢ of the same positions."""
+    positive = [u > 0 for u in updates]
+    negative = [u < 0 for u in updates]
+    n_positive = torch.stack(positive).sum(0, dtype=torch.int16)
+    n_negative = torch.stack(negative).sum(0, dtype=torch.int16)
+    counts.overlapping += int(((n_positive + n_negative) >= 2).sum())
+    counts.conflicting += int(((n_positive > 0) & (n_negative > 0)).sum())
+    vote = updates[0].clone()
+    for u in updates[1:]:
+        vote.add_(u)
+    elected_negative = vote < 0  # γ = +1 where the vote is 0, as TIES elects
+    for pos, neg in zip(positive, negative):
+        counts.kept += int(pos.sum()) + int(neg.sum())
+        counts.dropped += int((pos & elected_negative).sum()) + int((neg & ~elected_negative).sum())
+    counts.entries += updates[0].numel()
+    for i in range(len(updates)):
+        for j in range(i + 1, len(updates)):
+            both = int(((positive[i] | negative[i]) & (positive[j] | negative[j])).sum())
+            opposite = int(((positive[i] & negative[j]) | (negative[i] & positive[j])).sum())
+            counts.pair_both[i][j] += both
+            counts.pair_both[j][i] += both
+            counts.pair_opposite[i][j] += opposite
+            counts.pair_opposite[j][i] += opposite
+
+
+def trimmers(sources: Sequence[ChunkSource], densities: Sequence[float], numel: int, where: str
+             ) -> list[Trimmer | None]:
+    """The engine's exact TIES trim of each τᵢ at its density (None: density 1, everything kept).
+
+    `sources[i]()` yields τᵢ's chunks in flat order, `numel` entries in all; a density that keeps no entry
+    is the same config error `merge run` gives, naming the tensor.
+    """
+    ks: dict[int, int] = {}
+    for index, density in enumerate(densities):
+        if density >= 1.0:
+            continue
+        k = kept_count(density, numel)
+        if k == 0:
+            raise MergeConfigError(f"{where}: density {density} keeps 0 of its {numel} entries; raise the density "
+                                   f"to at least {1 / numel:.3g}")
+        ks[index] = k
+    found = kth_largest_magnitudes({i: sources[i] for i in ks}, ks, numel=numel) if ks else {}
+    return [Trimmer(found[i], sources[i]) if i in found else None for i in range(len(sources))]
+
+
+def conflict_counts(sources: Sequence[ChunkSource], weights: Sequence[float], densities: Sequence[float],
+                    numel: int, where: str) -> ConflictCounts:
+    """The sign-conflict counts of one tensor: selection passes over each τᵢ, then one counting pass.
+
+    The chunks of all sources must line up (same row ranges, in order); each source is called afresh per pass.
+    """
+    trims = trimmers(sources, densities, numel, where)
+    counts = ConflictCounts(len(sources))
+    flat_start = 0
+    for chunks in zip(*(source() for source in sources)):
+        updates = []
+        for tau, trim, weight in zip(chunks, trims, weights):
+            kept = trim.trim(tau, flat_start) if trim is not None else tau
+            updates.append(kept * float(weight))
+        count_chunk(updates, counts)
+        flat_start += chunks[0].numel()
+    return counts
