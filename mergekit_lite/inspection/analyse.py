@@ -190,7 +190,8 @@ def analyse(config: MergeConfig, method_given: bool, inputs: OpenedInputs, optio
         bar.close()
     timings["total_s"] = time.perf_counter() - started
     modules = [[{"module": m.module, "rank": m.rank, "alpha": m.alpha, "scale": m.scale, "embedding": m.embedding,
-                 "bias": m.bias_key is not None, "dora": m.magnitude_key is not None}
+                 "bias": m.bias_key is not None, "dora": m.magnitude_key is not None,
+                 "rslora": bool(adapter.config.get("use_rslora"))}
                 for m in adapter.modules.values()] for adapter in inputs.adapters]
     for index, adapter in enumerate(inputs.adapters):
         modules[index] += [{"module": path, "saved": True} for path in adapter.full_tensors]

@@ -42,11 +42,15 @@ class ConflictCounts:
     #: per pair (i, j): positions where both are non-zero, and where their signs differ
     pair_both: list[list[int]] = field(default_factory=list)
     pair_opposite: list[list[int]] = field(default_factory=list)
+    #: positions by how many uᵢ are non-zero there (index m = 0..T)
+    multiplicity: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.pair_both:
             self.pair_both = [[0] * self.adapters for _ in range(self.adapters)]
             self.pair_opposite = [[0] * self.adapters for _ in range(self.adapters)]
+        if not self.multiplicity:
+            self.multiplicity = [0] * (self.adapters + 1)
 
     @property
     def rate(self) -> float | None:
@@ -57,6 +61,15 @@ class ConflictCounts:
     def dropped_share(self) -> float | None:
         """dropped / kept: the share of kept entries the sign election throws away."""
         return self.dropped / self.kept if self.kept else None
+
+    @property
+    def independent_rate(self) -> float | None:
+        """The rate independent, fair signs would give on the same kept positions: a position kept by m
+        adapters holds both signs with probability 1 − 2^(1−m). The reference the measured rate is read against."""
+        if not self.overlapping:
+            return None
+        expected = sum(count * (1 - 2.0 ** (1 - m)) for m, count in enumerate(self.multiplicity) if m >= 2)
+        return expected / self.overlapping
 
     def pair_rate(self, i: int, j: int) -> float | None:
         """Opposite signs among the positions both adapters keep; None when they share none."""
@@ -71,6 +84,8 @@ class ConflictCounts:
         self.kept += other.kept
         self.dropped += other.dropped
         self.entries += other.entries
+        for m, count in enumerate(other.multiplicity):
+            self.multiplicity[m] += count
         for a, i in enumerate(where):
             for b, j in enumerate(where):
                 self.pair_both[i][j] += other.pair_both[a][b]
@@ -83,7 +98,10 @@ def count_chunk(updates: Sequence[torch.Tensor], counts: ConflictCounts) -> None
     negative = [u < 0 for u in updates]
     n_positive = torch.stack(positive).sum(0, dtype=torch.int16)
     n_negative = torch.stack(negative).sum(0, dtype=torch.int16)
-    counts.overlapping += int(((n_positive + n_negative) >= 2).sum())
+    n_kept = n_positive + n_negative
+    counts.overlapping += int((n_kept >= 2).sum())
+    for m, count in enumerate(torch.bincount(n_kept.reshape(-1).to(torch.int64), minlength=len(updates) + 1).tolist()):
+        counts.multiplicity[m] += count
     counts.conflicting += int(((n_positive > 0) & (n_negative > 0)).sum())
     vote = updates[0].clone()
     for u in updates[1:]:
