@@ -23,6 +23,7 @@ from .hub.resolve import hub_reference, resolve_model_dir
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
 from .sources.checkpoint import BaseCheckpoint
+from .sources.full_model import FullModel
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory
 from .writers.card import warm_card_imports
@@ -77,7 +78,8 @@ class PreparedMerge:
 
     config: MergeConfig
     base: BaseCheckpoint
-    adapters: list[PeftAdapter]
+    #: every input in merge order: the PEFT adapters, then the full models (`config.inputs`)
+    adapters: list[PeftAdapter | FullModel]
     plan: MergePlan
 
     def close(self) -> None:
@@ -103,13 +105,18 @@ def prepare(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
     with ExitStack() as stack, single_threaded_torch():
         base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"), allow_pickle=allow_pickle)
         stack.callback(base.close)
-        adapters = []
+        adapters: list[PeftAdapter | FullModel] = []
         for spec in config.adapters:
             adapter = PeftAdapter(resolve_model_dir(config, spec.path, kind="adapter"), spec.label,
                                   allow_pickle=allow_pickle)
             stack.callback(adapter.close)
             adapters.append(adapter)
-        plan = build_plan(base, adapters, dtype_code(config.output.dtype))
+        for spec in config.models:
+            model = FullModel(resolve_model_dir(config, spec.path, kind="base"), spec.label, allow_pickle=allow_pickle)
+            stack.callback(model.close)
+            model.check_against(base)
+            adapters.append(model)
+        plan = build_plan(base, adapters, dtype_code(config.output.dtype))  # type: ignore[arg-type]
         check_densities(plan, config.merge_method, config.adapter_params)
         check_phase(plan.tensors, config.merge_method, [a.label for a in adapters])
         stack.pop_all()  # checks passed: the caller owns the open files now
@@ -201,13 +208,15 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
     shards = shard_layout(layout, kind.shard_size(config))
     touched_any = sum(1 for t in plan.tensors if t.touched)
     lines = [
-        f"plan: {config.merge_method.display_name} ({config.method}) of {len(plan.adapters)} adapter(s) into "
+        f"plan: {config.merge_method.display_name} ({config.method}) of {_inputs_phrase(config)} into "
         f"{prepared.base.folder}",
         f"  parameters: {config.global_params}  seed: {config.seed}",
     ]
-    for spec, adapter, names, own in zip(config.adapters, plan.adapters, plan.touched_by, config.adapter_params):
+    for spec, adapter, names, own in zip(config.inputs, plan.adapters, plan.touched_by, config.adapter_params):
         extra = f" {own}" if own else ""
-        lines.append(f"  adapter '{adapter.label}' weight {spec.weight:g}{extra}: {adapter.describe()}; "
+        weight = f"{spec.weight:g}" if isinstance(spec.weight, float) else str(spec.weight)
+        what = "model" if isinstance(adapter, FullModel) else "adapter"
+        lines.append(f"  {what} '{adapter.label}' weight {weight}{extra}: {adapter.describe()}; "
                      f"touches {len(names)} tensor(s)")
         for name in names:
             lines.append(f"    {name}")
@@ -226,6 +235,13 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
         lines += _core_lines(engine)
     lines.append("  dry run: nothing written")
     return "\n".join(lines)
+
+
+def _inputs_phrase(config: MergeConfig) -> str:
+    """'3 adapter(s)', '2 full model(s)' or both."""
+    parts = [f"{len(config.adapters)} adapter(s)"] if config.adapters else []
+    parts += [f"{len(config.models)} full model(s)"] if config.models else []
+    return " and ".join(parts)
 
 
 def _format_line(config: MergeConfig) -> str:
@@ -275,11 +291,12 @@ def _local_inputs(config: MergeConfig) -> list[tuple[str, Path]]:
     """The inputs that are local folders as the config names them (Hub ids are checked once resolved)."""
     references = [("the base model", config.base_model)]
     references += [(f"adapter '{spec.label}'", spec.path) for spec in config.adapters]
+    references += [(f"model '{spec.label}'", spec.path) for spec in config.models]
     return [(what, config.resolve_path(ref)) for what, ref in references if hub_reference(config, ref) is None]
 
 
 def _hub_inputs(config: MergeConfig, prepared: PreparedMerge) -> list[tuple[str, Path]]:
     """The inputs that were Hub ids, as resolved local folders (the local ones were checked before opening)."""
     folders = [("the base model", config.base_model, prepared.base.folder)]
-    folders += [(f"adapter '{a.label}'", spec.path, a.folder) for spec, a in zip(config.adapters, prepared.adapters)]
+    folders += [(f"input '{a.label}'", spec.path, a.folder) for spec, a in zip(config.inputs, prepared.adapters)]
     return [(what, folder) for what, ref, folder in folders if hub_reference(config, ref) is not None]

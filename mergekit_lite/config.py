@@ -19,21 +19,37 @@ DEFAULT_SHARD_SIZE = 5 * 10**9
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_CONFIG_NODES = 100_000
 
-_TOP_KEYS = ("base_model", "method", "parameters", "adapters", "output", "seed", "eval")
+_TOP_KEYS = ("base_model", "method", "parameters", "adapters", "models", "output", "seed", "eval")
 _OUTPUT_KEYS = ("path", "format", "rank", "dtype", "shard_size", "push_to_hub", "private")
-_EVAL_KEYS = ("tasks", "limit", "batch_size")
+_EVAL_KEYS = ("tasks", "limit", "batch_size", "num_fewshot", "seed", "apply_chat_template", "gen_kwargs", "log_samples")
 _ADAPTER_KEYS = ("path", "weight", "name")
 
 
 class AdapterSpec(BaseModel):
-    """One adapter entry: where it is, its signed weight, and per-adapter method parameters."""
+    """One input entry (a PEFT adapter, or under `models:` a full fine-tuned checkpoint): where it is, its signed
+    weight (a number, or a per-layer gradient / filter list), and per-input method parameters."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str
-    weight: float = 1.0
+    weight: float | list[Any] = 1.0
     name: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _check_weight(cls, value: Any) -> Any:
+        """A number, or a gradient / filter list of numbers (SEMANTICS §3d)."""
+        from .methods.gradients import check_setting
+
+        def number(item: Any) -> float:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise MergeConfigError(f"must be a number, got {item!r}")
+            return float(item)
+        try:
+            return check_setting(value, number, "weight")
+        except MergeConfigError as error:
+            raise ValueError(str(error)) from None
 
     @property
     def label(self) -> str:
@@ -69,13 +85,32 @@ class OutputSpec(BaseModel):
 
 
 class EvalSpec(BaseModel):
-    """Evaluate after merging (`merge run`): which lm-eval tasks, how many examples each."""
+    """Evaluate after merging (`merge run`, `merge sweep`): which lm-eval tasks, and lm-eval's own options."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tasks: list[str] | None = None
-    limit: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=8, ge=1)
+    limit: int | float | None = None  # a count (≥ 1) or a fraction of each task (0 < limit < 1), as lm-eval takes
+    batch_size: int | str = 8  # or "auto" / "auto:N"
+    num_fewshot: int | None = Field(default=None, ge=0)
+    seed: int | None = None
+    apply_chat_template: bool = False
+    gen_kwargs: str | None = None  # "temperature=0,max_gen_toks=64", for generate_until tasks
+    log_samples: bool = False
+
+    @field_validator("limit")
+    @classmethod
+    def _limit_is_count_or_fraction(cls, value: int | float | None) -> int | float | None:
+        from .evaluation.options import parse_limit
+
+        return None if value is None else parse_limit(value)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size_is_count_or_auto(cls, value: int | str) -> int | str:
+        from .evaluation.options import parse_batch_size
+
+        return parse_batch_size(value)
 
 
 class MergeConfig(BaseModel):
@@ -93,7 +128,9 @@ class MergeConfig(BaseModel):
     base_model: str
     method: str
     parameters: dict[str, Any] = Field(default_factory=dict)
-    adapters: list[AdapterSpec] = Field(min_length=1)
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+    #: full fine-tuned checkpoints of the base's architecture: τᵢ = Wᵢ − W for every tensor (SEMANTICS §1)
+    models: list[AdapterSpec] = Field(default_factory=list)
     output: OutputSpec
     seed: int = 0
     eval: EvalSpec | None = None
@@ -124,9 +161,18 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _resolve_method(self) -> MergeConfig:
         """The method must exist; its parameters are checked and defaults filled (global and per adapter)."""
+        if not self.adapters and not self.models:
+            raise MergeConfigError("config: nothing to merge; list adapters under 'adapters:' or full models under "
+                                   "'models:'")
         method = get_method(self.method)
+        if method.input_count is not None and not method.input_count[0] <= len(self.inputs) <= method.input_count[1]:
+            low, high = method.input_count
+            raise MergeConfigError(f"method '{self.method}' merges {low} to {high} inputs (adapters and models), "
+                                   f"got {len(self.inputs)}")
+        if method.is_interpolation and self.output.format == "peft":
+            raise MergeConfigError(f"method '{self.method}' writes full checkpoints only; drop output.format: peft")
         self._resolved = method.resolve_params(
-            self.parameters, [a.parameters for a in self.adapters], [a.weight for a in self.adapters]
+            self.parameters, [a.parameters for a in self.inputs], [a.weight for a in self.inputs], self.input_where
         )
         return self
 
@@ -162,9 +208,23 @@ class MergeConfig(BaseModel):
         return [dict(p) for p in self._resolved[1]]
 
     @property
-    def weights(self) -> list[float]:
-        """The signed adapter weights wᵢ in config order."""
-        return [a.weight for a in self.adapters]
+    def weights(self) -> list[Any]:
+        """The signed input weights wᵢ in input order (a list where a weight is a per-layer gradient or filters)."""
+        return [a.weight for a in self.inputs]
+
+    @property
+    def inputs(self) -> list[AdapterSpec]:
+        """Every input in merge order: the adapters, then the full models (wᵢ, parameters and DARE keys follow it)."""
+        return [*self.adapters, *self.models]
+
+    @property
+    def input_where(self) -> list[str]:
+        """Each input's place in the config file, for messages (`adapters[0]`, `models[1]`)."""
+        return [f"adapters[{i}]" for i in range(len(self.adapters))] + [f"models[{i}]" for i in range(len(self.models))]
+
+    def is_full_model(self, index: int) -> bool:
+        """True when input `index` (merge order) is a full checkpoint, not an adapter."""
+        return index >= len(self.adapters)
 
     def resolve_path(self, path: str) -> Path:
         """Return `path` as an absolute local path, relative ones taken from the config's folder."""
@@ -184,13 +244,14 @@ class MergeConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a user would write it, with defaults filled in (for the card and the output)."""
-        adapters = []
-        for spec in self.adapters:
+        def entry_of(spec: AdapterSpec) -> dict[str, Any]:
             entry: dict[str, Any] = {"path": spec.path, "weight": spec.weight}
             if spec.name:
                 entry["name"] = spec.name
             entry.update(spec.parameters)
-            adapters.append(entry)
+            return entry
+
+        adapters = [entry_of(spec) for spec in self.adapters]
         output: dict[str, Any] = {"path": self.output.path, "shard_size": self.output.shard_size}
         if self.output.format != "checkpoint":
             output["format"] = self.output.format
@@ -206,6 +267,7 @@ class MergeConfig(BaseModel):
             "method": self.method,
             "parameters": self.global_params,
             "adapters": adapters,
+            **({"models": [entry_of(spec) for spec in self.models]} if self.models else {}),
             "output": output,
             "seed": self.seed,
         }
@@ -274,16 +336,18 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -
             raise MergeConfigError(f"{where}: unknown key '{key}'" + did_you_mean(str(key), allowed))
 
 
-def _checked_fields(data: Mapping[str, Any], adapter_entry: Callable[[Any, int], Any]) -> dict[str, Any]:
+def _checked_fields(data: Mapping[str, Any], adapter_entry: Callable[[Any, int, str], Any]) -> dict[str, Any]:
     """The config-file checks, in one order and with one set of messages for from_dict and direct construction:
     keys, required keys, the method's name, output, eval, adapters (each shaped by `adapter_entry`), parameters.
 
     Run again on fields it returned, it returns them unchanged (from_dict's result goes through the constructor).
     """
     _check_keys(data, _TOP_KEYS, "config")
-    for key in ("base_model", "method", "adapters", "output"):
+    for key in ("base_model", "method", "output"):
         if key not in data:
             raise MergeConfigError(f"config: missing required key '{key}'")
+    if "adapters" not in data and "models" not in data:
+        raise MergeConfigError("config: missing required key 'adapters' (or 'models' for full fine-tuned checkpoints)")
     get_method(str(data["method"]))
     output = data["output"]
     if isinstance(output, str):
@@ -296,41 +360,45 @@ def _checked_fields(data: Mapping[str, Any], adapter_entry: Callable[[Any, int],
         if not isinstance(data["eval"], Mapping):
             raise MergeConfigError("eval: must be a mapping like {tasks: [capitals], limit: 50}")
         _check_keys(data["eval"], _EVAL_KEYS, "eval")
-    adapters = data["adapters"]
-    if not isinstance(adapters, list) or not adapters:
-        raise MergeConfigError("adapters: must be a non-empty list of {path: ..., weight: ...}")
-    adapter_entries = [adapter_entry(entry, index) for index, entry in enumerate(adapters)]
+    entries: dict[str, list[Any]] = {}
+    for section in ("adapters", "models"):
+        if section not in data:
+            continue
+        listed = data[section]
+        if not isinstance(listed, list) or (not listed and not data.get("models" if section == "adapters" else "adapters")):
+            raise MergeConfigError(f"{section}: must be a non-empty list of {{path: ..., weight: ...}}")
+        entries[section] = [adapter_entry(entry, index, section) for index, entry in enumerate(listed)]
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, Mapping):
         raise MergeConfigError("parameters: must be a mapping of method parameters")
-    return {**data, "output": output, "adapters": adapter_entries, "parameters": dict(parameters)}
+    return {**data, "output": output, **entries, "parameters": dict(parameters)}
 
 
-def _adapter_mapping(entry: Any, index: int) -> Mapping[str, Any]:
-    """An adapter entry as a mapping with a path (a bare string is its path), else the config-file error."""
+def _adapter_mapping(entry: Any, index: int, section: str = "adapters") -> Mapping[str, Any]:
+    """An adapter (or model) entry as a mapping with a path (a bare string is its path), else the config-file error."""
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, Mapping):
-        raise MergeConfigError(f"adapters[{index}]: must be a mapping like {{path: ..., weight: 1.0}}")
+        raise MergeConfigError(f"{section}[{index}]: must be a mapping like {{path: ..., weight: 1.0}}")
     if "path" not in entry:
-        raise MergeConfigError(f"adapters[{index}]: missing required key 'path'")
+        raise MergeConfigError(f"{section}[{index}]: missing required key 'path'")
     return entry
 
 
-def _split_adapter(entry: Any, index: int) -> dict[str, Any]:
+def _split_adapter(entry: Any, index: int, section: str = "adapters") -> dict[str, Any]:
     """A config file's adapter entry: its own keys, and every other key as a method parameter it overrides."""
-    entry = _adapter_mapping(entry, index)
+    entry = _adapter_mapping(entry, index, section)
     own = {k: v for k, v in entry.items() if k in _ADAPTER_KEYS}
     overrides = {k: v for k, v in entry.items() if k not in _ADAPTER_KEYS}
     return {**own, "parameters": overrides}
 
 
-def _adapter_entry(entry: Any, index: int) -> Any:
+def _adapter_entry(entry: Any, index: int, section: str = "adapters") -> Any:
     """An adapter given to the constructor: an AdapterSpec as it is, else as in a config file, except that
     method parameters may also come under `parameters` (how from_dict hands over the entries it split)."""
     if isinstance(entry, AdapterSpec):
         return entry
-    entry = _adapter_mapping(entry, index)
+    entry = _adapter_mapping(entry, index, section)
     given = entry.get("parameters")
     if given is not None and not isinstance(given, Mapping):
         return entry  # pydantic names the problem: adapters[i].parameters must be a dictionary

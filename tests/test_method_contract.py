@@ -23,6 +23,7 @@ from mergekit_lite.methods import (
     ElementwisePhase,
     FactoredContext,
     FactoredPhase,
+    InterpolationPhase,
     LinearPhase,
     LowRankFactors,
     MergeMethod,
@@ -70,8 +71,8 @@ def _bytes(folder: Path) -> dict[str, bytes]:
 
 def test_every_registered_method_declares_exactly_one_phase() -> None:
     for method in REGISTRY.values():
-        assert isinstance(method.phase, (LinearPhase, ElementwisePhase, FactoredPhase)), method.name
-        assert [method.is_linear, method.is_elementwise, method.is_factored].count(True) == 1
+        assert isinstance(method.phase, (LinearPhase, ElementwisePhase, FactoredPhase, InterpolationPhase)), method.name
+        assert [method.is_linear, method.is_elementwise, method.is_factored, method.is_interpolation].count(True) == 1
 
 
 def test_elementwise_methods_declare_their_kernel_and_sparsification() -> None:

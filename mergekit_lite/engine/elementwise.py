@@ -14,6 +14,7 @@ import torch
 from ..errors import MergeConfigError
 from ..methods import ElementwisePhase, MergeMethod
 from ..methods._common import kept_count, kept_scale
+from ..methods.gradients import evaluate, layer_count, layer_position
 from . import kernels
 from .finite import all_finite
 from .plan import MergePlan
@@ -28,11 +29,12 @@ def check_densities(plan: MergePlan, method: MergeMethod, adapter_params: Sequen
     """A density that keeps 0 entries of a tensor an adapter touches is a config error naming the tensor."""
     if method.sparsification is None:
         return
+    n_layers = layer_count(t.name for t in plan.tensors)
     for tensor in plan.tensors:
         numel = max(tensor.info.rows * max(tensor.info.cols, 1), 1)
         for index, items in enumerate(tensor.by_adapter):
-            density = adapter_params[index]["density"]
-            if items and kept_count(density, numel) == 0:
+            density = evaluate(adapter_params[index]["density"], tensor.name, layer_position(tensor.name, n_layers))
+            if items and density is not None and kept_count(density, numel) == 0:
                 raise MergeConfigError(
                     f"adapters[{index}] ('{plan.adapters[index].label}'): density {density} keeps 0 of the {numel} "
                     f"entries of tensor '{tensor.name}'; raise the density to at least {1 / numel:.3g}"

@@ -18,14 +18,16 @@ from typing import Any
 
 import torch
 
-from ..errors import NonFiniteError
+from ..errors import MergeConfigError, NonFiniteError
 from ..formats.safetensors import TORCH_DTYPES, tensor_bytes
-from ..methods import FactoredContext, FactoredPhase, MergeMethod
+from ..methods import FactoredContext, FactoredPhase, InterpolationPhase, MergeMethod
+from ..methods.gradients import TensorParams, any_setting, layer_count, layer_position, resolve_tensor
 from ..progress import Progress
 from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
 from ..writers.checkpoint import ShardedWriter
 from .deltas import StreamedDelta, TensorDeltas
 from .elementwise import SparseTensorMerge
+from .finite import all_finite
 from .plan import MergePlan, TensorPlan
 from .prefetch import Prefetcher
 from .schedule import CAST, COPY, MERGE, EngineOptions, TensorSchedule, schedule_tensor
@@ -63,9 +65,11 @@ class MergeEngine:
         self.adapter_params = adapter_params
         self.seed = seed
         self.options = options
-        self.coefficients = method.coefficients(self.weights, global_params)
-        self.schedules = [schedule_tensor(tensor, method, self.weights, global_params, adapter_params, options)
-                          for tensor in plan.tensors]
+        #: per tensor, the weights and parameters with every per-layer gradient and filter evaluated (§3d)
+        self._params = self._tensor_params(plan)
+        self.coefficients = None if self._params else method.coefficients(self.weights, global_params)
+        self.schedules = [schedule_tensor(tensor, method, p.weights, p.params, p.adapter_params, options)
+                          for tensor, p in ((t, self.params_of(t.name)) for t in plan.tensors)]
         self._by_name = {schedule.name: schedule for schedule in self.schedules}
         self._tau_buffer: torch.Tensor | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -73,6 +77,38 @@ class MergeEngine:
         self._ahead: ThreadPoolExecutor | None = None
         self._factored: dict[str, Future[StreamedDelta]] = {}
         self._upcoming: Iterator[TensorSchedule] = iter(())
+
+    def _tensor_params(self, plan: MergePlan) -> dict[str, TensorParams]:
+        """Every tensor's resolved parameters when some weight or parameter varies by layer or name, else {}; the
+        method's own checks (Σ w ≠ 0, input counts, …) run per tensor here, before any work."""
+        if not any_setting(self.weights, self.global_params, self.adapter_params):
+            return {}
+        n_layers = layer_count(t.name for t in plan.tensors)
+        resolved = {}
+        for tensor in plan.tensors:
+            params = resolve_tensor(tensor.name, layer_position(tensor.name, n_layers), self.weights,
+                                    self.global_params, self.adapter_params)
+            if self.method.validate is not None and tensor.touched:
+                try:
+                    self.method.validate(params.weights, params.params, params.adapter_params)
+                except MergeConfigError as error:
+                    raise MergeConfigError(f"tensor '{tensor.name}': {error}") from None
+            resolved[tensor.name] = params
+        return resolved
+
+    def params_of(self, name: str) -> TensorParams:
+        """Tensor `name`'s weights and parameters (the config's own when nothing varies by tensor)."""
+        params = self._params.get(name)
+        if params is None:
+            return TensorParams(tuple(self.weights), self.global_params, self.adapter_params)
+        return params
+
+    def _coefficients(self, name: str) -> list[float] | None:
+        """The linear cᵢ of tensor `name` (None for the other phases)."""
+        if not self._params:
+            return self.coefficients
+        params = self.params_of(name)
+        return self.method.coefficients(params.weights, params.params)
 
     def schedule(self, tensor: TensorPlan) -> TensorSchedule:
         """The schedule decided for `tensor`."""
@@ -154,17 +190,23 @@ class MergeEngine:
         ranges = list(schedule.ranges)
         stats.max_chunk_rows = max(stats.max_chunk_rows, schedule.chunk_rows)
         row_elems = max(tensor.info.cols, 1)
-        sparse, cached, streamed = None, None, None
-        if self.method.is_elementwise:
+        sparse, cached, streamed, interpolation = None, None, None, None
+        coefficients = self._coefficients(tensor.name)
+        if self.method.is_interpolation:
+            interpolation = self._interpolation_state(schedule, deltas)
+        elif self.method.is_elementwise:
             sparse, cached = self._prepare_sparse(schedule, deltas)
-        elif self.coefficients is not None:
-            streamed = deltas.linear_delta(self.coefficients)
+        elif coefficients is not None:
+            streamed = deltas.linear_delta(coefficients)
         else:
             streamed = self._take_factored(schedule, deltas)
 
         def chunk(base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             """One merged chunk in the output dtype (a pure function of its rows: safe to run side by side)."""
-            if sparse is None:
+            if interpolation is not None:
+                out = interpolation(base_rows, start, stop).to(out_dtype)
+                finite = all_finite(out)
+            elif sparse is None:
                 assert streamed is not None
                 out, finite = deltas.merged_rows(streamed, base_rows, start, stop, out_dtype)
             else:
@@ -200,8 +242,9 @@ class MergeEngine:
         """The merged delta of one tensor as the linear path streams it (linear and factored phases only):
         factors (L, R) plus any dense parts."""
         deltas = TensorDeltas(schedule.plan, self.plan.adapters, self.options.device, self.options.compute_dtype)
-        if self.coefficients is not None:
-            return deltas.linear_delta(self.coefficients)
+        coefficients = self._coefficients(schedule.name)
+        if coefficients is not None:
+            return deltas.linear_delta(coefficients)
         return self._factored_delta(schedule, deltas)
 
     def dense_delta(self, schedule: TensorSchedule) -> torch.Tensor:
@@ -261,18 +304,19 @@ class MergeEngine:
         phase = self.method.phase
         assert isinstance(phase, FactoredPhase)
         active = schedule.active
-        weights = [self.weights[i] for i in active]
+        params = self.params_of(schedule.name)
+        weights = [params.weights[i] for i in active]
         context = FactoredContext(schedule.name, (schedule.plan.info.rows, max(schedule.plan.info.cols, 1)), self.seed,
-                                  tuple(active), tuple(self.adapter_params[i] for i in active), tuple(self.weights))
+                                  tuple(active), tuple(params.adapter_params[i] for i in active), params.weights)
         if all(not deltas.adapter_factors(i) for i in active):  # 1-D changes (bias shifts) only
             assert phase.vectors is not None  # schedule.check_phase refused the rest before any work
-            merged = phase.vectors([deltas.vector(i) for i in active], weights, self.global_params, context)
+            merged = phase.vectors([deltas.vector(i) for i in active], weights, params.params, context)
             merged = merged.to(device=self.options.device, dtype=self.options.compute_dtype)
             return StreamedDelta(None, (lambda _rows, start, stop: merged[start:stop].clone(),))
         factors = [deltas.adapter_factors(i) for i in active]
         if any(len(f) != 1 for f in factors):
             raise AssertionError(f"tensor '{schedule.name}': one low-rank change per adapter expected")
-        left, right = phase.factors([f[0] for f in factors], weights, self.global_params, context)
+        left, right = phase.factors([f[0] for f in factors], weights, params.params, context)
         left = left.to(device=self.options.device, dtype=self.options.compute_dtype)
         right = right.to(device=self.options.device, dtype=self.options.compute_dtype)
         rows, cols = schedule.plan.info.rows, max(schedule.plan.info.cols, 1)
@@ -304,8 +348,9 @@ class MergeEngine:
         """
         tensor, active, ranges = schedule.plan, list(schedule.active), list(schedule.ranges)
         numel = tensor.info.rows * max(tensor.info.cols, 1)
-        sparse = SparseTensorMerge(self.method, tensor.name, numel, active, self.weights, self.global_params,
-                                   self.adapter_params, self.seed)
+        params = self.params_of(tensor.name)
+        sparse = SparseTensorMerge(self.method, tensor.name, numel, active, params.weights, params.params,
+                                   params.adapter_params, self.seed)
         selecting = [i for i in active if sparse.needs_selection(i)]
         cached = self._cached_taus(deltas, active, ranges) if schedule.caches_taus else None
 
@@ -327,6 +372,32 @@ class MergeEngine:
             for index in selecting:
                 select(index)
         return sparse, cached
+
+    def _interpolation_state(self, schedule: TensorSchedule, deltas: TensorDeltas
+                             ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+        """An interpolating method's first pass (per-row statistics over every chunk, summed over rows in order, so
+        the same for any chunk size), and the per-chunk function of its second pass: base rows -> merged rows."""
+        phase = self.method.phase
+        assert isinstance(phase, InterpolationPhase)
+        params = self.params_of(schedule.name)
+        device, dtype = self.options.device, self.options.compute_dtype
+
+        def updates(wide: torch.Tensor, start: int, stop: int) -> list[torch.Tensor | None]:
+            taus = self._taus(deltas, list(schedule.active), wide, start, stop)
+            return [taus[i] * params.weights[i] if i in taus else None for i in range(len(params.weights))]
+
+        def statistics(start: int, stop: int) -> torch.Tensor:
+            wide = self._wide_rows(schedule.plan, start, stop)
+            return phase.statistics(wide, updates(wide, start, stop), params.params)
+
+        starts, stops = zip(*schedule.ranges)
+        parts = list((self._pool.map if self._pool is not None else map)(statistics, starts, stops))
+        state = phase.finish(torch.cat(parts).sum(dim=0), params.params)
+
+        def merged(base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+            wide = base_rows.to(device, dtype)
+            return phase.combine(wide, updates(wide, start, stop), state, params.params)
+        return merged
 
     def _cached_taus(self, deltas: TensorDeltas, active: list[int], ranges: list[tuple[int, int]]
                      ) -> dict[int, torch.Tensor]:

@@ -148,6 +148,8 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
         kernel = C_LOWRANK
     elementwise_c = kernel in (C_SUM, C_TIES)
     materialized = len(active) + (0 if elementwise_c else SPARSE_BUFFERS) if method.is_elementwise else 0
+    if method.is_interpolation:  # the endpoints, their float64 copies in the statistics pass
+        materialized = len(active) + SPARSE_BUFFERS
     ranges = chunk_ranges(plan.info.rows, rows_per_chunk(plan, materialized, options, elementwise_c))
     raw_rows = (kernel != TORCH and TORCH_DTYPES[plan.info.dtype] in kernels.ROW_TYPES
                 and TORCH_DTYPES[plan.out_dtype] in kernels.ROW_TYPES)

@@ -10,6 +10,7 @@ from .registry import (
     ElementwisePhase,
     FactoredContext,
     FactoredPhase,
+    InterpolationPhase,
     LinearPhase,
     LowRankFactors,
     MergeMethod,
@@ -23,5 +24,5 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "registry" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["REGISTRY", "ElementwisePhase", "FactoredContext", "FactoredPhase", "LinearPhase", "LowRankFactors", "MergeMethod", "Param", "Phase",
+__all__ = ["REGISTRY", "ElementwisePhase", "FactoredContext", "FactoredPhase", "InterpolationPhase", "LinearPhase", "LowRankFactors", "MergeMethod", "Param", "Phase",
            "get_method", "register"]

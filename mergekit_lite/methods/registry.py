@@ -128,7 +128,23 @@ class FactoredPhase:
     vectors: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any], FactoredContext], Any] | None = None
 
 
-Phase = LinearPhase | ElementwisePhase | FactoredPhase
+@dataclass(frozen=True)
+class InterpolationPhase:
+    """Methods that need whole-tensor statistics of the inputs before any chunk can be written (SLERP's angle):
+    a first pass over the chunks gathers per-row statistics, then a second pass writes W' = combine(...).
+
+    The inputs are given in config order as uᵢ = wᵢτᵢ rows, None for an input that does not touch the tensor.
+    """
+
+    #: (W rows, [uᵢ rows or None], params) -> per-row statistics (rows × k, float64), summed over rows in order
+    statistics: Callable[[Any, Sequence[Any], Mapping[str, Any]], Any]
+    #: (the k summed statistics, params) -> the tensor's state (e.g. SLERP's two coefficients)
+    finish: Callable[[Any, Mapping[str, Any]], Any]
+    #: (W rows, [uᵢ rows or None], state, params) -> the merged rows W' in the compute dtype
+    combine: Callable[[Any, Sequence[Any], Any, Mapping[str, Any]], Any]
+
+
+Phase = LinearPhase | ElementwisePhase | FactoredPhase | InterpolationPhase
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,8 @@ class MergeMethod:
     validate: Callable[[Sequence[float], Mapping[str, Any], Sequence[Mapping[str, Any]]], None] | None = None
     #: the same steps run in the core of the stacked factors (`space: core`), when the method offers it
     core_phase: FactoredPhase | None = None
+    #: (fewest, most) inputs the method merges, when it is defined only for some counts (SLERP: 1 or 2)
+    input_count: tuple[int, int] | None = None
 
     def resolved(self, params: Mapping[str, Any]) -> MergeMethod:
         """The method as `params` run it: with `space: core`, the core-space variant (another method than the
@@ -164,6 +182,11 @@ class MergeMethod:
     def is_elementwise(self) -> bool:
         """True when the method combines τᵢ entry by entry, chunk by chunk."""
         return isinstance(self.phase, ElementwisePhase)
+
+    @property
+    def is_interpolation(self) -> bool:
+        """True when the method gathers whole-tensor statistics first, then writes W' chunk by chunk."""
+        return isinstance(self.phase, InterpolationPhase)
 
     @property
     def is_factored(self) -> bool:
@@ -187,9 +210,17 @@ class MergeMethod:
         self,
         global_params: Mapping[str, Any],
         adapter_params: Sequence[Mapping[str, Any]],
-        weights: Sequence[float],
+        weights: Sequence[Any],
+        where: Sequence[str] | None = None,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Check every parameter and fill defaults; per adapter wins over global. Raise with a 'did you mean'."""
+        """Check every parameter and fill defaults; per adapter wins over global. Raise with a 'did you mean'.
+
+        A value may be a per-layer gradient or a filter list (`gradients`): each of its scalars is checked; the
+        method's whole-list checks (`validate`) then run per tensor, when the engine resolves them. `where` names
+        each input entry in messages (default `adapters[i]`).
+        """
+        from .gradients import any_setting, check_setting
+
         known = {p.name: p for p in self.params}
         resolved = {p.name: p.default for p in self.params}
         for key, value in global_params.items():
@@ -198,12 +229,14 @@ class MergeMethod:
                     f"parameters: method '{self.name}' takes no parameter '{key}'"
                     + did_you_mean(key, known)
                 )
-            resolved[key] = known[key].check(value, "parameters") if value is not None else None
+            resolved[key] = (check_setting(value, lambda v, p=known[key]: p.check(v, "parameters"), f"parameters.{key}")
+                             if value is not None else None)
         per_adapter: list[dict[str, Any]] = []
+        where_of = list(where) if where is not None else [f"adapters[{i}]" for i in range(len(adapter_params))]
         for index, overrides in enumerate(adapter_params):
             own = {p.name: resolved[p.name] for p in self.params if p.per_adapter}
             for key, value in overrides.items():
-                where = f"adapters[{index}]"
+                where = where_of[index]
                 if key not in known:
                     raise MergeConfigError(
                         f"{where}: unknown key '{key}' for method '{self.name}'"
@@ -213,13 +246,13 @@ class MergeMethod:
                     raise MergeConfigError(
                         f"{where}: '{key}' is a global parameter of '{self.name}'; set it under 'parameters:'"
                     )
-                own[key] = known[key].check(value, where)
+                own[key] = check_setting(value, lambda v, p=known[key], w=where: p.check(v, w), f"{where}.{key}")
             per_adapter.append(own)
         for p in self.params:
             if p.required and (resolved[p.name] is None if not p.per_adapter else any(o[p.name] is None for o in per_adapter)):
                 where = "parameters (or every adapter entry)" if p.per_adapter else "parameters"
                 raise MergeConfigError(f"method '{self.name}' needs '{p.name}': set it under {where}; {p.help}")
-        if self.validate is not None:
+        if self.validate is not None and not any_setting(weights, resolved, per_adapter):
             self.validate(weights, resolved, per_adapter)
         return resolved, per_adapter
 
