@@ -15,6 +15,7 @@ import torch
 
 from ..config import MergeConfig
 from ..engine.deltas import TensorDeltas
+from ..engine.device import single_threaded_torch
 from ..engine.plan import BiasShift, LowRank, TensorPlan
 from ..engine.schedule import DEFAULT_MAX_MEMORY
 from ..errors import MergeConfigError
@@ -225,8 +226,9 @@ def _tensor(tensor: TensorPlan, inputs: OpenedInputs, weights: list[float], dens
     geometry = None
     if all(isinstance(item, LowRank) for item in items):
         kind = LOW_RANK
-        factors = [TaskFactors.of(deltas.adapter_factors(i)) for i in touching]
-        geometry = tensor_geometry(factors, [weights[i] for i in touching], (rows, cols))
+        with single_threaded_torch():  # small Grams, QRs and SVDs: a thread pool only adds hand-offs (device.py)
+            factors = [TaskFactors.of(deltas.adapter_factors(i)) for i in touching]
+            geometry = tensor_geometry(factors, [weights[i] for i in touching], (rows, cols))
         inner = geometry.inner
     elif all(isinstance(item, BiasShift) for item in items):
         kind, inner = VECTOR, vector_inner([deltas.vector(i) for i in touching])
