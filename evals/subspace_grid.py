@@ -119,12 +119,13 @@ def merge_variant(method: str, strength: float, out_root: Path) -> tuple[Any, Pa
 def evaluate(configs: list[Any], merged: list[Path], tasks_dir: Path, out_dir: Path, batch_size: int) -> Any:
     """`merge eval`'s own pipeline (plan_models + evaluate_models) over one split's task copy."""
     from mergekit_lite.evaluation.lm_eval_runner import evaluate_models, plan_models
+    from mergekit_lite.evaluation.options import EvalOptions
 
     models, references = plan_models(configs, merged)
     previous = os.environ.get("MERGEKIT_LITE_EVAL_TASKS")
     os.environ["MERGEKIT_LITE_EVAL_TASKS"] = str(tasks_dir)
     try:
-        return evaluate_models(models, out_dir, tasks=None, batch_size=batch_size, device="cpu",
+        return evaluate_models(models, out_dir, tasks=None, options=EvalOptions(batch_size=batch_size, device="cpu"),
                                references=references, progress=True)
     finally:
         if previous is None:

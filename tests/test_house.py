@@ -23,14 +23,13 @@ from mergekit_lite import MergeConfig, MergeConfigError
 from mergekit_lite.config import AdapterSpec, OutputSpec
 from mergekit_lite.evaluation import lm_eval_runner
 from mergekit_lite.evaluation.lm_eval_runner import (
-    LL_SUFFIX,
     RUN_REPORT_DIR,
     SUITE_DIR,
-    SUITE_TASKS,
     EvalReport,
     evaluate_after_merge,
     suite_tasks_dir,
 )
+from mergekit_lite.evaluation.tasks import LL_SUFFIX, SUITE_TASKS
 from mergekit_lite.methods import get_method
 from mergekit_lite.writers import card as card_module
 from mergekit_lite.writers.card import replace_card
@@ -94,7 +93,7 @@ def test_direct_construction_gives_the_messages_a_config_file_gets(changes: dict
 def test_pydantic_problems_of_direct_construction_are_config_errors_too() -> None:
     with pytest.raises(MergeConfigError, match=r"adapters\[0\]\.weight: .*number"):
         MergeConfig(**_fields(adapters=[{"path": "a", "weight": "heavy"}]))
-    with pytest.raises(MergeConfigError, match=r"eval\.limit: .*greater than or equal to 1"):
+    with pytest.raises(MergeConfigError, match=r"eval\.limit: .*a count \(≥ 1\) or a fraction"):
         MergeConfig(**_fields(eval={"limit": 0}))
 
 

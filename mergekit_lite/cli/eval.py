@@ -12,29 +12,69 @@ from .errors import friendly_errors
 DEFAULT_OUT = "eval_report"
 
 
+class _LimitType(click.ParamType):
+    """--limit: a count of examples per task, or a fraction of each task (0 < x < 1), as lm-eval takes it."""
+
+    name = "N|FRACTION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | float:
+        from ..evaluation.options import parse_limit
+
+        try:
+            return parse_limit(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+class _BatchSizeType(click.ParamType):
+    """--batch-size: a positive integer, or lm-eval's auto / auto:N."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        from ..evaluation.options import parse_batch_size
+
+        try:
+            return parse_batch_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
 @click.command(name="eval")
 @click.argument("targets", metavar="CONFIG... | MODEL_DIR...", nargs=-1, required=True)
 @click.option("--tasks", "tasks", multiple=True,
-              help="Tasks to run: names (comma-separated or repeated) or lm-eval task YAML files/folders. "
-                   "Default: the config's eval.tasks, else the offline suite (capitals, add, reverse, sentiment).")
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many examples per task (default: all).")
+              help="Tasks to run, comma-separated or repeated: lm-eval task or group names (arc_easy, hellaswag, "
+                   "mmlu, …; the offline suite's capitals, add, reverse, sentiment), or task YAML files / folders "
+                   "(a folder runs every task defined in it). Default: the config's eval.tasks, else the suite.")
+@click.option("--limit", type=_LimitType(), help="At most N examples per task, or a fraction of each (0.1).")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="Few-shot examples (default: each task's own, else 0).")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True,
-              help="Folder for the report: results/<model>.json, report.md, scores.json, chart.png.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="lm-eval batch size (default: eval.batch_size, else 8).")
+              help="Folder for the report: report.md, scores.json, chart.png, results/<model>.json and lm-eval's "
+                   "own output format in lm_eval/<model>/.")
+@click.option("--batch-size", type=_BatchSizeType(), help="lm-eval batch size, or auto (default: eval.batch_size, else 8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (merging and scoring).")
+@click.option("--seed", type=int, help="One seed for lm-eval's four (python, numpy, torch, few-shot sampling).")
+@click.option("--apply-chat-template", is_flag=True, help="Wrap prompts in the tokenizer's chat template.")
+@click.option("--gen-kwargs", help="Generation settings for generate_until tasks, e.g. 'temperature=0,max_gen_toks=64'.")
+@click.option("--log-samples", is_flag=True, help="Also write every sample's prompt and answer (lm-eval's samples files).")
 @click.option("--remerge", is_flag=True, help="Merge again even when a config's output folder exists (replaces it).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @friendly_errors
-def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | None, out: str,
-                 batch_size: int | None, device: str, remerge: bool, no_progress: bool) -> None:
-    """Evaluate merges with lm-eval, offline, and write a report.
+def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | float | None, num_fewshot: int | None,
+                 out: str, batch_size: int | str | None, device: str, seed: int | None, apply_chat_template: bool,
+                 gen_kwargs: str | None, log_samples: bool, remerge: bool, no_progress: bool) -> None:
+    """Evaluate merges with lm-eval and write a report.
 
     A CONFIG (a merge config .yaml) adds the base, each adapter alone (base + adapter through PEFT) and the
     merge it describes, merging it first when its output folder is missing. Several configs over the same base
     share those rows, so one table compares methods. A MODEL_DIR (a checkpoint folder) is scored as it is.
+    Models always load offline from local folders; lm-eval's built-in tasks fetch their datasets as lm-eval does
+    (HF_DATASETS_OFFLINE and HF_HOME respected), before any model is loaded.
     """
     from ..config import load_config
-    from ..evaluation.lm_eval_runner import EvalError, evaluate_models, offline, plan_models
+    from ..evaluation.lm_eval_runner import EvalError, evaluate_models, offline, plan_models, suite_tasks_dir
+    from ..evaluation.options import EvalOptions
+    from ..evaluation.tasks import select_tasks
 
     configs, model_dirs = [], []
     for target in targets:
@@ -45,22 +85,20 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
             configs.append(load_config(path))
         else:
             raise EvalError(f"{target}: no such config file or model folder")
+    first_eval = next((c.eval for c in configs if c.eval is not None), None)
+    task_items = list(tasks) or (first_eval.tasks if first_eval and first_eval.tasks else None)
+    # Names, files and datasets are checked before anything is merged, loaded or written.
+    selection = select_tasks(task_items, suite_tasks_dir(), note=lambda line: click.echo(line, err=True))
     merged_dirs = []
     with offline():  # merging here must not download either
         for config in configs:
             merged_dirs.append(_merged_output(config, device, remerge, progress=not no_progress))
     models, references = plan_models(configs, merged_dirs, model_dirs)
-    first_eval = next((c.eval for c in configs if c.eval is not None), None)
-    report = evaluate_models(
-        models,
-        out,
-        tasks=list(tasks) or (first_eval.tasks if first_eval and first_eval.tasks else None),
-        limit=limit if limit is not None else (first_eval.limit if first_eval else None),
-        batch_size=batch_size or (first_eval.batch_size if first_eval else 8),
-        device=device,
-        references=references,
-        progress=not no_progress,
-    )
+    options = EvalOptions.from_spec(first_eval, device=device, limit=limit, num_fewshot=num_fewshot,
+                                    batch_size=batch_size, seed=seed, apply_chat_template=apply_chat_template or None,
+                                    gen_kwargs=gen_kwargs, log_samples=log_samples or None)
+    report = evaluate_models(models, out, tasks=selection, options=options, references=references,
+                             progress=not no_progress)
     click.echo(report.summary())
 
 

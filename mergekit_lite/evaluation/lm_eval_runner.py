@@ -3,18 +3,21 @@
 A merge is worth publishing only if it keeps what each adapter learned. `evaluate_models` runs EleutherAI's
 lm-evaluation-harness on every model over the same tasks and writes a report folder:
 
-* ``results/<model>.json`` — lm-eval's own results for that model;
+* ``results/<model>.json`` — lm-eval's results dict for that model; ``lm_eval/<model>/`` — the same in
+  lm-eval's own output format (``results_<date>.json``, and ``samples_<task>_<date>.jsonl`` with
+  ``--log-samples``), written by lm-eval's EvaluationTracker;
 * ``report.md`` — tables (rows: models; columns: tasks and their average), with a normalized-retention column
   per task for each merge: ``(merged − base) / (adapter alone − base)``;
 * ``scores.json`` — the same numbers, machine-readable; ``chart.png`` — grouped bars (needs matplotlib).
 
-Tasks default to the offline suite, which ships inside the package (``suite/`` beside this module: ``tasks/``,
+Tasks (``tasks.py``) default to the offline suite, which ships inside the package (``suite/`` beside this module: ``tasks/``,
 ``data/``, the tiny ``base/`` and its ``adapters/``; built by ``evals/build_suite.py`` in a checkout), so an
 installed wheel has it too. A suite task ``T`` has a companion ``T_ll`` (log-likelihood of the correct answer),
 reported as a second, smooth score.
-Offline by construction: the Hub switches are set before lm-eval, transformers or datasets are imported (and
-patched where a library read them already), model paths are absolute, and lm-eval's built-in task index is
-never built. lm_eval is imported lazily, so ``import mergekit_lite`` stays light.
+lm-eval's built-in benchmarks (arc_easy, the mmlu group, …) and users' task files run too; their datasets are
+fetched as lm-eval fetches them, under the user's Hugging Face settings, once, before any model loads.
+Models never download: they load offline (the Hub switches set, and patched where a library read them
+already) from absolute paths. lm_eval is imported lazily, so ``import mergekit_lite`` stays light.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EvalError
-from ..suggest import did_you_mean
+from .options import EvalOptions
+from .tasks import LL_SUFFIX, TaskSelection, select_tasks
 
 if TYPE_CHECKING:
     from ..api import MergeResult
@@ -45,18 +49,18 @@ logger = logging.getLogger(__name__)
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
 #: The suite's lm-eval task YAMLs (overridable with MERGEKIT_LITE_EVAL_TASKS).
 SUITE_TASKS_DIR = SUITE_DIR / "tasks"
-#: The suite's tasks, in table order.
-SUITE_TASKS: tuple[str, ...] = ("capitals", "add", "reverse", "sentiment")
-#: Suffix of a task's companion that scores the log-likelihood of the correct answer.
-LL_SUFFIX = "_ll"
 #: The report's files, relative to its folder.
 REPORT_MD, SCORES_JSON, CHART_PNG, RESULTS_DIR = "report.md", "scores.json", "chart.png", "results"
+#: lm-eval's own output files (results_<date>.json, samples_*.jsonl), one folder per model.
+LM_EVAL_DIR = "lm_eval"
 #: The folder `merge run` writes the report into, inside the merged checkpoint.
 RUN_REPORT_DIR = "eval"
 #: Bootstrap draws for the stderr of perplexity (lm-eval's default, 100 000, takes seconds per task).
 BOOTSTRAP_ITERS = 1000
 #: Metrics of a task's own results, in the order tried for its headline score.
 _PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "f1", "mcc")
+#: Headline metrics that live in [0, 1] (the chart's axis is fixed to that range when every task's is one).
+_BOUNDED_METRICS = ("acc", "acc_norm", "exact_match", "f1", "em", "bleu_acc", "rouge1_acc")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _METRIC_TITLES = {
     "acc": ("Accuracy", "Headline metric of each task (multiple-choice `acc` for the suite); higher is better."),
@@ -109,25 +113,37 @@ class EvalReport:
     models: list[ModelSpec]
     scores: dict[str, dict[str, dict[str, float]]]
     retention: dict[str, dict[str, dict[str, float | None]]]
-    limit: int | None
+    limit: int | float | None
     metrics: list[str]
     lm_eval_version: str
     files: list[Path] = field(default_factory=list)
     chart_note: str | None = None
+    headlines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: EvalOptions | None = None
+    origins: list[str] = field(default_factory=list)
+
+    def metric_title(self, metric: str) -> tuple[str, str]:
+        """A table's title and note: `acc` is each task's headline metric (accuracy for the suite's tasks)."""
+        if metric != "acc" or all(h.get("metric") in (None, "acc") for h in self.headlines.values()):
+            return _METRIC_TITLES[metric]
+        named = "; ".join(f"{task}: {describe_headline(h)}" for task, h in self.headlines.items())
+        return ("Headline metric", f"Each task's own headline metric ({named}).")
 
     def markdown(self, heading: str = "##") -> str:
         """The tables as markdown (one per metric), each with per-task retention columns for the merges."""
-        limit = f"first {self.limit} examples of each task" if self.limit else "every example of each task"
+        options = self.options or EvalOptions(limit=self.limit, num_fewshot=0)
         parts = [
             (
-                f"lm-eval {self.lm_eval_version}, 0-shot, {limit}. `adapter` rows: the base with that adapter "
+                f"lm-eval {self.lm_eval_version}, {options.describe()}. `adapter` rows: the base with that adapter "
                 "applied through PEFT (unmerged). Retention = (merged − base) / (adapter alone − base) per task: "
                 "1 keeps the adapter's gain, 0 is the base."
             ),
             "",
         ]
+        if self.origins:
+            parts += ["Tasks from files: " + "; ".join(self.origins) + ".", ""]
         for metric in self.metrics:
-            title, note = _METRIC_TITLES[metric]
+            title, note = self.metric_title(metric)
             parts += [f"{heading} {title}", "", note, "", markdown_table(self, metric), ""]
         return "\n".join(parts).rstrip() + "\n"
 
@@ -180,7 +196,7 @@ def offline() -> Iterator[None]:
 
 
 def _lm_eval() -> Any:
-    """Import lm_eval (call inside `offline()`); a missing install is one readable error."""
+    """Import lm_eval lazily (datasets then reads the user's HF settings); a missing install is one readable error."""
     try:
         import lm_eval
         import lm_eval.evaluator
@@ -263,144 +279,133 @@ def suite_tasks_dir() -> Path:
     return Path(override).expanduser().resolve() if override else SUITE_TASKS_DIR
 
 
-def task_manager(extra_paths: Sequence[Path] = ()) -> Any:
-    """An lm-eval TaskManager over the suite (and `extra_paths`) only: built-in tasks are never indexed."""
-    lm_eval = _lm_eval()
-    paths = [p for p in (suite_tasks_dir(), *extra_paths) if p.is_dir()]
-    if not paths:
-        raise EvalError(
-            f"no lm-eval task folder found (looked for {suite_tasks_dir()}): reinstall mergekit_lite (the suite "
-            "ships with it), set MERGEKIT_LITE_EVAL_TASKS, or pass --tasks with a YAML file or folder"
-        )
-    with _quiet_lm_eval():
-        return lm_eval.tasks.TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
-
-
-def split_task_args(tasks: Sequence[str] | None) -> tuple[list[str] | None, list[Path]]:
-    """Separate task names from task YAML files/folders given in `--tasks` (those are added to the index)."""
-    if not tasks:
-        return None, []
-    names: list[str] = []
-    paths: list[Path] = []
-    for item in (part.strip() for entry in tasks for part in entry.split(",")):
-        if not item:
-            continue
-        candidate = Path(item).expanduser()
-        if candidate.suffix in (".yaml", ".yml") or candidate.is_dir():
-            if not candidate.exists():
-                raise EvalError(f"--tasks: {candidate} does not exist")
-            folder = candidate.resolve() if candidate.is_dir() else candidate.resolve().parent
-            paths.append(folder)
-            if candidate.is_file():
-                names.append(_task_name_of(candidate))
-            continue
-        names.append(item)
-    return names or None, paths
-
-
-def _task_name_of(path: Path) -> str:
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    if not isinstance(data, dict) or "task" not in data:
-        raise EvalError(f"--tasks: {path} is not an lm-eval task YAML (no 'task' key)")
-    return str(data["task"])
-
-
-def resolve_tasks(manager: Any, tasks: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    """(table tasks, lm-eval tasks to run): each task plus its `_ll` companion when the index has one."""
-    available = set(manager.all_tasks)
-    chosen = list(tasks) if tasks else [t for t in SUITE_TASKS if t in available]
-    if not chosen:
-        raise EvalError("no tasks to run: the suite's task YAMLs are missing; pass --tasks")
-    for name in chosen:
-        if name not in available:
-            raise EvalError(f"unknown lm-eval task '{name}'" + did_you_mean(name, sorted(available)))
-    run: list[str] = []
-    for name in dict.fromkeys(chosen):
-        run.append(name)
-        if not name.endswith(LL_SUFFIX) and name + LL_SUFFIX in available:
-            run.append(name + LL_SUFFIX)
-    return list(dict.fromkeys(chosen)), run
+def select_suite_or_tasks(tasks: Sequence[str] | None, *, build: bool = True,
+                         note: Any = None) -> TaskSelection:
+    """The tasks to run: the offline suite by default, else `--tasks` names, files and folders (tasks.py)."""
+    return select_tasks(tasks, suite_tasks_dir(), build=build, note=note)
 
 
 # --------------------------------------------------------------------------------------------- running
 
 
-def run_lm_eval(model: ModelSpec, tasks: Sequence[str], manager: Any, *, limit: int | None = None,
-                batch_size: int = 8, device: str = "cpu", log_samples: bool = False) -> dict[str, Any]:
-    """One `lm_eval.simple_evaluate` over `tasks` for `model` (call inside `offline()`); its results dict."""
-    lm_eval = _lm_eval()
+def load_lm(model: ModelSpec, options: EvalOptions) -> Any:
+    """lm-eval's `hf` model for a row: loaded offline from absolute local paths (never a Hub download)."""
+    _lm_eval()
+    from lm_eval.api.registry import get_model
+
     for folder in (model.path, model.adapter):
         if folder is not None and not folder.is_dir():
             raise EvalError(f"{model.name}: {folder} is not a folder")
-    with _keep_global_rngs(), _quiet_lm_eval():
+    with offline(), _quiet_lm_eval():
+        return get_model("hf").create_from_arg_obj(
+            {**model.model_args(options.device), "batch_size": options.batch_size})
+
+
+def evaluate_lm(lm: Any, selection: TaskSelection, options: EvalOptions, *, name: str = "model",
+                model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One `lm_eval.simple_evaluate` of a loaded model (a row, or a sweep's patched model) on the built tasks.
+
+    The caller's RNG states survive (lm-eval reseeds the global RNGs); nothing is downloaded (the tasks were
+    built before, the model is in memory).
+    """
+    lm_eval = _lm_eval()
+    with offline(), _keep_global_rngs(), _quiet_lm_eval():
         results = lm_eval.evaluator.simple_evaluate(
-            model="hf",
-            model_args=model.model_args(device),
-            tasks=list(tasks),
-            task_manager=manager,
-            limit=limit,
-            batch_size=batch_size,
-            log_samples=log_samples,
+            model=lm,
+            tasks=list(selection.built) or list(selection.run_tasks),
+            task_manager=selection.manager,
             bootstrap_iters=BOOTSTRAP_ITERS,
+            **options.simple_evaluate_kwargs(),
         )
     if results is None:  # only on non-zero ranks of a distributed run
-        raise EvalError(f"{model.name}: lm-eval returned no results")
+        raise EvalError(f"{name}: lm-eval returned no results")
+    results.setdefault("config", {}).update({"model": "hf", "model_args": model_args or {}})
     return results
+
+
+def run_lm_eval(model: ModelSpec, selection: TaskSelection, options: EvalOptions) -> dict[str, Any]:
+    """Load one row's model and evaluate it; the model is released afterwards."""
+    lm = load_lm(model, options)
+    try:
+        return evaluate_lm(lm, selection, options, name=model.name, model_args=model.model_args(options.device))
+    finally:
+        del lm
+
+
+def save_lm_eval_format(results: dict[str, Any], folder: Path, model: ModelSpec) -> list[Path]:
+    """lm-eval's own output files for one model (results_<date>.json, samples_<task>_<date>.jsonl), written by
+    lm-eval's EvaluationTracker so that tools reading `lm-eval run --output_path` read these too."""
+    from lm_eval.loggers import EvaluationTracker
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tracker = EvaluationTracker(output_path=str(folder / "results.json"))
+    tracker.general_config_tracker.model_source = "hf"
+    tracker.general_config_tracker.model_name = str(model.path)
+    tracker.general_config_tracker.model_name_sanitized = _file_stem(model.name)
+    samples = results.pop("samples", None)
+    with _quiet_lm_eval():
+        tracker.save_results_aggregated(results=dict(results), samples=samples)
+        for task_name in results.get("configs", {}) if samples else ():
+            if task_name in samples:
+                tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    return sorted(folder.iterdir())
 
 
 def evaluate_models(
     models: Sequence[ModelSpec],
     out_dir: str | Path,
     *,
-    tasks: Sequence[str] | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    device: str = "auto",
+    tasks: Sequence[str] | TaskSelection | None = None,
+    options: EvalOptions | None = None,
     references: dict[str, RetentionRef] | None = None,
     progress: bool = True,
+    note: Any = None,
 ) -> EvalReport:
-    """Run lm-eval on every model over the same tasks and write the report folder; return the report."""
+    """Run lm-eval on every model over the same tasks and write the report folder; return the report.
+
+    `tasks` are names/files (resolved and built here first: a bad name or a missing dataset fails before anything
+    is loaded or written) or a TaskSelection built already; then each model is loaded, evaluated and released.
+    """
     from tqdm.auto import tqdm
 
     from ..engine.device import resolve_device
 
-    names, extra_paths = split_task_args(tasks)
-    device_name = str(resolve_device(device))
+    options = options or EvalOptions()
+    options = EvalOptions(**{**options.to_dict(), "device": str(resolve_device(options.device))})
     out_dir = Path(out_dir).resolve()
     _check_unique_names(models)
-    with offline():
-        manager = task_manager(extra_paths)
-        table_tasks, run_tasks = resolve_tasks(manager, names)
-        (out_dir / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
-        # The bar writes to its own copy of stderr: lm-eval's output is silenced at the descriptor level.
-        bar_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w") if progress and _has_fileno(sys.stderr) else None
-        bar = tqdm(total=len(models), desc="lm-eval", unit="model", disable=not progress, dynamic_ncols=True,
-                   file=bar_stream or sys.stderr)
-        raw: dict[str, dict[str, Any]] = {}
-        files: list[Path] = []
-        try:
-            for model in models:
-                bar.set_postfix_str(model.name)
-                results = run_lm_eval(model, run_tasks, manager, limit=limit, batch_size=batch_size,
-                                      device=device_name)
-                results.pop("samples", None)
-                path = out_dir / RESULTS_DIR / f"{_file_stem(model.name)}.json"
-                path.write_text(_dump_results(results))
-                files.append(path)
-                raw[model.name] = results
-                bar.update(1)
-        finally:
-            bar.close()
-            if bar_stream is not None:
-                bar_stream.close()
+    selection = tasks if isinstance(tasks, TaskSelection) else select_suite_or_tasks(tasks, note=note)
+    # The bar writes to its own copy of stderr: lm-eval's output is silenced at the descriptor level.
+    bar_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w") if progress and _has_fileno(sys.stderr) else None
+    bar = tqdm(total=len(models), desc="lm-eval", unit="model", disable=not progress, dynamic_ncols=True,
+               file=bar_stream or sys.stderr)
+    raw: dict[str, dict[str, Any]] = {}
+    files: list[Path] = []
+    try:
+        for model in models:
+            bar.set_postfix_str(model.name)
+            results = run_lm_eval(model, selection, options)
+            files += save_lm_eval_format(results, out_dir / LM_EVAL_DIR / _file_stem(model.name), model)
+            path = out_dir / RESULTS_DIR / f"{_file_stem(model.name)}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(_dump_results(results))
+            files.append(path)
+            raw[model.name] = results
+            bar.update(1)
+    finally:
+        bar.close()
+        if bar_stream is not None:
+            bar_stream.close()
+    first = next(iter(raw.values()), {})
+    table_tasks = table_columns(first, selection.table_tasks)
+    headlines = {task: headline_metric(first, task) for task in table_tasks}
     scores = {name: extract_scores(results, table_tasks) for name, results in raw.items()}
     metrics = [m for m in ("acc", "answer_ll") if any(m in per.get(t, {}) for per in scores.values() for t in table_tasks)]
     report = EvalReport(
         out_dir=out_dir, tasks=table_tasks, models=list(models), scores=scores,
-        retention=compute_retention(scores, table_tasks, metrics, references or {}),
-        limit=limit, metrics=metrics, lm_eval_version=_lm_eval_version(), files=files,
+        retention=compute_retention(scores, table_tasks, metrics, references or {}, headlines),
+        limit=options.limit, metrics=metrics, lm_eval_version=_lm_eval_version(), files=files,
+        headlines=headlines, options=options, origins=selection.describe(),
     )
     _write_report(report)
     return report
@@ -437,28 +442,59 @@ def _dump_results(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- scoring
 
 
+def headline_metric(results: dict[str, Any], task: str) -> dict[str, Any]:
+    """A task's headline metric in lm-eval's results: its key (`metric,filter`), name, and direction.
+
+    Preference: acc, exact_match, acc_norm, f1, mcc, then the first numeric metric; the `none` filter first,
+    else the task's first filter (gsm8k reports `exact_match,strict-match`). Direction from lm-eval's
+    `higher_is_better` (perplexities are lower-is-better).
+    """
+    own = results.get("results", {}).get(task, {})
+    keys = [k for k, v in own.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))]
+    ranked = sorted(keys, key=lambda k: (_metric_rank(k.split(",", 1)[0]), k.split(",", 1)[1] != "none"))
+    if not ranked:
+        return {"key": None, "metric": None, "filter": None, "higher_is_better": True}
+    key = ranked[0]
+    metric, filter_name = key.split(",", 1)
+    higher = results.get("higher_is_better", {}).get(task, {}).get(metric)
+    if higher is None:
+        higher = not any(word in metric for word in ("perplexity", "bits_per_byte", "loss"))
+    return {"key": key, "metric": metric, "filter": filter_name, "higher_is_better": bool(higher)}
+
+
+def _metric_rank(metric: str) -> int:
+    return _PRIMARY_METRICS.index(metric) if metric in _PRIMARY_METRICS else len(_PRIMARY_METRICS)
+
+
 def primary_metric(task_results: dict[str, Any]) -> str | None:
-    """The headline metric of one task's lm-eval results (`acc` for the suite's multiple-choice tasks)."""
-    for metric in _PRIMARY_METRICS:
-        if f"{metric},none" in task_results:
-            return metric
-    for key, value in task_results.items():
-        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
-            return key.split(",", 1)[0]
-    return None
+    """The headline metric's name in one task's lm-eval results (`acc` for the suite's multiple-choice tasks)."""
+    return headline_metric({"results": {"t": task_results}}, "t")["metric"]
+
+
+def table_columns(results: dict[str, Any], requested: Sequence[str]) -> list[str]:
+    """The table's tasks: each requested task or group; a group without an aggregate score shows its members."""
+    table = results.get("results", {})
+    subtasks = results.get("group_subtasks", {})
+    columns: list[str] = []
+    for name in requested:
+        if name.endswith(LL_SUFFIX) and name[: -len(LL_SUFFIX)] in requested:
+            continue
+        if name in table and headline_metric(results, name)["key"] is not None or name not in subtasks:
+            columns.append(name)
+        else:
+            columns += [t for t in table_columns(results, subtasks[name]) if t not in columns]
+    return list(dict.fromkeys(columns))
 
 
 def extract_scores(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per task: `acc` (the headline metric), and from the `_ll` companion `answer_ll` and `exact`."""
+    """Per task: `acc` (the task's headline metric), and from the `_ll` companion `answer_ll` and `exact`."""
     per_task: dict[str, dict[str, float]] = {}
     table = results.get("results", {})
     for task in tasks:
         entry: dict[str, float] = {}
-        own = table.get(task)
-        if own is not None:
-            metric = primary_metric(own)
-            if metric is not None:
-                entry["acc"] = float(own[f"{metric},none"])
+        key = headline_metric(results, task)["key"]
+        if key is not None:
+            entry["acc"] = float(table[task][key])
         companion = table.get(task + LL_SUFFIX)
         if companion is not None and "perplexity,none" in companion:
             entry["answer_ll"] = answer_loglikelihood(float(companion["perplexity,none"]))
@@ -482,8 +518,11 @@ def retention_value(merged: float, base: float, adapter: float) -> float | None:
 
 
 def compute_retention(scores: dict[str, dict[str, dict[str, float]]], tasks: Sequence[str], metrics: Sequence[str],
-                      references: dict[str, RetentionRef]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Per merge, metric and task: retention against the adapter named like the task, else its best adapter."""
+                      references: dict[str, RetentionRef], headlines: dict[str, dict[str, Any]] | None = None,
+                      ) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per merge, metric and task: retention against the adapter named like the task, else its best adapter
+    (best in the metric's direction: the lowest perplexity). The ratio itself needs no direction: a gain and
+    its kept part have the same sign either way."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for merged, ref in references.items():
         if merged not in scores or ref.base not in scores:
@@ -492,7 +531,8 @@ def compute_retention(scores: dict[str, dict[str, dict[str, float]]], tasks: Seq
         for metric in metrics:
             values: dict[str, float | None] = {}
             for task in tasks:
-                adapter = reference_adapter(scores, ref, task, metric)
+                higher = metric != "acc" or (headlines or {}).get(task, {}).get("higher_is_better", True)
+                adapter = reference_adapter(scores, ref, task, metric, higher_is_better=higher)
                 m = scores[merged].get(task, {}).get(metric)
                 b = scores[ref.base].get(task, {}).get(metric)
                 a = scores.get(adapter, {}).get(task, {}).get(metric) if adapter else None
@@ -503,12 +543,12 @@ def compute_retention(scores: dict[str, dict[str, dict[str, float]]], tasks: Seq
 
 
 def reference_adapter(scores: dict[str, dict[str, dict[str, float]]], ref: RetentionRef, task: str,
-                      metric: str) -> str | None:
+                      metric: str, higher_is_better: bool = True) -> str | None:
     """The adapter a task's retention is measured against: one named like the task, else the best on it."""
     if task in ref.adapters:
         return task
     scored = [(scores.get(a, {}).get(task, {}).get(metric), a) for a in ref.adapters]
-    scored = [(value, a) for value, a in scored if value is not None]
+    scored = [(value if higher_is_better else -value, a) for value, a in scored if value is not None]
     return max(scored)[1] if scored else None
 
 
@@ -539,6 +579,16 @@ def markdown_table(report: EvalReport, metric: str) -> str:
     return "\n".join(lines)
 
 
+def describe_headline(headline: dict[str, Any]) -> str:
+    """`exact_match (strict-match filter, lower is better)`-style label of a task's headline metric."""
+    if not headline.get("metric"):
+        return "no metric"
+    notes = [f"{headline['filter']} filter"] if headline.get("filter") not in (None, "none") else []
+    if not headline.get("higher_is_better", True):
+        notes.append("lower is better")
+    return headline["metric"] + (f" ({', '.join(notes)})" if notes else "")
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -547,10 +597,14 @@ def _write_report(report: EvalReport) -> None:
     """report.md, scores.json and chart.png into the report folder."""
     title = "# lm-eval report\n\n"
     files = ", ".join(f"`{RESULTS_DIR}/{_file_stem(m.name)}.json`" for m in report.models)
-    body = report.markdown("##") + f"\nlm-eval's own results per model: {files}. Chart: `{CHART_PNG}`.\n"
+    body = report.markdown("##") + (f"\nlm-eval's results per model: {files}; in lm-eval's own output format "
+                                    f"(results_<date>.json, samples): `{LM_EVAL_DIR}/<model>/`. Chart: `{CHART_PNG}`.\n")
     (report.out_dir / REPORT_MD).write_text(title + body)
     data = {
         "tasks": report.tasks,
+        "headline_metrics": report.headlines,
+        "options": report.options.to_dict() if report.options else None,
+        "task_files": report.origins,
         "limit": report.limit,
         "lm_eval_version": report.lm_eval_version,
         "metrics": report.metrics,
@@ -595,9 +649,14 @@ def write_chart(report: EvalReport, path: Path) -> Path:
             ax.bar(xs, values, width=width, color=color, label=f"{model.name} ({model.kind})", edgecolor="white",
                    linewidth=0.5)
         ax.set_xticks(range(len(report.tasks)))
-        ax.set_xticklabels(report.tasks)
-        ax.set_title(_METRIC_TITLES[metric][0] + (" (nats)" if metric == "answer_ll" else ""))
-        if metric == "acc":
+        labels = report.tasks
+        if metric == "acc" and report.headlines:
+            labels = [t + ("\n(lower is better)" if not report.headlines.get(t, {}).get("higher_is_better", True)
+                           else "") for t in report.tasks]
+        ax.set_xticklabels(labels)
+        ax.set_title(report.metric_title(metric)[0] + (" (nats)" if metric == "answer_ll" else ""))
+        bounded = all(report.headlines.get(t, {}).get("metric", "acc") in _BOUNDED_METRICS for t in report.tasks)
+        if metric == "acc" and bounded:
             ax.set_ylim(0, 1.0)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
@@ -680,13 +739,13 @@ def adapter_base(folder: Path) -> Path:
     return candidate.resolve()
 
 
-def _report_settings(config: MergeConfig) -> tuple[list[str] | None, int | None, int]:
-    spec = config.eval
-    return (list(spec.tasks) if spec and spec.tasks else None, spec.limit if spec else None,
-            spec.batch_size if spec else 8)
+def eval_selection(config: MergeConfig, note: Any = None) -> TaskSelection:
+    """The tasks a config's `eval:` section names, resolved and built (call before merging: fail fast)."""
+    tasks = list(config.eval.tasks) if config.eval and config.eval.tasks else None
+    return select_suite_or_tasks(tasks, note=note)
 
 
-def evaluate_after_merge(result: MergeResult, progress: bool = True) -> str:
+def evaluate_after_merge(result: MergeResult, progress: bool = True, selection: TaskSelection | None = None) -> str:
     """Evaluate a finished merge as its config's `eval:` section asks; put the tables in its card; return them.
 
     The merged folder changes only in two atomic steps, like the merge itself: the report is built in a staging
@@ -702,13 +761,14 @@ def evaluate_after_merge(result: MergeResult, progress: bool = True) -> str:
     config = result.config
     if result.output_dir is None:
         raise EvalError("nothing to evaluate: the merge was a dry run")
-    tasks, limit, batch_size = _report_settings(config)
+    tasks = selection or (list(config.eval.tasks) if config.eval and config.eval.tasks else None)
+    options = EvalOptions.from_spec(config.eval, device=result.device)
     models, references = plan_models([config], [result.output_dir])
     report_dir = (result.output_dir / RUN_REPORT_DIR).resolve()
     remove_stale(report_dir)
     with atomic_directory(report_dir, overwrite=True) as staging:
-        report = evaluate_models(models, staging, tasks=tasks, limit=limit, batch_size=batch_size,
-                                 device=result.device, references=references, progress=progress)
+        report = evaluate_models(models, staging, tasks=tasks, options=options, references=references,
+                                 progress=progress)
         section = card_section(report)
         merged = next((m.name for m in report.models if m.kind == "merge"), None)
         eval_results = report.scores.get(merged) if merged else None  # the merge's own scores -> model-index
