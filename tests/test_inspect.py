@@ -278,3 +278,18 @@ def test_conv1d_layout_is_transposed_before_comparing(tmp_path: Path) -> None:
 
 def test_shapes_fixture_is_what_the_tests_assume() -> None:
     assert SHAPES[f"{Q0}.weight"] == (6, 5)
+
+
+@pytest.mark.parametrize("adapters", [2, 3, 5])
+def test_the_sign_pattern_histogram_counts_what_the_boolean_passes_count(adapters: int) -> None:
+    from mergekit_lite.inspection.conflicts import count_chunk_directly
+
+    generator = torch.Generator().manual_seed(adapters)
+    updates = [torch.randn(500, generator=generator) * (torch.rand(500, generator=generator) > 0.4)
+               for _ in range(adapters)]
+    updates[0][:7] = 0.0
+    updates[1][:7] = 0.0  # positions nobody keeps, and a vote of exactly 0
+    fast, slow = ConflictCounts(adapters), ConflictCounts(adapters)
+    count_chunk(updates, fast)
+    count_chunk_directly(updates, slow)
+    assert vars(fast) == vars(slow)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ from ..config import MergeConfig
 from ..engine.deltas import TensorDeltas
 from ..engine.device import single_threaded_torch
 from ..engine.plan import BiasShift, LowRank, TensorPlan
-from ..engine.schedule import DEFAULT_MAX_MEMORY
+from ..engine.schedule import DEFAULT_MAX_MEMORY, default_workers
 from ..errors import MergeConfigError
 from ..progress import Progress, byte_progress
 from ..sources.checkpoint import BaseCheckpoint
@@ -44,6 +46,8 @@ class InspectOptions:
     sample: int | None = None
     max_memory: int = DEFAULT_MAX_MEMORY
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: CPU threads inspecting tensors side by side
+    workers: int = field(default_factory=default_workers)
 
 
 @dataclass
@@ -183,10 +187,22 @@ def analyse(config: MergeConfig, method_given: bool, inputs: OpenedInputs, optio
     timings = {"geometry_s": 0.0, "base_norms_s": 0.0, "conflicts_s": 0.0}
     touched = [t for t in inputs.plan.tensors if t.touched]
     bar = byte_progress(sum(t.info.nbytes for t in touched), progress, description="inspecting")
-    results = []
+    lock = threading.Lock()
+
+    def one(tensor: TensorPlan) -> TensorResult:
+        own: dict[str, float] = dict.fromkeys(timings, 0.0)
+        result = _tensor(tensor, inputs, weights, densities, options, own, bar)
+        with lock:
+            for key, seconds in own.items():
+                timings[key] += seconds
+        return result
+
+    # tensors side by side, each worker running torch single-threaded (as the engine's chunk workers do: on a
+    # busy machine torch's own thread pool made the many small passes several times slower)
+    workers = options.workers if options.device.type == "cpu" else 1
     try:
-        for tensor in touched:
-            results.append(_tensor(tensor, inputs, weights, densities, options, timings, bar))
+        with single_threaded_torch(), ThreadPoolExecutor(workers, thread_name_prefix="inspect") as pool:
+            results = list(pool.map(one, touched))
     finally:
         bar.close()
     timings["total_s"] = time.perf_counter() - started
@@ -226,9 +242,8 @@ def _tensor(tensor: TensorPlan, inputs: OpenedInputs, weights: list[float], dens
     geometry = None
     if all(isinstance(item, LowRank) for item in items):
         kind = LOW_RANK
-        with single_threaded_torch():  # small Grams, QRs and SVDs: a thread pool only adds hand-offs (device.py)
-            factors = [TaskFactors.of(deltas.adapter_factors(i)) for i in touching]
-            geometry = tensor_geometry(factors, [weights[i] for i in touching], (rows, cols))
+        factors = [TaskFactors.of(deltas.adapter_factors(i)) for i in touching]
+        geometry = tensor_geometry(factors, [weights[i] for i in touching], (rows, cols))
         inner = geometry.inner
     elif all(isinstance(item, BiasShift) for item in items):
         kind, inner = VECTOR, vector_inner([deltas.vector(i) for i in touching])
