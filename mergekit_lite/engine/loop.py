@@ -66,8 +66,9 @@ class MergeEngine:
         self.seed = seed
         self.options = options
         #: per tensor, the weights and parameters with every per-layer gradient and filter evaluated (§3d)
+        self._varying = any_setting(self.weights, global_params, adapter_params)
         self._params = self._tensor_params(plan)
-        self.coefficients = None if self._params else method.coefficients(self.weights, global_params)
+        self.coefficients = None if self._varying else method.coefficients(self.weights, global_params)
         self.schedules = [schedule_tensor(tensor, method, p.weights, p.params, p.adapter_params, options)
                           for tensor, p in ((t, self.params_of(t.name)) for t in plan.tensors)]
         self._by_name = {schedule.name: schedule for schedule in self.schedules}
@@ -79,16 +80,19 @@ class MergeEngine:
         self._upcoming: Iterator[TensorSchedule] = iter(())
 
     def _tensor_params(self, plan: MergePlan) -> dict[str, TensorParams]:
-        """Every tensor's resolved parameters when some weight or parameter varies by layer or name, else {}; the
-        method's own checks (Σ w ≠ 0, input counts, …) run per tensor here, before any work."""
-        if not any_setting(self.weights, self.global_params, self.adapter_params):
+        """Every touched tensor's resolved parameters when some weight or parameter varies by layer or name, else
+        {}; the method's own checks (Σ w ≠ 0, …) run per tensor here, before any work. (Untouched tensors are
+        copied: a filter list need not match them.)"""
+        if not self._varying:
             return {}
         n_layers = layer_count(t.name for t in plan.tensors)
         resolved = {}
         for tensor in plan.tensors:
+            if not tensor.touched:
+                continue
             params = resolve_tensor(tensor.name, layer_position(tensor.name, n_layers), self.weights,
                                     self.global_params, self.adapter_params)
-            if self.method.validate is not None and tensor.touched:
+            if self.method.validate is not None:
                 try:
                     self.method.validate(params.weights, params.params, params.adapter_params)
                 except MergeConfigError as error:
@@ -105,7 +109,7 @@ class MergeEngine:
 
     def _coefficients(self, name: str) -> list[float] | None:
         """The linear cᵢ of tensor `name` (None for the other phases)."""
-        if not self._params:
+        if not self._varying:
             return self.coefficients
         params = self.params_of(name)
         return self.method.coefficients(params.weights, params.params)

@@ -103,6 +103,8 @@ class TensorSchedule:
 def active_adapters(tensor: TensorPlan, method: MergeMethod, weights: Sequence[float],
                     params: dict[str, Any]) -> tuple[int, ...]:
     """Adapters that change this tensor: they touch it and their coefficient (or weight) is non-zero."""
+    if not tensor.touched:
+        return ()
     factors = method.coefficients(weights, params) or weights
     return tuple(i for i, (items, c) in enumerate(zip(tensor.by_adapter, factors)) if items and c != 0)
 

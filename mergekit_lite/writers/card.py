@@ -97,7 +97,7 @@ def render_card(
         [
             f"# {name}",
             "",
-            f"A merge of {len(config.adapters)} LoRA adapter(s) "
+            f"A merge of {_inputs_phrase(config)} "
             f"{'as one LoRA adapter for' if adapter else 'into'} {base_shown}, made with "
             f"mergekit_lite {tool_version()}.",
             "",
@@ -204,20 +204,29 @@ def _adapter_table(config: MergeConfig) -> list[str]:
         "| # | adapter | weight | density |" + "".join(f" {k} |" for k in other_keys),
         "|---|---|---|---|" + "---|" * len(other_keys),
     ]
-    for index, (spec, own) in enumerate(zip(config.adapters, config.adapter_params)):
+    for index, (spec, own) in enumerate(zip(config.inputs, config.adapter_params)):
         ref = hub_reference(config, spec.path)
         shown = f"[{ref}]({ref.url})" if ref else f"`{spec.path}`"
         if spec.name:
             shown = f"{spec.name}: {shown}"
+        if config.is_full_model(index):
+            shown = f"full model {shown}"
         density = own.get("density") if has_density else 1
         own_cells = "".join(f" {own.get(k)} |" for k in other_keys)
-        lines.append(f"| {index} | {shown} | {spec.weight:g} | {_number(density)} |{own_cells}")
+        lines.append(f"| {index} | {shown} | {_number(spec.weight)} | {_number(density)} |{own_cells}")
     lines += [
         "",
         "Weight is the signed wᵢ of each task vector; density is the fraction of its entries the method keeps "
         + ("(the rest are trimmed or dropped)." if has_density else "(1: this method keeps every entry)."),
     ]
     return lines
+
+
+def _inputs_phrase(config: MergeConfig) -> str:
+    """'3 LoRA adapter(s)', '2 full fine-tuned model(s)', or both."""
+    parts = [f"{len(config.adapters)} LoRA adapter(s)"] if config.adapters else []
+    parts += [f"{len(config.models)} full fine-tuned model(s)"] if config.models else []
+    return " and ".join(parts)
 
 
 def _number(value: Any) -> str:
