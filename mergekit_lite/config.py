@@ -281,7 +281,21 @@ class MergeConfig(BaseModel):
 
 
 def load_config(path: str | Path) -> MergeConfig:
-    """Read a YAML merge config; relative paths in it are relative to the file's folder."""
+    """Read a YAML merge config (ours, or mergekit's: run as mergekit would, SEMANTICS §3b); relative paths in it
+    are relative to the file's folder."""
+    data, path = read_config_data(path)
+    try:
+        from .compat.mergekit import from_mergekit, is_mergekit_config
+
+        if is_mergekit_config(data):  # mergekit's schema: converted, each difference logged as one line
+            data = from_mergekit(data, path)
+        return MergeConfig.from_dict(data, path.resolve().parent)
+    except MergeConfigError as error:
+        raise MergeConfigError(f"{path}: {error}") from None
+
+
+def read_config_data(path: str | Path) -> tuple[Any, Path]:
+    """A config file's YAML data, checked for size, encoding, syntax and alias bombs, and its path."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -297,10 +311,7 @@ def load_config(path: str | Path) -> MergeConfig:
     except (yaml.YAMLError, RecursionError) as error:
         raise MergeConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     _check_expanded_size(data, path)
-    try:
-        return MergeConfig.from_dict(data, path.resolve().parent)
-    except MergeConfigError as error:
-        raise MergeConfigError(f"{path}: {error}") from None
+    return data, path
 
 
 def _yaml_problem(error: BaseException) -> str:

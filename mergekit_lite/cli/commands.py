@@ -87,11 +87,13 @@ def methods() -> None:
 
 def _add_optional_commands() -> None:
     """Commands that live in their own modules (each owns its imports, which can be heavy)."""
+    from .convert import convert_command
     from .eval import eval_command
     from .inspect import inspect_command
     from .publish import publish_command
     from .verify import verify_command
 
+    main.add_command(convert_command, "convert")
     main.add_command(eval_command, "eval")
     main.add_command(inspect_command, "inspect")
     main.add_command(publish_command, "publish")
