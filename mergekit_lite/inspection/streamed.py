@@ -10,7 +10,7 @@ import torch
 from ..sources.checkpoint import BaseCheckpoint
 
 #: float32 elements per τ chunk at most: cache-sized chunks run faster than whole tensors (as in the engine)
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 #: sampled row blocks per tensor (spread evenly over its rows)
 SAMPLE_BLOCKS = 16
 
