@@ -184,3 +184,17 @@ def test_linear_merges_are_the_same_bytes_for_any_chunking_and_workers(demo: Pat
         other = merge(config, out=tmp_path / f"c{chunk_rows}w{workers}", device="cpu", chunk_rows=chunk_rows,
                       workers=workers, progress=False).output_dir
         assert (whole / "model.safetensors").read_bytes() == (other / "model.safetensors").read_bytes()
+
+
+@built
+@pytest.mark.parametrize(("rows", "rank", "cols"), [(1, 1, 1), (3, 5, 15), (4, 16, 16), (9, 48, 300), (13, 7, 529)])
+def test_low_rank_product_tiles_keep_the_scalar_order_bit_for_bit(rows: int, rank: int, cols: int) -> None:
+    """The register-blocked tiles (4 rows x 16 columns, remainders row by row and column by column) give each
+    output exactly s = l0*r0, then s = s + lk*rk for k = 1..r-1, each rounded: torch's float32 ops, one by one."""
+    generator = torch.Generator().manual_seed(rows * 1000 + cols)
+    left, right = torch.randn(rows, rank, generator=generator), torch.randn(rank, cols, generator=generator)
+    out = kernels.lowrank(left, right, torch.empty(rows, cols))
+    expected = left[:, :1] * right[:1]
+    for k in range(1, rank):
+        expected = expected + left[:, k:k + 1] * right[k:k + 1]
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
