@@ -3,12 +3,15 @@
     python benchmarks/run.py                      # the 492M setup of the benchmarks issue, 3 repeats
     python benchmarks/run.py --layers 2 --repeats 1 --tools ours,io   # a quick look
     python benchmarks/run.py --scaling            # peak RSS at 1x, 2x, 4x depth
+    python benchmarks/run.py --depth 1,4 --tools io,ours --repeats 5   # the speed-at-scale table (1x and 4x)
     python benchmarks/run.py --tools io,ours --methods task_arithmetic,tsv_m,iso_c,iso_cts,knots,ties_core
     python benchmarks/run.py --tools ours,peft --methods task_arithmetic,adapter_exact,adapter_r16
 
 Peers are installed into their own venv (benchmarks/work/peers-venv, torch pinned to 2.13.0), never into
 the project's. Wall time and peak RSS come from /usr/bin/time (the child's maximum resident set). Cases run
-in alternation, `--repeats` times; the table gives medians. Results: benchmarks/results/*.md and *.json.
+in alternation, `--repeats` times; the table gives medians, and "× I/O floor" is the median of the paired
+ratios (each run over the floor's run of the same round), which cancels slow drifts of a shared machine.
+Results: benchmarks/results/*.md and *.json.
 """
 
 from __future__ import annotations
@@ -215,11 +218,15 @@ def run(args: argparse.Namespace) -> dict:
             result = timed(command, logs / f"{slug}.{repeat}.log")
             runs[label].append(result)
             print(f"[{repeat}] {label}: {result['wall_s']:.1f} s, {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    floor_runs = next((r for label, r in runs.items() if label.startswith("I/O floor")), [])
     summary = {
         label: {"median_wall_s": statistics.median(r["wall_s"] for r in results),
-                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results}
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results,
+                "paired_ratios": [r["wall_s"] / f["wall_s"] for r, f in zip(results, floor_runs)]}
         for label, results in runs.items() if results
     }
+    for value in summary.values():
+        value["median_paired_ratio"] = statistics.median(value["paired_ratios"]) if value["paired_ratios"] else None
     agreement = {}
     out = WORK / "out"
     for method in ("task_arithmetic", "ties"):
@@ -262,13 +269,14 @@ def table(report: dict) -> str:
         f"{report['shape']['parameters'] / 1e6:.0f}M-parameter bf16 Llama-shaped base (hidden {report['shape']['hidden']}, "
         f"intermediate {report['shape']['intermediate']}, {report['shape']['layers']} layers, vocab {report['shape']['vocab']}), "
         f"{report['adapters']} rank-{report['rank']} adapters on all linear layers; {report['machine']}; "
-        f"median of {report['repeats']} run(s).",
+        f"median of {report['repeats']} run(s); × I/O floor: median of the paired ratios (same round).",
         "",
         "| tool, method | wall | × I/O floor | peak RSS |",
         "|---|---|---|---|",
     ]
     for label, value in results.items():
-        ratio = f"{value['median_wall_s'] / floor:.2f}" if floor else "-"
+        paired = value.get("median_paired_ratio")
+        ratio = f"{paired:.2f}" if paired is not None else (f"{value['median_wall_s'] / floor:.2f}" if floor else "-")
         lines.append(f"| {label} | {value['median_wall_s']:.1f} s | {ratio} | {value['peak_rss_bytes'] / 1e9:.2f} GB |")
     if report["agreement"]:
         lines += ["", "| agreement (same semantics, unit weights) | ‖ours − theirs‖ / ‖merged delta‖ | entries differing |",
@@ -281,6 +289,28 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def side_by_side(reports: list[dict]) -> str:
+    """One row per case, one column group per depth: wall, paired ratio to the floor, peak RSS."""
+    labels = list(dict.fromkeys(label for r in reports for label in r["results"]))
+    head = ["tool, method"]
+    for r in reports:
+        size = f"{r['shape']['layers']} layers, {r['shape']['parameters'] / 1e9:.2f}B"
+        head += [f"{size}: wall", "× floor", "peak RSS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in labels:
+        cells = [label]
+        for r in reports:
+            value = r["results"].get(label)
+            if value is None:
+                cells += ["-", "-", "-"]
+                continue
+            paired = value.get("median_paired_ratio")
+            cells += [f"{value['median_wall_s']:.1f} s", f"{paired:.2f}" if paired is not None else "-",
+                      f"{value['peak_rss_bytes'] / 1e9:.2f} GB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser)
@@ -290,16 +320,18 @@ def main() -> None:
     parser.add_argument("--methods", type=lambda s: s.split(","), default=DEFAULT_METHODS,
                         help=f"cases, from: {', '.join(OUR_METHODS)}")
     parser.add_argument("--scaling", action="store_true", help="ours and PEFT at 1x, 2x, 4x depth")
+    parser.add_argument("--depth", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="depth factors to run side by side, e.g. 1,4 (layers x factor)")
     parser.add_argument("--name", default=None, help="results file stem")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    if args.scaling:
+    if args.scaling or args.depth:
         reports = []
-        for factor in (1, 2, 4):
+        for factor in args.depth or (1, 2, 4):
             step = argparse.Namespace(**{**vars(args), "layers": args.layers * factor})
             reports.append(run(step))
-        text = "\n".join(table(r) for r in reports)
-        stem = args.name or "scaling"
+        text = "\n".join(table(r) for r in reports) + "\n" + side_by_side(reports)
+        stem = args.name or ("depth_" + "_".join(map(str, args.depth)) if args.depth else "scaling")
         (RESULTS / f"{stem}.json").write_text(json.dumps(reports, indent=2))
     else:
         report = run(args)
