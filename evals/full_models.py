@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-__all__ = ["build_noisy_model", "build_merged_model", "copy_side_files", "main"]
+__all__ = ["build_noisy_model", "build_merged_model", "build_corpus_models", "copy_side_files", "main"]
 
 #: files of the base folder a fine-tune shares with it (everything but the weights)
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -102,6 +102,19 @@ def build_merged_model(base_dir: str | os.PathLike[str], adapter_dir: str | os.P
     save_weights(state, out_dir)
     copy_side_files(base_dir, out_dir)
     return out_dir
+
+
+def build_corpus_models(folder: str | os.PathLike[str], demo: str | os.PathLike[str] | None = None) -> Path:
+    """The models `merge_configs/mergekit/` names, built into `folder`: `base` (the demo base), full fine-tunes
+    `ft_a`, `ft_b`, `ft_c` (noise seeds 11-13) and the demo adapters `adapters/style`, `adapters/math`."""
+    folder = Path(folder)
+    demo = Path(demo) if demo is not None else Path(__file__).resolve().parent / "demo"
+    shutil.copytree(demo / "base", folder / "base", dirs_exist_ok=True)
+    for seed, name in enumerate(("ft_a", "ft_b", "ft_c"), start=11):
+        build_noisy_model(demo / "base", folder / name, seed=seed, relative=0.2)
+    for name in ("style", "math"):
+        shutil.copytree(demo / "adapters" / name, folder / "adapters" / name, dirs_exist_ok=True)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

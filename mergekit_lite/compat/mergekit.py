@@ -239,7 +239,8 @@ class _Converter:
         if normalize:
             raise MergeConfigError("mergekit dare_linear with normalize: true has no mergekit_lite equivalent; use "
                                    "dare_ties or drop normalize")
-        params.setdefault("density", 1.0)
+        if "density" not in params and any("density" not in e for e in inputs):
+            params["density"] = 1.0  # mergekit's default: keep everything
         self._dare_notes(params)
 
     def _slerp(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:

@@ -1,0 +1,149 @@
+"""mergekit configs run as they are: the corpus in merge_configs/mergekit/ converted and merged, mergekit's result
+kept where one of our parameters expresses it, refusals naming the key (docs/SEMANTICS.md §3b)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from evals.full_models import build_corpus_models
+from mergekit_lite.cli.commands import main
+from mergekit_lite.compat.mergekit import convert
+from mergekit_lite.config import load_config
+from mergekit_lite.errors import MergeConfigError
+
+from .conftest import REPO
+from .reference import load_checkpoint, ties_combine, trim
+
+CORPUS = REPO / "merge_configs" / "mergekit"
+CONFIGS = sorted(p.name for p in CORPUS.glob("*.yml"))
+REFUSED = {
+    "passthrough.yml": r"mergekit key 'slices': layer stacking",
+    "slices_slerp.yml": r"mergekit key 'slices'",
+    "tokenizer_union.yml": r"mergekit key 'tokenizer_source': 'union' is not supported",
+    "della.yml": r"mergekit key 'merge_method': method 'della' has no mergekit_lite equivalent",
+    "modules.yml": r"mergekit key 'modules'",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the corpus with the models it names built beside it."""
+    folder = tmp_path_factory.mktemp("mergekit") / "corpus"
+    shutil.copytree(CORPUS, folder)
+    return build_corpus_models(folder, demo)
+
+
+def test_the_corpus_holds_at_least_ten_configs_and_every_refusal_is_tested() -> None:
+    assert len(CONFIGS) >= 10
+    assert sorted(p.name for p in (CORPUS / "refused").glob("*.yml")) == sorted(REFUSED)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_each_mergekit_config_converts_and_runs(corpus: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(corpus)
+    runner = CliRunner()
+    converted = runner.invoke(main, ["convert", name, "--out", f"ours-{name}"])
+    assert converted.exit_code == 0, converted.output
+    ours = corpus / f"converted-{name}"
+    ours.write_text(converted.stdout)
+    from_ours = runner.invoke(main, ["run", str(ours), "--no-progress"])
+    from_mergekit = runner.invoke(main, ["run", name, "--no-progress", "--out", f"direct-{name}"])
+    assert from_ours.exit_code == 0 and from_mergekit.exit_code == 0, from_ours.output + from_mergekit.output
+    first, second = load_checkpoint(corpus / f"ours-{name}"), load_checkpoint(corpus / f"direct-{name}")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("name,message", sorted(REFUSED.items()))
+def test_features_we_lack_are_refused_naming_the_key(corpus: Path, name: str, message: str) -> None:
+    result = CliRunner().invoke(main, ["convert", str(corpus / "refused" / name)])
+    assert result.exit_code != 0 and re.search(message, result.output), result.output
+    assert len(result.output.strip().splitlines()) == 1
+    with pytest.raises(MergeConfigError, match=message):
+        load_config(corpus / "refused" / name)
+
+
+def test_linear_with_the_base_listed_keeps_mergekits_weighted_average(corpus: Path) -> None:
+    """mergekit: Σ wᵢWᵢ / Σ wᵢ with the base among the Wᵢ; ours: normalize: false and wᵢ / Σ w."""
+    config = load_config(corpus / "linear_with_base.yml").with_output_path(corpus / "lwb")
+    assert config.global_params == {"normalize": False} and config.weights == [0.3, 0.2]
+    from mergekit_lite import merge
+    merged = load_checkpoint(merge(config, device="cpu", progress=False).output_dir)
+    models = {n: load_checkpoint(corpus / n) for n in ("base", "ft_a", "ft_b")}
+    for name, value in merged.items():
+        expected = sum(w * models[n][name].double() for n, w in (("base", 0.5), ("ft_a", 0.3), ("ft_b", 0.2)))
+        assert torch.allclose(value.double(), expected, atol=2e-6 * float(expected.abs().max()), rtol=0), name
+
+
+def test_ties_keeps_mergekits_trim_vote_and_divisor(corpus: Path) -> None:
+    from mergekit_lite import merge
+    config = load_config(corpus / "ties.yml").with_output_path(corpus / "t")
+    merged = load_checkpoint(merge(config, device="cpu", progress=False).output_dir)
+    base = load_checkpoint(corpus / "base")
+    fts = [(load_checkpoint(corpus / n), w, d) for n, w, d in (("ft_a", 0.5, 0.5), ("ft_b", 0.3, 0.5), ("ft_c", 0.2, 0.3))]
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.norm.weight"):
+        w = base[name].double()
+        updates = [weight * trim(ft[name].double() - w, density) for ft, weight, density in fts]
+        expected = w + ties_combine(updates, [f[1] for f in fts], "sum", True, 1.0)
+        assert torch.allclose(merged[name].double(), expected, atol=2e-6 * float(expected.abs().max()), rtol=0)
+
+
+def test_conversion_keeps_mergekits_defaults_and_lists_what_it_cannot_express() -> None:
+    dare = convert(yaml.safe_load((CORPUS / "dare_ties.yml").read_text()))
+    assert dare.config["parameters"] == {"normalize": False}  # mergekit's default; ours is true
+    assert [line.split(":")[0] for line in dare.differences] == ["DARE rescale", "DARE keep-masks"]
+    bf16 = convert(yaml.safe_load((CORPUS / "ties_bf16.yml").read_text()))
+    assert bf16.config["output"]["dtype"] == "bfloat16" and "computes in bfloat16" in bf16.differences[0]
+    lora = convert(yaml.safe_load((CORPUS / "ties_lora.yml").read_text()))
+    assert [a["path"] for a in lora.config["adapters"]] == ["adapters/style", "adapters/math"]
+    assert "models" not in lora.config
+    ta = convert({"merge_method": "task_arithmetic", "base_model": "b", "parameters": {"normalize": True},
+                  "models": [{"model": "x", "parameters": {"weight": 0.5}}, {"model": "y", "parameters": {"weight": 1.5}}]})
+    assert ta.config["parameters"] == {"lambda": 0.5}
+    negative = convert({"merge_method": "ties", "base_model": "b",
+                        "models": [{"model": "x", "parameters": {"weight": -0.5, "density": 0.5}}]})
+    assert negative.differences and negative.differences[0].startswith("TIES divisor")
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"merge_method": "ties", "models": [{"model": "x"}]}, r"'base_model': method 'ties' needs a base model"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "other+lora"}]},
+     r"puts a LoRA on a model other than the base"),
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}], "chat_template": "x"},
+     r"mergekit key 'chat_template'"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "bogus": 1}, r"mergekit key 'bogus' is not understood"),
+    ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "b"}, {"model": "x"}]}, r"slerp: parameters need 't'"),
+    ({"merge_method": "linear", "base_model": "b", "parameters": {"normalize": False},
+      "models": [{"model": "x", "parameters": {"weight": 0.5}}, {"model": "y", "parameters": {"weight": 0.7}}]},
+     r"summing to 1.2 scales the base weights"),
+])
+def test_mergekit_configs_we_cannot_run_as_mergekit_would_are_refused(data: dict, message: str) -> None:
+    with pytest.raises(MergeConfigError, match=message):
+        convert(data)
+
+
+def test_the_readme_mergekit_commands_run(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command of the README's "Coming from mergekit" section, run in the corpus folder."""
+    readme = (REPO / "README.md").read_text()
+    section = re.search(r"## Coming from mergekit(.*?)\n## ", readme, re.S)
+    assert section, "README lost its 'Coming from mergekit' section"
+    commands = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section.group(1), re.S)
+                for line in block.splitlines() if line.strip().startswith("merge ")]
+    assert len(commands) >= 2
+    monkeypatch.chdir(corpus)
+    for command in commands:
+        args = command.replace("merge_configs/mergekit/", "").split()[1:]
+        if ">" in args:
+            target = args[args.index(">") + 1]
+            args = args[:args.index(">")]
+            result = CliRunner().invoke(main, args)
+            Path(target).write_text(result.stdout)
+        else:
+            result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, f"{command}: {result.output}"
