@@ -3,7 +3,7 @@
 Everything is made here, from fixed seeds, on the CPU, with no download, into the suite folder that ships
 inside the package, ``mergekit_lite/evaluation/suite/`` (``SUITE`` below; its ``tasks/`` are written by hand):
 
-* ``data/<task>/{train,test}.jsonl`` — four tasks in one shared prompt format (``Q: ...`` / ``A: ...``):
+* ``data/<task>/{train,test,validation}.jsonl`` — four tasks in one shared prompt format (``Q: ...`` / ``A: ...``):
   ``capitals`` (made-up country → capital facts: recall), ``add`` (two-digit + one-digit sums: carrying),
   ``reverse`` (four distinct letters backwards: attention by position) and ``sentiment`` (three made-up words
   of one polarity → good/poor: a lexicon). Test rows carry multiple-choice ``choices`` and ``label``.
@@ -199,6 +199,71 @@ def make_sentiment(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[
     test, train = rows[:150], rows[150:]
     test = [{**row, "choices": ["good", "poor"], "label": 0 if row["answer"] == "good" else 1} for row in test]
     return train, test
+
+
+def make_validation(task: str, train: list[dict[str, Any]], test: list[dict[str, Any]],
+                    rng: random.Random) -> list[dict[str, Any]]:
+    """Validation rows for choosing a merge (`merge sweep`), disjoint from train and test, from their own seed.
+
+    Written after train/test from a separate random stream, so adding them changed no train or test row (nor the
+    adapters). `add`: every two-digit + one-digit pair with a in 10…89 is in train or test, so validation takes the
+    next decade's pairs whose sum stays two-digit (90…98 + 1…9 ≤ 99, 45 rows; the add adapter's answer
+    log-likelihood there is −1.45 against the base's −5.95: the skill carries over, unlike for three-digit sums). `reverse` and `sentiment`: 150 unseen strings / triples each. `capitals`
+    is a recall task whose test already asks every trained fact: there is no unseen fact to ask, so its validation
+    asks each fact again with three other distractors (the `capitals_ll` score of a fact is the same on both).
+    """
+    taken = {row["question"] for row in (*train, *test)}
+    rows: list[dict[str, Any]] = []
+    if task == "capitals":
+        capitals = [row["answer"] for row in train]
+        for row in test:
+            while True:
+                choices, label = _choices(rng, row["answer"], capitals)
+                if sorted(choices) != sorted(row["choices"]):
+                    break
+            rows.append({"question": row["question"], "answer": row["answer"], "choices": choices, "label": label})
+        return rows
+    if task == "add":
+        pairs = [(a, b) for a in range(90, 99) for b in range(1, 10) if a + b <= 99]
+        rng.shuffle(pairs)
+        for a, b in pairs:
+            s = a + b
+            choices, label = _choices(rng, str(s), [str(s + d) for d in (-10, -1, 1, 10)])
+            rows.append({"question": f"{a}+{b}", "answer": str(s), "choices": choices, "label": label})
+        return rows
+    if task == "reverse":
+        while len(rows) < 150:
+            word = "".join(rng.sample(string.ascii_lowercase, 4))
+            if f"reverse {word}" in taken:
+                continue
+            taken.add(f"reverse {word}")
+            pool: list[str] = []
+            while len(set(pool)) < 3:
+                p = "".join(rng.sample(word, 4))
+                if p not in (word, word[::-1]):
+                    pool.append(p)
+            choices, label = _choices(rng, word[::-1], pool)
+            rows.append({"question": f"reverse {word}", "answer": word[::-1], "choices": choices, "label": label})
+        return rows
+    if task == "sentiment":
+        lexicon = {"good": set(), "poor": set()}  # type: dict[str, set[str]]
+        for row in train:
+            lexicon[row["answer"]].update(row["question"].removeprefix("mood of ").split())
+        triples = [(answer, triple) for answer in ("good", "poor")
+                   for triple in itertools.permutations(sorted(lexicon[answer]), 3)
+                   if "mood of " + " ".join(triple) not in taken]
+        rng.shuffle(triples)
+        return [{"question": "mood of " + " ".join(t), "answer": a, "choices": ["good", "poor"],
+                 "label": 0 if a == "good" else 1} for a, t in triples[:150]]
+    raise ValueError(f"no validation rows for task '{task}'")
+
+
+def write_validation(data_dir: Path, seed: int = SEED) -> None:
+    """data/<task>/validation.jsonl from the train and test files beside it (seeded; `--validation-only`)."""
+    for task_index, task in enumerate(TASKS):
+        train, test = read_jsonl(data_dir / task / "train.jsonl"), read_jsonl(data_dir / task / "test.jsonl")
+        rows = make_validation(task, train, test, random.Random(seed + 50 + task_index))
+        write_jsonl(data_dir / task / "validation.jsonl", rows)
 
 
 TASK_BUILDERS: dict[str, Callable[[random.Random], tuple[list[dict[str, Any]], list[dict[str, Any]]]]] = {
@@ -473,6 +538,7 @@ def build(suite: Path, recipe: Recipe = RECIPE, seed: int = SEED) -> dict[str, A
         train, test = TASK_BUILDERS[task](random.Random(seed + 1 + task_index))
         write_jsonl(data_dir / task / "train.jsonl", train)
         write_jsonl(data_dir / task / "test.jsonl", test)
+    write_validation(data_dir, seed)
     for folder in (suite / "base", suite / "adapters"):
         if folder.exists():
             shutil.rmtree(folder)
@@ -512,7 +578,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the suite folder to write data/, base/, adapters/ and scores.json into")
     parser.add_argument("--check", action="store_true",
                         help="build into a temporary folder and compare scores and files with --out")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="only (re)write data/<task>/validation.jsonl from the train and test files in --out")
     args = parser.parse_args(argv)
+    if args.validation_only:
+        write_validation(args.out / "data")
+        return 0
     if not args.check:
         summary = build(args.out)
         print_scores(summary["scores"])

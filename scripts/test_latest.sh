@@ -9,7 +9,7 @@ WRITE=0
 if [ "${1:-}" = "--write-constraints" ]; then WRITE=1; shift; fi
 rm -rf "$VENV"
 python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check --upgrade torch==2.13.0 -e '.[test,eval,verify]'
+"$VENV/bin/pip" install -q --disable-pip-version-check --upgrade torch==2.13.0 -e '.[test,eval,verify,sweep,ray]'
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}  # derandomized, as scripts/test.sh
 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
 if [ "$WRITE" = 1 ]; then

@@ -91,12 +91,14 @@ def _add_optional_commands() -> None:
     from .eval import eval_command
     from .inspect import inspect_command
     from .publish import publish_command
+    from .sweep import sweep_command
     from .verify import verify_command
 
     main.add_command(convert_command, "convert")
     main.add_command(eval_command, "eval")
     main.add_command(inspect_command, "inspect")
     main.add_command(publish_command, "publish")
+    main.add_command(sweep_command, "sweep")
     main.add_command(verify_command, "verify")
 
 
