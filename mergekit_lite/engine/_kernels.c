@@ -127,14 +127,14 @@ MKL_CLONES static void lowrank_portable(const float *restrict left, int64_t rows
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
-/* Register-blocked form of the rank sum, for x86-64 with AVX2 and FMA: a tile of R rows (R ≤ 4) × 16 columns
- * is held in eight registers while k runs over the rank, so each step costs two loads of `right`, R broadcasts
+/* Register-blocked form of the rank sum, for x86-64 with AVX2 and FMA: a tile of R rows (R ≤ 6) × 16 columns
+ * is held in twelve registers while k runs over the rank, so each step costs two loads of `right`, R broadcasts
  * of `left` and 2R vector operations, instead of a load and a store of a partial sum per element. Each output
  * still gets exactly the scalar loops' operations in their order: s = l₀·r₀, then per k either
  * s = fma(lₖ, rₖ, s) (`fused`, as lowrank_add) or s = s + lₖ·rₖ rounded twice (as mkl_lowrank), so the
  * bytes do not change (tests/test_kernels.py compares them with the scalar loops and with torch). */
 #define TILE_COLS 16
-#define TILE_ROWS 4
+#define TILE_ROWS 6
 #define PANEL 256 /* columns per pass over the rows: rank × PANEL floats of `right` stay in L1/L2 */
 
 static inline __attribute__((always_inline, target("avx2,fma"))) void product_tile(
