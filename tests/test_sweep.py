@@ -1,0 +1,124 @@
+"""merge sweep, the fast part: the sweep config's checks (one-line errors before any work) and the points
+(grid, seeded random draws and optuna's TPE: inside their ranges, the same for the same seed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mergekit_lite.cli import main
+from mergekit_lite.errors import MergeConfigError
+from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR
+from mergekit_lite.sweep.points import Point, fixed_points, grid_points, point_stream
+from mergekit_lite.sweep.spec import Range, check_metric, sweep_config_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(sweep: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"base_model": str(SUITE_DIR / "base"),
+            "adapters": [{"path": str(SUITE_DIR / "adapters" / name)} for name in ("capitals", "add")],
+            "sweep": sweep, **extra}
+
+
+def _error(sweep: dict[str, Any], **extra: Any) -> str:
+    with pytest.raises(MergeConfigError) as caught:
+        sweep_config_from_dict(_config(sweep, **extra), REPO)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_grid_crosses_only_the_parameters_each_method_declares() -> None:
+    config = sweep_config_from_dict(_config({"method": ["task_arithmetic", "ties"],
+                                             "parameters": {"lambda": [0.5, 1.0], "density": [0.2, 0.5, 0.8]},
+                                             "weights": {"add": [0.5, 1.5]}}), REPO)
+    points = grid_points(config.spec)
+    assert len([p for p in points if p.method == "task_arithmetic"]) == 2 * 2
+    assert len([p for p in points if p.method == "ties"]) == 2 * 3 * 2
+    assert all("density" not in p.parameters for p in points if p.method == "task_arithmetic")
+    ties = next(p for p in points if p.method == "ties")
+    merged = config.config_for(ties.method, ties.merge_parameters(), ties.weights)
+    assert merged.weights == [1.0, ties.weights["add"]] and merged.global_params["density"] == ties.parameters["density"]
+
+
+def test_a_methods_defaults_fill_a_required_density() -> None:
+    assert Point("ties").merge_parameters() == {"density": 0.5}
+    assert Point("task_arithmetic").merge_parameters() == {}
+
+
+@pytest.mark.parametrize("sweep, words", [
+    ({"method": ["task_arithmetic"], "parameters": {"density": [0.5]}}, "no chosen method (task_arithmetic) takes 'density'"),
+    ({"method": ["ties"], "parameters": {"lambda": []}}, "empty list"),
+    ({"method": []}, "empty list"),
+    ({"method": ["ties"], "select": {"metric": "answer_ll_retension"}}, "did you mean 'answer_ll_retention'"),
+    ({"method": ["ties"], "serch": "grid"}, "did you mean 'search'"),
+    ({"method": ["tiez"]}, "did you mean 'ties'"),
+    ({"method": ["ties"], "parameters": {"lambda": {"low": 0, "high": 1}}}, "needs search: random or optuna"),
+    ({"method": ["ties"], "search": "random"}, "needs a number of trials"),
+    ({"method": ["ties"], "weights": {"ad": [1.0]}}, "no adapter named 'ad' (did you mean 'add'?)"),
+    ({"method": ["ties"], "parameters": {"density": [1.5]}}, "'density' must be in (0, 1]"),
+    ({"method": ["ties"], "parameters": {"lambda": {"low": 1, "hgh": 2}}, "search": "random", "trials": 2},
+     "did you mean 'high'"),
+])
+def test_bad_sweep_configs_are_one_line_errors(sweep: dict[str, Any], words: str) -> None:
+    assert words in _error(sweep)
+
+
+def test_method_and_parameters_belong_under_sweep() -> None:
+    assert "'method' goes under 'sweep:'" in _error({"method": ["ties"]}, method="ties")
+
+
+def test_a_task_metric_must_name_a_task_the_sweep_runs() -> None:
+    check_metric("add:acc", ["add", "capitals"])
+    with pytest.raises(MergeConfigError, match="names task 'ad'"):
+        check_metric("ad:acc", ["add", "capitals"])
+
+
+def test_the_cli_refuses_a_bad_sweep_in_one_line_before_any_work(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_config({"method": ["ties"], "parameters": {"alpha": [1.0]}})))
+    result = CliRunner().invoke(main, ["sweep", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "no chosen method (ties) takes 'alpha'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _ranged(search: str, seed: int = 7) -> Any:
+    return sweep_config_from_dict(_config({
+        "method": ["ties", "task_arithmetic"], "search": search, "trials": 12, "seed": seed,
+        "parameters": {"lambda": {"low": 0.2, "high": 1.5}, "density": [0.2, 0.5]},
+        "weights": {"capitals": {"low": 0.0, "high": 2.0}, "add": [0.5, 1.0]}}), REPO).spec
+
+
+def _inside(points: list[Point]) -> None:
+    for point in points:
+        assert 0.2 <= point.parameters["lambda"] <= 1.5
+        assert point.parameters.get("density", 0.2) in (0.2, 0.5)
+        assert 0.0 <= point.weights["capitals"] <= 2.0 and point.weights["add"] in (0.5, 1.0)
+
+
+def test_random_points_are_inside_their_ranges_and_the_same_for_a_seed() -> None:
+    first, again, other = fixed_points(_ranged("random")), fixed_points(_ranged("random")), fixed_points(_ranged("random", 8))
+    assert first is not None and len(first) == 12
+    assert first == again and first != other
+    _inside(first)
+    assert {p.method for p in first} == {"ties", "task_arithmetic"}
+
+
+def test_optuna_points_are_inside_their_ranges_and_the_same_for_a_seed() -> None:
+    pytest.importorskip("optuna")
+
+    def score(point: Point) -> float:
+        return point.parameters["lambda"] - abs(point.weights["capitals"] - 1.0)
+
+    first = list(point_stream(_ranged("optuna"), score))
+    again = list(point_stream(_ranged("optuna"), score))
+    assert len(first) == 12 and first == again
+    assert first != list(point_stream(_ranged("optuna", 8), score))
+    _inside(first)
+    assert isinstance(_ranged("optuna").parameters["lambda"], Range)
