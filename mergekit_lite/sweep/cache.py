@@ -1,7 +1,8 @@
 """The sweep's results cache: one JSON file per finished evaluation, written atomically, checked when read.
 
-A key is the sha256 of the job's identity: its kind and split, the resolved merge config (absolute paths, every
-parameter and weight), the inputs' file fingerprints and the evaluation settings. An entry is written to a
+A key is the sha256 of the job's identity: its kind and split, the resolved merge config (every parameter and
+weight, each input folder replaced by its files' fingerprint, so a cache moves with a checkout) and the evaluation
+settings. An entry is written to a
 temporary file, flushed and renamed into place, so a sweep killed at any moment (SIGKILL included) leaves whole
 entries only. Each entry carries the sha256 of its own content: an entry that fails the check (edited,
 truncated, for another key) is reported and evaluated again, never trusted. JSON only: nothing is unpickled.
@@ -32,13 +33,32 @@ def digest(data: Any) -> str:
     return hashlib.sha256(canonical(data).encode()).hexdigest()
 
 
-def fingerprint(folder: str | Path) -> list[tuple[str, int, int]]:
-    """(name, size, mtime in ns) of a model folder's weight and config files: a changed file changes the key."""
+#: files up to this size are hashed whole; larger ones by size, their first and last MiB (a safetensors header
+#: with every name, shape and offset is at the start)
+WHOLE_FILE_BYTES = 64 * 2**20
+_EDGE = 2**20
+
+
+def fingerprint(folder: str | Path) -> list[tuple[str, int, str]]:
+    """(name, size, sha256) of a model folder's weight and config files, independent of where the folder lives:
+    the same inputs key the same entries in any checkout, and a changed file changes the key."""
     path = Path(folder)
     if not path.is_dir():
         return []
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    out = []
+    for file in files:
+        size = file.stat().st_size
+        digest_ = hashlib.sha256()
+        with file.open("rb") as handle:
+            if size <= WHOLE_FILE_BYTES:
+                digest_.update(handle.read())
+            else:
+                digest_.update(handle.read(_EDGE))
+                handle.seek(size - _EDGE)
+                digest_.update(handle.read(_EDGE))
+        out.append((file.name, size, digest_.hexdigest()))
+    return out
 
 
 class ResultCache:

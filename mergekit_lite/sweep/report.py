@@ -22,6 +22,9 @@ FIGURES = "figures"
 TEST_FIGURE = "test_comparison.png"
 #: the columns every table shows, besides the selection metric
 SHOWN = ("answer_ll_retention", "acc_retention", "answer_ll", "acc")
+#: the test figure: the chosen merge stands out, each method's default merge in a muted colour
+_CHOSEN_COLOR = "#d94801"
+_DEFAULT_COLORS = ["#6baed6", "#74c476", "#9e9ac8", "#bdbdbd", "#fdd0a2", "#c7e9c0"]
 
 
 def write_outputs(result: SweepResult, out: Path, overwrite: bool = False) -> list[Path]:
@@ -285,12 +288,13 @@ def _test_figure(result: SweepResult, path: Path, plt: Any) -> Path:
     metrics = [m for m in ("answer_ll_retention", "acc_retention") if any(r.summary.get(m) is not None for r in merges)]
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5.5 * max(1, len(metrics)) + 1.5, 4.0), squeeze=False)
     width = 0.8 / max(1, len(merges))
+    others = iter(_DEFAULT_COLORS * (1 + len(merges) // len(_DEFAULT_COLORS)))
+    colors = [_CHOSEN_COLOR if row.name.startswith("chosen") else next(others) for row in merges]
     for ax, metric in zip(axes[0], metrics):
-        for index, row in enumerate(merges):
+        for index, (row, color) in enumerate(zip(merges, colors)):
             values = [row.summary.get(f"{t}:{metric}") for t in result.tasks] + [row.summary.get(metric)]
             xs = [i - 0.4 + width * (index + 0.5) for i in range(len(values))]
-            ax.bar(xs, [math.nan if v is None else v for v in values], width=width, label=row.name,
-                   color="#e6550d" if row.name.startswith("chosen") else None)
+            ax.bar(xs, [math.nan if v is None else v for v in values], width=width, label=row.name, color=color)
         ax.set_xticks(range(len(result.tasks) + 1), [*result.tasks, "mean"])
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(f"{metric.replace('_', ' ')} on the test split", fontsize=10)

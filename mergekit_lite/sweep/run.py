@@ -247,8 +247,27 @@ class _State:
         self.evaluated = self.reused = 0
 
     def key(self, job: Job) -> tuple[str, dict[str, Any]]:
-        identity = {"job": job.to_dict(), "settings": self.settings, "inputs": self.fingerprints}
+        """The cache key of `job` and the identity it hashes: input folders stand as their files' fingerprints."""
+        data = job.to_dict()
+        config = dict(data["config"])
+        if config:
+            config["base_model"] = self._input(config["base_model"])
+            for section in ("adapters", "models"):
+                if section in config:
+                    config[section] = [{**entry, "path": self._input(entry["path"])} for entry in config[section]]
+        identity = {"job": {**data, "config": config, "adapter": self._input(data["adapter"])},
+                    "settings": self.settings}
+        if job.kind != MERGE:
+            identity["base"] = self._input(next(iter(self.fingerprints)))
         return digest(identity), identity
+
+    def _input(self, path: str | None) -> Any:
+        """A folder's fingerprint (computed once per sweep), or the reference itself (a Hub id, None)."""
+        if path is None:
+            return None
+        if path not in self.fingerprints:
+            self.fingerprints[path] = fingerprint(path) if Path(path).is_dir() else path
+        return {"files": self.fingerprints[path]}
 
     def stream(self, runner: Any, jobs: list[Job], points: list[Point] | None = None,
                each: Callable[[Row], None] | None = None) -> Iterator[tuple[int, Row]]:
