@@ -78,6 +78,9 @@ def inject(point, marker=None):
 
 def child(job):
     import resource
+    # A shell running us in the background (`cmd &` without job control) starts every process with SIGINT ignored,
+    # and Python then keeps ignoring it: give the child the interactive default a user's Ctrl-C meets.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if job.get("fsize"):
         resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # CPython ignores it at startup; prove the CLI does too
