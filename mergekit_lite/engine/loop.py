@@ -131,13 +131,18 @@ class MergeEngine:
         stats = EngineStats()
         collecting = gc.isenabled()
         gc.disable()  # the loop makes many short-lived objects and no cycles: collections would only cost time
-        reads: Prefetcher[Any] = Prefetcher(self._reads())
+        side_by_side = self.options.merge_threads > 1
+        # OpenMP's thread count is per thread: a Python thread starts at the default (every core), so each thread
+        # of ours sets 1 itself when chunks run side by side (else 2 workers x 2 OpenMP teams spin on 2 cores:
+        # SLERP's float64 passes ran 2x slower)
+        single = _single_threaded if side_by_side else None
+        reads: Prefetcher[Any] = Prefetcher(self._reads(), initializer=single)
         threads_before = torch.get_num_threads()
-        if self.options.merge_threads > 1:
-            self._pool = ThreadPoolExecutor(self.options.merge_threads, thread_name_prefix="merge")
+        if side_by_side:
+            self._pool = ThreadPoolExecutor(self.options.merge_threads, thread_name_prefix="merge", initializer=single)
             torch.set_num_threads(1)
         if self.method.is_factored:  # each tensor's core math runs while the previous tensor streams
-            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="core")
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="core", initializer=single)
             self._queue_factored(iter(s for s in self.schedules if s.action == MERGE))
         try:
             for schedule in self.schedules:
@@ -431,6 +436,11 @@ class MergeEngine:
         data = tensor_bytes(rows.cpu())
         writer.write(data)
         progress.update(data.nbytes)
+
+
+def _single_threaded() -> None:
+    """A pool thread's initializer: torch (OpenMP) single-threaded in this thread."""
+    torch.set_num_threads(1)
 
 
 class _DirectReads:

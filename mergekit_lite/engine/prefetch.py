@@ -17,9 +17,10 @@ T = TypeVar("T")
 class Prefetcher(Generic[T]):
     """Runs `jobs` in order in one worker thread, `depth` ahead of `next()`."""
 
-    def __init__(self, jobs: Iterable[Callable[[], T]], depth: int = 2) -> None:
+    def __init__(self, jobs: Iterable[Callable[[], T]], depth: int = 2,
+                 initializer: Callable[[], object] | None = None) -> None:
         self._jobs = iter(jobs)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead", initializer=initializer)
         self._pending: deque[Future[T]] = deque()
         for _ in range(depth):
             self._submit()
