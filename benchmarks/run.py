@@ -39,7 +39,9 @@ from synthetic import Shape, add_shape_arguments, build  # noqa: E402
 #: case -> (method, parameters, output options); the first three are the default run
 OUR_METHODS: dict[str, tuple[str, dict, dict]] = {
     "task_arithmetic": ("task_arithmetic", {}, {}),
+    "linear": ("linear", {}, {}),
     "ties": ("ties", {"density": 0.5}, {}),
+    "magnitude_prune": ("magnitude_prune", {"density": 0.5}, {}),
     "dare_ties": ("dare_ties", {"density": 0.5}, {}),
     "tsv_m": ("tsv_m", {}, {}),
     "iso_c": ("iso_c", {}, {}),
