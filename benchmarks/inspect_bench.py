@@ -1,92 +1,131 @@
 """`merge inspect` beside our task_arithmetic `merge run` on the 492M synthetic base with 3 rank-16 adapters.
 
-    python benchmarks/inspect_bench.py                 # exact conflicts, and --sample 1000000, 1 repeat
-    python benchmarks/inspect_bench.py --repeats 3
+    python benchmarks/inspect_bench.py                 # 3 rounds
+    python benchmarks/inspect_bench.py --rounds 5
 
-Each case is its own process under /usr/bin/time (wall, peak RSS), as benchmarks/run.py measures; the cases
-alternate, the table gives medians. The conflict share is conflicts_s over the measured parts of inspect.json's
-timings (seconds summed over inspect's worker threads). Results: benchmarks/results/inspect_492M.{md,json}.
+Each case is its own process under /usr/bin/time (wall, CPU seconds, peak RSS), as benchmarks/run.py measures.
+The cases run in rounds, each round in a rotated order, so that a busy stretch of a shared machine falls on
+different cases; "× task_arithmetic" is the median over rounds of each round's wall over the task_arithmetic
+run of the same round (paired). The conflict share is conflicts_s over the measured parts of inspect.json's
+timings (seconds summed over inspect's worker threads). Configs and outputs live in work/inspect_bench/, apart
+from benchmarks/run.py's. Results: benchmarks/results/inspect_492M.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import RESULTS, WORK, machine, our_config, timed  # noqa: E402
+from run import RESULTS, WORK, machine  # noqa: E402
 from synthetic import Shape, build  # noqa: E402
+
+BASELINE = "merge run task_arithmetic"
+
+
+def timed(command: list[str], log: Path) -> dict:
+    """Run a command under /usr/bin/time: wall seconds, CPU seconds (user + system) and peak RSS bytes."""
+    stats = log.with_suffix(".time")
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%U %S %M", *command], stdout=out,
+                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
+    user, system, rss_kb = stats.read_text().split()[-3:]
+    return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_bytes": int(rss_kb) * 1024}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sample", type=int, default=1_000_000, help="entries per tensor for the sampled case")
     args = parser.parse_args()
     shape = Shape(2048, 5632, 8, 32000)
     root = build(WORK / "synthetic_h2048_l8_v32000", shape, 3, 16)  # reused when present
     merge = str(Path(sys.executable).with_name("merge"))
-    out = WORK / "out"
-    inspect_config = WORK / "inspect_492M.yaml"
-    inspect_config.write_text(yaml.safe_dump({
-        "base_model": str(root / "base"), "adapters": [{"path": str(root / f"adapter_{i}")} for i in range(3)]}))
+    work = WORK / "inspect_bench"
+    out = work / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    adapters = [{"path": str(root / f"adapter_{i}")} for i in range(3)]
+    inspect_config = work / "inspect_492M.yaml"
+    inspect_config.write_text(yaml.safe_dump({"base_model": str(root / "base"), "adapters": adapters}))
+    merge_config = work / "task_arithmetic.yaml"
+    merge_config.write_text(yaml.safe_dump({"base_model": str(root / "base"), "method": "task_arithmetic",
+                                            "adapters": adapters, "output": {"path": str(out / "task_arithmetic")},
+                                            "seed": 0}))
+
+    def inspect(folder: str, *extra: str) -> tuple[list[str], Path]:
+        return ([merge, "inspect", str(inspect_config), "--out", str(out / folder), "--no-progress", "--device", "cpu",
+                 *extra], out / folder)
+
     cases = {
-        "merge run task_arithmetic": ([merge, "run", str(our_config(root, "task_arithmetic", out / "ours_task_arithmetic", 3)),
-                                       "--no-progress", "--device", "cpu"], out / "ours_task_arithmetic"),
-        "merge inspect (exact)": ([merge, "inspect", str(inspect_config), "--out", str(out / "inspect_exact"),
-                                   "--no-progress", "--device", "cpu"], out / "inspect_exact"),
-        f"merge inspect --sample {args.sample}": ([merge, "inspect", str(inspect_config), "--out",
-                                                   str(out / "inspect_sampled"), "--no-progress", "--device", "cpu",
-                                                   "--sample", str(args.sample)], out / "inspect_sampled"),
-        "merge inspect --no-plots (exact)": ([merge, "inspect", str(inspect_config), "--out",
-                                              str(out / "inspect_noplots"), "--no-progress", "--device", "cpu",
-                                              "--no-plots"], out / "inspect_noplots"),
+        BASELINE: ([merge, "run", str(merge_config), "--no-progress", "--device", "cpu"], out / "task_arithmetic"),
+        "merge inspect (exact)": inspect("inspect_exact"),
+        "merge inspect --no-plots (exact)": inspect("inspect_noplots", "--no-plots"),
+        f"merge inspect --sample {args.sample}": inspect("inspect_sampled", "--sample", str(args.sample)),
     }
     runs: dict[str, list[dict]] = {label: [] for label in cases}
-    logs = WORK / "logs"
+    logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for repeat in range(args.repeats):
-        for label, (command, folder) in cases.items():
-            if label.startswith("merge run"):
+    labels = list(cases)
+    for round_ in range(args.rounds):
+        order = labels[round_ % len(labels):] + labels[:round_ % len(labels)]
+        for label in order:
+            command, folder = cases[label]
+            if label == BASELINE:
                 shutil.rmtree(folder, ignore_errors=True)
-            result = timed(command, logs / f"{label.replace(' ', '_').replace('/', '_')}.{repeat}.log")
-            if not label.startswith("merge run"):
-                timings = json.loads((folder / "inspect.json").read_text())["timings"]
+            result = timed(command, logs / f"{label.replace(' ', '_').replace('/', '_')}.{round_}.log")
+            result["round"] = round_
+            if label != BASELINE:
+                report = json.loads((folder / "inspect.json").read_text())
+                timings = report["timings"]
                 parts = timings["geometry_s"] + timings["base_norms_s"] + timings["conflicts_s"]
                 result["timings"] = timings
                 result["conflict_share"] = timings["conflicts_s"] / parts if parts else None
-                result["conflict_rate"] = json.loads((folder / "inspect.json").read_text())["conflicts"]["rate"]
+                result["conflict_rate"] = report["conflicts"]["rate"]
             runs[label].append(result)
-            print(f"[{repeat}] {label}: {result['wall_s']:.1f} s, {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
-    baseline = statistics.median(r["wall_s"] for r in runs["merge run task_arithmetic"])
+            print(f"[{round_}] {label}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, "
+                  f"{result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    baseline = {r["round"]: r for r in runs[BASELINE]}
     summary = {}
     for label, results in runs.items():
-        wall = statistics.median(r["wall_s"] for r in results)
-        summary[label] = {"median_wall_s": wall, "vs_task_arithmetic": wall / baseline,
-                          "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results}
+        summary[label] = {
+            "median_wall_s": statistics.median(r["wall_s"] for r in results),
+            "median_cpu_s": statistics.median(r["cpu_s"] for r in results),
+            "vs_task_arithmetic": statistics.median(r["wall_s"] / baseline[r["round"]]["wall_s"] for r in results),
+            "cpu_vs_task_arithmetic": statistics.median(r["cpu_s"] / baseline[r["round"]]["cpu_s"] for r in results),
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results}
         shares = [r["conflict_share"] for r in results if r.get("conflict_share") is not None]
         if shares:
             summary[label]["conflict_share"] = statistics.median(shares)
             summary[label]["conflict_rate"] = results[-1]["conflict_rate"]
     report = {"shape": vars(shape) | {"parameters": shape.parameters()}, "adapters": 3, "rank": 16,
-              "repeats": args.repeats, "machine": machine(), "results": summary}
+              "rounds": args.rounds, "machine": machine(), "load_average": os.getloadavg(), "results": summary}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "inspect_492M.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"492M-parameter bf16 Llama-shaped base, 3 rank-16 adapters on all linear layers; {machine()}; "
-             f"median of {args.repeats} run(s).", "",
-             "| case | wall | × task_arithmetic run | peak RSS | conflict share of inspect's work | conflict rate |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"492M-parameter bf16 Llama-shaped base, 3 rank-16 adapters on all linear layers; {machine()}, shared "
+             f"with other jobs (load average at the end {os.getloadavg()[0]:.1f}); {args.rounds} rounds, each in a "
+             "rotated order; medians, and × task_arithmetic as the median of each round's ratio.", "",
+             "| case | wall | × task_arithmetic (wall) | CPU | × task_arithmetic (CPU) | peak RSS "
+             "| conflict share of inspect's work | conflict rate |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, row in summary.items():
         share = f"{row['conflict_share']:.0%}" if "conflict_share" in row else ""
         rate = f"{row['conflict_rate']:.1%}" if row.get("conflict_rate") is not None else ""
         lines.append(f"| {label} | {row['median_wall_s']:.1f} s | {row['vs_task_arithmetic']:.2f} | "
+                     f"{row['median_cpu_s']:.1f} s | {row['cpu_vs_task_arithmetic']:.2f} | "
                      f"{row['peak_rss_bytes'] / 1e9:.2f} GB | {share} | {rate} |")
     (RESULTS / "inspect_492M.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -280,7 +280,7 @@ def test_shapes_fixture_is_what_the_tests_assume() -> None:
     assert SHAPES[f"{Q0}.weight"] == (6, 5)
 
 
-@pytest.mark.parametrize("adapters", [2, 3, 5])
+@pytest.mark.parametrize("adapters", [2, 3, 4, 5])  # 4: the most the byte codes hold
 def test_the_sign_pattern_histogram_counts_what_the_boolean_passes_count(adapters: int) -> None:
     from mergekit_lite.inspection.conflicts import count_chunk_directly
 
@@ -293,3 +293,19 @@ def test_the_sign_pattern_histogram_counts_what_the_boolean_passes_count(adapter
     count_chunk(updates, fast)
     count_chunk_directly(updates, slow)
     assert vars(fast) == vars(slow)
+
+
+def test_counts_and_norms_do_not_depend_on_workers_cache_or_chunks(three: tuple[Path, list[Path], dict]) -> None:
+    root, paths, _ = three
+    weights = [1.0, -0.5, 2.0]
+    # default: τ cached, chunks side by side; one worker; no cache (τ rebuilt per pass), one row per chunk
+    runs = [run(root, paths, weights, density=0.4, **options)  # type: ignore[arg-type]
+            for options in ({}, {"workers": 1}, {"max_memory": 1}, {"max_memory": 1, "workers": 3})]
+    first = runs[0]
+    for other in runs[1:]:
+        for a, b in zip(first.tensors, other.tensors):
+            assert a.base_norm == pytest.approx(b.base_norm, rel=1e-12)
+            assert torch.equal(a.inner, b.inner)
+            assert (a.conflicts is None) == (b.conflicts is None)
+            if a.conflicts is not None:
+                assert vars(a.conflicts) == vars(b.conflicts)

@@ -3,12 +3,13 @@ and the sign conflicts among the entries TIES keeps (streamed); then the whole-m
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,14 +17,16 @@ from typing import Any
 import torch
 
 from ..config import MergeConfig
+from ..engine.allocator import tune_allocator
 from ..engine.deltas import TensorDeltas
 from ..engine.device import single_threaded_torch
 from ..engine.plan import BiasShift, LowRank, TensorPlan
 from ..engine.schedule import DEFAULT_MAX_MEMORY, default_workers
+from ..engine.select import Mapper
 from ..errors import MergeConfigError
-from ..progress import Progress, byte_progress
+from ..progress import byte_progress
 from ..sources.checkpoint import BaseCheckpoint
-from .conflicts import ConflictCounts, conflict_counts
+from .conflicts import ConflictCounts, TauCache, conflict_counts
 from .geometry import TaskFactors, TensorGeometry, cosine_of, tensor_geometry, vector_inner
 from .inputs import OpenedInputs
 from .streamed import base_square_norm, chunk_rows, dense_inner, row_ranges, sample_ranges
@@ -35,6 +38,8 @@ DEFAULT_DENSITY = 0.5
 #: a layer index in a tensor name: model.layers.3., transformer.h.3., encoder.layer.3., blocks.3.
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 LOW_RANK, VECTOR, DENSE = "low_rank", "vector", "dense"
+#: tasks per worker that a pass over one tensor's chunks is cut into
+BATCHES_PER_WORKER = 2
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class InspectOptions:
     sample: int | None = None
     max_memory: int = DEFAULT_MAX_MEMORY
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    #: CPU threads inspecting tensors side by side
+    #: CPU threads working on a tensor's chunks side by side
     workers: int = field(default_factory=default_workers)
 
 
@@ -184,28 +189,24 @@ def analyse(config: MergeConfig, method_given: bool, inputs: OpenedInputs, optio
     started = time.perf_counter()
     weights = config.weights
     densities = densities_for(config, method_given, options.density)
-    timings = {"geometry_s": 0.0, "base_norms_s": 0.0, "conflicts_s": 0.0}
+    clock = _Clock()
     touched = [t for t in inputs.plan.tensors if t.touched]
     bar = byte_progress(sum(t.info.nbytes for t in touched), progress, description="inspecting")
-    lock = threading.Lock()
-
-    def one(tensor: TensorPlan) -> TensorResult:
-        own: dict[str, float] = dict.fromkeys(timings, 0.0)
-        result = _tensor(tensor, inputs, weights, densities, options, own, bar)
-        with lock:
-            for key, seconds in own.items():
-                timings[key] += seconds
-        return result
-
-    # tensors side by side, each worker running torch single-threaded (as the engine's chunk workers do: on a
-    # busy machine torch's own thread pool made the many small passes several times slower)
+    # one tensor at a time (one τ cache in memory), its chunks side by side in single-threaded workers, as the
+    # engine's chunk workers run: on a busy machine torch's own thread pool made the many small passes several
+    # times slower
     workers = options.workers if options.device.type == "cpu" else 1
-    try:
-        with single_threaded_torch(), ThreadPoolExecutor(workers, thread_name_prefix="inspect") as pool:
-            results = list(pool.map(one, touched))
+    results = []
+    cache = TauCache(options.device)
+    tune_allocator()  # the chunk passes' temporaries reuse heap memory instead of faulting fresh pages in
+    try:  # this thread is one of the workers
+        with single_threaded_torch(), ThreadPoolExecutor(max(workers - 1, 1), thread_name_prefix="inspect") as pool:
+            for tensor in touched:
+                results.append(_tensor(tensor, inputs, weights, densities, options, clock, pool, workers > 1, cache))
+                bar.update(tensor.info.nbytes)
     finally:
         bar.close()
-    timings["total_s"] = time.perf_counter() - started
+    timings = clock.seconds | {"total_s": time.perf_counter() - started}
     modules = [[{"module": m.module, "rank": m.rank, "alpha": m.alpha, "scale": m.scale, "embedding": m.embedding,
                  "bias": m.bias_key is not None, "dora": m.magnitude_key is not None,
                  "rslora": bool(adapter.config.get("use_rslora"))}
@@ -216,8 +217,46 @@ def analyse(config: MergeConfig, method_given: bool, inputs: OpenedInputs, optio
                       densities, modules, results, options.sample, timings)
 
 
+class _Clock:
+    """Seconds per part of the work, summed over the threads that did it."""
+
+    PARTS = ("geometry_s", "base_norms_s", "conflicts_s")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self._lock = threading.Lock()
+
+    def timed(self, part: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        """`function`, adding the seconds each call takes to `part`."""
+        def run(*args: Any) -> Any:
+            clock = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                with self._lock:
+                    self.seconds[part] += time.perf_counter() - clock
+        return run
+
+    def mapper(self, part: str, pool: ThreadPoolExecutor | None, workers: int = 1) -> Mapper:
+        """A map that times every call for `part`: in a few contiguous batches per worker (a task per chunk spent
+        more time handing chunks between threads than working on them), the first batch in this thread and the
+        others in the pool (`workers` − 1 threads: one thread fewer holding its own heap), or the builtin map."""
+        def mapped(function: Callable[..., Any], *iterables: Iterable[Any]) -> Iterator[Any]:
+            timed = self.timed(part, function)
+            if pool is None:
+                return map(timed, *iterables)
+            items = list(zip(*iterables))
+            size = max(1, -(-len(items) // (BATCHES_PER_WORKER * workers)))
+            batches = [items[start:start + size] for start in range(0, len(items), size)]
+            pending = [pool.submit(lambda batch: [timed(*item) for item in batch], batch) for batch in batches[1:]]
+            first = [timed(*item) for item in batches[0]] if batches else []
+            return itertools.chain(first, (result for batch in pending for result in batch.result()))
+        return mapped
+
+
 def _tensor(tensor: TensorPlan, inputs: OpenedInputs, weights: list[float], densities: list[float],
-            options: InspectOptions, timings: dict[str, float], bar: Progress) -> TensorResult:
+            options: InspectOptions, clock: _Clock, pool: ThreadPoolExecutor, side_by_side: bool,
+            cache: TauCache) -> TensorResult:
     info = tensor.info
     rows, cols = info.rows, max(info.cols, 1)
     touching = [i for i, items in enumerate(tensor.by_adapter) if items]
@@ -225,42 +264,43 @@ def _tensor(tensor: TensorPlan, inputs: OpenedInputs, weights: list[float], dens
     deltas = TensorDeltas(tensor, inputs.plan.adapters, options.device, torch.float32)
     step = chunk_rows(cols, len(touching), options.max_memory)
     full = row_ranges(rows, step)
+    spread = pool if side_by_side else None  # the chunk passes run side by side in the pool, or here
+    threads = options.workers if side_by_side else 1
 
-    clock = time.perf_counter()
-    base_norm = math.sqrt(base_square_norm(inputs.base, info.name, full))
-    timings["base_norms_s"] += time.perf_counter() - clock
+    def build(adapters: Sequence[int], start: int, stop: int, out: Sequence[torch.Tensor] | None = None
+              ) -> list[torch.Tensor]:
+        wide = (_wide(inputs.base, info.name, start, stop, options.device)
+                if any(deltas.needs_base(i) for i in adapters) else None)
+        return [deltas.adapter_rows(i, wide, start, stop, out=None if out is None else out[n]  # type: ignore[arg-type, misc]
+                                    ).reshape(stop - start, cols) for n, i in enumerate(adapters)]
 
-    def source(index: int, ranges: list[tuple[int, int]]) -> Callable[[], Iterable[torch.Tensor]]:
-        def chunks() -> Iterable[torch.Tensor]:
-            for start, stop in ranges:
-                wide = _wide(inputs.base, info.name, start, stop, options.device) if deltas.needs_base(index) else None
-                yield deltas.adapter_rows(index, wide, start, stop)  # type: ignore[arg-type, misc]
-        return chunks
-
+    # the workers read W for its norm while this thread does the factor math (MKL keeps large per-thread
+    # buffers: its QRs and SVDs in one thread only keep that memory to one thread's worth)
+    norms = clock.mapper("base_norms_s", spread, threads)(
+        lambda start, stop: base_square_norm(inputs.base, info.name, [(start, stop)]), *zip(*full))
     items = [item for i in touching for item in tensor.by_adapter[i]]
-    clock = time.perf_counter()
     geometry = None
     if all(isinstance(item, LowRank) for item in items):
         kind = LOW_RANK
         factors = [TaskFactors.of(deltas.adapter_factors(i)) for i in touching]
-        geometry = tensor_geometry(factors, [weights[i] for i in touching], (rows, cols))
+        geometry = clock.timed("geometry_s", tensor_geometry)(factors, [weights[i] for i in touching], (rows, cols))
         inner = geometry.inner
     elif all(isinstance(item, BiasShift) for item in items):
-        kind, inner = VECTOR, vector_inner([deltas.vector(i) for i in touching])
+        kind, inner = VECTOR, clock.timed("geometry_s", vector_inner)([deltas.vector(i) for i in touching])
     else:
-        kind, inner = DENSE, dense_inner([source(i, full) for i in touching])
-    timings["geometry_s"] += time.perf_counter() - clock
+        kind, inner = DENSE, dense_inner(build, touching, full, clock.mapper("geometry_s", spread, threads))
+    base_norm = math.sqrt(sum(norms))
 
     counts = None
     if len(active) >= 2:
-        clock = time.perf_counter()
         ranges = full if options.sample is None else sample_ranges(rows, cols, options.sample, step)
         seen = sum(stop - start for start, stop in ranges) * cols
         labels = ", ".join(inputs.adapters[i].label for i in active)
-        counts = conflict_counts([source(i, ranges) for i in active], [weights[i] for i in active],
-                                 [densities[i] for i in active], seen, f"tensor '{info.name}' (adapters {labels})")
-        timings["conflicts_s"] += time.perf_counter() - clock
-    bar.update(info.nbytes)
+        # every τᵢ built once when they fit in half the budget, as the engine caches them for TIES
+        fits = seen * 4 * len(active) <= options.max_memory // 2
+        counts = conflict_counts(build, active, ranges, cols, [weights[i] for i in active],
+                                 [densities[i] for i in active], f"tensor '{info.name}' (adapters {labels})",
+                                 cache=cache if fits else None, mapper=clock.mapper("conflicts_s", spread, threads))
     return TensorResult(info.name, tuple(info.shape), layer_of(info.name), kind, touching, base_norm, inner.cpu(),
                         geometry, active, counts)
 

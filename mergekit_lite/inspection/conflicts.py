@@ -8,6 +8,10 @@ entries a TIES merge would see. uᵢ = wᵢ · trimmed τᵢ, as TIES weighs the
 Counted per tensor: positions where at least two uᵢ are non-zero (overlapping), those among them whose
 non-zero uᵢ do not all share a sign (conflicting), per pair the same two counts, and the kept entries whose
 sign differs from the elected one (γ = sign Σuᵢ, +1 at 0), which TIES' disjoint merge drops.
+
+When a tensor's τᵢ fit in the memory budget they are built once (the fused low-rank kernel, a fixed rank
+order) into one cache that the selection and the counting read, as the engine caches them for TIES; each
+chunk's counts are one histogram of sign patterns, and the histograms add up.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.select import Trimmer, kth_largest_magnitudes
+from ..engine.select import Mapper, Trimmer, kth_largest_magnitudes
 from ..errors import MergeConfigError
 from ..methods._common import kept_count
 
@@ -92,38 +96,52 @@ class ConflictCounts:
                 self.pair_opposite[i][j] += other.pair_opposite[a][b]
 
 
-#: the sign-pattern histogram has 2·3^T bins; more adapters than this are counted directly, pass by pass
+#: the sign-pattern histogram has 3^(T+1) bins; more adapters than this are counted directly, pass by pass
 MAX_PATTERN_ADAPTERS = 10
+#: with this many adapters or fewer the pattern codes fit in a byte (3^5 = 243 bins), and torch counts bytes faster
+BYTE_PATTERN_ADAPTERS = 4
 
 
 def count_chunk(updates: Sequence[torch.Tensor], counts: ConflictCounts) -> None:
-    """Add one chunk's counts to `counts`; `updates` are the weighted, trimmed uᵢ of the same positions.
-
-    Each position is encoded as one integer, its sign pattern (a base-3 digit per adapter: −, 0, +) and whether
-    the elected sign is negative, and the chunk becomes one histogram: a handful of passes over the chunk
-    instead of dozens of boolean reductions. Every count then follows from the histogram exactly.
-    """
+    """Add one chunk's counts to `counts`; `updates` are the weighted, trimmed uᵢ of the same positions."""
     if len(updates) > MAX_PATTERN_ADAPTERS:
         count_chunk_directly(updates, counts)
         return
-    vote = updates[0].reshape(-1).clone()
-    for u in updates[1:]:
-        vote.add_(u.reshape(-1))
-    # float arithmetic, exact for these small integers: Σ sign(uᵢ)·3^i + (3^T − 1)/2 = Σ (sign(uᵢ) + 1)·3^i
-    code = (vote < 0).to(vote.dtype).mul_(3 ** len(updates))  # γ = +1 where the vote is 0, as TIES elects
-    for digit, u in enumerate(updates):
-        code.add_(torch.sign(u.reshape(-1)), alpha=3**digit)
-    code.add_((3 ** len(updates) - 1) / 2)
-    histogram = torch.bincount(code.to(torch.int32), minlength=2 * 3 ** len(updates))
-    add_pattern_histogram(histogram.cpu(), len(updates), counts)
+    add_pattern_histogram(pattern_histogram(updates).cpu(), len(updates), counts)
+
+
+def pattern_histogram(updates: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How many positions of the chunk show each sign pattern (≤ MAX_PATTERN_ADAPTERS updates), by pattern.
+
+    A position's pattern is one integer: base-3 digits (−, 0, +) of the elected sign γ = sign Σuᵢ (digit 0)
+    and of each uᵢ (digit i + 1). The chunk becomes one histogram in a dozen float passes instead of dozens of
+    boolean reductions; every count then follows from the histogram exactly (`add_pattern_histogram`), and
+    histograms of chunks simply add up.
+    """
+    flat = [u.reshape(-1) for u in updates]
+    code = flat[0] + flat[1] if len(flat) > 1 else flat[0].clone()
+    for u in flat[2:]:
+        code.add_(u)  # the vote, summed in the order TIES sums it
+    # float arithmetic, exact for these small integers: Σ sign·3^digit, centred on 0 (the pattern minus `centre`)
+    torch.sign(code, out=code)
+    digit = torch.empty_like(code)
+    for position, u in enumerate(flat):
+        code.add_(torch.sign(u, out=digit), alpha=3 ** (position + 1))
+    bins, centre = 3 ** (len(flat) + 1), (3 ** (len(flat) + 1) - 1) // 2
+    if len(flat) > BYTE_PATTERN_ADAPTERS:
+        return torch.bincount(code.to(torch.int32).add_(centre), minlength=bins)
+    # |code| ≤ 121 fits a signed byte, and its bytes counted as unsigned (−c lands in bin 256 − c) skip the slow
+    # float-to-unsigned conversion and the offset pass
+    counted = torch.bincount(code.to(torch.int8).view(torch.uint8), minlength=256)
+    return torch.cat([counted[256 - centre:], counted[:centre + 1]])
 
 
 def add_pattern_histogram(histogram: torch.Tensor, adapters: int, counts: ConflictCounts) -> None:
-    """Add the counts a sign-pattern histogram stands for (see `count_chunk`)."""
+    """Add the counts a sign-pattern histogram stands for (see `pattern_histogram`)."""
     for pattern in torch.nonzero(histogram).reshape(-1).tolist():
         number = int(histogram[pattern])
-        digits = [(pattern // 3**i) % 3 for i in range(adapters)]
-        elected_negative = pattern // 3**adapters == 1
+        elected_negative = pattern % 3 == 0  # γ = +1 where the vote is 0, as TIES elects
+        digits = [(pattern // 3 ** (i + 1)) % 3 for i in range(adapters)]
         positive = [d == 2 for d in digits]
         negative = [d == 0 for d in digits]
         kept = sum(positive) + sum(negative)
@@ -172,12 +190,13 @@ def count_chunk_directly(updates: Sequence[torch.Tensor], counts: ConflictCounts
             counts.pair_opposite[j][i] += opposite
 
 
-def trimmers(sources: Sequence[ChunkSource], densities: Sequence[float], numel: int, where: str
-             ) -> list[Trimmer | None]:
+def trimmers(sources: Sequence[ChunkSource], densities: Sequence[float], numel: int, where: str,
+             mapper: Mapper = map) -> list[Trimmer | None]:
     """The engine's exact TIES trim of each τᵢ at its density (None: density 1, everything kept).
 
     `sources[i]()` yields τᵢ's chunks in flat order, `numel` entries in all; a density that keeps no entry
-    is the same config error `merge run` gives, naming the tensor.
+    is the same config error `merge run` gives, naming the tensor. `mapper` (a thread pool's map) runs the
+    selection passes over chunks side by side: give it only chunks that already exist (a cache's slices).
     """
     ks: dict[int, int] = {}
     for index, density in enumerate(densities):
@@ -188,24 +207,92 @@ def trimmers(sources: Sequence[ChunkSource], densities: Sequence[float], numel: 
             raise MergeConfigError(f"{where}: density {density} keeps 0 of its {numel} entries; raise the density "
                                    f"to at least {1 / numel:.3g}")
         ks[index] = k
-    found = kth_largest_magnitudes({i: sources[i] for i in ks}, ks, numel=numel) if ks else {}
+    found = kth_largest_magnitudes({i: sources[i] for i in ks}, ks, numel=numel, mapper=mapper) if ks else {}
     return [Trimmer(found[i], sources[i]) if i in found else None for i in range(len(sources))]
 
 
-def conflict_counts(sources: Sequence[ChunkSource], weights: Sequence[float], densities: Sequence[float],
-                    numel: int, where: str) -> ConflictCounts:
-    """The sign-conflict counts of one tensor: selection passes over each τᵢ, then one counting pass.
+class TauCache:
+    """One float32 buffer on a device for every τᵢ of a tensor, grown to the largest tensor and reused: fresh
+    pages would fault on every tensor (as the engine's τ cache)."""
 
-    The chunks of all sources must line up (same row ranges, in order); each source is called afresh per pass.
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffer: torch.Tensor | None = None
+
+    def take(self, count: int, numel: int) -> torch.Tensor:
+        """A count × numel view of the buffer (its contents undefined)."""
+        if self._buffer is None or self._buffer.numel() < count * numel:
+            self._buffer = None  # drop the smaller one first, so both never coexist
+            self._buffer = torch.empty(count * numel, dtype=torch.float32, device=self.device)
+        return self._buffer[:count * numel].view(count, numel)
+
+
+#: builds τ rows [start, stop) of the given adapters as (stop − start) × cols tensors, into `out` when given
+RowsBuilder = Callable[[Sequence[int], int, int, Sequence[torch.Tensor] | None], list[torch.Tensor]]
+
+
+def conflict_counts(build: RowsBuilder, adapters: Sequence[int], ranges: Sequence[tuple[int, int]], cols: int,
+                    weights: Sequence[float], densities: Sequence[float], where: str, *,
+                    cache: TauCache | None = None, mapper: Mapper = map) -> ConflictCounts:
+    """The sign-conflict counts of one tensor over the row `ranges`: the TIES selection of each τᵢ, then one
+    counting pass; `weights` and `densities` are those of `adapters`, in order.
+
+    With a `cache`, every τᵢ chunk is built once into its buffer (T × entries float32: the caller checks its
+    memory budget, as the engine does for TIES) and the selection and counting passes read slices of it, all
+    chunks side by side through `mapper`. Without, each pass rebuilds τᵢ chunk by chunk: the selection one
+    adapter per `mapper` task, the counting one row range per task. The counts are the same either way.
     """
-    trims = trimmers(sources, densities, numel, where)
-    counts = ConflictCounts(len(sources))
-    flat_start = 0
-    for chunks in zip(*(source() for source in sources)):
-        updates = []
-        for tau, trim, weight in zip(chunks, trims, weights):
-            kept = trim.trim(tau, flat_start) if trim is not None else tau
-            updates.append(kept * float(weight))
-        count_chunk(updates, counts)
-        flat_start += chunks[0].numel()
+    starts, flat = [], 0
+    for start, stop in ranges:
+        starts.append(flat)
+        flat += (stop - start) * cols
+    numel, count = flat, len(adapters)
+    if cache is not None:
+        buffer = cache.take(count, numel)
+        chunks = [[buffer[position, first:first + (stop - start) * cols].view(stop - start, cols)
+                   for position in range(count)] for first, (start, stop) in zip(starts, ranges)]
+        list(mapper(lambda k: build(adapters, *ranges[k], chunks[k]), range(len(ranges))))
+
+        def cached(position: int) -> ChunkSource:
+            return lambda: (chunks_k[position] for chunks_k in chunks)
+
+        trims = trimmers([cached(position) for position in range(count)], densities, numel, where, mapper)
+        histograms = mapper(lambda k: _histogram(chunks[k], trims, weights, starts[k]), range(len(ranges)))
+    else:
+        def rebuilt(position: int) -> ChunkSource:
+            return lambda: (build([adapters[position]], start, stop, None)[0] for start, stop in ranges)
+
+        def select(position: int) -> Trimmer | None:
+            return trimmers([rebuilt(position)], [densities[position]], numel, where)[0]
+
+        trims = list(mapper(select, range(count)))
+        histograms = mapper(lambda k: _histogram(build(adapters, *ranges[k], None), trims, weights, starts[k]),
+                            range(len(ranges)))
+    counts = ConflictCounts(count)
+    if count > MAX_PATTERN_ADAPTERS:
+        for part in histograms:
+            counts.add(part)
+        return counts
+    total = None
+    for part in histograms:
+        total = part if total is None else total + part
+    if total is not None:
+        add_pattern_histogram(total.cpu(), count, counts)
     return counts
+
+
+def _histogram(taus: Sequence[torch.Tensor], trims: Sequence[Trimmer | None], weights: Sequence[float],
+               flat_start: int) -> torch.Tensor | ConflictCounts:
+    """One chunk's sign-pattern histogram (or, beyond MAX_PATTERN_ADAPTERS, its counts) of uᵢ = wᵢ · trim(τᵢ)."""
+    updates = []
+    for tau, trim, weight in zip(taus, trims, weights):
+        kept = trim.trim(tau, flat_start) if trim is not None else tau
+        if weight != 1.0:
+            kept = kept.mul_(float(weight)) if trim is not None else kept * float(weight)
+        updates.append(kept)
+    if len(updates) > MAX_PATTERN_ADAPTERS:
+        counts = ConflictCounts(len(updates))
+        count_chunk_directly(updates, counts)
+        return counts
+    return pattern_histogram(updates)
+

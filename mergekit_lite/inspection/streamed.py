@@ -43,16 +43,24 @@ def base_square_norm(base: BaseCheckpoint, name: str, ranges: Iterable[tuple[int
     """‖W‖²_F of a base tensor, read a row range at a time and summed in float64."""
     total = 0.0
     for start, stop in ranges:
-        rows = base.read_rows(name, start, stop)
-        total += float(torch.linalg.vector_norm(rows.reshape(-1), dtype=torch.float64) ** 2)
+        rows = base.read_rows(name, start, stop).reshape(-1).to(torch.float64)
+        total += float(torch.dot(rows, rows))  # ~2x faster than vector_norm's float64 reduction of bf16
     return total
 
 
-def dense_inner(sources: Sequence[Callable[[], Iterable[torch.Tensor]]]) -> torch.Tensor:
-    """⟨τᵢ, τⱼ⟩ (float64) of changes that have no factors (DoRA, saved tensors), summed over aligned chunks."""
-    count = len(sources)
-    inner = torch.zeros(count, count, dtype=torch.float64)
-    for chunks in zip(*(source() for source in sources)):
-        flat = torch.stack([c.reshape(-1).to(torch.float64) for c in chunks])
-        inner += (flat @ flat.T).cpu()
+def dense_inner(build: Callable[[Sequence[int], int, int, None], list[torch.Tensor]], adapters: Sequence[int],
+                ranges: Sequence[tuple[int, int]], mapper: Callable[..., Iterable[torch.Tensor]] = map) -> torch.Tensor:
+    """⟨τᵢ, τⱼ⟩ (float64) of changes that have no factors (DoRA, saved tensors): `build(adapters, start, stop,
+    None)` gives the τᵢ rows of a range; the ranges' parts run through `mapper` and are summed in order."""
+    def part(start: int, stop: int) -> torch.Tensor:
+        flat = [c.reshape(-1).to(torch.float64) for c in build(adapters, start, stop, None)]
+        inner = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+        for i in range(len(flat)):  # dot products, not a GEMM: no BLAS packing buffers in every worker thread
+            for j in range(i, len(flat)):
+                inner[i, j] = inner[j, i] = torch.dot(flat[i], flat[j]).cpu()
+        return inner
+
+    inner = torch.zeros(len(adapters), len(adapters), dtype=torch.float64)
+    for value in mapper(part, *zip(*ranges)):
+        inner += value
     return inner
