@@ -309,3 +309,44 @@ def test_counts_and_norms_do_not_depend_on_workers_cache_or_chunks(three: tuple[
             assert (a.conflicts is None) == (b.conflicts is None)
             if a.conflicts is not None:
                 assert vars(a.conflicts) == vars(b.conflicts)
+
+
+def test_a_full_model_entry_gets_streamed_dense_norms_and_cosines(demo: Path, tmp_path: Path) -> None:
+    """A `models:` entry (τ = W_model − W) is inspected like a saved full tensor: kind dense, norms and cosines
+    equal to float64 dense differences, conflicts counted, no spans."""
+    from safetensors.torch import load_file
+
+    from evals.full_models import build_noisy_model
+
+    from .reference import plain_lora_task_vectors
+
+    model = build_noisy_model(demo / "base", tmp_path / "noisy", seed=3)
+    data = {"base_model": str(demo / "base"), "adapters": [{"path": str(demo / "adapters" / "style")}],
+            "models": [{"path": str(model), "weight": 0.5}]}
+    loaded = inspect_config_from_dict(data, tmp_path)
+    with open_inputs(loaded.config) as inputs:
+        result = analyse(loaded.config, loaded.method_given, inputs, InspectOptions(max_memory=1 << 20))
+    base = {k: v.double() for k, v in load_file(str(demo / "base" / "model.safetensors")).items()}
+    tuned = {k: v.double() for k, v in load_file(str(model / "model.safetensors")).items()}
+    assert result.labels[1] == loaded.config.models[0].label and result.weights == [1.0, 0.5]
+    adapter_taus = plain_lora_task_vectors(demo / "adapters" / "style")
+    by_name = {t.name: t for t in result.tensors}
+    changed = [name for name in base if base[name].is_floating_point() and not torch.equal(tuned[name], base[name])]
+    assert changed and set(changed) <= set(by_name)
+    both = 0
+    for name in changed:
+        t = by_name[name]
+        tau = tuned[name] - base[name]
+        assert t.kind == "dense" and t.geometry is None
+        assert t.norm(1) == pytest.approx(float(tau.norm()), rel=1e-9)
+        assert t.base_norm == pytest.approx(float(base[name].norm()), rel=1e-12)
+        if 0 in t.adapters:  # changed by the adapter too: the cosine of the dense differences
+            both += 1
+            style = adapter_taus[name]
+            assert t.norm(0) == pytest.approx(float(style.norm()), rel=1e-6)
+            expected = float((style * tau).sum() / (style.norm() * tau.norm()))
+            assert float(t.inner[0, 1]) / (t.norm(0) * t.norm(1)) == pytest.approx(expected, abs=1e-6)
+            assert t.conflicts is not None and t.conflicts.entries == t.numel
+    assert both > 0
+    full_square = sum(float(((tuned[n] - base[n]) ** 2).sum()) for n in changed)
+    assert result.square_norm(1) == pytest.approx(full_square, rel=1e-9)

@@ -42,6 +42,9 @@ def test_a_config_without_a_method_is_inspected_and_the_folder_written(small: Pa
     data = json.loads((out / "inspect.json").read_text())
     assert data["method"] is None and data["settings"]["densities"] == [0.5, 0.5]
     assert "## Verdict" in (out / "report.md").read_text()
+    # no path of this machine in the report: the base folder relative to the config's folder, as written
+    assert data["base_folder"] == "base" and [a["path"] for a in data["adapters"]] == ["one", "two"]
+    assert str(small.parent) not in (out / "inspect.json").read_text()
 
 
 def test_json_schema_is_stable_and_documented(small: Path) -> None:

@@ -28,7 +28,7 @@ from ..progress import byte_progress
 from ..sources.checkpoint import BaseCheckpoint
 from .conflicts import ConflictCounts, TauCache, conflict_counts
 from .geometry import TaskFactors, TensorGeometry, cosine_of, tensor_geometry, vector_inner
-from .inputs import OpenedInputs
+from .inputs import OpenedInputs, portable_folder
 from .streamed import base_square_norm, chunk_rows, dense_inner, row_ranges, sample_ranges
 
 logger = logging.getLogger(__name__)
@@ -177,10 +177,10 @@ def densities_for(config: MergeConfig, method_given: bool, density: float | None
     if density is not None:
         if not 0.0 < density <= 1.0:
             raise MergeConfigError(f"--density {density}: must be in (0, 1]")
-        return [density] * len(config.adapters)
+        return [density] * len(config.inputs)
     if method_given and all(params.get("density") is not None for params in config.adapter_params):
         return [float(params["density"]) for params in config.adapter_params]
-    return [DEFAULT_DENSITY] * len(config.adapters)
+    return [DEFAULT_DENSITY] * len(config.inputs)
 
 
 def analyse(config: MergeConfig, method_given: bool, inputs: OpenedInputs, options: InspectOptions,
@@ -213,7 +213,8 @@ def analyse(config: MergeConfig, method_given: bool, inputs: OpenedInputs, optio
                 for m in adapter.modules.values()] for adapter in inputs.adapters]
     for index, adapter in enumerate(inputs.adapters):
         modules[index] += [{"module": path, "saved": True} for path in adapter.full_tensors]
-    return Inspection(config, method_given, str(inputs.base.folder), [a.label for a in inputs.adapters], weights,
+    base_folder = portable_folder(config, config.base_model, inputs.base.folder)
+    return Inspection(config, method_given, base_folder, [a.label for a in inputs.adapters], weights,
                       densities, modules, results, options.sample, timings)
 
 

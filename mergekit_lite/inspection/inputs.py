@@ -7,20 +7,21 @@ A config written only to inspect needs no `method:` and no `output:`. Rather tha
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import MAX_CONFIG_BYTES, MergeConfig, _check_expanded_size, _yaml_problem
+from ..compat.mergekit import from_mergekit, is_mergekit_config
+from ..config import MergeConfig, read_config_data
 from ..engine.device import single_threaded_torch
 from ..engine.plan import MergePlan, build_plan
 from ..errors import MergeConfigError
-from ..hub.resolve import resolve_model_dir
+from ..hub.resolve import hub_reference, resolve_model_dir
 from ..sources.adapter import PeftAdapter
 from ..sources.checkpoint import BaseCheckpoint
+from ..sources.full_model import FullModel
 
 #: what a config without `method:` is read as (it takes no parameter, so no adapter key can clash with it)
 DEFAULT_METHOD = "task_arithmetic"
@@ -36,23 +37,12 @@ class InspectConfig:
 
 
 def load_inspect_config(path: str | Path) -> InspectConfig:
-    """Read a YAML merge config as `load_config` does (same limits and messages), `method` and `output` optional."""
-    path = Path(path)
+    """Read a YAML merge config as `load_config` does (same checks and messages, mergekit's schema converted),
+    `method` and `output` optional."""
+    data, path = read_config_data(path)
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise MergeConfigError(f"{path}: {path.stat().st_size} bytes is too large for a merge config "
-                                   f"(limit {MAX_CONFIG_BYTES // 1024} KiB); is this the right file?")
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise MergeConfigError(f"cannot read config {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise MergeConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as error:
-        raise MergeConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
-    _check_expanded_size(data, path)
-    try:
+        if is_mergekit_config(data):
+            data = from_mergekit(data, path)
         return inspect_config_from_dict(data, path.resolve().parent)
     except MergeConfigError as error:
         raise MergeConfigError(f"{path}: {error}") from None
@@ -77,7 +67,7 @@ class OpenedInputs:
     """The base and adapters opened lazily, and the plan of what each adapter changes; closes them on exit."""
 
     base: BaseCheckpoint
-    adapters: list[PeftAdapter]
+    adapters: list[PeftAdapter | FullModel]
     plan: MergePlan
 
     def close(self) -> None:
@@ -94,17 +84,38 @@ class OpenedInputs:
 
 
 def open_inputs(config: MergeConfig, allow_pickle: bool = False) -> OpenedInputs:
-    """Resolve (local folder or Hub id), open and plan the inputs as `merge run` does, with no method checks:
-    inspect reads every adapter's change, whichever method would merge them."""
+    """Resolve (local folder or Hub id), open and plan the inputs as `merge run` does (adapters, then full models,
+    each checked against the base), with no method checks: inspect reads every input's change, whichever method
+    would merge them."""
     with ExitStack() as stack, single_threaded_torch():
         base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"), allow_pickle=allow_pickle)
         stack.callback(base.close)
-        adapters = []
+        adapters: list[PeftAdapter | FullModel] = []
         for spec in config.adapters:
             adapter = PeftAdapter(resolve_model_dir(config, spec.path, kind="adapter"), spec.label,
                                   allow_pickle=allow_pickle)
             stack.callback(adapter.close)
             adapters.append(adapter)
-        plan = build_plan(base, adapters, None)
+        for spec in config.models:
+            model = FullModel(resolve_model_dir(config, spec.path, kind="base"), spec.label, allow_pickle=allow_pickle)
+            stack.callback(model.close)
+            model.check_against(base)
+            adapters.append(model)
+        plan = build_plan(base, adapters, None)  # type: ignore[arg-type]
         stack.pop_all()
     return OpenedInputs(base, adapters, plan)
+
+
+def portable_folder(config: MergeConfig, reference: str, folder: Path) -> str:
+    """Where `reference` was read from, without this machine's paths: a local folder relative to the config's
+    folder (an absolute reference as given), a Hub snapshot relative to the Hub cache (repo and revision)."""
+    if hub_reference(config, reference) is None:
+        if Path(reference).expanduser().is_absolute():
+            return reference
+        return os.path.relpath(folder, config.resolve_path("."))
+    from huggingface_hub import constants
+
+    try:
+        return str(folder.resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve()))
+    except ValueError:  # fetched into a folder of its own
+        return folder.name

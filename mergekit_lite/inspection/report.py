@@ -80,7 +80,7 @@ def build_json(result: Inspection, findings: list[Finding], figures: list[str]) 
 
 def _adapter(result: Inspection, i: int, layers: list[int | None]) -> dict[str, Any]:
     modules = [m for m in result.adapter_modules[i] if not m.get("saved")]
-    spec = result.config.adapters[i]
+    spec = result.config.inputs[i]
     effective = [t.geometry.effective_ranks[t.position(i)] for t in result.tensors  # type: ignore[index]
                  if t.geometry is not None and i in t.adapters]
     per_layer = []
