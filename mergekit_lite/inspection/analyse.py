@@ -38,8 +38,8 @@ DEFAULT_DENSITY = 0.5
 #: a layer index in a tensor name: model.layers.3., transformer.h.3., encoder.layer.3., blocks.3.
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 LOW_RANK, VECTOR, DENSE = "low_rank", "vector", "dense"
-#: tasks per worker that a pass over one tensor's chunks is cut into
-BATCHES_PER_WORKER = 2
+#: batches per worker that a pass over one tensor's chunks is cut into (taken in turn by whichever is free)
+BATCHES_PER_WORKER = 8
 
 
 @dataclass(frozen=True)
@@ -239,19 +239,39 @@ class _Clock:
         return run
 
     def mapper(self, part: str, pool: ThreadPoolExecutor | None, workers: int = 1) -> Mapper:
-        """A map that times every call for `part`: in a few contiguous batches per worker (a task per chunk spent
-        more time handing chunks between threads than working on them), the first batch in this thread and the
-        others in the pool (`workers` − 1 threads: one thread fewer holding its own heap), or the builtin map."""
+        """A map that times every call for `part`, shared by this thread and the pool's `workers` − 1 threads: each
+        takes the next few items until none is left (a task per item spent more time handing chunks between threads
+        than working on them; fixed shares left threads waiting). The pool starts at once, this thread joins when
+        the results are first asked for; results come in order. Without a pool, the builtin map."""
         def mapped(function: Callable[..., Any], *iterables: Iterable[Any]) -> Iterator[Any]:
             timed = self.timed(part, function)
             if pool is None:
                 return map(timed, *iterables)
             items = list(zip(*iterables))
-            size = max(1, -(-len(items) // (BATCHES_PER_WORKER * workers)))
-            batches = [items[start:start + size] for start in range(0, len(items), size)]
-            pending = [pool.submit(lambda batch: [timed(*item) for item in batch], batch) for batch in batches[1:]]
-            first = [timed(*item) for item in batches[0]] if batches else []
-            return itertools.chain(first, (result for batch in pending for result in batch.result()))
+            results: list[Any] = [None] * len(items)
+            size = max(1, len(items) // (BATCHES_PER_WORKER * workers))
+            batches = itertools.count()  # next() on it is atomic: each batch is taken once
+            failed = threading.Event()
+
+            def drain() -> None:
+                try:
+                    while not failed.is_set() and (start := next(batches) * size) < len(items):
+                        for k in range(start, min(start + size, len(items))):
+                            results[k] = timed(*items[k])
+                except BaseException:
+                    failed.set()
+                    raise
+
+            helpers = [pool.submit(drain) for _ in range(workers - 1)]
+
+            def collect() -> Iterator[Any]:
+                try:
+                    drain()
+                finally:
+                    for helper in helpers:
+                        helper.result()
+                yield from results
+            return collect()
         return mapped
 
 
