@@ -140,3 +140,15 @@ def test_the_eval_suite_report_has_figures_and_a_verdict(tmp_path: Path) -> None
     assert all((out / name).stat().st_size > 1000 for name in data["figures"])
     assert data["method"] == "ties" and data["settings"]["densities"] == [0.5] * 4
     assert {v["finding"] for v in data["verdict"]} >= {"near_orthogonal", "large_task_vectors", "measure"}
+
+
+def test_a_mergekit_config_is_inspected_as_merge_run_reads_it(small: Path) -> None:
+    config = write_config(small.parent, {"merge_method": "ties", "base_model": "base", "dtype": "float32", "models": [
+        {"model": "base+one", "parameters": {"weight": 1.0, "density": 0.3}},
+        {"model": "base+two", "parameters": {"weight": 0.5, "density": 0.3}}]}, name="mergekit.yaml")
+    out = small.parent / "report_mk"
+    result = invoke(str(config), "--out", str(out), "--no-plots", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "inspect.json").read_text())
+    assert data["method"] == "ties" and data["settings"]["densities"] == [0.3, 0.3]
+    assert data["settings"]["weights"] == [1.0, 0.5]
