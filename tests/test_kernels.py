@@ -198,3 +198,21 @@ def test_low_rank_product_tiles_keep_the_scalar_order_bit_for_bit(rows: int, ran
     for k in range(1, rank):
         expected = expected + left[:, k:k + 1] * right[k:k + 1]
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@built
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9999999, 1.0])
+def test_the_fused_dare_keep_mask_equals_torch_rand_masks_for_any_cut_of_the_blocks(density: float) -> None:
+    """mkl_dare_keep draws torch.rand's uniforms itself (MT19937 as torch seeds it): same bytes as multiplying
+    by rng.keep_mask, for chunks that start and end inside blocks, span several, or cover one exactly."""
+    from mergekit_lite.engine.rng import BLOCK, UniformStream, keep_mask, stream_key
+
+    key = stream_key(3, 1, "model.layers.0.mlp.down_proj.weight")
+    generator = torch.Generator().manual_seed(11)
+    for start, count in [(0, BLOCK), (5, 17), (BLOCK - 3, 10), (7 * BLOCK + 100, 3 * BLOCK + 5), (2 * BLOCK, 1)]:
+        tau = torch.randn(count, generator=generator)
+        special = torch.tensor([-0.0, float("nan"), -2.5])[:count]
+        tau[: len(special)] = special
+        expected = tau * keep_mask(key, density, start, count, torch.device("cpu"))
+        fused = UniformStream(key).apply_keep(tau.clone(), density, start)
+        assert torch.equal(fused.view(torch.int32), expected.view(torch.int32)), (start, count)

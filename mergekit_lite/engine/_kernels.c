@@ -436,6 +436,97 @@ int64_t mkl_lowrank_add(const float *restrict left, int64_t rows, int64_t rank, 
     return lowrank_add(left, rows, rank, right, cols, base, base_type, out, out_type);
 }
 
+/* DARE's keep-masks in one pass (engine/rng.py): τ[j] ← τ[j] · keep(j) for flat indices start..start+count-1,
+ * keep(j) = 1 where u(j) < density else 0, u(j) the uniform torch.rand gives entry j: the flat index space is cut
+ * into blocks of 2¹⁶; block b's uniforms are torch's CPU generator (MT19937, seeded as at::mt19937 seeds it)
+ * seeded with seeds[b − start/2¹⁶], each u = (r & (2²⁴−1)) · 2⁻²⁴ from one 32-bit draw r, as at::uniform_real_
+ * distribution<float> makes it. The torch path computes sign(density − u) clamped at 0 and multiplies: the same
+ * 1 or +0 factor, since a difference of two distinct floats is never rounded to 0. A block cut by the range is
+ * drawn from its start (MT19937 is sequential); tests/test_kernels.py compares with torch.rand. About 1 ns per
+ * entry with AVX2, against ~13 for torch.rand plus the mask arithmetic. */
+#define MT_N 624
+#define MT_M 397
+#define DARE_BLOCK 65536
+
+/* MT19937 seeded as at::mt19937(seed) seeds it: the low 32 bits, Knuth's multiplier. */
+static void mt_seed(uint32_t *s, uint64_t seed) {
+    s[0] = (uint32_t)(seed & 0xffffffffu);
+    for (int j = 1; j < MT_N; j++) s[j] = 1812433253u * (s[j - 1] ^ (s[j - 1] >> 30)) + (uint32_t)j;
+}
+
+/* The next 624 words of state (the generator's refill, done before each run of 624 draws). */
+static void mt_refill(uint32_t *s) {
+    int k = 0;
+    for (; k < MT_N - MT_M; k++) {
+        const uint32_t y = (s[k] & 0x80000000u) | (s[k + 1] & 0x7fffffffu);
+        s[k] = s[k + MT_M] ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);
+    }
+    for (; k < MT_N - 1; k++) {
+        const uint32_t y = (s[k] & 0x80000000u) | (s[k + 1] & 0x7fffffffu);
+        s[k] = s[k + MT_M - MT_N] ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);
+    }
+    const uint32_t y = (s[MT_N - 1] & 0x80000000u) | (s[0] & 0x7fffffffu);
+    s[MT_N - 1] = s[MT_M - 1] ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);
+}
+
+/* τ[j] ·= keep(j) for n draws of one 624-word run (state words s[0..n)): temper, u = (y & (2²⁴−1))·2⁻²⁴,
+ * factor 1 where u < density else +0, without branches (a coin flip would mispredict every other entry). */
+static inline uint32_t mt_temper(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+}
+
+static void keep_run(float *restrict t, const uint32_t *restrict s, int64_t n, float density) {
+    for (int64_t j = 0; j < n; j++) {
+        const float u = (float)(mt_temper(s[j]) & 0xffffffu) * (1.0f / 16777216.0f);
+        t[j] = t[j] * (float)(u < density);
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) static void keep_run_avx2(float *restrict t, const uint32_t *restrict s, int64_t n,
+                                                          float density) {
+    const __m256i m1 = _mm256_set1_epi32((int)0x9d2c5680u), m2 = _mm256_set1_epi32((int)0xefc60000u);
+    const __m256i low24 = _mm256_set1_epi32(0xffffff);
+    const __m256 scale = _mm256_set1_ps(1.0f / 16777216.0f), d = _mm256_set1_ps(density), one = _mm256_set1_ps(1.0f);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256i y = _mm256_loadu_si256((const __m256i *)(s + j));
+        y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 11));
+        y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 7), m1));
+        y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 15), m2));
+        y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 18));
+        const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(y, low24)), scale);
+        const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(u, d, _CMP_LT_OQ), one);
+        _mm256_storeu_ps(t + j, _mm256_mul_ps(_mm256_loadu_ps(t + j), keep));
+    }
+    keep_run(t + j, s + j, n - j, density);
+}
+#endif
+
+void mkl_dare_keep(float *restrict tau, int64_t start, int64_t count, const uint64_t *restrict seeds, float density) {
+    void (*run_keep)(float *restrict, const uint32_t *restrict, int64_t, float) = keep_run;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2")) run_keep = keep_run_avx2;
+#endif
+    const int64_t first = start / DARE_BLOCK;
+    uint32_t state[MT_N];
+    int64_t done = 0;
+    while (done < count) {
+        const int64_t at = start + done, block = at / DARE_BLOCK, skip = at - block * DARE_BLOCK;
+        const int64_t n = count - done < DARE_BLOCK - skip ? count - done : DARE_BLOCK - skip;
+        mt_seed(state, seeds[block - first]);
+        for (int64_t run = 0; run < skip + n; run += MT_N) { /* draws [run, run + 624) */
+            mt_refill(state);
+            const int64_t lo = run > skip ? run : skip, hi = run + MT_N < skip + n ? run + MT_N : skip + n;
+            if (hi > lo) run_keep(tau + done + (lo - skip), state + (lo - run), hi - lo, density);
+        }
+        done += n;
+    }
+}
+
 static struct PyModuleDef fused_module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU merge kernels (ctypes).", -1, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&fused_module); }

@@ -4,14 +4,20 @@ The flat index space of a tensor is cut into fixed blocks of 2¹⁶ entries; blo
 CPU generator seeded with a hash of (seed, adapter, tensor, b). Whatever the chunk size, tensor order or
 device, entry j always gets the same uniform: a chunk generates the blocks it overlaps and slices them.
 Drawing happens on the CPU (the CUDA generator is a different stream) and the mask moves to the device.
+`UniformStream.apply_keep` masks a CPU float32 chunk in place in one pass of the fused kernel (`mkl_dare_keep`,
+which draws the very uniforms torch.rand draws); elsewhere it multiplies by `keep_mask`: the same bytes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import threading
 
 import torch
+
+from . import kernels
 
 BLOCK = 1 << 16
 
@@ -69,6 +75,35 @@ class UniformStream:
             return torch.ones(count, device=device)
         # sign(density − u) clamped at 0: 1 where u < density, else 0 (float ops; boolean kernels are slow)
         return (density - self.uniforms(start, count)).sign_().clamp_(min=0.0).to(device)
+
+
+    def apply_keep(self, tau: torch.Tensor, density: float, start: int) -> torch.Tensor:
+        """τ ← τ · keep_mask(density, start, τ.numel()) in place (flat indices from `start`); returns τ."""
+        library = _keep_kernel()
+        if library is None or tau.device.type != "cpu" or tau.dtype != torch.float32 or not tau.is_contiguous():
+            return tau.mul_(self.keep_mask(density, start, tau.numel(), tau.device).view(tau.shape))
+        count = tau.numel()
+        if count == 0 or density >= 1.0:  # keep_mask is all ones: τ · 1 is τ
+            return tau
+        first, last = start // BLOCK, (start + count - 1) // BLOCK
+        seeds = (ctypes.c_uint64 * (last - first + 1))(*(_block_seed(self.key, b) for b in range(first, last + 1)))
+        library.mkl_dare_keep(tau.data_ptr(), start, count, seeds, density)
+        return tau
+
+
+@functools.cache
+def _library_with_keep() -> ctypes.CDLL | None:
+    library = kernels._library()
+    if library is None or not hasattr(library, "mkl_dare_keep"):
+        return None
+    library.mkl_dare_keep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
+    library.mkl_dare_keep.restype = None
+    return library
+
+
+def _keep_kernel() -> ctypes.CDLL | None:
+    """The fused keep-mask kernel, unless the kernels are missing or switched off (MERGEKIT_LITE_KERNELS=torch)."""
+    return _library_with_keep() if kernels.enabled() else None
 
 
 def keep_mask(key: bytes, density: float, start: int, count: int, device: torch.device) -> torch.Tensor:
