@@ -39,11 +39,11 @@ def _merge_cli() -> list[str]:
     return [sys.executable, "-m", "mergekit_lite.cli"]
 
 
-def suite_part(work: Path, loop_points: int, batch_size: int) -> dict[str, Any]:
+def suite_part(work: Path, loop_points: int, batch_size: int, limit: int | None) -> dict[str, Any]:
     """Per-point walls: the sweep in memory vs merge run + merge eval (processes) on the same points."""
     base = {"base_model": str(SUITE / "base"),
             "adapters": [{"path": str(SUITE / "adapters" / t)} for t in TASKS],
-            "eval": {"tasks": TASKS, "batch_size": batch_size}}
+            "eval": {"tasks": TASKS, "batch_size": batch_size, **({"limit": limit} if limit else {})}}
     sweep_config = work / "sweep.yaml"
     sweep_config.write_text(yaml.safe_dump({**base, "sweep": {"method": ["ties"], "parameters": {
         "lambda": LAMBDAS, "density": DENSITIES}}}))
@@ -59,18 +59,20 @@ def suite_part(work: Path, loop_points: int, batch_size: int) -> dict[str, Any]:
     for index, (lam, density) in enumerate([(lam, d) for lam in LAMBDAS for d in DENSITIES][:loop_points]):
         config = work / f"point_{index}.yaml"
         out = work / f"point_{index}"
-        config.write_text(yaml.safe_dump({**base, "method": "ties", "parameters": {"lambda": lam, "density": density},
+        merge_only = {k: v for k, v in base.items() if k != "eval"}  # merge run alone; merge eval scores it next
+        config.write_text(yaml.safe_dump({**merge_only, "method": "ties", "parameters": {"lambda": lam, "density": density},
                                           "output": {"path": str(out)}}))
         started = time.perf_counter()
         subprocess.run([*_merge_cli(), "run", str(config), "--no-progress", "--device", "cpu"], check=True, env=env,
                        stdout=subprocess.DEVNULL)
         merged = time.perf_counter()
         subprocess.run([*_merge_cli(), "eval", str(out), "--tasks", ",".join(TASKS), "--out", str(work / f"eval_{index}"),
-                        "--batch-size", str(batch_size), "--device", "cpu"], check=True, env=env,
+                        "--batch-size", str(batch_size), "--device", "cpu", *(["--limit", str(limit)] if limit else [])],
+                       check=True, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         loop.append({"run_s": merged - started, "eval_s": time.perf_counter() - merged})
     loop_point = statistics.median(p["run_s"] + p["eval_s"] for p in loop)
-    return {"points": len(per_point), "sweep_wall_s": sweep_wall,
+    return {"points": len(per_point), "limit": limit, "sweep_wall_s": sweep_wall,
             "in_memory_per_point_s": statistics.median(per_point),
             "in_memory_merge_part_s": statistics.median(merge_part),
             "loop_per_point_s": loop_point, "loop": loop,
@@ -113,10 +115,14 @@ def synthetic_part(repeats: int) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    suite = result["suite"]
     lines = ["# merge sweep: per-point cost", "",
-             f"{result['date']}, {result['cpu_count']} CPU cores, CPU only; `benchmarks/sweep_bench.py`.", "",
-             f"Suite, 3×3 ties grid ({suite['points']} points, four tasks, every validation example):", "",
+             f"{result['date']}, {result['cpu_count']} CPU cores, CPU only, load average {result['load_average']:.1f} "
+             "at the start (a shared machine: compare side by side only); `benchmarks/sweep_bench.py`.", ""]
+    suite = result.get("suite")
+    if suite:
+        examples = f"first {suite['limit']} examples of each task" if suite.get("limit") else "every validation example"
+        lines += [
+             f"Suite, 3×3 ties grid ({suite['points']} points, four tasks, {examples}):", "",
              "| per point | wall |", "|---|---:|",
              f"| merge sweep, in memory (merge + patch + lm-eval + restore; median) | {suite['in_memory_per_point_s']:.2f} s |",
              f"| … of which the merge of the touched tensors | {suite['in_memory_merge_part_s']:.3f} s |",
@@ -141,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-points", type=int, default=3, help="grid points timed with merge run + merge eval")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=50, help="examples per task (0: every validation example)")
     parser.add_argument("--skip-492m", action="store_true")
+    parser.add_argument("--skip-suite", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="sweep_bench_"))
     try:
         result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
-                                  "suite": suite_part(work, args.loop_points, args.batch_size)}
+                                  "load_average": os.getloadavg()[0]}
+        if not args.skip_suite:
+            result["suite"] = suite_part(work, args.loop_points, args.batch_size, args.limit or None)
         if not args.skip_492m:
             result["synthetic"] = synthetic_part(args.repeats)
     finally:

@@ -164,3 +164,35 @@ def test_a_sweep_killed_mid_way_resumes_with_the_rest_only(tmp_path: Path) -> No
     assert result.reused == finished
     assert result.evaluated == (references + 5) - finished + len(result.test_rows)
     assert len(result.rows) == 5 and all(r.error is None for r in result.rows)
+
+
+def test_the_readme_sweep_reproduces_its_committed_results_from_their_cache(tmp_path: Path) -> None:
+    """The README's `merge sweep` command, on copies (its results folder, the config with the output moved here):
+    every point comes from the committed cache (keys hold file fingerprints, not paths) and the tables match."""
+    import re
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mergekit_lite.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    command = re.search(r"^merge sweep (\S+) --out (\S+)$", (repo / "README.md").read_text(), re.M)
+    assert command, "README lost its merge sweep command"
+    config_path, results = repo / command.group(1), repo / command.group(2)
+    data = yaml.safe_load(config_path.read_text())
+    data["base_model"] = str((config_path.parent / data["base_model"]).resolve())
+    data["adapters"] = [{**a, "path": str((config_path.parent / a["path"]).resolve())} for a in data["adapters"]]
+    data["output"] = {**data["output"], "path": str(tmp_path / "best")}
+    copy = tmp_path / "sweep_suite.yaml"
+    copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "results"
+    shutil.copytree(results, out)
+    outcome = CliRunner().invoke(main, ["sweep", str(copy), "--out", str(out), "--resume", "--no-progress",
+                                        "--device", "cpu"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "evaluated 0" in outcome.output
+    ours, committed = (json.loads((folder / "leaderboard.json").read_text()) for folder in (out, results))
+    assert [(p["name"], p["summary"]) for p in ours["points"]] == [(p["name"], p["summary"]) for p in committed["points"]]
+    assert (out / "test.md").read_text() == (results / "test.md").read_text()
+    assert "## Sweep" in (tmp_path / "best" / "README.md").read_text()

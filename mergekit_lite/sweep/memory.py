@@ -18,7 +18,7 @@ from ..api import PreparedMerge, _engine
 from ..engine.device import single_threaded_torch
 from ..engine.schedule import MERGE
 from ..errors import MergeError
-from ..formats.safetensors import TORCH_DTYPES, TensorInfo, tensor_bytes
+from ..formats.safetensors import TORCH_DTYPES, TensorInfo
 from ..progress import byte_progress
 
 
@@ -70,11 +70,6 @@ def merged_tensors(prepared: PreparedMerge, device: torch.device) -> dict[str, t
     engine = _engine(prepared, device, None, None, 1)
     with single_threaded_torch():
         return MemoryOutput().produce(engine)
-
-
-def checkpoint_bytes(tensor: torch.Tensor) -> bytes:
-    """A tensor's bytes as a safetensors file stores them (for comparisons in tests and checks)."""
-    return bytes(tensor_bytes(tensor.cpu()))
 
 
 class ModelPatcher:

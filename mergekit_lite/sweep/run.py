@@ -22,7 +22,7 @@ from ..evaluation.options import EvalOptions
 from ..hub.resolve import hub_reference
 from .cache import ResultCache, digest, fingerprint
 from .points import OptunaSearch, Point, fixed_points
-from .spec import SweepConfig, check_metric, method_defaults
+from .spec import SweepConfig, check_metric
 from .worker import ADAPTER, BASE, MERGE, Job, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -329,5 +329,3 @@ def _bar(total: int, enabled: bool) -> Any:
 
     return tqdm(total=total, desc="sweep", unit="point", disable=not enabled, dynamic_ncols=True)
 
-
-__all__ = ["SweepError", "SweepResult", "run_sweep", "method_defaults"]

@@ -112,7 +112,3 @@ class Worker:
         config = MergeConfig.from_dict(job.config)
         with prepare(config) as prepared:
             return merged_tensors(prepared, self.device)
-
-    def base_state(self) -> dict[str, Any]:
-        """The model's tensors as they are now (for the restore check in tests)."""
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
