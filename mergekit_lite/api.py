@@ -153,7 +153,7 @@ def merge(
         preflight_output(target, overwrite, _local_inputs(config))
     with prepare(config, allow_pickle) as prepared:
         touched = {a.label: names for a, names in zip(prepared.adapters, prepared.plan.touched_by)}
-        engine = _engine(prepared, resolved_device, chunk_rows, max_memory, workers)
+        engine = engine_for(prepared, resolved_device, chunk_rows, max_memory, workers)
         layout = kind.layout(engine)
         if dry_run:
             return MergeResult(
@@ -200,7 +200,7 @@ def describe_plan(config: MergeConfig, device: str | torch.device = "auto", chun
 def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: int | None,
               max_memory: int | str | None, workers: int | None) -> str:
     config, plan = prepared.config, prepared.plan
-    engine = _engine(prepared, resolve_device(device), chunk_rows, max_memory, workers)
+    engine = engine_for(prepared, resolve_device(device), chunk_rows, max_memory, workers)
     options = engine.options
     peak_chunk = max((engine.working_set_bytes(tensor) for tensor in plan.tensors), default=0)
     kind = output_kind(config)
@@ -273,9 +273,9 @@ def _core_lines(engine: MergeEngine) -> list[str]:
     return lines
 
 
-def _engine(prepared: PreparedMerge, device: torch.device, chunk_rows: int | None,
-            max_memory: int | str | None, workers: int | None = None) -> MergeEngine:
-    """The engine for a prepared merge (no I/O until it runs)."""
+def engine_for(prepared: PreparedMerge, device: torch.device, chunk_rows: int | None,
+               max_memory: int | str | None, workers: int | None = None) -> MergeEngine:
+    """The engine for a prepared merge (no I/O until it runs); `merge sweep` drives it tensor by tensor."""
     config = prepared.config
     options = EngineOptions(
         device=device,

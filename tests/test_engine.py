@@ -145,12 +145,12 @@ def test_cuda_and_cpu_agree_to_float32_rounding(demo: Path, tmp_path: Path, meth
 
 
 def test_working_set_estimate_counts_cached_task_vectors_only_when_they_fit(demo: Path, tmp_path: Path) -> None:
-    from mergekit_lite.api import _engine, prepare
+    from mergekit_lite.api import engine_for, prepare
 
     prepared = prepare(demo_config(demo, tmp_path / "out", "ties", [1.0, 1.0, 1.0], parameters={"density": 0.5}))
     tensor = next(t for t in prepared.plan.tensors if t.touched)
     all_taus = tensor.info.rows * tensor.info.cols * 4 * 3
-    assert _engine(prepared, torch.device("cpu"), None, "512MiB").working_set_bytes(tensor) > all_taus
-    assert _engine(prepared, torch.device("cpu"), None, 4096).working_set_bytes(tensor) < all_taus
+    assert engine_for(prepared, torch.device("cpu"), None, "512MiB").working_set_bytes(tensor) > all_taus
+    assert engine_for(prepared, torch.device("cpu"), None, 4096).working_set_bytes(tensor) < all_taus
     untouched = next(t for t in prepared.plan.tensors if not t.touched)
-    assert _engine(prepared, torch.device("cpu"), None, "512MiB").working_set_bytes(untouched) == 0
+    assert engine_for(prepared, torch.device("cpu"), None, "512MiB").working_set_bytes(untouched) == 0

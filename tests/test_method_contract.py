@@ -136,7 +136,7 @@ def test_a_factored_method_refuses_dora_by_name_before_any_work(factored_method:
 
 def test_the_schedule_is_what_the_loop_runs_and_the_estimate_reports(demo: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from mergekit_lite.api import _engine, prepare
+    from mergekit_lite.api import engine_for, prepare
     from mergekit_lite.sources.checkpoint import BaseCheckpoint
     from mergekit_lite.units import format_size
 
@@ -153,7 +153,7 @@ def test_the_schedule_is_what_the_loop_runs_and_the_estimate_reports(demo: Path,
         parameters = {"density": 0.5} if method != "task_arithmetic" else {}
         config = demo_config(demo, tmp_path / method, method, [1.0, 1.0, 1.0], parameters=parameters)
         with prepare(config) as prepared:
-            schedules = _engine(prepared, torch.device("cpu"), None, "512MiB").schedules
+            schedules = engine_for(prepared, torch.device("cpu"), None, "512MiB").schedules
         merged = [s for s in schedules if s.action == "merge"]
         assert merged and {s.kernel for s in merged} == ({kernel} if kernels.enabled() else {TORCH})
         for schedule in merged:
@@ -169,5 +169,5 @@ def test_the_schedule_is_what_the_loop_runs_and_the_estimate_reports(demo: Path,
     monkeypatch.setenv(kernels.ENV, "torch")
     config = demo_config(demo, tmp_path / "t", "ties", [1.0, 1.0, 1.0], parameters={"density": 0.5})
     with prepare(config) as prepared:
-        assert {s.kernel for s in _engine(prepared, torch.device("cpu"), None, "512MiB").schedules} == {TORCH}
+        assert {s.kernel for s in engine_for(prepared, torch.device("cpu"), None, "512MiB").schedules} == {TORCH}
     assert "cpu kernels: torch" in describe_plan(config, device="cpu")

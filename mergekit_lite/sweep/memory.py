@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..api import PreparedMerge, _engine
+from ..api import PreparedMerge, engine_for
 from ..engine.device import single_threaded_torch
 from ..engine.schedule import MERGE
 from ..errors import MergeError
@@ -67,7 +67,7 @@ class MemoryOutput:
 
 def merged_tensors(prepared: PreparedMerge, device: torch.device) -> dict[str, torch.Tensor]:
     """The touched tensors of `prepared`'s merge, merged in memory (same bytes as `merge run` writes for them)."""
-    engine = _engine(prepared, device, None, None, 1)
+    engine = engine_for(prepared, device, None, None, 1)
     with single_threaded_torch():
         return MemoryOutput().produce(engine)
 

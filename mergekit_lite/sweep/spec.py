@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import MAX_CONFIG_BYTES, MergeConfig, _check_expanded_size, _yaml_problem
+from ..config import MergeConfig, read_config_data
 from ..errors import MergeConfigError
 from ..methods import REGISTRY, get_method
 from ..suggest import did_you_mean
@@ -118,20 +116,7 @@ def method_defaults(method: str) -> dict[str, Any]:
 
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """Read a YAML sweep config (a merge config with a `sweep:` section); relative paths are the file's."""
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise MergeConfigError(f"{path}: {path.stat().st_size} bytes is too large for a sweep config")
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise MergeConfigError(f"cannot read config {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise MergeConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as error:
-        raise MergeConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
-    _check_expanded_size(data, path)
+    data, path = read_config_data(path)  # the size, encoding, YAML and alias-bomb checks of a merge config
     try:
         config = sweep_config_from_dict(data, path.resolve().parent)
     except MergeConfigError as error:
