@@ -220,7 +220,7 @@ def _lm_eval_version() -> str:
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
+def quiet_lm_eval() -> Iterator[None]:
     """Hide lm-eval's chatter while it runs: its logs, prints, per-request bars and `git` calls' stderr.
 
     Output is silenced at the file-descriptor level (subprocesses write there); our own progress bar writes to
@@ -296,7 +296,7 @@ def load_lm(model: ModelSpec, options: EvalOptions) -> Any:
     for folder in (model.path, model.adapter):
         if folder is not None and not folder.is_dir():
             raise EvalError(f"{model.name}: {folder} is not a folder")
-    with offline(), _quiet_lm_eval():
+    with offline(), quiet_lm_eval():
         return get_model("hf").create_from_arg_obj(
             {**model.model_args(options.device), "batch_size": options.batch_size})
 
@@ -309,7 +309,7 @@ def evaluate_lm(lm: Any, selection: TaskSelection, options: EvalOptions, *, name
     built before, the model is in memory).
     """
     lm_eval = _lm_eval()
-    with offline(), _keep_global_rngs(), _quiet_lm_eval():
+    with offline(), _keep_global_rngs(), quiet_lm_eval():
         results = lm_eval.evaluator.simple_evaluate(
             model=lm,
             tasks=list(selection.built) or list(selection.run_tasks),
@@ -343,7 +343,7 @@ def save_lm_eval_format(results: dict[str, Any], folder: Path, model: ModelSpec)
     tracker.general_config_tracker.model_name = str(model.path)
     tracker.general_config_tracker.model_name_sanitized = _file_stem(model.name)
     samples = results.pop("samples", None)
-    with _quiet_lm_eval():
+    with quiet_lm_eval():
         tracker.save_results_aggregated(results=dict(results), samples=samples)
         for task_name in results.get("configs", {}) if samples else ():
             if task_name in samples:

@@ -19,7 +19,7 @@ def validation_selection(selection: TaskSelection) -> TaskSelection:
     """`selection`'s tasks rebuilt to evaluate their validation split (datasets loaded once, here)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from .lm_eval_runner import _quiet_lm_eval
+    from .lm_eval_runner import quiet_lm_eval
 
     index = selection.manager.task_index
     built: list[Any] = []
@@ -38,7 +38,7 @@ def validation_selection(selection: TaskSelection) -> TaskSelection:
         config = {**config, "task": name, "test_split": split}
         config.pop("tag", None)
         try:
-            with _quiet_lm_eval():
+            with quiet_lm_eval():
                 loaded = selection.manager.load([config])
         except Exception as error:  # datasets' and lm-eval's errors: a missing validation file, a bad split name
             raise EvalError(f"sweep: task '{name}' could not be built on its validation split '{split}': "

@@ -125,13 +125,13 @@ _BUILTIN_MANAGERS: dict[tuple[str, ...], Any] = {}
 
 def _manager(paths: Sequence[Path], *, with_builtin: bool) -> Any:
     """A TaskManager over `paths` (the suite first), and lm-eval's built-in tasks only when asked (seconds)."""
-    from .lm_eval_runner import _quiet_lm_eval
+    from .lm_eval_runner import quiet_lm_eval
 
     tasks_module = _lm_eval_tasks()
     key = tuple(str(p) for p in paths)
     if with_builtin and key in _BUILTIN_MANAGERS:
         return _BUILTIN_MANAGERS[key]
-    with _quiet_lm_eval():
+    with quiet_lm_eval():
         manager = tasks_module.TaskManager(include_path=[str(p) for p in paths], include_defaults=with_builtin)
     if with_builtin:
         _BUILTIN_MANAGERS[key] = manager
@@ -191,12 +191,12 @@ def select_tasks(tasks: Sequence[str] | None, suite_dir: Path, *, build: bool = 
 def build_tasks(selection: TaskSelection) -> list[Any]:
     """Build every task (downloading or reading its dataset as the user's HF settings allow), one at a time so
     that a failure names the task and the dataset it needs."""
-    from .lm_eval_runner import _quiet_lm_eval
+    from .lm_eval_runner import quiet_lm_eval
 
     built: list[Any] = []
     for name in selection.run_tasks:
         try:
-            with _quiet_lm_eval():
+            with quiet_lm_eval():
                 loaded = selection.manager.load([name])
         except Exception as error:  # datasets' and lm-eval's errors: connection, missing file, bad config
             raise EvalError(_build_problem(name, selection.manager, error)) from None

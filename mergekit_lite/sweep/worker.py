@@ -55,7 +55,7 @@ class Worker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..engine.device import resolve_device
-        from ..evaluation.lm_eval_runner import _quiet_lm_eval, offline, suite_tasks_dir
+        from ..evaluation.lm_eval_runner import offline, quiet_lm_eval, suite_tasks_dir
         from ..evaluation.splits import validation_selection
         from ..evaluation.tasks import select_tasks
         from .memory import ModelPatcher
@@ -68,7 +68,7 @@ class Worker:
         self.device = resolve_device(spec.options.device)
         self.options = replace(spec.options, device=str(self.device))
         dtype = getattr(torch, spec.dtype) if spec.dtype else "auto"
-        with offline(), _quiet_lm_eval():
+        with offline(), quiet_lm_eval():
             self.model = AutoModelForCausalLM.from_pretrained(spec.base_dir, dtype=dtype).eval().to(self.device)
             self.tokenizer = AutoTokenizer.from_pretrained(spec.base_dir)
             self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=self.options.batch_size,
