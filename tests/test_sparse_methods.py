@@ -144,6 +144,41 @@ def test_ties_trim_keeps_exactly_k_entries_across_chunk_sizes(
     assert torch.equal(trimmed[0], trim(tau, density))
 
 
+def test_a_band_of_one_tied_value_is_counted_not_gathered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantized τ (bf16 fine-tunes): the sample's k-th value ties across the whole band, so the band pass counts
+    the entries above and equal to it per chunk; the threshold, the per-chunk tie counts and the trimmed chunks
+    (each chunk's tie rule as one cut where all its ties are kept or all dropped) equal the exact radix path's."""
+    import mergekit_lite.engine.select as select
+
+    monkeypatch.setattr(select, "SAMPLE", 2000)  # a strided sample even on this small tensor
+    generator = torch.Generator().manual_seed(5)
+    draw = torch.rand(200, 50, generator=generator)
+    tau = torch.where(draw < 0.2, 4.0, torch.where(draw < 0.8, 3.0, 1.0)) * 2.0 ** -13  # 60% tie at 3·2⁻¹³
+    tau *= torch.randint(0, 2, tau.shape, generator=generator) * 2 - 1
+    k = tau.numel() // 2
+    for chunk_rows in (1, 7, 200):
+        chunks = [tau[s:s + chunk_rows] for s in range(0, 200, chunk_rows)]
+        starts = [s * tau.shape[1] for s in range(0, 200, chunk_rows)]
+        counted = select.kth_largest_magnitude(lambda chunks=chunks: chunks, k, numel=tau.numel())
+        with monkeypatch.context() as radix:
+            radix.setattr(select, "_sampled_band", lambda *args: None)
+            exact = select.kth_largest_magnitude(lambda chunks=chunks: chunks, k, numel=tau.numel())
+        assert (counted.bits, counted.equal_keep, counted.equal_total) == (exact.bits, exact.equal_keep,
+                                                                          exact.equal_total)
+        value = float(tau.abs().max()) * 0.75
+        assert counted.chunk_ties == tuple(int((c.abs() == value).sum()) for c in chunks)
+        trimmer = Trimmer(counted, lambda chunks=chunks: chunks)
+        cuts = 0
+        for chunk, start in zip(chunks, starts):
+            expected = trimmer.trim(chunk, start)
+            below = trimmer.chunk_below(start)
+            if below is not None:
+                cuts += 1
+                assert torch.equal(torch.nn.functional.hardshrink(chunk, below) if below >= 0 else chunk, expected)
+        assert cuts >= len(chunks) - 1
+        assert torch.equal(torch.cat([trimmer.trim(c, s) for c, s in zip(chunks, starts)]), trim(tau, 0.5))
+
+
 def test_dare_masks_do_not_depend_on_chunking_or_tensor_order() -> None:
     key = stream_key(3, 1, "model.layers.0.mlp.up_proj.weight")
     whole = keep_mask(key, 0.3, 0, 10_000, torch.device("cpu"))

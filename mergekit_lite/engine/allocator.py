@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
+from collections.abc import Callable
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -38,3 +40,31 @@ def tune_allocator() -> bool:
     ok = bool(mallopt(M_TOP_PAD, 64 * 2**20)) and ok
     _done = ok
     return ok
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim: free pages in the middle of every arena
+    too, not only at the top). Called between tensors: chunk temporaries freed by a tensor's passes would
+    otherwise stay in each thread's arena (up to the trim threshold each) and pin the peak RSS."""
+    if not _done:
+        return
+    _trim()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+    return trim
+
+
+def _trim() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

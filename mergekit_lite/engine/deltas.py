@@ -17,9 +17,27 @@ import torch
 
 from ..methods import LowRankFactors
 from ..sources.adapter import PeftAdapter
+from ..sources.full_model import FullModel
 from . import kernels
 from .finite import all_finite
 from .plan import BiasShift, Contribution, Dora, LowRank, SavedTensor, TensorPlan
+
+_scratch = threading.local()
+
+
+def scratch(tag: object, numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A flat CPU buffer of `numel` entries of `dtype`, this thread's own for `tag`, reused call after call (grown
+    when too small). For per-chunk temporaries that never leave the thread: fresh chunk-sized buffers cost page
+    faults and fragment the heap (its free blocks split by the small objects made in between)."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    nbytes = numel * dtype.itemsize
+    buffer = buffers.get(tag)
+    if buffer is None or buffer.numel() < nbytes:
+        buffers[tag] = None  # drop the smaller one first
+        buffer = buffers[tag] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    return buffer[:nbytes].view(dtype)
 
 
 class _Factors:
@@ -121,6 +139,11 @@ class TensorDeltas:
     def _vector(self, adapter: PeftAdapter, key: str) -> torch.Tensor:
         return adapter.tensor(key).to(device=self.device, dtype=self.dtype)
 
+    def saved_only(self, index: int) -> bool:
+        """True when adapter `index` changes this tensor by one saved full tensor alone (a full fine-tune)."""
+        items = self.plan.by_adapter[index]
+        return len(items) == 1 and isinstance(items[0], SavedTensor)
+
     def needs_base(self, index: int) -> bool:
         """True when τᵢ depends on the base rows (DoRA, saved full tensors)."""
         return any(isinstance(item, (Dora, SavedTensor)) for item in self.plan.by_adapter[index])
@@ -138,6 +161,8 @@ class TensorDeltas:
         if out is not None:
             if len(items) == 1 and isinstance(items[0], LowRank):
                 return cache[0].scaled.rows(start, stop, out=out)  # type: ignore[attr-defined]
+            if len(items) == 1 and isinstance(items[0], SavedTensor) and out.dtype == self.dtype:
+                return self._saved_rows(index, items[0].key, base_rows, start, stop, out=out.view(base_rows.shape))
             result = self.adapter_rows(index, base_rows, start, stop)
             assert result is not None
             return out.copy_(result.reshape(out.shape))
@@ -235,22 +260,35 @@ class TensorDeltas:
         """W + Σ cᵢ (W_savedᵢ − W) for saved full tensors only (full fine-tunes): each τᵢ in one mixed-dtype
         subtraction, then the fused sum kernel (uᵢ = τᵢ·cᵢ, summed in order, W added once, rounded): the float32
         operations of `add_rows` in the same order, so the same bytes, in one pass instead of ~5 per input."""
-        wide = base_rows if base_rows.dtype == torch.float32 else base_rows.to(torch.float32)
-        taus = [self._saved_rows(index, key, wide, start, stop) for index, key, _ in delta.saved]
+        wide = base_rows
+        if base_rows.dtype != torch.float32:  # W widened once for every subtraction, in this thread's buffer
+            wide = scratch("wide", base_rows.numel(), torch.float32).view(base_rows.shape).copy_(base_rows)
+        taus = [self._saved_rows(index, key, wide, start, stop,
+                                 out=scratch(("tau", n), wide.numel(), torch.float32).view(wide.shape))
+                for n, (index, key, _) in enumerate(delta.saved)]
         out = kernels.output_rows(base_rows, out_dtype)
         count = len(taus)
         not_finite = kernels.consensus_into(kernels.SUM, base_rows, taus, [-1.0] * count,
                                             [coef for _, _, coef in delta.saved], [1.0] * count, out=out)
         return out, not_finite == 0
 
-    def _saved_rows(self, index: int, key: str, base_rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """W_saved[start:stop] − W[start:stop] in the compute dtype: a saved tensor that widens to the compute
-        dtype exactly is subtracted as stored (one pass: torch widens each entry, then subtracts in the wider
-        dtype, exactly what widening first and subtracting does)."""
-        saved = self.adapters[index].tensor_rows(key, start, stop).to(device=self.device)
+    def _saved_rows(self, index: int, key: str, base_rows: torch.Tensor, start: int, stop: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """W_saved[start:stop] − W[start:stop] in the compute dtype (into `out`, shaped as `base_rows`, when
+        given): a saved tensor that widens to the compute dtype exactly is subtracted as stored (one pass: torch
+        widens each entry, then subtracts in the wider dtype, exactly what widening first and subtracting does).
+        A full model's rows are read into this thread's reused buffer (they do not outlive the subtraction)."""
+        adapter = self.adapters[index]
+        if isinstance(adapter, FullModel) and self.device.type == "cpu":
+            info = adapter.checkpoint.info(key)
+            saved = adapter.tensor_rows(key, start, stop, scratch(("saved", index), (stop - start) * info.row_bytes))
+        else:
+            saved = adapter.tensor_rows(key, start, stop).to(device=self.device)
         if torch.promote_types(saved.dtype, self.dtype) == self.dtype == base_rows.dtype:
-            return torch.sub(saved, base_rows)
-        return saved.to(dtype=self.dtype) - base_rows
+            return torch.sub(saved, base_rows, out=out)
+        if out is None:
+            return saved.to(dtype=self.dtype) - base_rows
+        return torch.sub(saved.to(dtype=self.dtype), base_rows, out=out)
 
     # -- preparation, once per tensor ------------------------------------------------------------
     def _cache(self, index: int) -> list[object]:

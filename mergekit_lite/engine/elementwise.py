@@ -104,12 +104,17 @@ class SparseTensorMerge:
         below = []
         for index, tau in zip(self.active, chunks):
             trimmer = self.trimmers.get(index)
+            cut = -1.0  # the kernel keeps |τ| > cut (all of τ when negative)
             if trimmer is not None:
-                if trimmer.splits_ties:
+                whole = trimmer.chunk_below(flat_start)  # every tie of this chunk kept or every one dropped
+                if whole is None:
+                    cut = trimmer.below
                     trimmer.drop_extra_ties(tau, tau, flat_start)
+                else:
+                    cut = whole
             elif self.method.sparsification == "dare":
                 tau.mul_(self._keep_mask(index, tau, flat_start))
-            below.append(trimmer.below if trimmer is not None else -1.0)  # the kernel trims |τ| > below
+            below.append(cut)
         scale = [self._scale(index) for index in self.active]
         params = self.global_params
         out = kernels.output_rows(base_rows, out_dtype)

@@ -94,6 +94,22 @@ def band(chunk: torch.Tensor, high: float, low: float, limit: int) -> tuple[int,
     return above.value, (None if gathered < 0 else out[:gathered].copy())
 
 
+def band_counts(chunk: torch.Tensor, high: float, low: float) -> tuple[int, int]:
+    """(how many |x| > high, how many |x| in [low, high]) of a chunk passing `usable`: `band` without the copy
+    of the band (the per-thread buffer holds a whole chunk, so the count is never cut short)."""
+    library = _library()
+    assert library is not None
+    numel = chunk.numel()
+    capacity = numel + 1
+    out = getattr(_buffers, "band", None)
+    if out is None or len(out) < capacity:
+        out = _buffers.band = np.empty(max(capacity, 1 << 18), dtype=np.float32)
+    above = ctypes.c_int64()
+    gathered = library.mkl_band(chunk.data_ptr(), numel, high, low, out.ctypes.data, capacity, ctypes.byref(above))
+    assert gathered >= 0
+    return above.value, int(gathered)
+
+
 def consensus_into(
     kind: int,
     base: torch.Tensor,

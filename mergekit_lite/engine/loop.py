@@ -25,12 +25,14 @@ from ..methods.gradients import TensorParams, any_setting, layer_count, layer_po
 from ..progress import Progress
 from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
 from ..writers.checkpoint import ShardedWriter
-from .deltas import StreamedDelta, TensorDeltas
+from .allocator import release_free_memory
+from .deltas import StreamedDelta, TensorDeltas, scratch
 from .elementwise import SparseTensorMerge
 from .finite import all_finite
 from .plan import MergePlan, TensorPlan
 from .prefetch import Prefetcher
 from .schedule import CAST, COPY, MERGE, EngineOptions, TensorSchedule, schedule_tensor
+from .select import Lazy
 
 
 @dataclass
@@ -222,8 +224,8 @@ class MergeEngine:
                 if cached is not None:
                     taus = {i: tau[start:stop] for i, tau in cached.items()}
                 else:
-                    wide = base_rows.to(device, dtype) if any(deltas.needs_base(i) for i in sparse.active) else None
-                    taus = self._taus(deltas, sparse.active, wide, start, stop)
+                    wide = self._scratch_wide(base_rows) if any(deltas.needs_base(i) for i in sparse.active) else None
+                    taus = self._taus(deltas, sparse.active, wide, start, stop, reuse=True)
                 out, finite = sparse.merged_rows(base_rows, taus, start * row_elems, out_dtype, dtype)
             if not finite:
                 raise NonFiniteError(
@@ -244,6 +246,8 @@ class MergeEngine:
                 self._emit(pending.popleft().result(), writer, progress)
         while pending:
             self._emit(pending.popleft().result(), writer, progress)
+        if sparse is not None and sparse.trimmers:
+            release_free_memory()  # the selection passes' temporaries: handed back before the next tensor
 
     # -- one tensor at a time, for outputs other than a checkpoint (a PEFT adapter) --------------------------
 
@@ -335,11 +339,25 @@ class MergeEngine:
         return StreamedDelta.of(left, right)
 
     def _taus(self, deltas: TensorDeltas, active: list[int], base_rows: torch.Tensor | None,
-              start: int, stop: int) -> dict[int, torch.Tensor]:
-        """τᵢ[start:stop] of every active adapter."""
+              start: int, stop: int, reuse: bool = False) -> dict[int, torch.Tensor]:
+        """τᵢ[start:stop] of every active adapter; with `reuse`, saved full tensors' τᵢ land in this thread's
+        reused buffers on CPU (valid until this thread's next call: for a pass that drops them at once)."""
         if base_rows is None:
             base_rows = self._base_rows_if_needed(deltas, active, start, stop)
-        return {i: deltas.adapter_rows(i, base_rows, start, stop) for i in active}  # type: ignore[misc, arg-type]
+        if not reuse or self.options.device.type != "cpu" or self.options.compute_dtype != torch.float32:
+            return {i: deltas.adapter_rows(i, base_rows, start, stop) for i in active}  # type: ignore[misc, arg-type]
+        rows = (stop - start, max(deltas.plan.info.cols, 1))
+        taus = {}
+        for n, i in enumerate(active):
+            out = scratch(("tau", n), rows[0] * rows[1], torch.float32).view(rows) if deltas.saved_only(i) else None
+            taus[i] = deltas.adapter_rows(i, base_rows, start, stop, out=out)  # type: ignore[arg-type]
+        return taus  # type: ignore[return-value]
+
+    def _scratch_wide(self, base_rows: torch.Tensor) -> torch.Tensor:
+        """W rows in the compute dtype, on CPU in this thread's reused buffer (rows already wide as they are)."""
+        if self.options.device.type != "cpu" or base_rows.dtype == self.options.compute_dtype:
+            return base_rows.to(self.options.device, self.options.compute_dtype)
+        return scratch("wide", base_rows.numel(), self.options.compute_dtype).view(base_rows.shape).copy_(base_rows)
 
     def _base_rows_if_needed(self, deltas: TensorDeltas, active: list[int], start: int, stop: int
                              ) -> torch.Tensor | None:
@@ -369,18 +387,37 @@ class MergeEngine:
             sparse.prepare_many(sources, self._pool.map if self._pool is not None else map)
             return sparse, cached
 
-        def select(index: int) -> None:
-            def chunks() -> Iterable[torch.Tensor]:
-                for start, stop in ranges:
-                    yield self._taus(deltas, [index], None, start, stop)[index]
-            sparse.prepare(index, chunks)
+        # τᵢ is rebuilt chunk by chunk, each chunk in the thread that runs the pass over it (a few chunks in
+        # flight per worker): the passes of every adapter run side by side over all chunks
+        row_elems = max(tensor.info.cols, 1)
 
-        if self._pool is not None:  # τᵢ is rebuilt chunk by chunk: one adapter's selection per worker
-            list(self._pool.map(select, selecting))
-        else:
-            for index in selecting:
-                select(index)
+        def lazy_chunks(index: int) -> Callable[[], Iterable[Lazy]]:
+            def build(start: int, stop: int) -> torch.Tensor:  # into this thread's buffers: a pass reads it, then drops it
+                wide = None
+                if deltas.needs_base(index):
+                    wide = self._scratch_wide(self.base.read_rows(tensor.name, start, stop,
+                                                                  scratch("base", (stop - start) * tensor.info.row_bytes)))
+                return self._taus(deltas, [index], wide, start, stop, reuse=True)[index]
+            return lambda: (Lazy(functools.partial(build, start, stop), (stop - start) * row_elems)
+                            for start, stop in ranges)
+
+        sparse.prepare_many({index: lazy_chunks(index) for index in selecting}, self._bounded_map)
         return sparse, cached
+
+    def _bounded_map(self, function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        """map() through the merge pool, in order, with a few items in flight per worker (items built lazily are
+        then never all held at once); the builtin map without a pool."""
+        if self._pool is None:
+            yield from map(function, items)
+            return
+        pending: deque[Future[Any]] = deque()
+        ahead = 2 * self.options.merge_threads
+        for item in items:
+            pending.append(self._pool.submit(function, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def _interpolation_state(self, schedule: TensorSchedule, deltas: TensorDeltas
                              ) -> Callable[[torch.Tensor, int, int], torch.Tensor]:

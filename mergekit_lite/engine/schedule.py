@@ -17,7 +17,7 @@ from ..errors import MergeConfigError
 from ..formats.safetensors import TORCH_DTYPES
 from ..methods import MergeMethod
 from . import kernels
-from .plan import BiasShift, LowRank, TensorPlan
+from .plan import BiasShift, LowRank, SavedTensor, TensorPlan
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 #: float32 buffers alive per element of a chunk besides the τᵢ: W, the merged delta, W + delta
@@ -132,6 +132,12 @@ def only_low_rank(plan: TensorPlan, active: Sequence[int]) -> bool:
     return all(isinstance(item, LowRank) for index in active for item in plan.by_adapter[index])
 
 
+def only_saved(plan: TensorPlan, active: Sequence[int]) -> bool:
+    """True when each active adapter changes this tensor by one saved full tensor (full fine-tunes)."""
+    return all(len(plan.by_adapter[index]) == 1 and isinstance(plan.by_adapter[index][0], SavedTensor)
+               for index in active)
+
+
 def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[float], params: dict[str, Any],
                     adapter_params: Sequence[dict[str, Any]], options: EngineOptions) -> TensorSchedule:
     """Decide, once, how `plan` is read, merged and held."""
@@ -148,8 +154,13 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
             kernel = declared
     elif cpu_f32 and only_low_rank(plan, active):
         kernel = C_LOWRANK
+    elif (cpu_f32 and len(active) <= kernels.MAX_TAUS and only_saved(plan, active)
+          and method.coefficients(weights, params) is not None):
+        kernel = C_SUM  # a linear merge of full fine-tunes: each τᵢ one subtraction, then the fused sum kernel
     elementwise_c = kernel in (C_SUM, C_TIES)
     materialized = len(active) + (0 if elementwise_c else SPARSE_BUFFERS) if method.is_elementwise else 0
+    if kernel == C_SUM and not method.is_elementwise:  # the τᵢ of a chunk, in each merge thread's buffers
+        materialized = len(active)
     if method.is_interpolation:  # the endpoints, their float64 copies in the statistics pass
         materialized = len(active) + SPARSE_BUFFERS
     ranges = chunk_ranges(plan.info.rows, rows_per_chunk(plan, materialized, options, elementwise_c))
@@ -157,8 +168,11 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
                 and TORCH_DTYPES[plan.out_dtype] in kernels.ROW_TYPES)
     read_dtype = options.compute_dtype if options.device.type == "cpu" and not raw_rows else None
     numel = plan.info.rows * max(plan.info.cols, 1)
+    # saved full tensors (full fine-tunes) are rebuilt per pass by a read and a subtraction, about what reading a
+    # cache costs: only τᵢ that need computing (low-rank products, DoRA) are worth holding whole
+    computed = not only_saved(plan, active)
     caches = (method.sparsification == "magnitude" and any(adapter_params[i]["density"] < 1.0 for i in active)
-              and numel * 4 * len(active) <= options.max_memory // 2)
+              and computed and numel * 4 * len(active) <= options.max_memory // 2)
     cols = max(plan.info.cols, 1)
     rows = max(stop - start for start, stop in ranges)
     chunk = rows * (cols * 4 * (WORKING_BUFFERS + materialized) + plan.info.row_bytes)

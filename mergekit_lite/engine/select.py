@@ -2,7 +2,10 @@
 
 On CPU the fast path samples: a strided sample of |τ| (every s-th flat entry, a near-free pass) brackets the
 k-th value in a narrow band with a wide safety margin; one pass then counts the entries above the band and
-gathers the band itself, where numpy's introselect finds the exact value. When the band misses (a
+gathers the band itself, where numpy's introselect finds the exact value. When the sample's k-th value fills
+the whole band (quantized τ: a bf16 fine-tune's τ takes few distinct values, and a fifth of the entries may tie
+at the threshold), the pass counts the entries above it and equal to it per chunk instead of gathering: the
+exact threshold when the k-th value is that one, with the ties per chunk for the trim. When the band misses (a
 pathological distribution) or is too crowded, or on CUDA, a radix select over the float32 bit patterns
 (non-negative floats order like their bits) is the exact fallback: a histogram of the top 16 bits, then
 the one bin holding the k-th value. Nothing is sorted whole. With the tie rule of SEMANTICS §3 (lower flat
@@ -30,6 +33,26 @@ SAMPLE = 1 << 18
 #: safety margin of the band around the sample's estimate, in binomial standard deviations
 MARGIN_SIGMAS = 8.0
 MARGIN_ENTRIES = 16
+
+
+class Lazy:
+    """A chunk that a pass builds when it reaches it, in the thread that runs the pass: a pool can then take a
+    whole pass's chunks at once (τ rebuilt chunk by chunk, never all held), each worker building its own."""
+
+    __slots__ = ("build", "size")
+
+    def __init__(self, build: Callable[[], torch.Tensor], size: int) -> None:
+        self.build = build
+        self.size = size
+
+    def numel(self) -> int:
+        """Entries the chunk will have."""
+        return self.size
+
+
+def _tensor(chunk: torch.Tensor | Lazy) -> torch.Tensor:
+    """The chunk itself, built when lazy."""
+    return chunk.build() if isinstance(chunk, Lazy) else chunk
 
 
 @dataclass(frozen=True)
@@ -134,26 +157,41 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
     bands: dict[int, _Band] = {}
     for index, k in ks.items():
         first = next(iter(sources[index]()), None)
+        first = None if first is None else _tensor(first)
         if first is not None and first.device.type == "cpu":
             bands[index] = _Band(k, totals[index], _sample_stride(totals[index], first.shape[-1] if first.dim() > 1 else 1))
 
-    def sample(item: tuple[int, int, torch.Tensor]) -> tuple[int, np.ndarray | None]:
-        index, start, chunk = item
+    # each band's sample lands in one buffer made before the pass: parts kept alive across the pass (one per
+    # chunk) would split the heap's free chunk-sized blocks and make the heap grow chunk after chunk
+    buffers = {index: np.empty(-(-band.total // band.stride), dtype=np.float32) for index, band in bands.items()}
+
+    def sample(item: tuple[int, int, torch.Tensor | Lazy]) -> tuple[int, bool]:
+        index, start, lazy = item
+        chunk = _tensor(lazy)
         if chunk.device.type != "cpu":
-            return index, None
-        return index, _magnitudes(chunk.reshape(-1)[(-start) % bands[index].stride::bands[index].stride])
+            return index, False
+        stride = bands[index].stride
+        first = (-start) % stride
+        part = chunk.reshape(-1)[first::stride]
+        slot = (start + first) // stride
+        buffers[index][slot:slot + part.numel()] = part.to(torch.float32).abs().numpy()
+        return index, True
 
-    samples: dict[int, list[np.ndarray] | None] = {index: [] for index in bands}
-    for index, part in mapper(sample, _chunks_of(sources, list(bands))):
-        parts = samples[index]
-        if parts is not None:
-            samples[index] = None if part is None else [*parts, part]
-    bands = {index: band for index, band in bands.items() if samples[index] is not None}
-    list(mapper(lambda index: _bracket(bands[index], np.concatenate(samples[index])), list(bands)))
+    on_cpu = dict.fromkeys(bands, True)
+    for index, ok in mapper(sample, _chunks_of(sources, list(bands))):
+        on_cpu[index] = on_cpu[index] and ok
+    bands = {index: band for index, band in bands.items() if on_cpu[index]}
+    list(mapper(lambda index: _bracket(bands[index], buffers[index]), list(bands)))
 
-    def in_band(item: tuple[int, int, torch.Tensor]) -> tuple[int, int, np.ndarray | None]:
-        index, _, chunk = item
+    def in_band(item: tuple[int, int, torch.Tensor]) -> tuple[int, int, np.ndarray | int | None]:
+        index, _, lazy = item
+        chunk = _tensor(lazy)
         band = bands[index]
+        if band.high == band.low:  # one value: count the entries equal to it instead of gathering them
+            if kernels.usable(chunk):
+                return index, *kernels.band_counts(chunk, float(band.high), float(band.low))
+            values = _magnitudes(chunk)
+            return index, int(np.count_nonzero(values > band.high)), int(np.count_nonzero(values == band.high))
         if kernels.usable(chunk):  # one pass instead of abs, three compares, a count and a gather
             return index, *kernels.band(chunk, float(band.high), float(band.low), band_limit)
         values = _magnitudes(chunk)
@@ -161,9 +199,15 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
 
     above = dict.fromkeys(bands, 0)
     gathered: dict[int, list[np.ndarray] | None] = {index: [] for index in bands}
+    #: single-value bands (the sample's k-th value ties across the whole margin, as in quantized τ from bf16
+    #: fine-tunes): the entries equal to it, per chunk, counted instead of gathered
+    equal: dict[int, list[int]] = {index: [] for index, band in bands.items() if band.high == band.low}
     pending = [index for index, band in bands.items() if band.found is None]
     for index, count, inside in mapper(in_band, _chunks_of(sources, pending)):
         above[index] += count
+        if index in equal:
+            equal[index].append(inside)  # type: ignore[arg-type]
+            continue
         parts = gathered[index]
         if parts is None:
             continue
@@ -177,6 +221,9 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
         if band.found is not None or parts is None:
             result[index] = band.found
             continue
+        if index in equal:
+            result[index] = _single_value(band, above[index], equal[index])
+            continue
         values = np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
         inside_band = above[index] < band.k <= above[index] + len(values)
         found = _select_in(values, band.k, above[index]) if inside_band else None
@@ -185,6 +232,16 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
             found = replace(found, chunk_ties=tuple(int(np.count_nonzero(part == kth)) for part in parts))
         result[index] = found
     return result
+
+
+def _single_value(band: _Band, above: int, equal: list[int]) -> Threshold | None:
+    """The threshold when the band is one value v: `above` entries exceed v and `equal[c]` equal it in chunk c;
+    None when the k-th largest is not v (the exact fallback takes over)."""
+    ties = sum(equal)
+    if not above < band.k <= above + ties:
+        return None
+    found = Threshold(bits=int(np.float32(band.high).view(np.int32)), equal_keep=band.k - above, equal_total=ties)
+    return replace(found, chunk_ties=tuple(equal)) if found.equal_keep != found.equal_total else found
 
 
 def _bracket(band: _Band, sample: np.ndarray) -> None:
@@ -236,17 +293,17 @@ def _radix_select(chunks: Callable[[], Iterable[torch.Tensor]], k: int, total: i
     it; when the bin is too crowded to gather (many equal magnitudes), pass 2 histograms its low 16 bits.
     """
     high_hist: torch.Tensor | None = None
-    for chunk in chunks():
+    for chunk in map(_tensor, chunks()):
         counts = torch.bincount(magnitude_bits(chunk) >> 16, minlength=BINS)
         high_hist = counts if high_hist is None else high_hist + counts
     assert high_hist is not None
     high_bin, above_high = _locate(high_hist, k)
     rank = k - above_high  # 1-based rank of the k-th value inside its bin, from the top
     if int(high_hist[high_bin].item()) <= band_limit:
-        band = [_in_bin(magnitude_bits(chunk), high_bin).cpu().numpy().view(np.float32) for chunk in chunks()]
+        band = [_in_bin(magnitude_bits(chunk), high_bin).cpu().numpy().view(np.float32) for chunk in map(_tensor, chunks())]
         return _select_in(np.concatenate(band), k, above_high)
     low_hist: torch.Tensor | None = None
-    for chunk in chunks():
+    for chunk in map(_tensor, chunks()):
         bits = magnitude_bits(chunk)
         counts = torch.bincount(bits[(bits >> 16) == high_bin] & 0xFFFF, minlength=BINS)
         low_hist = counts if low_hist is None else low_hist + counts
@@ -287,7 +344,7 @@ class Trimmer:
             self._ties, seen, start = {}, 0, 0
             counts = iter(threshold.chunk_ties) if threshold.chunk_ties is not None else None
             for chunk in chunks():
-                inside = next(counts) if counts is not None else len(self._tie_positions(chunk))
+                inside = next(counts) if counts is not None else len(self._tie_positions(_tensor(chunk)))
                 self._ties[start] = (seen, inside)
                 seen += inside
                 start += chunk.numel()
@@ -306,6 +363,22 @@ class Trimmer:
     def order_free(self) -> bool:
         """True when chunks may be trimmed in any order."""
         return not self.splits_ties or self._ties is not None
+
+    def chunk_below(self, flat_start: int) -> float | None:
+        """The `below` that trims the chunk at `flat_start` exactly without looking for its ties, or None when the
+        chunk holds the split (some of its ties kept, some dropped: `drop_extra_ties`). Needs the tie counts taken
+        up front. A chunk whose ties are all kept uses `below`; one whose ties are all dropped keeps |x| > the
+        threshold itself."""
+        if not self.splits_ties:
+            return self._below
+        if self._ties is None:
+            return None
+        seen, inside = self._ties[flat_start]
+        if seen + inside <= self.threshold.equal_keep:
+            return self._below
+        if seen >= self.threshold.equal_keep:
+            return float(np.float32(self.threshold.value))
+        return None
 
     def trim(self, chunk: torch.Tensor, flat_start: int = 0) -> torch.Tensor:
         """τ with the entries outside the kept set zeroed (a new tensor); `flat_start` is the chunk's first

@@ -145,13 +145,15 @@ class BaseCheckpoint:
         """What is known of tensor `name` before reading it: dtype, shape, size, file and offset."""
         return self.tensors[name]
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, as stored (a fresh CPU tensor)."""
+    def read_rows(self, name: str, start: int, stop: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, as stored: a fresh CPU tensor, or a view of `scratch` (a uint8 buffer
+        of at least the rows' bytes, reused by the caller) when given."""
         info = self.tensors[name]
         if info.dtype not in TORCH_DTYPES:
             raise CheckpointError(f"tensor '{name}' has dtype {info.dtype}, which cannot be merged")
         # plain positional reads, not mmap: mapped pages would count in our RSS; pread is thread-safe
-        buffer = torch.empty((stop - start) * info.row_bytes, dtype=torch.uint8)
+        size = (stop - start) * info.row_bytes
+        buffer = torch.empty(size, dtype=torch.uint8) if scratch is None else scratch[:size]
         self._read_into(info, start * info.row_bytes, memoryview(buffer.numpy()))
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         return buffer.view(TORCH_DTYPES[info.dtype]).reshape(shape)

@@ -82,9 +82,10 @@ class FullModel:
         """Shape of a tensor from the header alone."""
         return self.checkpoint.info(key).shape
 
-    def tensor_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a tensor as stored, checked finite."""
-        rows = self.checkpoint.read_rows(key, start, stop)
+    def tensor_rows(self, key: str, start: int, stop: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor as stored, checked finite (read into `scratch`, a reused uint8 buffer,
+        when given: see BaseCheckpoint.read_rows)."""
+        rows = self.checkpoint.read_rows(key, start, stop, scratch)
         if not all_finite(rows):
             bad = rows.numel() - int(torch.isfinite(rows).sum())
             raise CheckpointError(f"model '{self.label}' ({self.folder}): tensor '{key}' holds {bad} NaN/Inf value(s) "
