@@ -113,7 +113,7 @@ class SparseTensorMerge:
                 else:
                     cut = whole
             elif self.method.sparsification == "dare":
-                tau.mul_(self._keep_mask(index, tau, flat_start))
+                self._apply_keep(index, tau, flat_start)
             below.append(cut)
         scale = [self._scale(index) for index in self.active]
         params = self.global_params
@@ -134,7 +134,7 @@ class SparseTensorMerge:
             if index in self.trimmers:
                 tau, fresh = self.trimmers[index].trim(tau, flat_start), True
             elif self.method.sparsification == "dare":
-                tau, fresh = tau * self._keep_mask(index, tau, flat_start), True
+                tau, fresh = self._apply_keep(index, tau.clone(memory_format=torch.contiguous_format), flat_start), True
             updates.append((tau if scale == 1 else tau.mul_(scale)) if fresh else tau * scale)
         active_weights = [self.weights[i] for i in self.active]
         return self.phase.combine(updates, active_weights, self.global_params)
@@ -143,7 +143,6 @@ class SparseTensorMerge:
         """What adapter `index`'s kept entries are multiplied by: wᵢ, or wᵢ / density for rescaled DARE."""
         return kept_scale(self.weights[index], self.adapter_params[index], self.method.sparsification)
 
-    def _keep_mask(self, index: int, tau: torch.Tensor, flat_start: int) -> torch.Tensor:
-        """DARE's keep-mask (1.0 kept, 0.0 dropped) for a chunk of τᵢ starting at `flat_start`."""
-        mask = self.streams[index].keep_mask(self.adapter_params[index]["density"], flat_start, tau.numel(), tau.device)
-        return mask.reshape(tau.shape)
+    def _apply_keep(self, index: int, tau: torch.Tensor, flat_start: int) -> torch.Tensor:
+        """τᵢ's chunk starting at `flat_start` times DARE's keep-mask (1 kept, 0 dropped), in place; returns it."""
+        return self.streams[index].apply_keep(tau, self.adapter_params[index]["density"], flat_start)
