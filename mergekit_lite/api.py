@@ -95,12 +95,13 @@ class PreparedMerge:
         self.close()
 
 
-def prepare(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
+def prepare(config: MergeConfig, allow_pickle: bool = False, method_checks: bool = True) -> PreparedMerge:
     """Open the base and adapters lazily and build the plan (reads headers, configs and adapter factors).
 
     `allow_pickle` is the user's explicit opt-in to read pickled .bin inputs (with weights_only=True); it is an
     argument, never a config key, so a config file from a stranger cannot switch it on. Whatever was opened
     is closed again if a check fails; on success the caller closes it (use the result as a context manager).
+    `method_checks=False` (`merge inspect`) opens and checks the inputs only: no method or output dtype applies.
     """
     with ExitStack() as stack, single_threaded_torch():
         base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"), allow_pickle=allow_pickle)
@@ -116,9 +117,11 @@ def prepare(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
             stack.callback(model.close)
             model.check_against(base)
             adapters.append(model)
-        plan = build_plan(base, adapters, dtype_code(config.output.dtype))  # type: ignore[arg-type]
-        check_densities(plan, config.merge_method, config.adapter_params)
-        check_phase(plan.tensors, config.merge_method, [a.label for a in adapters])
+        out_dtype = dtype_code(config.output.dtype) if method_checks else None
+        plan = build_plan(base, adapters, out_dtype)  # type: ignore[arg-type]
+        if method_checks:
+            check_densities(plan, config.merge_method, config.adapter_params)
+            check_phase(plan.tensors, config.merge_method, [a.label for a in adapters])
         stack.pop_all()  # checks passed: the caller owns the open files now
     return PreparedMerge(config, base, adapters, plan)
 

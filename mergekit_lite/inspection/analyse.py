@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..api import PreparedMerge
 from ..config import MergeConfig
 from ..engine.allocator import tune_allocator
 from ..engine.deltas import TensorDeltas
@@ -28,7 +29,7 @@ from ..progress import byte_progress
 from ..sources.checkpoint import BaseCheckpoint
 from .conflicts import ConflictCounts, TauCache, conflict_counts
 from .geometry import TaskFactors, TensorGeometry, cosine_of, tensor_geometry, vector_inner
-from .inputs import OpenedInputs, portable_folder
+from .inputs import portable_folder
 from .streamed import base_square_norm, chunk_rows, dense_inner, row_ranges, sample_ranges
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def densities_for(config: MergeConfig, method_given: bool, density: float | None
     return [DEFAULT_DENSITY] * len(config.inputs)
 
 
-def analyse(config: MergeConfig, method_given: bool, inputs: OpenedInputs, options: InspectOptions,
+def analyse(config: MergeConfig, method_given: bool, inputs: PreparedMerge, options: InspectOptions,
             progress: bool = False) -> Inspection:
     """Measure every touched tensor of the plan (see the module docstring)."""
     started = time.perf_counter()
@@ -275,7 +276,7 @@ class _Clock:
         return mapped
 
 
-def _tensor(tensor: TensorPlan, inputs: OpenedInputs, weights: list[float], densities: list[float],
+def _tensor(tensor: TensorPlan, inputs: PreparedMerge, weights: list[float], densities: list[float],
             options: InspectOptions, clock: _Clock, pool: ThreadPoolExecutor, side_by_side: bool,
             cache: TauCache) -> TensorResult:
     info = tensor.info

@@ -8,20 +8,15 @@ A config written only to inspect needs no `method:` and no `output:`. Rather tha
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..api import PreparedMerge, prepare
 from ..compat.mergekit import from_mergekit, is_mergekit_config
 from ..config import MergeConfig, read_config_data
-from ..engine.device import single_threaded_torch
-from ..engine.plan import MergePlan, build_plan
 from ..errors import MergeConfigError
-from ..hub.resolve import hub_reference, resolve_model_dir
-from ..sources.adapter import PeftAdapter
-from ..sources.checkpoint import BaseCheckpoint
-from ..sources.full_model import FullModel
+from ..hub.resolve import hub_reference
 
 #: what a config without `method:` is read as (it takes no parameter, so no adapter key can clash with it)
 DEFAULT_METHOD = "task_arithmetic"
@@ -62,48 +57,11 @@ def inspect_config_from_dict(data: Any, base_dir: str | Path | None = None) -> I
     return InspectConfig(MergeConfig.from_dict(filled, base_dir), method_given)
 
 
-@dataclass
-class OpenedInputs:
-    """The base and adapters opened lazily, and the plan of what each adapter changes; closes them on exit."""
-
-    base: BaseCheckpoint
-    adapters: list[PeftAdapter | FullModel]
-    plan: MergePlan
-
-    def close(self) -> None:
-        """Close every file the inputs opened."""
-        for adapter in self.adapters:
-            adapter.close()
-        self.base.close()
-
-    def __enter__(self) -> OpenedInputs:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def open_inputs(config: MergeConfig, allow_pickle: bool = False) -> OpenedInputs:
+def open_inputs(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:
     """Resolve (local folder or Hub id), open and plan the inputs as `merge run` does (adapters, then full models,
     each checked against the base), with no method checks: inspect reads every input's change, whichever method
     would merge them."""
-    with ExitStack() as stack, single_threaded_torch():
-        base = BaseCheckpoint(resolve_model_dir(config, config.base_model, kind="base"), allow_pickle=allow_pickle)
-        stack.callback(base.close)
-        adapters: list[PeftAdapter | FullModel] = []
-        for spec in config.adapters:
-            adapter = PeftAdapter(resolve_model_dir(config, spec.path, kind="adapter"), spec.label,
-                                  allow_pickle=allow_pickle)
-            stack.callback(adapter.close)
-            adapters.append(adapter)
-        for spec in config.models:
-            model = FullModel(resolve_model_dir(config, spec.path, kind="base"), spec.label, allow_pickle=allow_pickle)
-            stack.callback(model.close)
-            model.check_against(base)
-            adapters.append(model)
-        plan = build_plan(base, adapters, None)  # type: ignore[arg-type]
-        stack.pop_all()
-    return OpenedInputs(base, adapters, plan)
+    return prepare(config, allow_pickle=allow_pickle, method_checks=False)
 
 
 def portable_folder(config: MergeConfig, reference: str, folder: Path) -> str:
