@@ -246,8 +246,8 @@ class MergeEngine:
                 self._emit(pending.popleft().result(), writer, progress)
         while pending:
             self._emit(pending.popleft().result(), writer, progress)
-        if sparse is not None and sparse.trimmers:
-            release_free_memory()  # the selection passes' temporaries: handed back before the next tensor
+        if (sparse is not None and sparse.trimmers) or interpolation is not None:
+            release_free_memory()  # the selection / statistics passes' temporaries: handed back before the next tensor
 
     # -- one tensor at a time, for outputs other than a checkpoint (a PEFT adapter) --------------------------
 

@@ -24,6 +24,8 @@ DEFAULT_MAX_MEMORY = 512 * 2**20
 WORKING_BUFFERS = 3
 #: extra float32 buffers of an elementwise method on the torch path, per element: the sign vote, the sum, the divisor
 SPARSE_BUFFERS = 3
+#: float32-sized buffers of an interpolating method's statistics pass besides its τᵢ (see schedule_tensor)
+INTERPOLATION_BUFFERS = 7
 
 #: what the engine does with a tensor
 COPY, CAST, MERGE = "copy", "cast", "merge"
@@ -161,8 +163,10 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
     materialized = len(active) + (0 if elementwise_c else SPARSE_BUFFERS) if method.is_elementwise else 0
     if kernel == C_SUM and not method.is_elementwise:  # the τᵢ of a chunk, in each merge thread's buffers
         materialized = len(active)
-    if method.is_interpolation:  # the endpoints, their float64 copies in the statistics pass
-        materialized = len(active) + SPARSE_BUFFERS
+    if method.is_interpolation:
+        # per element of a chunk, besides W: each τᵢ and its weighted copy, one new endpoint, the two endpoints in
+        # float64 (four float32's worth) and one float64 product (two) in the statistics pass
+        materialized = 2 * len(active) + INTERPOLATION_BUFFERS
     ranges = chunk_ranges(plan.info.rows, rows_per_chunk(plan, materialized, options, elementwise_c))
     raw_rows = (kernel != TORCH and TORCH_DTYPES[plan.info.dtype] in kernels.ROW_TYPES
                 and TORCH_DTYPES[plan.out_dtype] in kernels.ROW_TYPES)
