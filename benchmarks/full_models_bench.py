@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -50,7 +49,7 @@ WORK = HERE / "work"
 RESULTS = HERE / "results"
 PEERS = WORK / "peers-venv" / "bin"
 sys.path.insert(0, str(HERE))
-from run import machine  # noqa: E402
+from run import machine, timed  # noqa: E402
 from synthetic import Shape, build_base  # noqa: E402
 
 #: relative size of the fine-tune noise: N(0, (NOISE · rms(W))²) per tensor (see the docstring)
@@ -188,19 +187,6 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict:
         change += float(((y.double() - w.double()) ** 2).sum())
     return {"max_steps_at_tensor_max": worst_steps, "max_entry_steps": worst_ulps,
             "differing_share": differing / max(total, 1), "relative_change_error": (error / change) ** 0.5}
-
-
-def timed(command: list[str], log: Path) -> dict:
-    """Run a command under /usr/bin/time: wall seconds, CPU seconds (user + system: less sensitive than the wall
-    time to other work on a shared machine) and peak RSS bytes of the child."""
-    stats = log.with_suffix(".time")
-    with open(log, "w") as out:
-        done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %U %S %M", *command], stdout=out,
-                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
-    wall, user, system, rss_kb = stats.read_text().split()[-4:]
-    return {"wall_s": float(wall), "cpu_s": float(user) + float(system), "peak_rss_bytes": int(rss_kb) * 1024}
 
 
 def run_case(label: str, command: list[str], out: Path, logs: Path, repeat: int) -> dict:

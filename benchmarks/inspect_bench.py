@@ -18,33 +18,17 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import RESULTS, WORK, machine  # noqa: E402
+from run import RESULTS, WORK, machine, timed  # noqa: E402
 from synthetic import Shape, build  # noqa: E402
 
 BASELINE = "merge run task_arithmetic"
-
-
-def timed(command: list[str], log: Path) -> dict:
-    """Run a command under /usr/bin/time: wall seconds, CPU seconds (user + system) and peak RSS bytes."""
-    stats = log.with_suffix(".time")
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%U %S %M", *command], stdout=out,
-                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed; see {log}")
-    user, system, rss_kb = stats.read_text().split()[-3:]
-    return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_bytes": int(rss_kb) * 1024}
 
 
 def main() -> None:

@@ -70,17 +70,18 @@ def ensure_peers() -> Path:
 
 
 def timed(command: list[str], log: Path) -> dict:
-    """Run a command under /usr/bin/time; return wall seconds and peak RSS bytes."""
+    """Run a command under /usr/bin/time: wall seconds, CPU seconds (user + system: less sensitive than the wall
+    time to other work on a shared machine) and peak RSS bytes of the child."""
     stats = log.with_suffix(".time")
     started = time.perf_counter()
     with open(log, "w") as out:
-        done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %M", *command], stdout=out,
+        done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%U %S %M", *command], stdout=out,
                               stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed; see {log}")
-    rss_kb = int(stats.read_text().split()[-1])
-    return {"wall_s": wall, "peak_rss_bytes": rss_kb * 1024}
+    user, system, rss_kb = stats.read_text().split()[-3:]
+    return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_bytes": int(rss_kb) * 1024}
 
 
 def our_config(root: Path, case: str, out: Path, adapters: int) -> Path:
