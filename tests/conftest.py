@@ -60,3 +60,17 @@ def write_config(folder: Path, data: dict[str, Any], name: str = "config.yaml") 
     path = folder / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny bases, built once for the session and only read: Llama, Llama with attention biases (lora_bias),
+    GPT-2 (Conv1D)."""
+    from evals.fixtures import build_tiny_gpt2, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("bases")
+    return {
+        "llama": build_tiny_llama(root / "llama"),
+        "llama_bias": build_tiny_llama(root / "llama_bias", attention_bias=True),
+        "gpt2": build_tiny_gpt2(root / "gpt2"),
+    }

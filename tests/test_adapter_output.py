@@ -32,7 +32,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from evals.fixtures import build_adapter, build_tiny_gpt2, build_tiny_llama
+from evals.fixtures import build_adapter
 from mergekit_lite import MergeConfig, MergeConfigError, merge
 from tests.reference import load_checkpoint, plain_lora_task_vectors
 
@@ -253,16 +253,6 @@ LINEAR_METHODS: dict[str, tuple[dict[str, Any], list[float]]] = {
     "task_arithmetic": ({"lambda": 0.7}, [1.0, -0.6]),
 }
 PAIRS = [(v, m) for v in VARIANT_CASES for m in LINEAR_METHODS]
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bases")
-    return {
-        "llama": build_tiny_llama(root / "llama"),
-        "llama_bias": build_tiny_llama(root / "llama_bias", attention_bias=True),
-        "gpt2": build_tiny_gpt2(root / "gpt2"),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from evals.fixtures import (  # noqa: E402
     VARIANTS,
     build_adapter,
     build_demo,
-    build_tiny_gpt2,
     build_tiny_llama,
     make_tokenizer,
 )
@@ -37,17 +36,6 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of a safetensors file, without loading the data."""
     with safe_open(str(path), "pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny bases built once for the module: plain Llama, Llama with attention biases, GPT-2."""
-    root = tmp_path_factory.mktemp("fixture_bases")
-    return {
-        "llama": build_tiny_llama(root / "llama"),
-        "llama_bias": build_tiny_llama(root / "llama_bias", attention_bias=True),
-        "gpt2": build_tiny_gpt2(root / "gpt2"),
-    }
 
 
 @pytest.fixture(scope="module")

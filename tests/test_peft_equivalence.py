@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from evals.fixtures import VARIANTS, build_adapter, build_tiny_gpt2, build_tiny_llama  # noqa: E402
+from evals.fixtures import VARIANTS, build_adapter  # noqa: E402
 
 ATOL = RTOL = 1e-5
 LOGITS_ATOL = 1e-4
@@ -87,17 +87,6 @@ def _logits(model: Any, tokenizer: Any) -> torch.Tensor:
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(**batch).logits
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny bases, built once: Llama, Llama with attention biases (for lora_bias), GPT-2 (Conv1D)."""
-    root = tmp_path_factory.mktemp("bases")
-    return {
-        "llama": build_tiny_llama(root / "llama"),
-        "llama_bias": build_tiny_llama(root / "llama_bias", attention_bias=True),
-        "gpt2": build_tiny_gpt2(root / "gpt2"),
-    }
 
 
 @pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
