@@ -31,7 +31,7 @@ import random
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -371,7 +371,7 @@ def evaluate_models(
     from ..engine.device import resolve_device
 
     options = options or EvalOptions()
-    options = EvalOptions(**{**options.to_dict(), "device": str(resolve_device(options.device))})
+    options = replace(options, device=str(resolve_device(options.device)))
     out_dir = Path(out_dir).resolve()
     _check_unique_names(models)
     selection = tasks if isinstance(tasks, TaskSelection) else select_suite_or_tasks(tasks, note=note)
@@ -464,11 +464,6 @@ def headline_metric(results: dict[str, Any], task: str) -> dict[str, Any]:
 
 def _metric_rank(metric: str) -> int:
     return _PRIMARY_METRICS.index(metric) if metric in _PRIMARY_METRICS else len(_PRIMARY_METRICS)
-
-
-def primary_metric(task_results: dict[str, Any]) -> str | None:
-    """The headline metric's name in one task's lm-eval results (`acc` for the suite's multiple-choice tasks)."""
-    return headline_metric({"results": {"t": task_results}}, "t")["metric"]
 
 
 def table_columns(results: dict[str, Any], requested: Sequence[str]) -> list[str]:
