@@ -6,12 +6,15 @@ import difflib
 from collections.abc import Iterable
 
 
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean 'x'?)' for the closest choice, or a list of valid choices when none is close."""
+def did_you_mean(name: str, choices: Iterable[str], *, matches: int = 1, otherwise: str | None = None) -> str:
+    """' (did you mean 'x'?)' for the closest choices (up to `matches`); when none is close, `otherwise` (for
+    thousands of names, where a list would not help), else the list of valid choices."""
     options = sorted(choices)
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, options, n=matches, cutoff=0.6)
     if close:
-        return f" (did you mean '{close[0]}'?)"
+        return " (did you mean " + ", ".join(f"'{c}'" for c in close) + "?)"
+    if otherwise is not None:
+        return f" ({otherwise})"
     if options:
         return f" (valid: {', '.join(options)})"
     return ""

@@ -15,7 +15,6 @@ one error naming the task and the dataset. The built tasks are then reused for e
 
 from __future__ import annotations
 
-import difflib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EvalError
+from ..suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +138,6 @@ def _manager(paths: Sequence[Path], *, with_builtin: bool) -> Any:
     return manager
 
 
-def suggest(name: str, known: Sequence[str]) -> str:
-    """' (did you mean 'a', 'b'?)' over thousands of names, or a pointer to the full list."""
-    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-    if close:
-        return " (did you mean " + ", ".join(f"'{c}'" for c in close) + "?)"
-    return " (see `lm-eval ls tasks` for lm-eval's tasks; the offline suite: " + ", ".join(SUITE_TASKS) + ")"
-
-
 def select_tasks(tasks: Sequence[str] | None, suite_dir: Path, *, build: bool = True,
                  note: Callable[[str], None] | None = None) -> TaskSelection:
     """Resolve `--tasks` items to lm-eval tasks and build them once (datasets loaded, errors named)."""
@@ -159,7 +151,7 @@ def select_tasks(tasks: Sequence[str] | None, suite_dir: Path, *, build: bool = 
     if not index_paths:
         raise EvalError(f"no lm-eval task folder found (looked for {suite_dir}): reinstall mergekit_lite (the suite "
                         "ships with it), set MERGEKIT_LITE_EVAL_TASKS, or pass --tasks with a YAML file or folder")
-    requested = list(dict.fromkeys([*names, *origins])) or [t for t in SUITE_TASKS]
+    requested = list(dict.fromkeys([*names, *origins])) or list(SUITE_TASKS)
     manager = _manager(index_paths, with_builtin=False)
     builtin = False
     if any(name not in manager.task_index for name in requested):
@@ -172,7 +164,9 @@ def select_tasks(tasks: Sequence[str] | None, suite_dir: Path, *, build: bool = 
     known = manager.task_index
     for name in requested:
         if name not in known:
-            raise EvalError(f"unknown lm-eval task '{name}'" + suggest(name, sorted(known)))
+            raise EvalError(f"unknown lm-eval task '{name}'" + did_you_mean(
+                name, known, matches=3,
+                otherwise="see `lm-eval ls tasks` for lm-eval's tasks; the offline suite: " + ", ".join(SUITE_TASKS)))
     run: list[str] = []
     for name in requested:
         run.append(name)
