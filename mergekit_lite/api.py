@@ -30,6 +30,7 @@ from .writers.card import warm_card_imports
 from .writers.checkpoint import shard_layout
 from .writers.kinds import CONFIG_COPY, output_kind, write_output
 from .writers.preflight import check_apart, check_free_space, preflight_output
+from .writers.ownership import local_inputs as _local_inputs
 from .writers.staging import remove_stale
 
 logger = logging.getLogger(__name__)
@@ -288,14 +289,6 @@ def engine_for(prepared: PreparedMerge, device: torch.device, chunk_rows: int | 
     )
     return MergeEngine(prepared.plan, prepared.base, config.merge_method, config.weights, config.global_params,
                        config.adapter_params, config.seed, options)
-
-
-def _local_inputs(config: MergeConfig) -> list[tuple[str, Path]]:
-    """The inputs that are local folders as the config names them (Hub ids are checked once resolved)."""
-    references = [("the base model", config.base_model)]
-    references += [(f"adapter '{spec.label}'", spec.path) for spec in config.adapters]
-    references += [(f"model '{spec.label}'", spec.path) for spec in config.models]
-    return [(what, config.resolve_path(ref)) for what, ref in references if hub_reference(config, ref) is None]
 
 
 def _hub_inputs(config: MergeConfig, prepared: PreparedMerge) -> list[tuple[str, Path]]:

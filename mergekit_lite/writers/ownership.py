@@ -1,0 +1,225 @@
+"""Which output folders a command may write into or replace: a new or empty one, or one it wrote itself.
+
+A report folder (`merge inspect`, `merge sweep`, `merge eval`) is ours only when it carries our marker file,
+`.mergekit_lite_output.json`, holding a fixed magic key, the command that made it and a format number; a
+file of that name with any other content does not count, nor does any other file we would write (a user's
+`inspect.json` or `leaderboard.md` is not a report). A merge output (`merge run`) is recognised by its own
+provenance instead: the config copy every merge writes, read back as a merge config mapping. Anything else
+that is not empty is refused in one line before any work, and so is an output that is, lies inside, or holds
+an input, or that cannot be written. A folder that passes is then replaced whole, atomically
+(`owned_folder`): killed at any moment, the previous set or the new one is in place, never a mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import OutputPathError
+from .atomic import atomic_directory
+from .failures import nearest_existing
+from .preflight import check_apart, check_output_path
+from .staging import remove_stale, staging_prefix
+
+if TYPE_CHECKING:
+    from ..config import MergeConfig
+
+#: the marker file's name, its magic key and value, and its format
+MARKER = ".mergekit_lite_output.json"
+MAGIC_KEY = "mergekit_lite_output"
+MAGIC = "a folder written by mergekit_lite; the command named here may replace it whole"
+FORMAT = 1
+#: the commands whose folders carry the marker; "run" stands for a merge output (recognised by provenance)
+COMMANDS = ("inspect", "sweep", "eval")
+MERGE = "run"
+#: the config copy a merge output holds (writers.kinds.CONFIG_COPY, repeated here to keep this module light)
+_CONFIG_COPY = "mergekit_lite_config.yaml"
+#: a marker is a few hundred bytes; a larger file of that name is not ours
+_MAX_MARKER_BYTES = 4096
+
+
+def marker_data(command: str) -> dict[str, Any]:
+    """The marker's content for a folder `command` writes."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}")
+    return {MAGIC_KEY: MAGIC, "command": command, "format": FORMAT}
+
+
+def write_marker(folder: Path, command: str) -> Path:
+    """Put the marker of `command` into `folder` (a staging folder, or one this run just made)."""
+    path = folder / MARKER
+    path.write_text(json.dumps(marker_data(command), indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def read_marker(folder: Path) -> str | None:
+    """The command a folder's marker names, or None when there is no marker or it is not exactly ours."""
+    path = folder / MARKER
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_MARKER_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or set(data) != {MAGIC_KEY, "command", "format"}:
+        return None
+    if data[MAGIC_KEY] != MAGIC or data["format"] != FORMAT or data["command"] not in COMMANDS:
+        return None
+    return str(data["command"])
+
+
+def is_merge_output(folder: Path) -> bool:
+    """Whether `folder` is a `merge run` output: its config copy reads as a merge config naming a base model."""
+    import yaml
+
+    path = folder / _CONFIG_COPY
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("base_model"), str) and (
+        "adapters" in data or "models" in data)
+
+
+def owner(folder: Path) -> str | None:
+    """Which command wrote `folder` ("inspect", "sweep", "eval", or "run" for a merge output), else None."""
+    if not folder.is_dir() or folder.is_symlink():
+        return None
+    return read_marker(folder) or (MERGE if is_merge_output(folder) else None)
+
+
+def is_empty(folder: Path) -> bool:
+    """An existing folder with nothing in it."""
+    with os.scandir(folder) as entries:
+        return next(entries, None) is None
+
+
+def local_inputs(config: MergeConfig) -> list[tuple[str, Path]]:
+    """The inputs that are local folders as the config names them (Hub ids are checked once resolved)."""
+    from ..hub.resolve import hub_reference
+
+    references = [("the base model", config.base_model)]
+    references += [(f"adapter '{spec.label}'", spec.path) for spec in config.adapters]
+    references += [(f"model '{spec.label}'", spec.path) for spec in config.models]
+    return [(what, config.resolve_path(ref)) for what, ref in references if hub_reference(config, ref) is None]
+
+
+def check_output_folder(target: Path, command: str, inputs: Iterable[tuple[str, Path]] = (), *,
+                        option: str = "--out", accept: Sequence[str] | None = None) -> bool:
+    """Refuse, before any work and writing nothing, an output folder `command` may not use; True when it holds
+    an earlier output of ours (to be replaced whole or continued), False when it is absent or empty.
+
+    Refused: a file, or a path under a file; an input, a folder inside one, or one holding one; a folder that
+    cannot be written; a folder that is not empty and is not ours (`accept`: the owners taken as ours, by default
+    `command` alone).
+    """
+    accepted = tuple(accept) if accept is not None else (command,)
+    resolved = Path(target).resolve()
+    try:
+        check_output_path(resolved)
+    except OutputPathError as error:
+        raise OutputPathError(f"{option}: {error}") from None
+    try:
+        check_apart(resolved, inputs)
+    except OutputPathError as error:
+        raise OutputPathError(f"{option}: {error}".replace(", which --overwrite would delete", "")) from None
+    if resolved.is_symlink():
+        raise OutputPathError(f"{option} {target}: a symbolic link; give the folder it points to, or another path")
+    exists = resolved.is_dir()
+    if exists and not is_empty(resolved) and owner(resolved) not in accepted:
+        raise OutputPathError(
+            f"{option} {target}: the folder is not empty and was not written by `merge {command}` (it has no "
+            f"{MARKER} of ours), so nothing in it is touched; choose a new or empty folder")
+    check_writable(resolved, option)
+    return exists and not is_empty(resolved)
+
+
+def check_writable(target: Path, option: str = "--out") -> None:
+    """Refuse an output whose folder (or, when new, the closest existing folder above it) cannot be written:
+    a probe folder is made there and removed at once, so a read-only place fails now, not after the work."""
+    places = [nearest_existing(target.parent)]
+    if target.is_dir():
+        places.append(target)
+    for place in places:
+        try:
+            probe = tempfile.mkdtemp(prefix=staging_prefix(target) + "probe-", dir=place)
+        except OSError as error:
+            raise OutputPathError(f"{option} {target}: {place} cannot be written ({error.strerror or error}); "
+                                  "choose a folder you can write to") from None
+        os.rmdir(probe)
+
+
+def check_still_ours(target: Path, command: str, accept: Sequence[str] | None = None) -> None:
+    """At the moment of the swap: refuse a target that became foreign (files put there while the command ran)."""
+    accepted = tuple(accept) if accept is not None else (command,)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise OutputPathError(f"--out {target}: something else was put there while `merge {command}` ran; "
+                              "nothing was replaced")
+    if target.is_dir() and not is_empty(target) and owner(target) not in accepted:
+        raise OutputPathError(f"--out {target}: files not written by `merge {command}` appeared there while it "
+                              "ran; nothing was replaced")
+
+
+@contextmanager
+def owned_folder(target: Path, command: str, keep: Sequence[str] = ()) -> Iterator[Path]:
+    """A staging folder (with our marker) that replaces `target` whole when the body succeeds.
+
+    `keep` names entries of the current `target` (a sweep's cache) carried into the new set: each file is
+    hard-linked (copied where links are refused), so the old set keeps them until the swap and the new set
+    has them after it. The target must have passed `check_output_folder`; it is checked again right before
+    the swap. Temporary folders left by a killed run are removed first.
+    """
+    target = Path(target).resolve()
+    remove_stale(target)
+    with atomic_directory(target, overwrite=True) as staging:
+        write_marker(staging, command)
+        yield staging
+        for name in keep:
+            if (target / name).is_dir() and not (target / name).is_symlink():
+                _link_tree(target / name, staging / name)
+        check_still_ours(target, command)
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    """Hard-link every regular file of `source` into `destination` (copy where the filesystem refuses links)."""
+    for folder, _, files in os.walk(source):
+        there = destination / Path(folder).relative_to(source)
+        there.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            path = Path(folder) / name
+            if path.is_symlink() or not path.is_file() or (there / name).exists():
+                continue
+            try:
+                os.link(path, there / name)
+            except OSError:
+                shutil.copy2(path, there / name)
+
+
+def claim(target: Path, command: str) -> bool:
+    """Make `target` ours before writing into it in place (a sweep's cache): create it with our marker when it
+    is absent or empty; True when this call created the folder (so a failure before any result can remove it)."""
+    target = Path(target).resolve()
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    if read_marker(target) is None:
+        write_marker(target, command)
+    return created
+
+
+def release(target: Path) -> None:
+    """Remove a folder `claim` created when it still holds nothing but our marker (the run wrote no result)."""
+    target = Path(target).resolve()
+    try:
+        if [p.name for p in target.iterdir()] == [MARKER] and read_marker(target) is not None:
+            (target / MARKER).unlink()
+            target.rmdir()
+    except OSError:
+        pass
