@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from mergekit_lite.cli import main
 from mergekit_lite.inspection import report
+from mergekit_lite.writers.ownership import MARKER
 
 from .conftest import REPO, write_config
 from .inspect_fixtures import random_factors, write_adapter, write_base
@@ -38,7 +39,7 @@ def test_a_config_without_a_method_is_inspected_and_the_folder_written(small: Pa
     assert result.exit_code == 0, result.output
     assert "merge inspect: 2 adapter(s)" in result.output and "verdict (heuristics):" in result.output
     assert "`merge sweep`" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["inspect.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "inspect.json", "report.md"]
     data = json.loads((out / "inspect.json").read_text())
     assert data["method"] is None and data["settings"]["densities"] == [0.5, 0.5]
     assert "## Verdict" in (out / "report.md").read_text()
@@ -95,7 +96,41 @@ def test_an_earlier_report_is_replaced_and_another_folder_is_refused(small: Path
     (precious / "notes.txt").write_text("mine")
     result = invoke(str(small), "--out", str(precious), "--no-plots")
     assert result.exit_code == 2 and (precious / "notes.txt").read_text() == "mine"
-    assert result.output.count("\n") == 1 and "holds no inspect.json" in result.output
+    assert result.output.count("\n") == 1 and "not written by `merge inspect`" in result.output
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_adapter_folder_holding_an_inspect_json_is_never_replaced(small: Path) -> None:
+    """#23: --out = an input adapter's folder that happens to hold an inspect.json kept its files."""
+    adapter = small.parent / "one"
+    (adapter / "inspect.json").write_text("{}")
+    before = _tree(adapter)
+    result = invoke(str(small), "--out", str(adapter), "--no-plots")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "adapter 'one'" in result.output
+    assert _tree(adapter) == before
+
+
+def test_a_users_folder_with_an_inspect_json_notes_and_a_subfolder_is_refused(small: Path) -> None:
+    mine = small.parent / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "inspect.json").write_text('{"mine": true}')
+    (mine / "notes.txt").write_text("notes")
+    (mine / "sub" / "data.csv").write_text("1,2")
+    before = _tree(mine)
+    result = invoke(str(small), "--out", str(mine), "--no-plots")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert _tree(mine) == before and sorted(p.name for p in small.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_output_holding_an_input_or_inside_the_base_is_refused(small: Path) -> None:
+    for out in (small.parent, small.parent / "base" / "report"):
+        result = invoke(str(small), "--out", str(out), "--no-plots")
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert not (small.parent / "base" / "report").exists()
 
 
 @pytest.mark.parametrize("change, message", [

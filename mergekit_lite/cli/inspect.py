@@ -13,7 +13,8 @@ from .startup import heavy_imports
 @click.command(name="inspect")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--out", "out", type=click.Path(file_okay=False), default="inspect_report", show_default=True,
-              help="Folder for report.md, inspect.json and the figures (an earlier report there is replaced).")
+              help="Folder for report.md, inspect.json and the figures (new or empty; an earlier report of merge inspect "
+                   "there is replaced whole, any other folder refused).")
 @click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="What to print: the short report, or inspect.json.")
 @click.option("--no-plots", is_flag=True, help="Write no PNG figures (no matplotlib needed).")

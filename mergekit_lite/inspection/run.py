@@ -1,5 +1,6 @@
 """`inspect(config) -> InspectResult`: open the inputs, measure, write report.md, inspect.json and the figures
-into the output folder atomically (a report folder is replaced whole; any other existing folder is refused)."""
+into the output folder atomically: a report folder of our own (writers.ownership's marker) is replaced whole; any
+other non-empty folder, an input, or an unwritable place is refused before the inputs are opened."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ import torch
 from ..config import MergeConfig
 from ..engine.device import resolve_device
 from ..engine.schedule import DEFAULT_MAX_MEMORY
-from ..errors import MergeConfigError, OutputPathError
+from ..errors import MergeConfigError
 from ..units import parse_size
-from ..writers.atomic import atomic_directory
-from ..writers.staging import remove_stale
+from ..writers.ownership import check_output_folder, local_inputs, owned_folder
 from .analyse import Inspection, InspectOptions, analyse
 from .inputs import open_inputs
 from .report import markdown_report, report_data, text_report
@@ -45,7 +45,7 @@ def inspect(config: MergeConfig, method_given: bool = True, out: str | Path = DE
             allow_pickle: bool = False) -> InspectResult:
     """Measure the config's adapters against its base and write the report folder `out`."""
     target = Path(out).resolve()
-    _check_target(target)
+    check_output_folder(target, "inspect", local_inputs(config))
     if sample is not None and sample < 1:
         raise MergeConfigError(f"--sample {sample}: must be a positive number of entries")
     try:
@@ -55,8 +55,7 @@ def inspect(config: MergeConfig, method_given: bool = True, out: str | Path = DE
     options = InspectOptions(density=density, sample=sample, max_memory=budget, device=resolve_device(device))
     with open_inputs(config, allow_pickle) as inputs:
         inspection = analyse(config, method_given, inputs, options, progress)
-    remove_stale(target)
-    with atomic_directory(target, overwrite=True) as staging:
+    with owned_folder(target, "inspect") as staging:
         figures = []
         if plots:
             from .figures import write_figures
@@ -67,13 +66,3 @@ def inspect(config: MergeConfig, method_given: bool = True, out: str | Path = DE
         (staging / REPORT_MD).write_text(markdown_report(data))
     return InspectResult(inspection, data, target)
 
-
-def _check_target(target: Path) -> None:
-    """The report folder may be new, empty or an earlier report (replaced whole); anything else is kept safe."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise OutputPathError(f"--out {target}: a file is in the way; choose another folder")
-    if any(target.iterdir()) and not (target / REPORT_JSON).is_file():
-        raise OutputPathError(f"--out {target}: the folder exists and holds no {REPORT_JSON} (not an earlier "
-                              "report), so it is not replaced; choose another folder or empty it")
