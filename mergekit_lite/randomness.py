@@ -1,23 +1,22 @@
-"""Counter-based randomness: DARE keep-masks as a pure function of (seed, adapter, tensor name, flat index).
+"""Counter-based randomness: uniforms (DARE's keep-masks, DELLA's draws) as a pure function of (seed, adapter,
+tensor name, flat index).
 
 The flat index space of a tensor is cut into fixed blocks of 2¹⁶ entries; block b draws its uniforms from a
 CPU generator seeded with a hash of (seed, adapter, tensor, b). Whatever the chunk size, tensor order or
 device, entry j always gets the same uniform: a chunk generates the blocks it overlaps and slices them.
 Drawing happens on the CPU (the CUDA generator is a different stream) and the mask moves to the device.
-`UniformStream.apply_keep` masks a CPU float32 chunk in place in one pass of the fused kernel (`mkl_dare_keep`,
-which draws the very uniforms torch.rand draws); elsewhere it multiplies by `keep_mask`: the same bytes.
+`UniformStream.apply_keep` multiplies a chunk by its keep-mask in place; the engine passes the fused kernel
+(`mkl_dare_keep`, which draws the very uniforms torch.rand draws) as `fused` for CPU float32 chunks: the same
+bytes. This module sits below the methods and the engine: it imports neither.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import threading
+from collections.abc import Callable
 
 import torch
-
-from . import kernels
 
 BLOCK = 1 << 16
 
@@ -27,7 +26,12 @@ def stream_key(seed: int, adapter: int, tensor: str) -> bytes:
     return hashlib.blake2b(f"{seed}\x00{adapter}\x00{tensor}".encode(), digest_size=16).digest()
 
 
-def _block_seed(key: bytes, block: int) -> int:
+#: an in-place keep kernel: (τ chunk, flat start, the seeds of the blocks it overlaps, density) -> None
+FusedKeep = Callable[[torch.Tensor, int, list[int], float], None]
+
+
+def block_seed(key: bytes, block: int) -> int:
+    """The generator seed of block `block` of stream `key`."""
     digest = hashlib.blake2b(block.to_bytes(8, "little"), key=key, digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
@@ -48,7 +52,7 @@ class UniformStream:
         generator = getattr(self._local, "generator", None)
         if generator is None:
             generator = self._local.generator = torch.Generator()
-        generator.manual_seed(_block_seed(self.key, block))
+        generator.manual_seed(block_seed(self.key, block))
         torch.rand(BLOCK, generator=generator, out=out)
 
     def uniforms(self, start: int, count: int) -> torch.Tensor:
@@ -76,34 +80,23 @@ class UniformStream:
         # sign(density − u) clamped at 0: 1 where u < density, else 0 (float ops; boolean kernels are slow)
         return (density - self.uniforms(start, count)).sign_().clamp_(min=0.0).to(device)
 
+    def block_seeds(self, start: int, count: int) -> list[int]:
+        """The seeds of the blocks that flat indices [start, start + count) overlap, in order."""
+        first, last = start // BLOCK, (start + count - 1) // BLOCK
+        return [block_seed(self.key, b) for b in range(first, last + 1)]
 
-    def apply_keep(self, tau: torch.Tensor, density: float, start: int) -> torch.Tensor:
-        """τ ← τ · keep_mask(density, start, τ.numel()) in place (flat indices from `start`); returns τ."""
-        library = _keep_kernel()
-        if library is None or tau.device.type != "cpu" or tau.dtype != torch.float32 or not tau.is_contiguous():
+    def apply_keep(self, tau: torch.Tensor, density: float, start: int, fused: FusedKeep | None = None) -> torch.Tensor:
+        """τ ← τ · keep_mask(density, start, τ.numel()) in place (flat indices from `start`); returns τ.
+
+        `fused` (the engine's kernel, for contiguous CPU float32 chunks only) draws the same uniforms in one pass.
+        """
+        if fused is None or tau.device.type != "cpu" or tau.dtype != torch.float32 or not tau.is_contiguous():
             return tau.mul_(self.keep_mask(density, start, tau.numel(), tau.device).view(tau.shape))
         count = tau.numel()
         if count == 0 or density >= 1.0:  # keep_mask is all ones: τ · 1 is τ
             return tau
-        first, last = start // BLOCK, (start + count - 1) // BLOCK
-        seeds = (ctypes.c_uint64 * (last - first + 1))(*(_block_seed(self.key, b) for b in range(first, last + 1)))
-        library.mkl_dare_keep(tau.data_ptr(), start, count, seeds, density)
+        fused(tau, start, self.block_seeds(start, count), density)
         return tau
-
-
-@functools.cache
-def _library_with_keep() -> ctypes.CDLL | None:
-    library = kernels._library()
-    if library is None or not hasattr(library, "mkl_dare_keep"):
-        return None
-    library.mkl_dare_keep.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
-    library.mkl_dare_keep.restype = None
-    return library
-
-
-def _keep_kernel() -> ctypes.CDLL | None:
-    """The fused keep-mask kernel, unless the kernels are missing or switched off (MERGEKIT_LITE_KERNELS=torch)."""
-    return _library_with_keep() if kernels.enabled() else None
 
 
 def keep_mask(key: bytes, density: float, start: int, count: int, device: torch.device) -> torch.Tensor:

@@ -204,8 +204,8 @@ def test_low_rank_product_tiles_keep_the_scalar_order_bit_for_bit(rows: int, ran
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9999999, 1.0])
 def test_the_fused_dare_keep_mask_equals_torch_rand_masks_for_any_cut_of_the_blocks(density: float) -> None:
     """mkl_dare_keep draws torch.rand's uniforms itself (MT19937 as torch seeds it): same bytes as multiplying
-    by rng.keep_mask, for chunks that start and end inside blocks, span several, or cover one exactly."""
-    from mergekit_lite.engine.rng import BLOCK, UniformStream, keep_mask, stream_key
+    by randomness.keep_mask, for chunks that start and end inside blocks, span several, or cover one exactly."""
+    from mergekit_lite.randomness import BLOCK, UniformStream, keep_mask, stream_key
 
     key = stream_key(3, 1, "model.layers.0.mlp.down_proj.weight")
     generator = torch.Generator().manual_seed(11)
@@ -214,5 +214,5 @@ def test_the_fused_dare_keep_mask_equals_torch_rand_masks_for_any_cut_of_the_blo
         special = torch.tensor([-0.0, float("nan"), -2.5])[:count]
         tau[: len(special)] = special
         expected = tau * keep_mask(key, density, start, count, torch.device("cpu"))
-        fused = UniformStream(key).apply_keep(tau.clone(), density, start)
+        fused = UniformStream(key).apply_keep(tau.clone(), density, start, kernels.fused_keep())
         assert torch.equal(fused.view(torch.int32), expected.view(torch.int32)), (start, count)

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mergekit_lite.engine.elementwise import SparseTensorMerge
-from mergekit_lite.engine.rng import keep_mask, stream_key
+from mergekit_lite.randomness import keep_mask, stream_key
 from mergekit_lite.engine.select import Trimmer
 
 from mergekit_lite import MergeConfig, MergeConfigError, merge

@@ -1,7 +1,8 @@
 """Streaming one tensor through an elementwise method: sparsify each τᵢ, weight it, combine (SEMANTICS §3–§5).
 
-TIES-style trimming needs each τᵢ's exact k-th largest magnitude before any chunk can be merged, so
-`prepare` runs the selection passes; DARE needs no pass: its keep-mask is a pure function of the flat index.
+How τᵢ is thinned is the method's sparsifier (methods/sparsifiers.py): `prepare` runs the exact selection passes
+for the top-k sets it asks for (TIES' trim threshold, Breadcrumbs' two), the random ones draw from the
+counter-based streams; the engine only answers the strategy's questions, it never looks at its name.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import torch
 
 from ..errors import MergeConfigError
 from ..methods import ElementwisePhase, MergeMethod
-from ..methods._common import kept_count, kept_scale
 from ..methods.gradients import evaluate, layer_count, layer_position
+from ..methods.sparsifiers import NONE, Cut, kept_count
+from ..randomness import UniformStream, stream_key
 from . import kernels
 from .finite import all_finite
 from .plan import MergePlan
-from .rng import UniformStream, stream_key
 from .select import Mapper, Trimmer, kth_largest_magnitudes
 
 #: the C kernels an elementwise method may declare (ElementwisePhase.kernel)
@@ -27,7 +28,7 @@ KERNELS = {"sum": kernels.SUM, "ties": kernels.TIES}
 
 def check_densities(plan: MergePlan, method: MergeMethod, adapter_params: Sequence[Mapping[str, Any]]) -> None:
     """A density that keeps 0 entries of a tensor an adapter touches is a config error naming the tensor."""
-    if method.sparsification is None:
+    if not isinstance(method.phase, ElementwisePhase) or method.phase.sparsifier is None:
         return
     n_layers = layer_count(t.name for t in plan.tensors)
     for tensor in plan.tensors:
@@ -41,8 +42,18 @@ def check_densities(plan: MergePlan, method: MergeMethod, adapter_params: Sequen
                 )
 
 
+def row_length(shape: Sequence[int] | None, numel: int) -> int:
+    """Entries per row for the per-row sparsifiers: the product of the trailing dims; a 1-D tensor is one row."""
+    if shape is None or len(shape) < 2:
+        return max(numel, 1)
+    length = 1
+    for size in shape[1:]:
+        length *= size
+    return max(length, 1)
+
+
 class SparseTensorMerge:
-    """The per-tensor state of a sparsifying method: trim thresholds, DARE streams, weights."""
+    """The per-tensor state of a sparsifying method: the top-k sets its sparsifier asked for, streams, weights."""
 
     def __init__(
         self,
@@ -54,10 +65,12 @@ class SparseTensorMerge:
         global_params: Mapping[str, Any],
         adapter_params: Sequence[Mapping[str, Any]],
         seed: int,
+        shape: Sequence[int] | None = None,
     ) -> None:
         assert isinstance(method.phase, ElementwisePhase)
         self.method = method
         self.phase = method.phase
+        self.sparsifier = method.phase.sparsifier or NONE
         self.tensor_name = tensor_name
         self.numel = numel
         self.active = list(active)
@@ -65,22 +78,33 @@ class SparseTensorMerge:
         self.global_params = global_params
         self.adapter_params = adapter_params
         self.seed = seed
-        self.trimmers: dict[int, Trimmer] = {}
-        self.streams = {i: UniformStream(stream_key(seed, i, tensor_name)) for i in self.active}
+        #: (adapter, the sparsifier's name for the set) -> the exact top-k set, chunk by chunk
+        self.trimmers: dict[tuple[int, str], Trimmer] = {}
+        fused = kernels.fused_keep()
+        self.cuts = {
+            i: Cut(adapter_params[i], {}, UniformStream(stream_key(seed, i, tensor_name)),
+                   row_length(shape, numel), fused)
+            for i in self.active
+        }
 
     def needs_selection(self, index: int) -> bool:
-        """True when adapter `index` must be trimmed (magnitude sparsification with density < 1)."""
-        return self.method.sparsification == "magnitude" and self.adapter_params[index]["density"] < 1.0
+        """True when adapter `index`'s sparsifier needs exact top-k sets (selection passes) on this tensor."""
+        return bool(self.sparsifier.ranks(self.adapter_params[index], self.numel))
 
     def prepare(self, index: int, chunks: Callable[[], Iterable[torch.Tensor]], mapper: Mapper = map) -> None:
-        """Selection passes over τᵢ's chunks: the exact trim threshold of adapter `index`."""
+        """Selection passes over τᵢ's chunks: the exact top-k sets adapter `index` needs."""
         self.prepare_many({index: chunks}, mapper)
 
     def prepare_many(self, sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], mapper: Mapper = map) -> None:
         """`prepare` for several adapters at once, their passes side by side (chunks must already exist)."""
-        ks = {index: kept_count(self.adapter_params[index]["density"], self.numel) for index in sources}
-        for index, threshold in kth_largest_magnitudes(sources, ks, numel=self.numel, mapper=mapper).items():
-            self.trimmers[index] = Trimmer(threshold, sources[index])
+        keyed, ks = {}, {}
+        for index, chunks in sources.items():
+            for name, k in self.sparsifier.ranks(self.adapter_params[index], self.numel).items():
+                keyed[(index, name)], ks[(index, name)] = chunks, k
+        for key, threshold in kth_largest_magnitudes(keyed, ks, numel=self.numel, mapper=mapper).items():
+            self.trimmers[key] = trimmer = Trimmer(threshold, keyed[key])
+            index, name = key
+            self.cuts[index].tops = {**self.cuts[index].tops, name: trimmer}
 
     def chunks_independent(self) -> bool:
         """True when chunks may be merged in any order (every trimmer counted its split ties up front)."""
@@ -92,7 +116,8 @@ class SparseTensorMerge:
 
         `base_rows` is W as read (the fused kernels take float32 and bfloat16 rows as they are; otherwise they
         are widened to `compute_dtype` here). The τᵢ chunks are consumed (they may be changed in place). One
-        fused pass when the kernels apply, else the torch steps of `merge_chunk`, then a cast and a check.
+        fused pass when the kernels apply (each τᵢ cut in place first where a magnitude cut cannot say it), else
+        the torch steps of `merge_chunk`, then a cast and a check.
         """
         kind = KERNELS.get(self.phase.kernel)  # type: ignore[arg-type]
         chunks = [taus[i] for i in self.active]
@@ -101,20 +126,8 @@ class SparseTensorMerge:
             merged = base_rows.to(compute_dtype).add_(self.merge_chunk(taus, flat_start).reshape(base_rows.shape))
             out = merged.to(out_dtype)
             return out, all_finite(out)
-        below = []
-        for index, tau in zip(self.active, chunks):
-            trimmer = self.trimmers.get(index)
-            cut = -1.0  # the kernel keeps |τ| > cut (all of τ when negative)
-            if trimmer is not None:
-                whole = trimmer.chunk_below(flat_start)  # every tie of this chunk kept or every one dropped
-                if whole is None:
-                    cut = trimmer.below
-                    trimmer.drop_extra_ties(tau, tau, flat_start)
-                else:
-                    cut = whole
-            elif self.method.sparsification == "dare":
-                self._apply_keep(index, tau, flat_start)
-            below.append(cut)
+        below = [self.sparsifier.cut_in_place(tau, flat_start, self.cuts[index])  # the kernel keeps |τ| > below
+                 for index, tau in zip(self.active, chunks)]
         scale = [self._scale(index) for index in self.active]
         params = self.global_params
         out = kernels.output_rows(base_rows, out_dtype)
@@ -130,19 +143,14 @@ class SparseTensorMerge:
         updates = []
         for index in self.active:
             tau, scale = taus[index], self._scale(index)
-            fresh = False  # True once `tau` is a new tensor this loop owns (then scaled in place)
-            if index in self.trimmers:
-                tau, fresh = self.trimmers[index].trim(tau, flat_start), True
-            elif self.method.sparsification == "dare":
-                tau, fresh = self._apply_keep(index, tau.clone(memory_format=torch.contiguous_format), flat_start), True
-            updates.append((tau if scale == 1 else tau.mul_(scale)) if fresh else tau * scale)
+            cut = self.sparsifier.cut(tau, flat_start, self.cuts[index])  # a new tensor this loop owns, or None
+            if cut is None:
+                updates.append(tau * scale)
+            else:
+                updates.append(cut if scale == 1 else cut.mul_(scale))
         active_weights = [self.weights[i] for i in self.active]
         return self.phase.combine(updates, active_weights, self.global_params)
 
     def _scale(self, index: int) -> float:
-        """What adapter `index`'s kept entries are multiplied by: wᵢ, or wᵢ / density for rescaled DARE."""
-        return kept_scale(self.weights[index], self.adapter_params[index], self.method.sparsification)
-
-    def _apply_keep(self, index: int, tau: torch.Tensor, flat_start: int) -> torch.Tensor:
-        """τᵢ's chunk starting at `flat_start` times DARE's keep-mask (1 kept, 0 dropped), in place; returns it."""
-        return self.streams[index].apply_keep(tau, self.adapter_params[index]["density"], flat_start)
+        """What adapter `index`'s kept entries are multiplied by (wᵢ, or wᵢ / density for rescaled DARE)."""
+        return self.sparsifier.scale(self.weights[index], self.adapter_params[index])

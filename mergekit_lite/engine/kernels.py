@@ -14,7 +14,7 @@ import functools
 import importlib.util
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ def _library() -> ctypes.CDLL | None:
     library.mkl_lowrank.restype = None
     library.mkl_lowrank_add.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int, pointer, ctypes.c_int]
     library.mkl_lowrank_add.restype = size
+    if hasattr(library, "mkl_dare_keep"):
+        library.mkl_dare_keep.argtypes = [pointer, size, size, pointer, single]
+        library.mkl_dare_keep.restype = None
     return library
 
 
@@ -143,6 +146,21 @@ def consensus_into(
     if not_finite < 0:
         raise RuntimeError(f"fused consensus kernel refused {count} task vectors")
     return int(not_finite)
+
+
+def dare_keep(tau: torch.Tensor, start: int, seeds: Sequence[int], density: float) -> None:
+    """τ ← τ · keep-mask in place, drawing torch.rand's uniforms of the given blocks itself (one pass); the
+    `fused` argument of randomness.UniformStream.apply_keep. τ: a contiguous CPU float32 chunk."""
+    library = _library()
+    assert library is not None
+    array = (ctypes.c_uint64 * len(seeds))(*seeds)
+    library.mkl_dare_keep(tau.data_ptr(), start, tau.numel(), array, density)
+
+
+def fused_keep() -> Callable[[torch.Tensor, int, Sequence[int], float], None] | None:
+    """The fused keep-mask kernel, unless the kernels are missing or switched off (MERGEKIT_LITE_KERNELS=torch)."""
+    library = _library() if enabled() else None
+    return dare_keep if library is not None and hasattr(library, "mkl_dare_keep") else None
 
 
 def lowrank(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

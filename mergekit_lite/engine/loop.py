@@ -377,7 +377,7 @@ class MergeEngine:
         numel = tensor.info.rows * max(tensor.info.cols, 1)
         params = self.params_of(tensor.name)
         sparse = SparseTensorMerge(self.method, tensor.name, numel, active, params.weights, params.params,
-                                   params.adapter_params, self.seed)
+                                   params.adapter_params, self.seed, shape=tensor.info.shape)
         selecting = [i for i in active if sparse.needs_selection(i)]
         cached = self._cached_taus(deltas, active, ranges) if schedule.caches_taus else None
 

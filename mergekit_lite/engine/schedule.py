@@ -15,7 +15,7 @@ import torch
 
 from ..errors import MergeConfigError
 from ..formats.safetensors import TORCH_DTYPES
-from ..methods import MergeMethod
+from ..methods import ElementwisePhase, MergeMethod
 from . import kernels
 from .plan import BiasShift, LowRank, SavedTensor, TensorPlan
 
@@ -168,6 +168,9 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
         # float64 (four float32's worth) and one float64 product (two) in the statistics pass
         materialized = 2 * len(active) + INTERPOLATION_BUFFERS
     ranges = chunk_ranges(plan.info.rows, rows_per_chunk(plan, materialized, options, elementwise_c))
+    if (isinstance(method.phase, ElementwisePhase) and method.phase.sparsifier is not None
+            and method.phase.sparsifier.whole_rows and len(plan.info.shape) < 2):
+        ranges = ((0, plan.info.rows),)  # a 1-D tensor is one row for per-row ranks: one chunk
     raw_rows = (kernel != TORCH and TORCH_DTYPES[plan.info.dtype] in kernels.ROW_TYPES
                 and TORCH_DTYPES[plan.out_dtype] in kernels.ROW_TYPES)
     read_dtype = options.compute_dtype if options.device.type == "cpu" and not raw_rows else None
@@ -175,8 +178,9 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
     # saved full tensors (full fine-tunes) are rebuilt per pass by a read and a subtraction, about what reading a
     # cache costs: only τᵢ that need computing (low-rank products, DoRA) are worth holding whole
     computed = not only_saved(plan, active)
-    caches = (method.sparsification == "magnitude" and any(adapter_params[i]["density"] < 1.0 for i in active)
-              and computed and numel * 4 * len(active) <= options.max_memory // 2)
+    sparsifier = method.phase.sparsifier if isinstance(method.phase, ElementwisePhase) else None
+    selects = sparsifier is not None and any(sparsifier.ranks(adapter_params[i], numel) for i in active)
+    caches = selects and computed and numel * 4 * len(active) <= options.max_memory // 2
     cols = max(plan.info.cols, 1)
     rows = max(stop - start for start, stop in ranges)
     chunk = rows * (cols * 4 * (WORKING_BUFFERS + materialized) + plan.info.row_bytes)

@@ -392,6 +392,31 @@ class Trimmer:
             self.drop_extra_ties(chunk, trimmed, flat_start)
         return trimmed
 
+    def kernel_cut(self, chunk: torch.Tensor, flat_start: int = 0) -> float:
+        """The cut c for the fused kernel (it keeps |x| > c): the whole-chunk `chunk_below` when the chunk holds
+        no split tie, else `below` after the ties beyond the kept count are zeroed in `chunk` itself."""
+        whole = self.chunk_below(flat_start)
+        if whole is not None:
+            return whole
+        self.drop_extra_ties(chunk, chunk, flat_start)
+        return self._below
+
+    def drop_kept(self, chunk: torch.Tensor, flat_start: int = 0) -> None:
+        """Zero, in place, the chunk's entries inside the kept set (|x| above the threshold, and the first
+        `equal_keep` ties in flat order): what Breadcrumbs drops. Needs the tie counts taken up front when
+        the threshold splits a tie. Entries outside the set are left as they are."""
+        flat = chunk.view(-1)
+        value = float(np.float32(self.threshold.value))
+        flat.masked_fill_(flat.abs() > value, 0.0)
+        if self.threshold.equal_keep == 0 or value == 0.0:  # no tie kept, or the ties are zeros already
+            return
+        take = self.threshold.equal_keep
+        if self.splits_ties:
+            assert self._ties is not None, "drop_kept needs the tie counts taken up front"
+            take -= self._ties[flat_start][0]
+        if take > 0:
+            flat[self._tie_positions(chunk)[:take]] = 0.0
+
     def drop_extra_ties(self, chunk: torch.Tensor, out: torch.Tensor, flat_start: int) -> None:
         """Zero, in `out` (may be `chunk` itself), the entries equal to the threshold beyond the first
         `equal_keep` in flat order."""

@@ -1,14 +1,18 @@
-"""Parameters and per-chunk combine steps shared by the sparsifying methods (TIES, DARE, magnitude pruning)."""
+"""Parameters and per-chunk combine steps shared by the sparsifying methods (TIES, DARE, magnitude pruning,
+Breadcrumbs, DELLA); how each thins τᵢ is its sparsifier (`sparsifiers.py`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .registry import FactoredContext, FactoredPhase, Param
+from .sparsifiers import kept_count
+
+__all__ = ["DENSITY", "LAMBDA", "NORMALIZE_TIES", "RESCALE", "SIGN", "SPACE", "core_space_phase", "kept_count",
+           "sum_consensus", "ties_consensus"]
 
 DENSITY = Param(
     "density", None, float, "fraction of each task vector's entries kept, in (0, 1]", per_adapter=True,
@@ -20,25 +24,6 @@ NORMALIZE_TIES = Param("normalize", True, bool, "divide by Σ|wᵢ| of the adapt
 SPACE = Param("space", "full", str, "where the entry-wise steps run: on the dense task vectors (full), or on the "
               "core of the stacked LoRA factors (core: Core Space merging, another method)", choices=("full", "core"))
 RESCALE = Param("rescale", True, bool, "divide kept entries by the density", per_adapter=True)
-
-
-#: relative slack for ⌊density · numel⌋: the float product of a decimal density may fall an ulp or two short
-KEPT_COUNT_SLACK = 2.0**-50
-
-
-def kept_count(density: float, numel: int) -> int:
-    """kᵢ = ⌊density · numel⌋, forgiving the float product's last bits (0.29 of 100 keeps 29, where the binary
-    product 28.999… would keep 28); density 1 keeps everything."""
-    if density >= 1.0:
-        return numel
-    return min(numel, math.floor(density * numel * (1.0 + KEPT_COUNT_SLACK)))
-
-
-def kept_scale(weight: float, own: Mapping[str, Any], sparsification: str | None) -> float:
-    """What an adapter's kept entries are multiplied by: wᵢ, or wᵢ / density for rescaled DARE."""
-    if sparsification == "dare" and own["rescale"]:
-        return float(weight) / own["density"]
-    return float(weight)
 
 
 def sum_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from ..engine.rng import keep_mask, stream_key
-from ..errors import MergeConfigError
-from ._common import kept_count, kept_scale
+from ..randomness import UniformStream, stream_key
 from .registry import ElementwisePhase, FactoredContext, LowRankFactors, MergeMethod
+from .sparsifiers import dense_cut
 
 CORE_DTYPE = torch.float64
 EPS = 2.0**-52
@@ -85,25 +84,6 @@ def polar(x: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor
 # -- the entry-wise steps of the sparsifying methods, on small dense matrices (KnOTS, core space) ---------
 
 
-def trim_exact(x: torch.Tensor, density: float, where: str) -> torch.Tensor:
-    """x with all but its ⌊density·numel⌋ largest magnitudes zeroed (ties: lower flat index first)."""
-    numel = x.numel()
-    k = kept_count(density, numel)
-    if k >= numel:
-        return x.clone()
-    if k == 0:
-        raise MergeConfigError(f"{where}: density {density} keeps 0 of its {numel} entries; raise the density "
-                               f"to at least {1 / numel:.3g}")
-    flat = x.reshape(-1)
-    magnitude = flat.abs()
-    threshold = torch.kthvalue(magnitude, numel - k + 1).values  # the k-th largest |x|
-    keep = magnitude > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:  # entries equal to the threshold: the lower flat indices first
-        keep[torch.nonzero(magnitude == threshold).reshape(-1)[:missing]] = True
-    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(x.shape)
-
-
 def base_coefficients(base: MergeMethod, weights: Sequence[float], params: Mapping[str, Any],
                       context: FactoredContext) -> list[float] | None:
     """A linear `base`'s cᵢ for the adapters in `context` (None for other methods); its Σ wᵢ counts every
@@ -124,8 +104,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float])
 
 def elementwise_merge(base: MergeMethod, matrices: Sequence[torch.Tensor], weights: Sequence[float],
                       params: Mapping[str, Any], context: FactoredContext, space: str) -> torch.Tensor:
-    """`base`'s steps (trim or DARE, weights, sign election, disjoint merge, λ) on the adapters' matrices as if
-    they were the task vectors; a linear `base` is its Σ cᵢ Xᵢ. DARE's keys are (seed, adapter, tensor:space)."""
+    """`base`'s steps (its sparsifier, weights, sign election, disjoint merge, λ) on the adapters' matrices as if
+    they were the task vectors; a linear `base` is its Σ cᵢ Xᵢ. Random cuts' keys are (seed, adapter, tensor:space)."""
     coefficients = base_coefficients(base, weights, params, context)
     if coefficients is not None:
         return weighted_sum(matrices, coefficients)
@@ -133,13 +113,12 @@ def elementwise_merge(base: MergeMethod, matrices: Sequence[torch.Tensor], weigh
     assert isinstance(phase, ElementwisePhase)
     updates = []
     for x, w, index, own in zip(matrices, weights, context.adapters, context.adapter_params):
-        where = f"tensor '{context.tensor}' ({space} of adapters[{index}])"
-        if phase.sparsification == "magnitude":
-            x = trim_exact(x, own["density"], where)
-        elif phase.sparsification == "dare":
-            key = stream_key(context.seed, index, f"{context.tensor}:{space}")
-            x = x * keep_mask(key, own["density"], 0, x.numel(), x.device).to(x.dtype).reshape(x.shape)
-        updates.append(x * kept_scale(w, own, phase.sparsification))
+        if phase.sparsifier is not None:
+            where = f"tensor '{context.tensor}' ({space} of adapters[{index}])"
+            stream = UniformStream(stream_key(context.seed, index, f"{context.tensor}:{space}"))
+            x = dense_cut(phase.sparsifier, x, own, stream, where)
+            w = phase.sparsifier.scale(w, own)
+        updates.append(x * float(w))
     return phase.combine(updates, list(weights), params)
 
 

@@ -14,6 +14,7 @@ from ._common import (
     ties_consensus,
 )
 from .registry import ElementwisePhase, MergeMethod, register
+from .sparsifiers import DARE
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -25,7 +26,7 @@ DARE_LINEAR = register(
         paper_url=PAPER,
         summary="tᵢ = mᵢ ⊙ τᵢ / density with a counter-based Bernoulli keep-mask mᵢ; τ = λ · Σ wᵢtᵢ",
         params=(DENSITY, RESCALE, LAMBDA, SPACE),
-        phase=ElementwisePhase(sum_consensus, sparsification="dare", kernel="sum"),
+        phase=ElementwisePhase(sum_consensus, sparsifier=DARE, kernel="sum"),
     )
 )
 
@@ -37,6 +38,6 @@ DARE_TIES = register(
         paper_url=PAPER,
         summary="the DARE tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
         params=(DENSITY, RESCALE, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
-        phase=ElementwisePhase(ties_consensus, sparsification="dare", kernel="ties"),
+        phase=ElementwisePhase(ties_consensus, sparsifier=DARE, kernel="ties"),
     )
 )

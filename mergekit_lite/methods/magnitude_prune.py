@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._common import DENSITY, LAMBDA, SPACE, core_space_phase, sum_consensus
 from .registry import ElementwisePhase, MergeMethod, register
+from .sparsifiers import MAGNITUDE
 
 MAGNITUDE_PRUNE = register(
     MergeMethod(
@@ -13,6 +14,6 @@ MAGNITUDE_PRUNE = register(
         paper_url="https://arxiv.org/abs/2306.01708",
         summary="keep each τᵢ's ⌊density·numel⌋ largest magnitudes; τ = λ · Σ wᵢtᵢ",
         params=(DENSITY, LAMBDA, SPACE),
-        phase=ElementwisePhase(sum_consensus, sparsification="magnitude", kernel="sum"),
+        phase=ElementwisePhase(sum_consensus, sparsifier=MAGNITUDE, kernel="sum"),
     )
 )

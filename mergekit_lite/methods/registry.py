@@ -5,8 +5,8 @@ the engine runs it is the method's *phase*, declared, never inferred:
 
 - `LinearPhase`: constants cᵢ, the merged delta is Σ cᵢ τᵢ. The engine streams W + Σ cᵢ PᵢQᵢ in one pass
   over the concatenated factors.
-- `ElementwisePhase`: optional per-tensor preparation (an exact trim threshold for `sparsification:
-  "magnitude"`, a counter-based keep-mask stream for `"dare"`), then a pure per-chunk `combine` of the
+- `ElementwisePhase`: each τᵢ thinned by the phase's `sparsifier` (a strategy, `sparsifiers.py`: the exact
+  top-k sets it needs, how it cuts a chunk, how it scales kept entries), then a pure per-chunk `combine` of the
   weighted uᵢ. `kernel` names the fused C kernel that reproduces `combine` bit for bit, when there is one.
 - `FactoredPhase`: given every adapter's low-rank factors of one tensor, return factors (L, R) of the merged
   delta; the engine then streams W + L·R in row chunks through the same path as the linear methods. This is
@@ -21,9 +21,30 @@ from typing import Any
 
 from ..errors import MergeConfigError
 from ..suggest import did_you_mean
+from .sparsifiers import Sparsifier
 
 #: Core Space merging (Panariello et al., NeurIPS 2025): what `space: core` runs
 CORE_SPACE_PAPER = "https://arxiv.org/abs/2509.17786"
+
+
+#: the largest magnitude a number in a merge config may have: float32's largest (the merge computes in float32 or
+#: wider and writes float32 at most for float32 bases; a larger scale is inf on its first product)
+MAX_MAGNITUDE = 3.4028234663852886e38
+
+
+def finite_scale(value: int | float, where: str) -> float:
+    """`value` as a float, or a MergeConfigError (prefixed by `where`) when it is NaN, ±inf or beyond MAX_MAGNITUDE."""
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64's range
+        number = float("inf") if value > 0 else float("-inf")
+        value = number
+    if number != number:
+        raise MergeConfigError(f"{where}must be a finite number, got {value!r}")
+    if abs(number) > MAX_MAGNITUDE:
+        raise MergeConfigError(f"{where}must be a finite number of magnitude at most {MAX_MAGNITUDE:.3g} (beyond it "
+                               f"the merge overflows to inf), got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -36,14 +57,18 @@ class Param:
     help: str
     per_adapter: bool = False
     choices: tuple[str, ...] | None = None
-    #: for numbers: the open-closed interval (low, high] the value must lie in
+    #: for numbers: the open-closed interval (low, high] the value must lie in ([low, high] when `closed`)
     interval: tuple[float, float] | None = None
     required: bool = False
+    closed: bool = False
 
     def check(self, value: Any, where: str) -> Any:
         """Return `value` converted to this parameter's type, or raise naming `where`."""
         value = self._typed(value, where)
-        if self.interval is not None and not self.interval[0] < value <= self.interval[1]:
+        if self.interval is not None and self.closed and not self.interval[0] <= value <= self.interval[1]:
+            low, high = self.interval
+            raise MergeConfigError(f"{where}: '{self.name}' must be in [{low:g}, {high:g}] ({self.help}), got {value!r}")
+        if self.interval is not None and not self.closed and not self.interval[0] < value <= self.interval[1]:
             low, high = self.interval
             raise MergeConfigError(f"{where}: '{self.name}' must be in ({low:g}, {high:g}], got {value!r}")
         return value
@@ -56,7 +81,7 @@ class Param:
         if self.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise MergeConfigError(f"{where}: '{self.name}' must be a number, got {value!r}")
-            return float(value)
+            return finite_scale(value, f"{where}: '{self.name}' ")
         if self.kind is str:
             if not isinstance(value, str) or (self.choices and value not in self.choices):
                 choices = f" (one of: {', '.join(self.choices)})" if self.choices else ""
@@ -91,8 +116,8 @@ class ElementwisePhase:
 
     #: (uᵢ of the adapters touching a tensor, their wᵢ, params) -> the merged delta of the chunk
     combine: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any]], Any]
-    #: how each τᵢ is thinned first: "magnitude" (exact top-k trim, needs a selection pass), "dare", or None
-    sparsification: str | None = None
+    #: how each τᵢ is thinned first (sparsifiers.MAGNITUDE, DARE, BREADCRUMBS, MAGPRUNE), or None: as it is
+    sparsifier: Sparsifier | None = None
     #: the fused C kernel that computes `combine` bit for bit ("sum" or "ties"); None: torch only
     kernel: str | None = None
 
@@ -195,8 +220,10 @@ class MergeMethod:
 
     @property
     def sparsification(self) -> str | None:
-        """How an elementwise method thins each τᵢ ("magnitude", "dare"), else None."""
-        return self.phase.sparsification if isinstance(self.phase, ElementwisePhase) else None
+        """The name of how an elementwise method thins each τᵢ ("magnitude", "dare", …), else None (for display:
+        the engine asks the phase's sparsifier itself)."""
+        sparsifier = self.phase.sparsifier if isinstance(self.phase, ElementwisePhase) else None
+        return None if sparsifier is None else sparsifier.name
 
     def coefficients(self, weights: Sequence[float], params: Mapping[str, Any]) -> list[float] | None:
         """The cᵢ of a linear method, None for the other phases."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, ties_consensus
 from .registry import ElementwisePhase, MergeMethod, register
+from .sparsifiers import MAGNITUDE
 
 TIES = register(
     MergeMethod(
@@ -13,6 +14,6 @@ TIES = register(
         paper_url="https://arxiv.org/abs/2306.01708",
         summary="trim each τᵢ to its ⌊density·numel⌋ largest magnitudes, elect the sign, disjoint mean of agreeing wᵢtᵢ",
         params=(DENSITY, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
-        phase=ElementwisePhase(ties_consensus, sparsification="magnitude", kernel="ties"),
+        phase=ElementwisePhase(ties_consensus, sparsifier=MAGNITUDE, kernel="ties"),
     )
 )
