@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt torch==2.13.0 -e '.[test,eval,verify,sweep,ray]'
+"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt torch==2.13.0 -e '.[test,eval,verify,sweep,ray,quantize]'
 # Every test, both tiers (the fast tier alone: `-m "not slow"`, see setup.cfg). Hypothesis runs its "ci" profile:
 # derandomized, so every run tries the same examples (HYPOTHESIS_PROFILE=dev to explore new ones).
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}

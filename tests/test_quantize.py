@@ -1,0 +1,228 @@
+"""Merge, then quantize: the surviving share of ΔW under each format's own reference quantizer (issue #26)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mergekit_lite.quantize import QuantizeUnavailable, aligned_chunk_rows, format_of, measure_tensor, resolve
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+GGUF_NAMES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+
+
+def _bnb_names() -> list[str]:
+    try:
+        format_of("nf4")
+    except QuantizeUnavailable:
+        return []
+    return ["nf4", "fp4", "int8"]
+
+
+ALL_NAMES = GGUF_NAMES + _bnb_names()
+
+
+def _library_roundtrip(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The library called directly on the whole tensor, as its own docs show: the reference our use must match."""
+    if name.startswith("q"):
+        qtype = GGMLQuantizationType[name.upper()]
+        array = tensor.to(torch.float32).numpy()
+        return torch.from_numpy(dequantize(quantize(array, qtype), qtype))
+    import bitsandbytes.functional as F
+
+    if name == "int8":
+        q, scale, _ = F.int8_vectorwise_quant(tensor.to(torch.float16))
+        return F.int8_vectorwise_dequant(q, scale).float()
+    packed, state = F.quantize_4bit(tensor, blocksize=64, quant_type=name)
+    return F.dequantize_4bit(packed, state).float()
+
+
+def _dense_figures(name: str, base: torch.Tensor, merged: torch.Tensor) -> tuple[float, float, float]:
+    """(share, cosine, error) from the definition, whole tensors, float64, through the library directly."""
+    qw = _library_roundtrip(name, base).double()
+    qm = _library_roundtrip(name, merged).double()
+    delta = merged.double() - base.double()
+    change = qm - qw
+    inner = float((change * delta).sum())
+    return (inner / float(delta.square().sum()),
+            inner / math.sqrt(float(change.square().sum()) * float(delta.square().sum())),
+            math.sqrt(float((qm - merged.double()).square().sum()) / float(delta.square().sum())))
+
+
+def _rows(tensor: torch.Tensor):
+    return lambda start, stop: tensor[start:stop]
+
+
+def _pair(rows: int = 48, cols: int = 256, scale: float = 0.1, seed: int = 0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    base = (torch.randn(rows, cols, generator=generator) * 0.02).to(dtype)
+    delta = torch.randn(rows, 4, generator=generator) @ torch.randn(4, cols, generator=generator)
+    merged = (base.float() + delta * scale * 0.02).to(dtype)
+    return base, merged
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_our_roundtrip_is_the_librarys_dequantized_output_byte_for_byte(name):
+    fmt = format_of(name)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tensor = _pair(dtype=dtype)[1]
+        ours = fmt.roundtrip(tensor)
+        theirs = _library_roundtrip(name, tensor)
+        assert ours.dtype == torch.float32
+        assert ours.numpy().tobytes() == theirs.numpy().tobytes(), (name, dtype)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_row_chunks_quantize_as_the_whole_tensor(name):
+    fmt = format_of(name)
+    tensor = torch.randn(30, 256, generator=torch.Generator().manual_seed(3))
+    whole = fmt.roundtrip(tensor)
+    assert fmt.row_multiple(256) == 1
+    for step in (1, 4, 7):
+        pieces = torch.cat([fmt.roundtrip(tensor[s:s + step]) for s in range(0, 30, step)])
+        assert pieces.numpy().tobytes() == whole.numpy().tobytes()
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_figures_equal_the_dense_float64_reference(name):
+    fmt = format_of(name)
+    base, merged = _pair(scale=0.3)
+    figures = measure_tensor(_rows(base), _rows(merged), base.shape, [fmt], chunk_rows=fmt.row_multiple(256) * 8)
+    share, cosine, error = _dense_figures(name, base, merged)
+    got = figures[name]
+    assert got.share == pytest.approx(share, rel=1e-12, abs=1e-14)
+    assert got.cosine == pytest.approx(cosine, rel=1e-12)
+    assert got.error == pytest.approx(error, rel=1e-12)
+
+
+def test_chunk_size_changes_no_byte_of_the_figures():
+    formats = [format_of(n) for n in ALL_NAMES]
+    base, merged = _pair(rows=64, cols=96 * 2, scale=0.5)  # 192 columns: nf4 blocks of 64 tile each row
+    step = aligned_chunk_rows(192, formats, max_memory=1)
+    results = [measure_tensor(_rows(base), _rows(merged), base.shape, formats, chunk_rows=rows)
+               for rows in (step, step * 3, step * 7, 64)]
+    for result in results[1:]:
+        assert result == results[0]
+
+
+def test_blocks_that_would_span_rows_are_not_measured():
+    """bitsandbytes' 4-bit blocks run over the flattened tensor, yet its CPU dequantizer counts them per row:
+    a row length that is no multiple of 64 is left out by name rather than measured wrongly."""
+    if "nf4" not in ALL_NAMES:
+        pytest.skip("bitsandbytes cannot run here")
+    nf4 = format_of("nf4")
+    assert nf4.unfit((8, 96)) == "row length 96 is not a multiple of nf4's block of 64"
+    assert nf4.unfit((8, 192)) is None
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+def test_a_change_far_above_the_step_survives_whole(name):
+    base, merged = _pair(scale=1000.0)  # ΔW ~ 20x the weights: the block scales follow ΔW
+    got = measure_tensor(_rows(base), _rows(merged), base.shape, [format_of(name)])[name]
+    assert got.share == pytest.approx(1.0, abs=0.01)
+    assert got.cosine > 0.99
+
+
+def _on_grid(name: str, rows: int = 64, cols: int = 256) -> torch.Tensor:
+    """A base already on the format's grid, each block's absmax entry 1.0 (a QAT base, or a dequantized model)."""
+    generator = torch.Generator().manual_seed(1)
+    raw = torch.rand(rows, cols, generator=generator) * 1.6 - 0.8
+    raw[:, ::32] = 1.0  # the absmax of every block, positive, so q4_0's scale is -1/8 exactly
+    return format_of(name).roundtrip(raw)
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+def test_a_change_far_below_the_step_vanishes_on_a_base_that_sits_on_the_grid(name):
+    fmt = format_of(name)
+    base = _on_grid(name)
+    generator = torch.Generator().manual_seed(2)
+    delta = torch.randn(64, 256, generator=generator) * (1 / fmt.levels) * 0.01  # 1% of the step
+    delta[:, ::32] = 0.0  # leave the block scales alone
+    merged = base + delta
+    got = measure_tensor(_rows(base), _rows(merged), base.shape, [fmt])[name]
+    assert got.share == 0.0
+    assert math.isnan(got.cosine)  # nothing arrives: no direction to compare
+    assert got.error == pytest.approx(1.0, rel=1e-6)  # the merged weight is off by exactly the lost change
+
+
+def test_a_change_far_below_the_step_arrives_only_as_noise_on_a_base_off_the_grid():
+    """Off the grid, rounding dithers: on average the change arrives (s near 1) but as a few whole steps,
+    so the cosine collapses and the rounding error dwarfs ΔW; the verdict reads both."""
+    base, merged = _pair(rows=256, cols=512, scale=0.001)
+    got = measure_tensor(_rows(base), _rows(merged), base.shape, [format_of("q4_0")])["q4_0"]
+    assert 0.5 < got.share < 1.5
+    assert got.cosine < 0.2
+    assert got.error > 10
+
+
+def test_a_change_quantization_reverses_gives_a_negative_share():
+    """ΔW lifts a block's absmax (1.0 -> 1.1) and nudges the 31 other entries up by 0.01 from 7/8; the coarser
+    grid then rounds each of them down by 0.05: the quantized merge moves against the change."""
+    fmt = format_of("q4_0")
+    base = torch.full((4, 32), 0.875)
+    base[:, 0] = 1.0
+    delta = torch.full((4, 32), 0.01)
+    delta[:, 0] = 0.1
+    merged = base + delta
+    got = measure_tensor(_rows(base), _rows(merged), base.shape, [fmt])["q4_0"]
+    change = fmt.roundtrip(merged).double() - fmt.roundtrip(base).double()
+    assert (change[:, 1:] < 0).all()  # every nudged entry went down
+    assert got.share < 0
+    assert got.share == pytest.approx(_dense_figures("q4_0", base, merged)[0], rel=1e-12)
+    # by hand, ignoring that q4_0 stores its scale in float16: (0.1·0.1 − 31·0.05·0.01) / (0.1² + 31·0.01²)
+    assert got.share == pytest.approx((0.1 * 0.1 - 31 * 0.05 * 0.01) / (0.1 ** 2 + 31 * 0.01 ** 2), rel=0.05)
+
+
+def test_a_negated_change_gives_a_negative_share():
+    fmt = format_of("q8_0")
+    base, merged = _pair(scale=50.0)
+    flipped = measure_tensor(_rows(base), _rows(merged), base.shape, [fmt],
+                             rows_of_delta=lambda a, b: base[a:b].double() - merged[a:b].double())["q8_0"]
+    assert flipped.share == pytest.approx(-1.0, abs=0.01)
+    assert flipped.cosine < -0.99
+
+
+def test_resolve_refuses_unknown_and_unproducible_formats_by_name():
+    assert [f.name for f in resolve("q8_0, Q4_0,q8_0")] == ["q8_0", "q4_0"]
+    with pytest.raises(QuantizeUnavailable, match="did you mean .*'q4_0'"):
+        resolve("q4_O")
+    with pytest.raises(QuantizeUnavailable, match="no reference quantizer for K-/IQ-quants"):
+        resolve("q4_k")
+    with pytest.raises(QuantizeUnavailable, match="name at least one"):
+        resolve(" , ")
+
+
+def test_unfit_shapes_are_named():
+    q4 = format_of("q4_0")
+    assert q4.unfit((8, 48)) == "row length 48 is not a multiple of q4_0's block of 32"
+    assert q4.unfit((8,)) == "1-D (only matrices are quantized)"
+    assert q4.unfit((8, 64)) is None
+
+
+def test_a_missing_library_is_refused_by_name(monkeypatch):
+    import builtins
+
+    from mergekit_lite.quantize import formats
+
+    real_import = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf" or name.startswith("gguf."):
+            raise ImportError("No module named 'gguf'")
+        return real_import(name, *args, **kwargs)
+
+    formats._gguf_format.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    try:
+        with pytest.raises(QuantizeUnavailable, match=r"q5_1: needs the gguf package, which is not installed"):
+            format_of("q5_1")
+    finally:
+        monkeypatch.undo()
+        formats._gguf_format.cache_clear()
+    np.testing.assert_array_equal(format_of("q5_1").roundtrip(torch.zeros(1, 32)).numpy(), np.zeros((1, 32)))
