@@ -131,14 +131,14 @@ def test_validation_and_test_use_disjoint_documents() -> None:
 
 def test_resume_reevaluates_nothing_and_a_tampered_entry_is_evaluated_again(swept: tuple[Any, Path, Path]) -> None:
     result, out, config = swept
-    again = run_sweep(load_sweep_config(config), out, resume=True, progress=False, device="cpu")
+    again = run_sweep(load_sweep_config(config), out, resume=True, overwrite=True, progress=False, device="cpu")
     assert again.evaluated == 0 and again.reused == result.evaluated
     assert [r.summary for r in again.rows] == [r.summary for r in result.rows]
     entry = sorted((out / CACHE_DIR).glob("*.json"))[0]
     data = json.loads(entry.read_text())
     data["result"]["scores"] = {task: {**v, "acc": 1.0} for task, v in data["result"]["scores"].items()}
     entry.write_text(json.dumps(data))
-    third = run_sweep(load_sweep_config(config), out, resume=True, progress=False, device="cpu")
+    third = run_sweep(load_sweep_config(config), out, resume=True, overwrite=True, progress=False, device="cpu")
     assert third.evaluated == 1 and third.rejected == 1
     assert [r.summary for r in third.rows] == [r.summary for r in result.rows]
 

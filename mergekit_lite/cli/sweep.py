@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
-from .errors import friendly_errors
+from .errors import Terminated, friendly_errors
 
 DEFAULT_OUT = "sweep_report"
+MAX_POINTS = 10_000  # sweep.run.MAX_POINTS, repeated so that `--help` needs no heavy import
 
 
 @click.command(name="sweep")
@@ -19,13 +21,17 @@ DEFAULT_OUT = "sweep_report"
 @click.option("--workers", type=click.IntRange(min=1), help="Ray actors (default: one per CPU, or per GPU).")
 @click.option("--resume", is_flag=True, help="Continue a sweep in --out: reuse every finished point of its cache.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True,
-              help="Folder for leaderboard.md/.json/.csv, best.yaml, test.md/.json, figures/ and the cache.")
+              help="Folder for leaderboard.md/.json/.csv, best.yaml, test.md/.json, figures/ and the cache: new, "
+                   "empty, or an earlier sweep's (replaced whole at the end, its cache kept).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (local backend).")
-@click.option("--overwrite", is_flag=True, help="Replace the config's output: folder with the best merge.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the config's output: folder (a merge output) with the best merge; --resume alone does not.")
+@click.option("--max-points", type=click.IntRange(min=1), default=MAX_POINTS, show_default=True,
+              help="Refuse a sweep of more points than this (a grid's size, or trials) before any work.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @friendly_errors
 def sweep_command(config_path: str, backend: str, address: str | None, workers: int | None, resume: bool, out: str,
-                  device: str, overwrite: bool, no_progress: bool) -> None:
+                  device: str, overwrite: bool, max_points: int, no_progress: bool) -> None:
     """Score every point of CONFIG's sweep: section on validation; the best, on test."""
     from ..evaluation.lm_eval_runner import offline
     from ..sweep import load_sweep_config, run_sweep
@@ -35,11 +41,14 @@ def sweep_command(config_path: str, backend: str, address: str | None, workers: 
         with offline():
             result = run_sweep(config, out, backend=backend, address=address, workers=workers, resume=resume,
                                progress=not no_progress, device=device, overwrite=overwrite,
-                               note=lambda line: click.echo(line, err=True))
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: finished points are kept in {out}/cache; run again with --resume to continue",
-                   err=True)
-        sys.exit(130)
+                               note=lambda line: click.echo(line, err=True), max_points=max_points)
+    except (KeyboardInterrupt, Terminated) as stopped:
+        what = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "terminated"
+        kept = Path(out) / "cache"
+        left = (f"finished points are kept in {kept}; run again with --resume to continue" if kept.is_dir()
+                else "no point had finished, nothing was kept")
+        click.echo(f"{what}: {left}; the report files were not written", err=True)
+        sys.exit(130 if what == "interrupted" else 143)
     best = result.best
     assert best is not None
     click.echo(f"best of {len(result.rows)} point(s) by {result.metric} on validation: {best.name} "

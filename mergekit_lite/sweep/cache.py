@@ -61,6 +61,24 @@ def fingerprint(folder: str | Path) -> list[tuple[str, int, str]]:
     return out
 
 
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def valid_result(result: Any) -> bool:
+    """Whether a stored result has the shape a finished evaluation has: {"scores": {task: {metric: number or
+    null}}, "merge_s": seconds, "eval_s": seconds} (a checksum proves an entry whole, not that it is ours)."""
+    if not isinstance(result, dict) or set(result) - {"scores", "merge_s", "eval_s"}:
+        return False
+    scores = result.get("scores")
+    if not isinstance(scores, dict) or not all(
+            isinstance(task, str) and isinstance(values, dict)
+            and all(isinstance(name, str) and _number(value) for name, value in values.items())
+            for task, values in scores.items()):
+        return False
+    return all(_number(result.get(name)) for name in ("merge_s", "eval_s"))
+
+
 class ResultCache:
     """`folder/<key>.json` per finished evaluation."""
 
@@ -86,10 +104,15 @@ class ResultCache:
             body = {k: entry[k] for k in ("format", "key", "identity", "result")}
             valid = (entry.get("checksum") == digest(body) and entry["key"] == key
                      and digest(entry["identity"]) == key and entry["format"] == FORMAT)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             valid = False
         if not valid:
             logger.warning("sweep cache: %s fails its checksum; evaluating that point again", path.name)
+            self.rejected.append(key)
+            return None
+        if not valid_result(entry["result"]):
+            logger.warning("sweep cache: %s holds a result of the wrong shape; evaluating that point again",
+                           path.name)
             self.rejected.append(key)
             return None
         return entry["result"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,8 +55,22 @@ def _fmt(value: Any) -> str:
 
 def _draw(rng: random.Random, values: Values) -> Any:
     if isinstance(values, Range):
-        return round(rng.uniform(values.low, values.high), DIGITS)
+        return _inside(round(rng.uniform(values.low, values.high), DIGITS), values)
     return values[rng.randrange(len(values))]
+
+
+def _inside(value: float, values: Range) -> float:
+    """A rounded draw kept inside its range (a bound with more than DIGITS decimals could round past it)."""
+    return min(max(value, values.low), values.high)
+
+
+def point_count(spec: SweepSpec) -> int:
+    """How many points the sweep tries, counted without building them: a grid's size, else its trials."""
+    if spec.search != "grid":
+        return spec.trials or 0
+    weights = math.prod(len(values) for values in spec.weights.values())  # type: ignore[arg-type]
+    return sum(math.prod(len(spec.parameters[name]) for name in spec.takes(method))  # type: ignore[arg-type]
+               for method in spec.methods) * weights
 
 
 def grid_points(spec: SweepSpec) -> list[Point]:
@@ -120,7 +135,7 @@ class OptunaSearch:
     @staticmethod
     def _suggest(trial: Any, name: str, values: Values) -> Any:
         if isinstance(values, Range):
-            return round(trial.suggest_float(name, values.low, values.high), DIGITS)
+            return _inside(round(trial.suggest_float(name, values.low, values.high), DIGITS), values)
         index = trial.suggest_categorical(name, list(range(len(values))))
         return values[index]
 

@@ -28,29 +28,34 @@ _DEFAULT_COLORS = ["#6baed6", "#74c476", "#9e9ac8", "#bdbdbd", "#fdd0a2", "#c7e9
 
 
 def write_outputs(result: SweepResult, out: Path, overwrite: bool = False) -> list[Path]:
-    """Every output file into `out` (each written whole: a temporary file renamed into place)."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = [
-        _write(out / f"{LEADERBOARD}.json", json.dumps(leaderboard_data(result), indent=2) + "\n"),
-        _write(out / f"{LEADERBOARD}.csv", leaderboard_csv(result)),
-        _write(out / f"{LEADERBOARD}.md", leaderboard_markdown(result)),
-        _write(out / BEST_YAML, best_yaml(result, out)),
-        _write(out / TEST_MD, test_markdown(result)),
-        _write(out / TEST_JSON, json.dumps(test_data(result), indent=2) + "\n"),
-    ]
-    try:
-        files += write_figures(result, out / FIGURES)
-    except ImportError:  # matplotlib is in the eval extra; the tables do not need it
-        pass
+    """Every output: the report set staged beside `out` and swapped in whole (the cache carried over), so a kill
+    at any moment leaves the previous set or the new one; then, with `output:`, the best merge (`overwrite`: the
+    user's --overwrite, passed on as given)."""
+    from ..writers.ownership import owned_folder
+    from .run import CACHE_DIR
+
+    out = Path(out).resolve()
+    with owned_folder(out, "sweep", keep=[CACHE_DIR]) as staging:
+        staged = [
+            _write(staging / f"{LEADERBOARD}.json", json.dumps(leaderboard_data(result), indent=2) + "\n"),
+            _write(staging / f"{LEADERBOARD}.csv", leaderboard_csv(result)),
+            _write(staging / f"{LEADERBOARD}.md", leaderboard_markdown(result)),
+            _write(staging / BEST_YAML, best_yaml(result, out)),
+            _write(staging / TEST_MD, test_markdown(result)),
+            _write(staging / TEST_JSON, json.dumps(test_data(result), indent=2) + "\n"),
+        ]
+        try:
+            staged += write_figures(result, staging / FIGURES)
+        except ImportError:  # matplotlib is in the eval extra; the tables do not need it
+            pass
+    files = [out / path.relative_to(staging) for path in staged]
     if result.config.writes_output:
         files.append(write_best_merge(result, overwrite))
     return files
 
 
 def _write(path: Path, text: str) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -316,14 +321,15 @@ def card_section(result: SweepResult) -> str:
 
 
 def write_best_merge(result: SweepResult, overwrite: bool) -> Path:
-    """Merge the best point into `output:` like `merge run`, then add the sweep's summary to its card."""
+    """Merge the best point into `output:` like `merge run` (replacing an existing one only with `overwrite`),
+    then add the sweep's summary to its card."""
     from ..api import merge
     from ..writers.card import render_card, replace_card
     from .run import point_config
 
     assert result.best is not None and result.best.point is not None
     config = point_config(result.config, result.best.point)
-    merged = merge(config, overwrite=True, progress=False)
+    merged = merge(config, overwrite=overwrite, progress=False)
     assert merged.output_dir is not None
     replace_card(merged.output_dir, render_card(config, extra_sections=[card_section(result)]))
     return merged.output_dir

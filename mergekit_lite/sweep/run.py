@@ -1,10 +1,16 @@
 """`run_sweep`: score every point on the validation split, pick the best there, report it on the test split.
 
-Order of work: every check that can fail does so before a model loads (the sweep section, each grid or random
-point's merge config, the tasks and their validation splits, the metric, the output path); then the base and
+Order of work: every check that can fail does so before a model loads (the sweep section, the number of points
+against the cap, each grid or random point's merge config, the output folders, each method's densities and
+factors against the inputs' tensors, the tasks and their validation splits, the metric); then the base and
 each adapter alone are scored on validation (retention's references), then the points; the best point by the
 selection metric (ties: the earlier point) is scored on the test split beside the base, each adapter alone and
 each method's default merge. Only test-split numbers are results; validation numbers only choose.
+
+Outputs (writers.ownership): `--out` must be new, empty, or a sweep report of ours (its marker), apart from every
+input and from the config's `output:`; the results cache is written into it as points finish, and the report
+set is staged beside it and swapped in whole at the end, the cache carried over. `output:` is replaced only with
+--overwrite, and only when it is a merge output (or empty).
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MergeConfig
-from ..errors import MergeConfigError
+from ..errors import MergeConfigError, OutputPathError
 from ..evaluation.options import EvalOptions
 from ..hub.resolve import hub_reference
 from .cache import ResultCache, digest, fingerprint
-from .points import OptunaSearch, Point, fixed_points
-from .spec import SweepConfig, check_metric
+from .points import OptunaSearch, Point, fixed_points, point_count
+from .spec import SweepConfig, check_metric, method_defaults
 from .worker import ADAPTER, BASE, MERGE, Job, WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -30,6 +36,8 @@ logger = logging.getLogger(__name__)
 VALIDATION, TEST = "validation", "test"
 #: where the results cache lives inside --out
 CACHE_DIR = "cache"
+#: points a sweep tries unless --max-points says more (at a few seconds a point, about a day of work)
+MAX_POINTS = 10_000
 
 
 class SweepError(MergeConfigError):
@@ -126,7 +134,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 def run_sweep(sweep: SweepConfig, out: str | Path, *, backend: str = "local", address: str | None = None,
               workers: int | None = None, resume: bool = False, progress: bool = True, device: str = "auto",
-              overwrite: bool = False, note: Callable[[str], None] | None = None) -> SweepResult:
+              overwrite: bool = False, note: Callable[[str], None] | None = None,
+              max_points: int = MAX_POINTS) -> SweepResult:
     """Run the sweep `sweep` describes, writing the results cache and then every output into `out`."""
     from ..engine.device import resolve_device
     from ..evaluation.lm_eval_runner import local_model_dir, suite_tasks_dir
@@ -134,18 +143,25 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, backend: str = "local", ad
     from ..evaluation.tasks import select_tasks
     from .report import write_outputs
 
+    from ..writers.ownership import claim, release
+
     out = Path(out).resolve()
     spec = sweep.spec
     template = sweep.template()
+    count = point_count(spec)
+    if count > max_points:
+        raise SweepError(f"{sweep.path or 'config'}: the sweep has {count} points, more than the cap of {max_points}; "
+                         "narrow its lists or trials, or pass --max-points N to allow more")
+    if note is not None:
+        note(f"sweep: {count} point(s) by {spec.search} search over {', '.join(spec.methods)}, selected by "
+             f"{spec.metric} on validation")
     fixed = fixed_points(spec)
     if spec.search == "optuna":
         OptunaSearch(spec)  # the extra is installed: fail now, not after the references
     for point in fixed or []:  # every point's config is checked before any work
         point_config(sweep, point)
-    if sweep.writes_output:
-        from ..writers.preflight import preflight_output
-
-        preflight_output(template.output_path, overwrite or resume, [])
+    check_outputs(sweep, out, overwrite)
+    check_methods(sweep)
     cache = ResultCache(out / CACHE_DIR)
     if cache.entries() and not resume:
         raise SweepError(f"{out} holds the results of an earlier sweep ({len(cache.entries())} cached): pass --resume "
@@ -165,6 +181,24 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, backend: str = "local", ad
     adapters = [(spec_.label, local_model_dir(template, spec_.path, "adapter")) for spec_ in template.adapters]
     fingerprints = {str(base_dir): fingerprint(base_dir), **{str(p): fingerprint(p) for _, p in adapters}}
 
+    created = claim(out, "sweep")  # the cache is written into --out as points finish
+    try:
+        result = _run(sweep, out, fixed, cache, adapters, selection, options, worker_spec, selections, settings,
+                      fingerprints, backend, workers, address, progress)
+    except BaseException:
+        if created:
+            release(out)  # nothing evaluated: leave no empty folder behind
+        raise
+    write_outputs(result, out, overwrite=overwrite)
+    return result
+
+
+def _run(sweep: SweepConfig, out: Path, fixed: list[Point] | None, cache: ResultCache,
+         adapters: list[tuple[str, Path]], selection: Any, options: EvalOptions, worker_spec: WorkerSpec,
+         selections: dict[str, Any], settings: dict[str, Any], fingerprints: dict[str, Any], backend: str,
+         workers: int | None, address: str | None, progress: bool) -> SweepResult:
+    """The evaluations: references, points, then the best and each method's default on the test split."""
+    spec = sweep.spec
     runner = _make_backend(backend, worker_spec, selections, workers, address)
     state = _State(cache, settings, fingerprints)
     try:
@@ -233,10 +267,62 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, backend: str = "local", ad
     adapter_test = {r.name: r.result.get("scores") or {} for r in test_rows if r.kind == ADAPTER}
     for row in test_rows:
         summary_of(row, base_test, adapter_test)
-    result = SweepResult(sweep, tasks_list, options, rows, references, best, test_rows, state.evaluated,
-                         state.reused, len(cache.rejected), backend, runner.workers)
-    write_outputs(result, out, overwrite=overwrite)
-    return result
+    return SweepResult(sweep, tasks_list, options, rows, references, best, test_rows, state.evaluated,
+                       state.reused, len(cache.rejected), backend, runner.workers)
+
+
+def check_outputs(sweep: SweepConfig, out: Path, overwrite: bool) -> bool:
+    """Before any work: `out` and `output:` apart from each other and from every input, writable, and each
+    either new, empty or ours (`output:` replaced only with `overwrite`); True when `out` holds an earlier sweep."""
+    from ..writers.ownership import MERGE, check_output_folder, check_writable, is_empty, local_inputs, owner
+    from ..writers.preflight import preflight_output
+
+    template = sweep.template()
+    inputs = local_inputs(template)
+    if sweep.writes_output:
+        target = template.output_path.resolve()
+        if out == target or target in out.parents or out in target.parents:
+            raise OutputPathError(f"--out {out} and the config's output: {target} overlap (the same folder, or one "
+                                  "inside the other): the best merge and the report would replace each other; "
+                                  "give them separate folders")
+        preflight_output(target, overwrite, inputs)
+        if target.is_dir() and not is_empty(target) and owner(target) != MERGE:
+            raise OutputPathError(f"output: {target} is not empty and is not a merge output (no "
+                                  "mergekit_lite_config.yaml of a merge), so even --overwrite does not replace it; "
+                                  "point output.path elsewhere or empty the folder")
+        check_writable(target, "output:")
+    return check_output_folder(out, "sweep", inputs)
+
+
+def check_methods(sweep: SweepConfig) -> None:
+    """Each method at its smallest swept density against the inputs' tensors (their headers and factors, no model
+    loaded): a density that keeps no entry of some tensor, or a factored method over saved full tensors, fails
+    here with the tensor's name instead of in every point."""
+    from ..api import prepare
+    from ..engine.elementwise import check_densities
+    from ..engine.schedule import check_phase
+    from .spec import Range
+
+    spec = sweep.spec
+    template = sweep.template()
+    with prepare(template, method_checks=False) as prepared:
+        labels = [adapter.label for adapter in prepared.adapters]
+        for method in spec.methods:
+            parameters = method_defaults(method)
+            if "density" in spec.takes(method):
+                values = spec.parameters["density"]
+                numbers = [values.low] if isinstance(values, Range) else [
+                    v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                if numbers:
+                    parameters["density"] = min(numbers)
+            config = sweep.config_for(method, parameters, {})
+            try:
+                check_densities(prepared.plan, config.merge_method, config.adapter_params)
+                check_phase(prepared.plan.tensors, config.merge_method, labels)
+            except MergeConfigError as error:
+                raise MergeConfigError(f"{sweep.path or 'config'}: sweep method {method}"
+                                       + (f" at density {parameters['density']}" if "density" in parameters else "")
+                                       + f": {error}") from None
 
 
 class _State:

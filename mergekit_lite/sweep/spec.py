@@ -4,8 +4,9 @@ takes, empty lists and unknown metrics are one-line errors with a 'did you mean'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ SEARCHES = ("grid", "random", "optuna")
 SCORE_METRICS = ("acc", "answer_ll", "exact")
 METRICS = (*SCORE_METRICS, *(f"{m}_retention" for m in SCORE_METRICS))
 DEFAULT_METRIC = "answer_ll_retention"
+#: a sweep over full fine-tunes (`models:`) scores no input alone, so no retention: its default metric is this
+MODELS_DEFAULT_METRIC = "answer_ll"
 #: what "a method's defaults" means where the registry has no default (a required density, SLERP's t):
 #: the values the README's suite table uses
 FILLED_DEFAULTS = {"density": 0.5, "t": 0.5}
@@ -139,7 +142,7 @@ def sweep_config_from_dict(data: Any, base_dir: str | Path) -> SweepConfig:
     writes_output = base.get("output") is not None
     if not writes_output:
         base["output"] = {"path": _NO_OUTPUT}
-    spec = parse_spec(data["sweep"])
+    spec = _metric_for_inputs(parse_spec(data["sweep"]), data["sweep"], base)
     config = SweepConfig(spec, base, Path(base_dir).resolve(), writes_output)
     labels = config.adapter_names  # checks the base config itself (base, adapters, output, eval)
     for name in spec.weights:
@@ -148,6 +151,21 @@ def sweep_config_from_dict(data: Any, base_dir: str | Path) -> SweepConfig:
     for method in spec.methods:  # every method accepts its defaults with these inputs
         config.config_for(method, method_defaults(method), {})
     return config
+
+
+def _metric_for_inputs(spec: SweepSpec, raw: Mapping[str, Any], base: Mapping[str, Any]) -> SweepSpec:
+    """Retention compares a merge with each input scored alone; a sweep scores adapters alone, never the full
+    fine-tunes of `models:`. So a `models:` sweep selects by MODELS_DEFAULT_METRIC unless told otherwise, and a
+    retention metric named for it is refused (it could never be computed)."""
+    if not base.get("models") or not spec.metric.split(":", 1)[-1].endswith("_retention"):
+        return spec
+    select = raw.get("select") if isinstance(raw.get("select"), Mapping) else {}
+    if "metric" not in select:
+        return replace(spec, metric=MODELS_DEFAULT_METRIC)
+    score = spec.metric.removesuffix("_retention")
+    raise MergeConfigError(f"sweep.select.metric: '{spec.metric}' compares each input scored alone, which a sweep "
+                           f"does not do for the full fine-tunes in 'models:'; select by a score such as '{score}' "
+                           f"(the default for models: is {MODELS_DEFAULT_METRIC})")
 
 
 def parse_spec(raw: Any) -> SweepSpec:
@@ -236,6 +254,9 @@ def _value_map(raw: Any, where: str, search: str) -> dict[str, Values]:
             low, high = values["low"], values["high"]
             if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)) or not low < high:
                 raise MergeConfigError(f"{where}.{name}: a range needs numbers low < high, got {dict(values)}")
+            if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(float(high) - float(low))):
+                raise MergeConfigError(f"{where}.{name}: a range needs finite bounds whose difference is finite too "
+                                       f"(draws would be inf or nan), got {dict(values)}")
             if search == "grid":
                 raise MergeConfigError(f"{where}.{name}: a range {{low, high}} needs search: random or optuna; "
                                        "a grid takes a list of values")
@@ -246,5 +267,8 @@ def _value_map(raw: Any, where: str, search: str) -> dict[str, Values]:
             raise MergeConfigError(f"{where}.{name}: an empty list; give at least one value")
         if len({repr(v) for v in listed}) != len(listed):
             raise MergeConfigError(f"{where}.{name}: a value is listed twice ({listed})")
+        for value in listed:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MergeConfigError(f"{where}.{name}: {value} is not a finite number; give finite values")
         out[str(name)] = tuple(listed)
     return out
