@@ -354,3 +354,30 @@ def test_malicious_pickle_is_refused_even_with_the_opt_in(where: str, demo_copy:
     result = CliRunner().invoke(main, ["run", str(config), "--no-progress", "--allow-pickle"])
     assert_clean_refusal(result, "refused by torch.load(weights_only=True)", out)
     assert not marker.exists()
+
+
+#: mergekit YAML whose values have the wrong shape (#23): one line naming the key, exit 2, nothing written
+MERGEKIT_BAD: dict[str, tuple[str, str]] = {
+    "weight a mapping": ("merge_method: linear\nmodels:\n  - {model: base, parameters: {weight: {a: 1}}}\n",
+                         "mergekit key 'models[0].parameters.weight': expected a number"),
+    "parameters a string": ("merge_method: task_arithmetic\nbase_model: base\nparameters: \"lambda=1\"\n"
+                            "models:\n  - {model: base, parameters: {weight: 1}}\n",
+                            "mergekit key 'parameters': must be a mapping"),
+    "model parameters a list": ("merge_method: task_arithmetic\nbase_model: base\n"
+                                "models:\n  - {model: base, parameters: [weight, 1]}\n",
+                                "mergekit key 'models[0].parameters': must be a mapping"),
+    "slice parameters a list": ("merge_method: slerp\nbase_model: base\nslices:\n  - sources: [{model: base, "
+                                "layer_range: [0, 2]}]\n    parameters: [t, 0.5]\n",
+                                "mergekit key 'slices[0].parameters': must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGEKIT_BAD))
+@pytest.mark.parametrize("command", ["run", "convert"])
+def test_mergekit_values_of_the_wrong_shape_stop_with_one_line(case: str, command: str, tmp_path: Path) -> None:
+    text, expected = MERGEKIT_BAD[case]
+    config = tmp_path / "mergekit.yml"
+    config.write_text(text)
+    out = tmp_path / "merged"
+    args = ["run", str(config), "--out", str(out)] if command == "run" else ["convert", str(config)]
+    assert_clean_refusal(CliRunner().invoke(main, args), expected, out)

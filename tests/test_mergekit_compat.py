@@ -18,14 +18,16 @@ from mergekit_lite.compat.mergekit import convert
 from mergekit_lite.config import load_config
 from mergekit_lite.errors import MergeConfigError
 
-from .conftest import REPO
+from .conftest import REPO, write_config
 from .reference import load_checkpoint, ties_combine, trim
 
 CORPUS = REPO / "merge_configs" / "mergekit"
 CONFIGS = sorted(p.name for p in CORPUS.glob("*.yml"))
 REFUSED = {
-    "passthrough.yml": r"mergekit key 'slices': layer stacking",
-    "slices_slerp.yml": r"mergekit key 'slices'",
+    "passthrough.yml": r"mergekit key 'slices': merge_method passthrough .*: that is layer stacking",
+    "slices_missing_model.yml": r"mergekit key 'slices\[1\]': model 'ft_b' of slices\[0\] is missing from it: that is "
+                                r"layer stacking",
+    "slices_repeat.yml": r"mergekit key 'slices\[1\]': it repeats layers 0..0 .*: that is layer stacking",
     "tokenizer_union.yml": r"mergekit key 'tokenizer_source': 'union' is not supported",
     "della.yml": r"mergekit key 'merge_method': method 'della' has no mergekit_lite equivalent",
     "modules.yml": r"mergekit key 'modules'",
@@ -147,3 +149,75 @@ def test_the_readme_mergekit_commands_run(corpus: Path, monkeypatch: pytest.Monk
         else:
             result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, f"{command}: {result.output}"
+
+
+# -- slices: plain merges written as slices ----------------------------------------------------------------------
+def _merged(corpus: Path, config: str | Path, out: str) -> dict[str, torch.Tensor]:
+    result = CliRunner().invoke(main, ["run", str(corpus / config), "--no-progress", "--out", str(corpus / out)])
+    assert result.exit_code == 0, result.output
+    return load_checkpoint(corpus / out)
+
+
+def test_gradient_slerp_as_slices_gives_the_bytes_of_its_models_form(corpus: Path) -> None:
+    """mergekit's gradient-slerp.yml (one slice over every layer) and slerp.yml (the same merge with models:)."""
+    sliced, listed = _merged(corpus, "gradient-slerp.yml", "gs-slices"), _merged(corpus, "slerp.yml", "gs-models")
+    assert sliced.keys() == listed.keys() and all(torch.equal(sliced[k], listed[k]) for k in sliced)
+    assert any(not torch.equal(sliced[k], load_checkpoint(corpus / "base")[k]) for k in sliced)
+
+
+def test_two_slices_with_their_own_t_equal_the_per_layer_filter_form(corpus: Path) -> None:
+    """slerp_two_slices.yml: layer 0 at t = 0.2, layer 1 at the end of its own gradient (t = 0.8, a one-layer slice
+    has t = 1), the embeddings at the first slice's t, the final norm and lm_head at the last slice's start (0.6)."""
+    ours = write_config(corpus, {
+        "base_model": "base", "method": "slerp", "models": [{"path": "ft_b"}],
+        "parameters": {"t": [{"filter": "layers.0.", "value": 0.2}, {"filter": "layers.1.", "value": 0.8},
+                             {"filter": "embed_tokens", "value": 0.2}, {"value": 0.6}]},
+        "output": {"path": "two-slices-ours", "dtype": "float32"}}, "two_slices_ours.yaml")
+    sliced = _merged(corpus, "slerp_two_slices.yml", "two-slices")
+    by_filter = _merged(corpus, ours.name, "two-slices-ours")
+    assert sliced.keys() == by_filter.keys() and all(torch.equal(sliced[k], by_filter[k]) for k in sliced)
+    base, ft = load_checkpoint(corpus / "base"), load_checkpoint(corpus / "ft_b")
+    halfway = {k for k in sliced if not torch.equal(sliced[k], base[k]) and not torch.equal(sliced[k], ft[k])}
+    assert {"lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"} <= halfway
+
+
+@pytest.mark.parametrize("slices,message", [
+    ([{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "ft_a", "layer_range": [0, 1]}]}],
+     r"'slices\[0\]': its sources take different layer ranges \(\[0, 2\] and \[0, 1\]\): that is layer stacking"),
+    ([{"sources": [{"model": "base", "layer_range": [0, 1]}, {"model": "ft_a", "layer_range": [0, 1]}]}],
+     r"'slices\[0\]': the slices end at layer 1 but the base 'base' has 2 layers: that is layer stacking"),
+    ([{"sources": [{"model": "base", "layer_range": [1, 2]}, {"model": "ft_a", "layer_range": [1, 2]}]}],
+     r"'slices\[0\]': layers 0..0 before it are in no slice"),
+    ([{"sources": [{"model": "base", "layer_range": [0, 1]}, {"model": "ft_a", "layer_range": [0, 1]}]},
+      {"sources": [{"model": "base", "layer_range": [1, 2]}, {"model": "ft_a", "layer_range": [1, 2]},
+                   {"model": "ft_b", "layer_range": [1, 2]}]}],
+     r"'slices\[1\]': it lists model 'ft_b', which slices\[0\] does not"),
+    ([{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "base", "layer_range": [0, 2]}]}],
+     r"'slices\[0\]': it lists model 'base' twice"),
+    ([{"sources": [{"model": "base", "layer_range": [0, 1]}, {"model": "ft_a", "layer_range": [0, 1]}],
+       "parameters": {"t": [{"filter": "mlp", "value": 0.1}, {"value": 0.5}]}},
+      {"sources": [{"model": "base", "layer_range": [1, 2]}, {"model": "ft_a", "layer_range": [1, 2]}],
+       "parameters": {"t": 0.3}}],
+     r"'parameters.t': slices\[1\] gives it other filters than slices\[0\]"),
+    ([{"sources": [{"model": "base", "layer_range": "0-2"}]}], r"'slices\[0\].sources\[0\].layer_range': expected"),
+    ([{"sources": [{"model": "base", "layer_range": [0, 2]}], "residual_weight": 0.5}],
+     r"'slices\[0\].residual_weight' is not supported"),
+])
+def test_slices_that_are_not_one_plain_merge_are_refused_naming_the_slice(
+        corpus: Path, slices: list, message: str) -> None:
+    data = {"slices": slices, "merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.5}}
+    with pytest.raises(MergeConfigError, match=message):
+        convert(data, base_dir=corpus)
+
+
+def test_per_source_parameters_win_over_the_slice_and_global_ones(corpus: Path) -> None:
+    """mergekit's order: a source's parameters, then its slice's, then the config's; per layer."""
+    data = {"merge_method": "task_arithmetic", "base_model": "base", "parameters": {"weight": 0.1},
+            "slices": [{"sources": [{"model": "ft_a", "layer_range": [0, 1], "parameters": {"weight": 0.7}},
+                                    {"model": "ft_b", "layer_range": [0, 1]}], "parameters": {"weight": 0.3}},
+                       {"sources": [{"model": "ft_a", "layer_range": [1, 2]},
+                                    {"model": "ft_b", "layer_range": [1, 2]}]}]}
+    config = convert(data, base_dir=corpus).config
+    later = [{"filter": "lm_head.weight", "value": 0.1}, {"filter": "model.norm.weight", "value": 0.1}]
+    assert config["models"] == [{"path": "ft_a", "weight": [*later, {"value": [0.7, 0.1]}]},
+                                {"path": "ft_b", "weight": [*later, {"value": [0.3, 0.1]}]}]

@@ -27,7 +27,7 @@ def convert_command(config_path: str, out: str) -> None:
     if not is_mergekit_config(data):
         raise MergeConfigError(f"{path}: not a mergekit config (no 'merge_method'); it may already be ours")
     try:
-        conversion = convert(data, output=out)
+        conversion = convert(data, output=out, base_dir=path.resolve().parent)
         MergeConfig.from_dict(conversion.config, path.resolve().parent)  # what we print must load as it is
     except MergeConfigError as error:
         raise MergeConfigError(f"{path}: {error}") from None

@@ -17,14 +17,15 @@ from typing import Any
 from ..errors import MergeConfigError
 from ..methods.gradients import is_setting
 from ..suggest import did_you_mean
+from . import slices
 
 logger = logging.getLogger(__name__)
 
 #: mergekit's top-level keys we read; the others are refused by name
-KNOWN_KEYS = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source")
+KNOWN_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+              "tokenizer_source")
 #: mergekit keys for features mergekit_lite does not have, and what each is
 UNSUPPORTED_KEYS = {
-    "slices": "layer stacking / frankenmerges (slices)",
     "modules": "per-module merges (modules)",
     "tokenizer": "tokenizer merging (tokenizer: union / token settings)",
     "chat_template": "chat template selection",
@@ -70,8 +71,12 @@ def _model_path(reference: Any, where: str) -> tuple[str, str | None]:
     return model, lora or None
 
 
-def convert(data: Mapping[str, Any], output: str = "merged") -> Conversion:
-    """Translate a mergekit config mapping into ours (output folder `output`); refuse what we cannot run."""
+def convert(data: Mapping[str, Any], output: str = "merged", base_dir: Path | None = None) -> Conversion:
+    """Translate a mergekit config mapping into ours (output folder `output`); refuse what we cannot run.
+
+    `base_dir` is the config file's folder: `slices:` are checked against the base's layer count found there."""
+    if "slices" in data:
+        data = slices.as_models(data, base_dir)
     for key in data:
         if key in UNSUPPORTED_KEYS:
             raise MergeConfigError(f"mergekit key '{key}': {UNSUPPORTED_KEYS[key]} is not supported by mergekit_lite")
@@ -102,7 +107,7 @@ def convert(data: Mapping[str, Any], output: str = "merged") -> Conversion:
         if unknown:
             raise MergeConfigError(f"{where}: unknown key '{unknown[0]}'")
         model, lora = _model_path(item["model"], where)
-        params = dict(item.get("parameters") or {})
+        params = slices.mapping(item.get("parameters"), f"models[{index}].parameters")
         entries.append((model, lora, params, where))
     differences: list[str] = []
     if base is None:
@@ -115,7 +120,7 @@ def convert(data: Mapping[str, Any], output: str = "merged") -> Conversion:
     if tokenizer not in (None, "base") and tokenizer != base:
         raise MergeConfigError(f"mergekit key 'tokenizer_source': '{tokenizer}' is not supported; mergekit_lite "
                                "keeps the base's tokenizer (tokenizer_source: base)")
-    global_params = dict(data.get("parameters") or {})
+    global_params = slices.mapping(data.get("parameters"), "parameters")
     for name in IGNORED_PARAMETERS:
         global_params.pop(name, None)
     converter = _Converter(method, base, global_params, differences)
@@ -284,7 +289,7 @@ class _Converter:
 def from_mergekit(data: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """A mergekit config file's mapping as ours, for `merge run` (output: `<stem>-merged` beside the file); each
     difference we cannot express is logged as a warning, one line each."""
-    conversion = convert(data, output=f"{path.stem}-merged")
+    conversion = convert(data, output=f"{path.stem}-merged", base_dir=path.resolve().parent)
     for line in conversion.differences:
         logger.warning("mergekit difference: %s", line)
     return conversion.config
