@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -59,3 +60,62 @@ def ties_combine(updates: list[torch.Tensor], weights: list[float], sign: str, n
 def tau_dims(stacked: torch.Tensor) -> int:
     """Number of dims of one stacked member."""
     return stacked.dim() - 1
+
+
+def floor_count(fraction: float, numel: int) -> int:
+    """⌊fraction · numel⌋, forgiving a decimal fraction's last float bits (0.29 of 100 is 29)."""
+    return numel if fraction >= 1 else math.floor(fraction * numel + 1e-9)
+
+
+def magnitude_order(flat: torch.Tensor) -> list[int]:
+    """Flat indices from the largest magnitude down; equal magnitudes: lower flat index first (a full sort)."""
+    return sorted(range(flat.numel()), key=lambda j: (-abs(float(flat[j])), j))
+
+
+def breadcrumbs(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs (SEMANTICS §3): drop the g = ⌊gamma·numel⌋ largest magnitudes, keep the next
+    k = ⌊density·numel⌋ (g at most numel − k), zero the rest."""
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    k = floor_count(density, n)
+    g = min(floor_count(gamma, n) if gamma > 0 else 0, n - k)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[magnitude_order(flat)[g:g + k]] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(tau.shape)
+
+
+def magprune(tau: torch.Tensor, density: float, epsilon: float, rescale: bool, uniforms: torch.Tensor) -> torch.Tensor:
+    """DELLA's MagPrune (SEMANTICS §3), row by row (a 1-D tensor is one row): the entry of magnitude rank d
+    (0 = largest, equal magnitudes lower index first) among n is kept when its uniform u < q = density + ε −
+    2ε·d/(n − 1) (q = density when n = 1), and divided by q when `rescale`. `uniforms`: one per entry, flat."""
+    rows = tau.reshape(tau.shape[0], -1) if tau.dim() > 1 else tau.reshape(1, -1)
+    u = uniforms.reshape(rows.shape).double()
+    out = torch.zeros(rows.shape, dtype=torch.float64)
+    n = rows.shape[1]
+    for r in range(rows.shape[0]):
+        for d, j in enumerate(magnitude_order(rows[r])):
+            q = density if n == 1 else density + epsilon - 2 * epsilon * d / (n - 1)
+            if float(u[r, j]) < q:
+                out[r, j] = float(rows[r, j]) / q if rescale else float(rows[r, j])
+    return out.reshape(tau.shape)
+
+
+def model_stock(base: torch.Tensor, updates: list[torch.Tensor | None]) -> torch.Tensor:
+    """Model Stock (SEMANTICS §3): over the inputs that touch the tensor (uᵢ = wᵢτᵢ, flattened), the mean
+    pairwise cosine c (a pair with a zero vector counts 0), clamped to [0, 1]; t = k·c / (1 + (k − 1)·c), t = 1
+    for a single input; W' = W + t · mean uᵢ."""
+    present = [u.double().reshape(-1) for u in updates if u is not None]
+    k = len(present)
+    if k == 0:
+        return base.double()
+    if k == 1:
+        t = 1.0
+    else:
+        cosines = []
+        for i in range(k):
+            for j in range(i + 1, k):
+                ni, nj = float(present[i].norm()), float(present[j].norm())
+                cosines.append(0.0 if ni == 0 or nj == 0 else float(present[i] @ present[j]) / (ni * nj))
+        c = min(1.0, max(0.0, sum(cosines) / len(cosines)))
+        t = k * c / (1 + (k - 1) * c)
+    return base.double() + t * (sum(present) / k).reshape(base.shape)

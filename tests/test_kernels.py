@@ -18,7 +18,7 @@ from mergekit_lite.engine import kernels
 from mergekit_lite.methods import get_method
 from mergekit_lite.methods._common import sum_consensus, ties_consensus
 
-from .test_engine import demo_config
+from .configs import demo_config
 
 built = pytest.mark.skipif(not kernels.enabled(), reason="the fused kernels were not built (no C compiler)")
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mergekit_lite.engine.elementwise import SparseTensorMerge
 from mergekit_lite.randomness import keep_mask, stream_key
 from mergekit_lite.engine.select import Trimmer
 
@@ -20,19 +19,13 @@ from mergekit_lite import MergeConfig, MergeConfigError, merge
 from mergekit_lite.methods import get_method
 
 from .reference import load_checkpoint, plain_lora_task_vectors, ties_combine, trim
+from .configs import demo_config
+from .streaming import stream
 
 
-def stream(method: str, taus: list[torch.Tensor], weights: list[float], params: dict, per_adapter: list[dict],
-           chunk_rows: int, seed: int = 0, name: str = "t") -> torch.Tensor:
-    """Drive the engine's per-tensor streaming core over dense τᵢ in row chunks, as the engine does."""
-    row_elems = taus[0][0].numel() if taus[0].dim() > 1 else 1
-    ranges = [(s, min(s + chunk_rows, taus[0].shape[0])) for s in range(0, taus[0].shape[0], chunk_rows)]
-    merger = SparseTensorMerge(get_method(method), name, taus[0].numel(), list(range(len(taus))), weights,
-                               params, per_adapter, seed)
-    for i, tau in enumerate(taus):
-        if merger.needs_selection(i):
-            merger.prepare(i, lambda tau=tau: [tau[a:b] for a, b in ranges])
-    return torch.cat([merger.merge_chunk({i: t[a:b] for i, t in enumerate(taus)}, a * row_elems) for a, b in ranges])
+def densities(values: list[float]) -> list[dict]:
+    """Per-adapter entries setting each adapter's density."""
+    return [{"density": d} for d in values]
 
 
 def full_params(method: str, **given: object) -> tuple[dict, list[dict]]:
@@ -251,25 +244,13 @@ def test_selection_memory_is_bounded_by_the_chunk_not_the_tensor() -> None:
 
 
 # -- through files: the demo adapters ------------------------------------------------------------------
-ADAPTERS = ("style", "math", "facts")
-
-
-def demo_config(demo: Path, out: Path, method: str, parameters: dict, densities: list[float] | None = None,
-                weights: tuple[float, ...] = (1.0, -0.5, 2.0), seed: int = 0) -> MergeConfig:
-    adapters = []
-    for index, name in enumerate(ADAPTERS):
-        entry = {"path": str(demo / "adapters" / name), "weight": weights[index]}
-        if densities:
-            entry["density"] = densities[index]
-        adapters.append(entry)
-    return MergeConfig.from_dict({"base_model": str(demo / "base"), "method": method, "parameters": parameters,
-                                  "adapters": adapters, "output": {"path": str(out)}, "seed": seed})
+from .configs import DEMO_ADAPTERS as ADAPTERS  # noqa: E402
 
 
 @pytest.mark.slow  # three whole merges, about a second each (the dense-reference properties above stay fast)
 @pytest.mark.parametrize("chunk_rows", [None, 1, 13])
 def test_ties_through_files_equals_the_reference(demo: Path, tmp_path: Path, chunk_rows: int | None) -> None:
-    config = demo_config(demo, tmp_path / "out", "ties", {"density": 0.4}, densities=[0.4, 0.2, 0.7])
+    config = demo_config(demo, tmp_path / "out", "ties", parameters={"density": 0.4}, per_adapter=densities([0.4, 0.2, 0.7]))
     merged = load_checkpoint(merge(config, device="cpu", chunk_rows=chunk_rows, progress=False).output_dir)
     base = load_checkpoint(demo / "base")
     taus = [plain_lora_task_vectors(demo / "adapters" / name) for name in ADAPTERS]
@@ -286,10 +267,10 @@ def test_ties_through_files_equals_the_reference(demo: Path, tmp_path: Path, chu
 def test_dare_ties_is_reproducible_and_seed_dependent(demo: Path, tmp_path: Path) -> None:
     """Reproducible: the same seed gives the same bytes, even in other chunks (SEMANTICS §5: on CPU, dare_* bytes do
     not depend on the chunk size); another seed draws other masks."""
-    config = demo_config(demo, tmp_path / "a", "dare_ties", {"density": 0.5}, seed=11)
+    config = demo_config(demo, tmp_path / "a", "dare_ties", parameters={"density": 0.5}, seed=11)
     first = merge(config, device="cpu", progress=False).output_dir
     again = merge(config, out=tmp_path / "b", device="cpu", chunk_rows=3, progress=False).output_dir
-    other = merge(demo_config(demo, tmp_path / "c", "dare_ties", {"density": 0.5}, seed=12),
+    other = merge(demo_config(demo, tmp_path / "c", "dare_ties", parameters={"density": 0.5}, seed=12),
                   device="cpu", progress=False).output_dir
     assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -297,7 +278,8 @@ def test_dare_ties_is_reproducible_and_seed_dependent(demo: Path, tmp_path: Path
 
 
 def test_card_records_method_paper_density_sign_and_seed(demo: Path, tmp_path: Path) -> None:
-    config = demo_config(demo, tmp_path / "out", "ties", {"density": 0.5, "sign": "count"}, densities=[0.5, 0.3, 0.5], seed=5)
+    config = demo_config(demo, tmp_path / "out", "ties", parameters={"density": 0.5, "sign": "count"},
+                         per_adapter=densities([0.5, 0.3, 0.5]), seed=5)
     card = (merge(config, device="cpu", progress=False).output_dir / "README.md").read_text()
     assert "**TIES**" in card and "arxiv.org/abs/2306.01708" in card
     assert "`sign=count`" in card and "Seed: `5`" in card
@@ -326,7 +308,7 @@ def test_bad_method_parameters_are_config_errors(method: str, parameters: dict, 
 
 
 def test_density_that_keeps_nothing_names_the_tensor(demo: Path, tmp_path: Path) -> None:
-    config = demo_config(demo, tmp_path / "out", "ties", {"density": 1e-6})
+    config = demo_config(demo, tmp_path / "out", "ties", parameters={"density": 1e-6})
     with pytest.raises(MergeConfigError, match=r"density 1e-06 keeps 0 of the \d+ entries of tensor 'model\."):
         merge(config, device="cpu", progress=False)
     assert not (tmp_path / "out").exists()

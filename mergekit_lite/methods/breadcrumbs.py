@@ -1,0 +1,59 @@
+"""breadcrumbs and breadcrumbs_ties: drop each τᵢ's largest outliers and its small entries, keep the band between.
+
+Model Breadcrumbs (Davari & Belilovsky, 2023): of each τᵢ, the gᵢ = ⌊gammaᵢ·numel⌋ largest magnitudes are
+outliers and the entries below the next kᵢ = ⌊densityᵢ·numel⌋ are noise; both are zeroed. Both cuts are exact
+top-k sets (ties: lower flat index first, as TIES' trim), so the kept set never depends on the chunking.
+`breadcrumbs` sums the weighted remainders, `breadcrumbs_ties` adds TIES' sign election (SEMANTICS §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import MergeConfigError
+from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
+from .registry import ElementwisePhase, MergeMethod, Param, register
+from .sparsifiers import BREADCRUMBS
+
+PAPER = "https://arxiv.org/abs/2312.06795"
+GAMMA = Param("gamma", 0.01, float, "fraction of each task vector's largest magnitudes dropped as outliers, in "
+              "[0, 1 − density]", per_adapter=True)
+
+
+def _validate(_weights: Sequence[float], _params: Mapping[str, Any], own: Sequence[Mapping[str, Any]]) -> None:
+    """The outliers dropped and the entries kept are disjoint: 0 ≤ gamma ≤ 1 − density."""
+    for index, entry in enumerate(own):
+        gamma, density = entry["gamma"], entry["density"]
+        if gamma is None or density is None:
+            continue
+        if not 0.0 <= gamma <= 1.0 - density + 1e-12:
+            raise MergeConfigError(f"adapters[{index}]: 'gamma' must be in [0, 1 − density] = [0, {1.0 - density:g}] "
+                                   f"(the outliers dropped and the entries kept are disjoint), got {gamma!r}")
+
+
+BREADCRUMBS_LINEAR = register(
+    MergeMethod(
+        name="breadcrumbs",
+        core_phase=core_space_phase("breadcrumbs"),
+        display_name="Model Breadcrumbs",
+        paper_url=PAPER,
+        summary="drop each τᵢ's ⌊gamma·numel⌋ largest magnitudes, keep the next ⌊density·numel⌋; τ = λ · Σ wᵢtᵢ",
+        params=(DENSITY, GAMMA, LAMBDA, SPACE),
+        phase=ElementwisePhase(sum_consensus, sparsifier=BREADCRUMBS, kernel="sum"),
+        validate=_validate,
+    )
+)
+
+BREADCRUMBS_TIES = register(
+    MergeMethod(
+        name="breadcrumbs_ties",
+        core_phase=core_space_phase("breadcrumbs_ties"),
+        display_name="Model Breadcrumbs + TIES",
+        paper_url=PAPER,
+        summary="the Breadcrumbs tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
+        params=(DENSITY, GAMMA, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
+        phase=ElementwisePhase(ties_consensus, sparsifier=BREADCRUMBS, kernel="ties"),
+        validate=_validate,
+    )
+)
