@@ -217,6 +217,24 @@ def test_merge_eval_scores_model_folders_as_they_are(lm_eval_ready: None, tmp_pa
 
 
 @pytest.mark.slow
+def test_an_earlier_eval_report_is_replaced_whole_and_marked(lm_eval_ready: None, tmp_path: Path) -> None:
+    """#23: the report folder carries merge eval's marker and is staged and swapped whole, so a later run
+    replaces it (a file left in it goes) and nothing is left beside it."""
+    from mergekit_lite.writers.ownership import MARKER, read_marker
+
+    out = tmp_path / "r"
+    args = ["eval", str(SUITE / "base"), "--tasks", "add", "--limit", "3", "--out", str(out), "--no-progress"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert read_marker(out) == "eval" and (out / MARKER).is_file() and (out / "report.md").is_file()
+    (out / "stale.txt").write_text("from the earlier report's time")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert not (out / "stale.txt").exists() and (out / "scores.json").is_file()
+    assert str(out / "report.md") in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+@pytest.mark.slow
 def test_an_unknown_task_is_one_line_with_a_suggestion(lm_eval_ready: None, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["eval", str(SUITE / "base"), "--tasks", "capitels", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2

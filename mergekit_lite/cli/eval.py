@@ -26,6 +26,20 @@ class _LimitType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
+class _GenKwargsType(click.ParamType):
+    """--gen-kwargs: key=value pairs separated by commas, as lm-eval takes them (checked: lm-eval is not)."""
+
+    name = "K=V,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from ..evaluation.options import parse_gen_kwargs
+
+        try:
+            return parse_gen_kwargs(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
 class _BatchSizeType(click.ParamType):
     """--batch-size: a positive integer, or lm-eval's auto / auto:N."""
 
@@ -50,12 +64,13 @@ class _BatchSizeType(click.ParamType):
 @click.option("--num-fewshot", type=click.IntRange(min=0), help="Few-shot examples (default: each task's own, else 0).")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=DEFAULT_OUT, show_default=True,
               help="Folder for the report: report.md, scores.json, chart.png, results/<model>.json and lm-eval's "
-                   "own output format in lm_eval/<model>/.")
+                   "own output format in lm_eval/<model>/. New, empty, or an earlier merge eval report (replaced "
+                   "whole); never an input's folder.")
 @click.option("--batch-size", type=_BatchSizeType(), help="lm-eval batch size, or auto (default: eval.batch_size, else 8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (merging and scoring).")
 @click.option("--seed", type=int, help="One seed for lm-eval's four (python, numpy, torch, few-shot sampling).")
 @click.option("--apply-chat-template", is_flag=True, help="Wrap prompts in the tokenizer's chat template.")
-@click.option("--gen-kwargs", help="Generation settings for generate_until tasks, e.g. 'temperature=0,max_gen_toks=64'.")
+@click.option("--gen-kwargs", type=_GenKwargsType(), help="Generation settings for generate_until tasks, e.g. 'temperature=0,max_gen_toks=64'.")
 @click.option("--log-samples", is_flag=True, help="Also write every sample's prompt and answer (lm-eval's samples files).")
 @click.option("--remerge", is_flag=True, help="Merge again even when a config's output folder exists (replaces it).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -73,19 +88,32 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
     """
     from ..config import load_config
     from ..evaluation.lm_eval_runner import EvalError, evaluate_models, offline, plan_models, suite_tasks_dir
-    from ..evaluation.options import EvalOptions
+    from ..evaluation.options import EvalOptions, check_eval_section
     from ..evaluation.tasks import select_tasks
+    from ..writers.ownership import check_output_folder, local_inputs, owned_folder
 
     configs, model_dirs = [], []
     for target in targets:
         path = Path(target)
         if path.is_dir():
+            _check_model_folder(path)
             model_dirs.append(path.resolve())
         elif path.is_file():
             configs.append(load_config(path))
         else:
             raise EvalError(f"{target}: no such config file or model folder")
+    for config in configs:
+        check_eval_section(config.eval)
     first_eval = next((c.eval for c in configs if c.eval is not None), None)
+    options = EvalOptions.from_spec(first_eval, device=device, limit=limit, num_fewshot=num_fewshot,
+                                    batch_size=batch_size, seed=seed, apply_chat_template=apply_chat_template or None,
+                                    gen_kwargs=gen_kwargs, log_samples=log_samples or None)
+    # The report folder: ours or new, apart from every input and every merge output this command may (re)write.
+    inputs = [(f"model folder '{folder.name}'", folder) for folder in model_dirs]
+    for config in configs:
+        inputs += [*local_inputs(config), ("the config's output", config.output_path)]
+    report_dir = Path(out).resolve()
+    check_output_folder(report_dir, "eval", inputs)
     task_items = list(tasks) or (first_eval.tasks if first_eval and first_eval.tasks else None)
     # Names, files and datasets are checked before anything is merged, loaded or written.
     selection = select_tasks(task_items, suite_tasks_dir(), note=lambda line: click.echo(line, err=True))
@@ -94,12 +122,32 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
         for config in configs:
             merged_dirs.append(_merged_output(config, device, remerge, progress=not no_progress))
     models, references = plan_models(configs, merged_dirs, model_dirs)
-    options = EvalOptions.from_spec(first_eval, device=device, limit=limit, num_fewshot=num_fewshot,
-                                    batch_size=batch_size, seed=seed, apply_chat_template=apply_chat_template or None,
-                                    gen_kwargs=gen_kwargs, log_samples=log_samples or None)
-    report = evaluate_models(models, out, tasks=selection, options=options, references=references,
-                             progress=not no_progress)
+    with owned_folder(report_dir, "eval") as staging:  # the whole report or none, like a merge output
+        report = evaluate_models(models, staging, tasks=selection, options=options, references=references,
+                                 progress=not no_progress)
+    report.move_to(report_dir)
     click.echo(report.summary())
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A MODEL_DIR is a checkpoint (config.json naming a model_type, and weights) or a merged PEFT adapter: said
+    in one line before anything loads, instead of transformers' error after seconds of work."""
+    import json
+
+    from ..evaluation.lm_eval_runner import EvalError, is_adapter_output
+
+    if is_adapter_output(folder):
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    weights = [p for pattern in ("*.safetensors", "pytorch_model*.bin") for p in folder.glob(pattern)]
+    if not isinstance(config, dict) or "model_type" not in config or not weights:
+        missing = "a config.json naming its model_type" if not isinstance(config, dict) or "model_type" not in config \
+            else "weights (*.safetensors)"
+        raise EvalError(f"{folder}: not a model folder (it has no {missing}); give a checkpoint folder such as a "
+                        "merge output, or a merge config")
 
 
 def _merged_output(config: Any, device: str, remerge: bool, progress: bool) -> Path:

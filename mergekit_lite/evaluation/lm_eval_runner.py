@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EvalError
-from .options import EvalOptions
+from .options import EvalOptions, check_eval_section
 from .tasks import LL_SUFFIX, TaskSelection, select_tasks
 
 if TYPE_CHECKING:
@@ -736,6 +736,7 @@ def adapter_base(folder: Path) -> Path:
 
 def eval_selection(config: MergeConfig, note: Any = None) -> TaskSelection:
     """The tasks a config's `eval:` section names, resolved and built (call before merging: fail fast)."""
+    check_eval_section(config.eval)  # an empty task list would run the whole suite
     tasks = list(config.eval.tasks) if config.eval and config.eval.tasks else None
     return select_suite_or_tasks(tasks, note=note)
 

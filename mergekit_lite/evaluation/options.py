@@ -7,19 +7,26 @@ One dataclass, so the three entry points cannot drift apart: what a user knows f
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 _AUTO_BATCH = re.compile(r"^auto(:\d+)?$")
+#: one `key=value` of --gen-kwargs: lm-eval splits on ',' then '=', and takes anything, even '===' or 'x'
+_GEN_KWARG = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*\s*=\s*[^=\s][^=]*$")
 
 
 def parse_limit(value: Any) -> int | float:
     """A count of examples per task (an integer ≥ 1) or a fraction of each task (0 < limit < 1)."""
     try:
+        if isinstance(value, bool):
+            raise ValueError
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"limit must be a count (≥ 1) or a fraction (0 < limit < 1), not {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"limit must be a finite count (≥ 1) or a fraction (0 < limit < 1), not {value!r}")
     if 0 < number < 1:
         return number
     if number >= 1 and number == int(number):
@@ -38,6 +45,36 @@ def parse_batch_size(value: Any) -> int | str:
     if number < 1:
         raise ValueError(f"batch_size must be a positive integer, 'auto' or 'auto:N', not {value!r}")
     return number
+
+
+def parse_gen_kwargs(value: Any) -> str:
+    """lm-eval's generation settings, `key=value` pairs separated by commas ('temperature=0,max_gen_toks=64');
+    anything else is refused here, where lm-eval would pass `===` on as an empty key."""
+    if not isinstance(value, str):
+        raise ValueError(f"gen_kwargs must be text like 'temperature=0,max_gen_toks=64', not {value!r}")
+    items = value.split(",")
+    bad = next((item for item in items if not _GEN_KWARG.match(item)), None)
+    if not value.strip() or bad is not None:
+        raise ValueError(f"gen_kwargs must be key=value pairs separated by commas, like 'temperature=0,"
+                         f"max_gen_toks=64'; {bad if bad is not None else value!r} is not one")
+    return value.strip()
+
+
+def check_eval_section(spec: Any) -> None:
+    """What a config's `eval:` section may not say although its types allow it: an empty task list (it would run
+    the whole suite), generation settings lm-eval would misread. MergeConfigError naming the key."""
+    from ..errors import MergeConfigError
+
+    if spec is None:
+        return
+    if spec.tasks is not None and not list(spec.tasks):
+        raise MergeConfigError("eval.tasks: an empty list; name at least one task, or drop the key to run the "
+                               "offline suite")
+    if spec.gen_kwargs is not None:
+        try:
+            parse_gen_kwargs(spec.gen_kwargs)
+        except ValueError as error:
+            raise MergeConfigError(f"eval.{error}") from None
 
 
 @dataclass(frozen=True)
@@ -93,6 +130,7 @@ class EvalOptions:
     def from_spec(cls, spec: Any, device: str = "cpu", **overrides: Any) -> EvalOptions:
         """From a config's `eval:` section (or None), with CLI values (those not None) winning."""
         values: dict[str, Any] = {"device": device}
+        check_eval_section(spec)
         if spec is not None:
             values.update(limit=spec.limit, num_fewshot=spec.num_fewshot, batch_size=spec.batch_size,
                           seed=spec.seed, apply_chat_template=spec.apply_chat_template, gen_kwargs=spec.gen_kwargs,

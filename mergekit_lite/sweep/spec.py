@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import MergeConfig, read_config_data
 from ..errors import MergeConfigError
+from ..evaluation.options import check_eval_section
 from ..methods import REGISTRY, get_method
 from ..suggest import did_you_mean
 
@@ -145,6 +146,7 @@ def sweep_config_from_dict(data: Any, base_dir: str | Path) -> SweepConfig:
     spec = _metric_for_inputs(parse_spec(data["sweep"]), data["sweep"], base)
     config = SweepConfig(spec, base, Path(base_dir).resolve(), writes_output)
     labels = config.adapter_names  # checks the base config itself (base, adapters, output, eval)
+    check_eval_section(config.template().eval)  # an empty task list would sweep over the whole suite
     for name in spec.weights:
         if name not in labels:
             raise MergeConfigError(f"sweep.weights: no adapter named '{name}'" + did_you_mean(name, labels))
