@@ -41,7 +41,12 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
     with heavy_imports():
         from ..api import describe_plan, merge
         from ..config import load_config
+        from ..compat.mega import run_if_mega
 
+    if run_if_mega(config_path, out, dry_run, click.echo, device=device, chunk_rows=chunk_rows,  # mergekit-mega
+                   max_memory=max_memory, workers=workers, overwrite=overwrite, progress=not no_progress,
+                   allow_pickle=allow_pickle):
+        return
     config = load_config(config_path)
     if out:
         config = config.with_output_path(out)
