@@ -16,7 +16,7 @@ from .engine.allocator import tune_allocator
 from .engine.device import peak_device_bytes, peak_rss_bytes, resolve_device, single_threaded_torch
 from .engine.elementwise import check_densities
 from .engine.loop import MergeEngine
-from .engine.plan import LowRank, MergePlan, build_plan
+from .engine.plan import LowRank, MergePlan, build_plan, check_filters
 from .engine.schedule import DEFAULT_MAX_MEMORY, EngineOptions, check_phase, default_workers
 from .formats.safetensors import dtype_code
 from .hub.resolve import hub_reference, resolve_model_dir
@@ -121,6 +121,7 @@ def prepare(config: MergeConfig, allow_pickle: bool = False, method_checks: bool
         out_dtype = dtype_code(config.output.dtype) if method_checks else None
         plan = build_plan(base, adapters, out_dtype)  # type: ignore[arg-type]
         if method_checks:
+            check_filters(plan, config)
             check_densities(plan, config.merge_method, config.adapter_params)
             check_phase(plan.tensors, config.merge_method, [a.label for a in adapters])
         stack.pop_all()  # checks passed: the caller owns the open files now

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import MergeConfigError
 from .methods import MergeMethod, get_method
+from .methods.registry import finite_scale
 from .suggest import did_you_mean
 from .units import parse_size
 
@@ -45,7 +46,7 @@ class AdapterSpec(BaseModel):
         def number(item: Any) -> float:
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 raise MergeConfigError(f"must be a number, got {item!r}")
-            return float(item)
+            return finite_scale(item, "")
         try:
             return check_setting(value, number, "weight")
         except MergeConfigError as error:
@@ -72,10 +73,15 @@ class OutputSpec(BaseModel):
     push_to_hub: str | None = None
     private: bool = False
 
+    _rank_is_a_number = field_validator("rank", mode="before")(lambda value: _a_number(value))
+
     @field_validator("shard_size", mode="before")
     @classmethod
     def _parse_shard_size(cls, value: Any) -> int:
-        return parse_size(value)
+        try:
+            return parse_size(value)
+        except OverflowError:  # .inf, or '1e400GB'
+            raise ValueError(f"not a finite size: got {value!r}") from None
 
     @model_validator(mode="after")
     def _rank_needs_an_adapter(self) -> OutputSpec:
@@ -90,13 +96,17 @@ class EvalSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tasks: list[str] | None = None
-    limit: int | float | None = None  # a count (≥ 1) or a fraction of each task (0 < limit < 1), as lm-eval takes
+    #: a count (≥ 1) or a fraction of each task (0 < limit < 1), as lm-eval takes
+    limit: int | float | None = None
     batch_size: int | str = 8  # or "auto" / "auto:N"
     num_fewshot: int | None = Field(default=None, ge=0)
     seed: int | None = None
     apply_chat_template: bool = False
     gen_kwargs: str | None = None  # "temperature=0,max_gen_toks=64", for generate_until tasks
     log_samples: bool = False
+
+    _counts_are_numbers = field_validator("limit", "num_fewshot", "seed", mode="before")(lambda value: _a_number(value))
+    _batch_size_is_no_flag = field_validator("batch_size", mode="before")(lambda value: _a_number(value, text=True))
 
     @field_validator("limit")
     @classmethod
@@ -132,10 +142,11 @@ class MergeConfig(BaseModel):
     #: full fine-tuned checkpoints of the base's architecture: τᵢ = Wᵢ − W for every tensor (SEMANTICS §1)
     models: list[AdapterSpec] = Field(default_factory=list)
     output: OutputSpec
-    seed: int = 0
+    seed: int = Field(default=0, strict=True)
     eval: EvalSpec | None = None
 
     _config_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _seed_is_a_number = field_validator("seed", mode="before")(lambda value: _a_number(value))
     _resolved: tuple[dict[str, Any], list[dict[str, Any]]] = PrivateAttr()
 
     def __init__(self, **data: Any) -> None:
@@ -171,10 +182,24 @@ class MergeConfig(BaseModel):
                                    f"got {len(self.inputs)}")
         if method.is_interpolation and self.output.format == "peft":
             raise MergeConfigError(f"method '{self.method}' writes full checkpoints only; drop output.format: peft")
+        self._check_distinct_labels()
         self._resolved = method.resolve_params(
             self.parameters, [a.parameters for a in self.inputs], [a.weight for a in self.inputs], self.input_where
         )
         return self
+
+    def _check_distinct_labels(self) -> None:
+        """Every input needs its own label: reference rows, the card and a sweep's `weights: {label: ...}` key on
+        it, so two inputs named alike would be mixed up (the same folder twice, two folders of one name)."""
+        first: dict[str, str] = {}
+        for where, spec in zip(self.input_where, self.inputs):
+            if spec.label not in first:
+                first[spec.label] = where
+                continue
+            source = f"name '{spec.label}'" if spec.name else f"label '{spec.label}' (its folder's name)"
+            raise MergeConfigError(
+                f"{where}: {source} is also {first[spec.label]}'s; inputs are told apart by label "
+                f"(scores, the card, sweep weights), so give each a distinct 'name:' (or list the folder once)")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: str | Path | None = None) -> MergeConfig:
@@ -184,7 +209,7 @@ class MergeConfig(BaseModel):
         # A file's adapter entries keep every key but path/weight/name as a method parameter (`parameters` too);
         # the constructor then checks the fields, the method and its parameters like any direct construction.
         config = cls(**_checked_fields(data, _split_adapter))
-        config._config_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+        config._config_dir = resolved_path(Path(base_dir)) if base_dir is not None else Path.cwd()
         return config
 
     @property
@@ -228,8 +253,12 @@ class MergeConfig(BaseModel):
 
     def resolve_path(self, path: str) -> Path:
         """Return `path` as an absolute local path, relative ones taken from the config's folder."""
-        candidate = Path(path).expanduser()
-        return candidate if candidate.is_absolute() else (self._config_dir / candidate).resolve()
+        try:
+            candidate = Path(path).expanduser()
+        except RuntimeError:  # ~user of no such user
+            raise MergeConfigError(f"path {path!r}: its '~' names no home folder here; write the full path") from None
+        resolved = resolved_path(candidate if candidate.is_absolute() else self._config_dir / candidate)
+        return candidate if candidate.is_absolute() else resolved
 
     @property
     def output_path(self) -> Path:
@@ -239,7 +268,7 @@ class MergeConfig(BaseModel):
     def with_output_path(self, path: str | Path) -> MergeConfig:
         """Return a copy writing to `path` (the CLI's --out)."""
         data = self.to_dict()
-        data["output"]["path"] = str(Path(path).resolve())
+        data["output"]["path"] = str(resolved_path(Path(path)))
         return MergeConfig.from_dict(data, self._config_dir)
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,6 +309,25 @@ class MergeConfig(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
+def resolved_path(path: Path) -> Path:
+    """`path.resolve()`, or one MergeConfigError line when a symlink on the way loops back (Python raises
+    RuntimeError for that before 3.13, OSError after): every config path resolves through here."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as error:
+        why = getattr(error, "strerror", None) or "a symlink loop"
+        raise MergeConfigError(f"path {path}: cannot be resolved ({why}); give the real folder instead") from None
+
+
+def _a_number(value: Any, text: bool = False) -> Any:
+    """Refuse true/false (and, unless `text`, a quoted string) where a number belongs: pydantic would read
+    `rank: true` as 1 and `rank: "4"` as 4, and the user meant something else."""
+    if isinstance(value, bool) or (isinstance(value, str) and not text):
+        kind = "true/false" if isinstance(value, bool) else "a string"
+        raise ValueError(f"must be a number, not {kind}: got {value!r}")
+    return value
+
+
 def load_config(path: str | Path) -> MergeConfig:
     """Read a YAML merge config (ours, or mergekit's: run as mergekit would, SEMANTICS §3b); relative paths in it
     are relative to the file's folder."""
@@ -289,7 +337,7 @@ def load_config(path: str | Path) -> MergeConfig:
 
         if is_mergekit_config(data):  # mergekit's schema: converted, each difference logged as one line
             data = from_mergekit(data, path)
-        return MergeConfig.from_dict(data, path.resolve().parent)
+        return MergeConfig.from_dict(data, resolved_path(path).parent)
     except MergeConfigError as error:
         raise MergeConfigError(f"{path}: {error}") from None
 
@@ -309,12 +357,12 @@ def read_config_data(path: str | Path) -> tuple[Any, Path]:
     try:
         data = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as error:
-        raise MergeConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+        raise MergeConfigError(f"{path}: not valid YAML: {yaml_problem(error)}") from None
     _check_expanded_size(data, path)
     return data, path
 
 
-def _yaml_problem(error: BaseException) -> str:
+def yaml_problem(error: BaseException) -> str:
     """A YAML error as one line: the problem and where it is (PyYAML's own text spans several lines)."""
     if isinstance(error, RecursionError):
         return "nested too deeply"
@@ -424,5 +472,6 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
         location = location.lstrip(".") or "config"
-        parts.append(f"{location}: {item['msg']} (got {item.get('input')!r})")
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" + ("" if "got " in message else f" (got {item.get('input')!r})"))
     return "; ".join(parts)

@@ -226,7 +226,7 @@ def test_logit_check_fails_when_one_merged_weight_is_tampered(folder: Path, demo
 
 def test_against_inputs_refuses_a_multi_adapter_merge(folder: Path) -> None:
     recorded = yaml.safe_load((folder / "mergekit_lite_config.yaml").read_text())
-    recorded["adapters"] *= 2
+    recorded["adapters"] += [{**recorded["adapters"][0], "name": "again"}]  # a distinct label: labels must differ
     (folder / "mergekit_lite_config.yaml").write_text(yaml.safe_dump(recorded))
     result = verify(folder, "--against-inputs")
     assert result.exit_code == 2 and "merges 2 adapters" in result.output, result.output

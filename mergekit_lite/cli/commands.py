@@ -7,11 +7,11 @@ import logging
 import click
 
 from ..version import tool_version
-from .errors import friendly_errors
+from .errors import OneLineErrors, friendly_errors
 from .startup import heavy_imports
 
 
-@click.group()
+@click.group(cls=OneLineErrors)
 @click.version_option(tool_version(), prog_name="mergekit_lite")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")

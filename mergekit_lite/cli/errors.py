@@ -1,5 +1,9 @@
 """One-line errors for every `merge` subcommand: exit 2 for bad config or input, 1 otherwise.
 
+Click's own errors (a bad option value, a missing argument, an unknown option or command) are one line and exit 2
+too, through the `OneLineErrors` group, instead of click's usage block: the user learns what to fix and where
+`--help` is, and scripts read one line like every other error.
+
 Signals are turned into exceptions too, so that a stopped run unwinds through the atomic writer and removes
 its temporary folder: Ctrl-C (SIGINT) exits 130, SIGTERM 143. SIGXFSZ is ignored, so that hitting the file
 size limit is a write error with a message rather than a silent kill.
@@ -25,6 +29,51 @@ class Terminated(BaseException):
     """SIGTERM arrived; a BaseException like KeyboardInterrupt, so no `except Exception` swallows it."""
 
 
+class OneLineUsageError(click.UsageError):
+    """A click error (bad option value, missing argument, unknown option, ...) shown as one `error:` line, exit 2."""
+
+    exit_code = 2
+
+    def __init__(self, error: click.ClickException) -> None:
+        ctx = getattr(error, "ctx", None)
+        where = ctx.command_path if ctx is not None else "merge"
+        message = " ".join(error.format_message().split()).rstrip(".")  # click's messages may span lines
+        super().__init__(f"{where}: {message}; see '{where} --help'", ctx=ctx)
+
+    def show(self, file: Any = None) -> None:
+        """One line on stderr, no usage block."""
+        click.echo(f"error: {self.message}", file=file, err=file is None)
+
+
+@contextmanager
+def _click_errors_in_one_line() -> Iterator[None]:
+    """Turn any click error raised inside into a OneLineUsageError (the help shown for a bare group stays)."""
+    try:
+        yield
+    except (OneLineUsageError, click.exceptions.NoArgsIsHelpError):
+        raise
+    except click.ClickException as error:
+        raise OneLineUsageError(error) from None
+
+
+class OneLineErrors(click.Group):
+    """A click group whose parsing errors, and its subcommands', are one `error:` line and exit 2.
+
+    Parsing happens in the group's own `make_context` (options before the command) and in `invoke` (the command's
+    name, then the command's options and arguments): wrapping both catches every click error once, for every
+    command, whatever module defines it. `--help` and `--version` are not errors and print as before.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        with _click_errors_in_one_line():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _click_errors_in_one_line():
+            return super().invoke(ctx)
+
+
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn our errors into one readable stderr line (exit 2 for bad config/input, 1 otherwise)."""
 
@@ -39,6 +88,8 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
+        except (click.ClickException, click.exceptions.Exit):
+            raise  # click's own: a usage error becomes one line in OneLineErrors
         except KeyboardInterrupt:
             click.echo("interrupted: no partial output was left behind", err=True)
             sys.exit(130)

@@ -7,11 +7,16 @@ a bad input fails in a second, naming the tensor, and never halfway through a lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import AdapterError
+from ..methods.gradients import check_filters_apply
 from ..formats.safetensors import FLOAT_DTYPES, ITEM_SIZES
 from ..sources.adapter import LoraModule, PeftAdapter
 from ..sources.checkpoint import BaseCheckpoint, TensorInfo
+
+if TYPE_CHECKING:
+    from ..config import MergeConfig
 
 #: model types whose attention/MLP layers are GPT-2 style Conv1D (weight stored in×out)
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
@@ -143,6 +148,22 @@ def build_plan(base: BaseCheckpoint, adapters: list[PeftAdapter], out_dtype: str
         by_adapter = tuple(tuple(items) for items in per_adapter) if per_adapter else empty
         plans.append(TensorPlan(info, dtype, by_adapter))
     return MergePlan(plans, adapters, touched_by)
+
+
+def check_filters(plan: MergePlan, config: MergeConfig) -> None:
+    """Every filter in a weight or parameter (SEMANTICS §3d) gives its value to some tensor of the base, checked
+    here, before any data is read or anything written: a filter that matches no tensor (a typo) or only tensors an
+    earlier filter took is a config error naming it, never a silent no-op. (Matched against every base tensor, so
+    a recipe's `mlp` filter stays valid for adapters that only change attention.)"""
+    names = [tensor.name for tensor in plan.tensors]
+    scope = "of the base model"
+    for key, value in config.global_params.items():
+        check_filters_apply(value, names, f"parameters.{key}", scope)
+    per_input = config.adapter_params
+    for index, (where, spec) in enumerate(zip(config.input_where, config.inputs)):
+        check_filters_apply(spec.weight, names, f"{where}.weight", scope)
+        for key in spec.parameters:
+            check_filters_apply(per_input[index].get(key), names, f"{where}.{key}", scope)
 
 
 def _base_name(base: BaseCheckpoint, adapter: PeftAdapter, param_path: str, purpose: str = "") -> str:

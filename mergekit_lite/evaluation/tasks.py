@@ -90,10 +90,7 @@ def tasks_defined_in(path: Path) -> list[str]:
     that none of those groups runs (so nothing runs twice); a file's one task or group."""
     TaskIndex, Kind = _task_index()
     if path.is_file():
-        try:
-            entry = TaskIndex.entry_from_path(path)
-        except Exception as error:  # lm-eval's YAML loader: any parse problem
-            raise EvalError(f"--tasks: {path} is not a readable lm-eval task YAML ({error})") from None
+        entry = _task_entry(TaskIndex, path)
         if entry is None or not entry.name:
             raise EvalError(f"--tasks: {path} is not an lm-eval task YAML (no 'task' or 'group' key)")
         return [str(entry.name)]
@@ -103,8 +100,23 @@ def tasks_defined_in(path: Path) -> list[str]:
     tasks = [name for name, e in index.items() if e.kind in (Kind.TASK, Kind.PY_TASK) and name not in members]
     found = sorted(groups) + sorted(tasks)
     if not found:
+        for candidate in sorted([*path.rglob("*.yaml"), *path.rglob("*.yml")]):
+            _task_entry(TaskIndex, candidate)  # lm-eval's index skips a broken file: name it rather than "none"
         raise EvalError(f"--tasks: {path} defines no lm-eval task (no YAML with a 'task' or 'group' key)")
     return found
+
+
+def _task_entry(task_index: Any, path: Path) -> Any:
+    """lm-eval's index entry for one task YAML, or one EvalError line naming the file and the problem."""
+    import yaml
+
+    from ..config import yaml_problem
+
+    try:
+        return task_index.entry_from_path(path)
+    except Exception as error:  # lm-eval's YAML loader: any parse problem
+        problem = yaml_problem(error) if isinstance(error, yaml.YAMLError) else " ".join(str(error).split())
+        raise EvalError(f"--tasks: {path} is not a readable lm-eval task YAML ({problem})") from None
 
 
 def _as_list(value: Any) -> list[Any]:

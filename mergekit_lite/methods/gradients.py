@@ -58,6 +58,31 @@ def check_setting(value: Any, check: Callable[[Any], Any], where: str) -> Any:
     return checked
 
 
+def check_filters_apply(setting: Any, names: Sequence[str], where: str, scope: str) -> None:
+    """Each filter of a filter list (`filter: substring`) must give its value to at least one tensor of `names`
+    (the tensors the setting is evaluated for): a filter that matches none, or only tensors an earlier entry
+    already took, is a typo or a mistake in order, and would silently do nothing. `scope` says which tensors."""
+    if not (isinstance(setting, list) and setting and all(isinstance(item, Mapping) for item in setting)):
+        return
+    def applies(pattern: Any, name: str) -> bool:
+        return pattern is None or pattern == "*" or pattern in name
+
+    chosen = {next((i for i, item in enumerate(setting) if applies(item.get("filter"), name)), None) for name in names}
+    for index, item in enumerate(setting):
+        pattern = item.get("filter")
+        if pattern is None or pattern == "*" or index in chosen:
+            continue
+        matching = [name for name in names if pattern in name]
+        if not matching:
+            sample = next((name for name in names if LAYER_INDEX.search(name)), names[0] if names else None)
+            example = f" (names look like '{sample}')" if sample else ""
+            raise MergeConfigError(f"{where}[{index}]: filter '{pattern}' matches no tensor {scope}{example}; "
+                                   "fix the substring or drop the entry")
+        raise MergeConfigError(f"{where}[{index}]: filter '{pattern}' never applies: every tensor it matches "
+                               f"('{matching[0]}'{', …' if len(matching) > 1 else ''}) takes an earlier entry's "
+                               "value (the first match wins); move it up or drop it")
+
+
 def evaluate(setting: Any, tensor: str, t: float) -> Any:
     """The value of `setting` for `tensor` at layer position `t` (None when no filter matches)."""
     if not isinstance(setting, list):

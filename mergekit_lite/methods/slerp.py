@@ -85,8 +85,9 @@ SLERP = register(
         paper_url="https://en.wikipedia.org/wiki/Slerp",
         summary="spherical interpolation c₀v₀ + c₁v₁ of two flattened tensors (the base and one model, or two task "
                 "vectors); linear where |cos θ| > 0.9995",
-        params=(Param("t", None, float, "interpolation factor: 0 gives the first endpoint, 1 the second",
-                      required=True),),
+        params=(Param("t", None, float, "interpolation factor: 0 gives the first endpoint, 1 the second; "
+                      "SEMANTICS §3 defines SLERP for t in [0, 1] only", required=True, interval=(0.0, 1.0),
+                      closed=True),),
         phase=InterpolationPhase(_statistics, _finish, _combine),
         validate=_validate,
         input_count=(1, 2),
