@@ -133,3 +133,11 @@ def test_a_folder_that_is_not_a_model_is_one_line_before_anything_loads(tmp_path
         (folder / name).write_text(text)
     _one_line(_eval(str(folder), "--out", str(tmp_path / "r")), "not a model folder")
     assert not (tmp_path / "r").exists()
+
+
+def test_remerge_does_not_replace_a_users_folder_at_the_configs_output(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "notes.txt").write_text("mine")
+    _one_line(_eval(str(config), "--remerge", "--out", str(tmp_path / "r")), "not a merge output")
+    assert _tree(tmp_path / "merged") == {"notes.txt": b"mine"} and not (tmp_path / "r").exists()

@@ -163,6 +163,13 @@ def test_non_finite_values_and_ranges_are_refused(sweep: dict[str, Any], words: 
     assert words in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_an_empty_task_list_is_refused_not_swept_over_the_whole_suite() -> None:
+    data = _data()
+    data["eval"] = {"tasks": []}
+    with pytest.raises(MergeConfigError, match="eval.tasks: an empty list"):
+        sweep_config_from_dict(data, REPO)
+
+
 def test_a_density_the_method_refuses_fails_before_any_model_loads(tmp_path: Path) -> None:
     config = _write(tmp_path, _data({"method": ["ties"], "parameters": {"density": [0.00001, 0.5]}}))
     _refused(_sweep(config, tmp_path / "out"), "ties at density 1e-05", "keeps 0 of the")

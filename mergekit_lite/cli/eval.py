@@ -114,6 +114,8 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
         inputs += [*local_inputs(config), ("the config's output", config.output_path)]
     report_dir = Path(out).resolve()
     check_output_folder(report_dir, "eval", inputs)
+    for config in configs:
+        _check_merge_target(config, remerge)
     task_items = list(tasks) or (first_eval.tasks if first_eval and first_eval.tasks else None)
     # Names, files and datasets are checked before anything is merged, loaded or written.
     selection = select_tasks(task_items, suite_tasks_dir(), note=lambda line: click.echo(line, err=True))
@@ -167,6 +169,18 @@ def _merged_output(config: Any, device: str, remerge: bool, progress: bool) -> P
     result = merge(config, device=device, overwrite=remerge, progress=progress)
     click.echo(result.summary(), err=True)
     return target
+
+
+def _check_merge_target(config: Any, remerge: bool) -> None:
+    """--remerge replaces a config's output folder only when it is a merge output (or empty): a user's folder
+    at that path is refused before anything is merged."""
+    from ..evaluation.lm_eval_runner import EvalError
+    from ..writers.ownership import MERGE, is_empty, owner
+
+    target = config.output_path
+    if remerge and target.is_dir() and not is_empty(target) and owner(target) != MERGE:
+        raise EvalError(f"{target} is not a merge output (no mergekit_lite_config.yaml of a merge), so --remerge "
+                        "does not replace it: point output.path elsewhere or empty the folder")
 
 
 def _made_from(config_copy: Path, config: Any) -> bool:
