@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +228,138 @@ def test_a_missing_library_is_refused_by_name(monkeypatch):
         monkeypatch.undo()
         formats._gguf_format.cache_clear()
     np.testing.assert_array_equal(format_of("q5_1").roundtrip(torch.zeros(1, 32)).numpy(), np.zeros((1, 32)))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# merge verify OUT --quantize FORMATS
+# -------------------------------------------------------------------------------------------------------------
+
+DEMO_ADAPTERS = ("style", "math", "facts")
+
+
+def _merge(demo, out, method="task_arithmetic", **output):
+    from mergekit_lite import MergeConfig, merge
+
+    data = {"base_model": str(demo / "base"), "method": method,
+            "adapters": [{"path": str(demo / "adapters" / name), "weight": 1.0} for name in DEMO_ADAPTERS],
+            "output": {"path": str(out), **output}}
+    return Path(merge(MergeConfig.from_dict(data), device="cpu", progress=False).output_dir)
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from mergekit_lite.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def merged(demo, tmp_path_factory):
+    """The demo's three adapters merged twice: as a checkpoint and as a PEFT adapter."""
+    root = tmp_path_factory.mktemp("quantize_merges")
+    return _merge(demo, root / "checkpoint"), _merge(demo, root / "adapter", format="peft")
+
+
+def test_verify_quantize_writes_a_report_whose_figures_match_a_dense_reference(demo, merged, tmp_path):
+    from safetensors.torch import load_file
+
+    checkpoint, _ = merged
+    report = tmp_path / "report"
+    result = _cli("verify", checkpoint, "--quantize", "q8_0,q4_0", "--base", demo / "base", "--report", report,
+                  "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "verdict: q4_0" in result.output and "verdict: q8_0" in result.output
+    assert sorted(p.name for p in report.iterdir()) == ["quantize.json", "quantize.md", "quantize.png"]
+    data = json.loads((report / "quantize.json").read_text())
+    base_tensors = load_file(demo / "base" / "model.safetensors")
+    merged_tensors = load_file(checkpoint / "model.safetensors")
+    changed = sorted(n for n, t in merged_tensors.items() if t.dim() == 2 and not torch.equal(t, base_tensors[n]))
+    assert sorted(t["name"] for t in data["tensors"]) == changed
+    one = data["tensors"][0]
+    share, cosine, error = _dense_figures("q4_0", base_tensors[one["name"]], merged_tensors[one["name"]])
+    assert one["figures"]["q4_0"]["share"] == pytest.approx(share, rel=1e-12)
+    assert one["figures"]["q4_0"]["cosine"] == pytest.approx(cosine, rel=1e-12)
+    assert one["figures"]["q4_0"]["error"] == pytest.approx(error, rel=1e-12)
+    assert {row["layer"] for row in data["layers"]["q4_0"]} == {0, 1}
+    assert set(data["verdicts"]) == {"q8_0", "q4_0"}
+    assert "## Per module" in (report / "quantize.md").read_text()
+
+
+def test_verify_quantize_of_a_peft_output_takes_dw_from_the_factors(demo, merged):
+    from mergekit_lite.quantize import resolve
+    from mergekit_lite.quantize.merged import measure_merge
+
+    checkpoint, adapter = merged
+    formats = resolve("q8_0,q4_0")
+    from_checkpoint = measure_merge(checkpoint, demo / "base", formats)
+    from_adapter = measure_merge(adapter, demo / "base", formats)
+    assert from_adapter.kind == "peft"
+    by_name = {t.name: t for t in from_checkpoint.tensors}
+    assert sorted(by_name) == sorted(t.name for t in from_adapter.tensors)
+    for tensor in from_adapter.tensors:
+        for name in ("q8_0", "q4_0"):  # the same merge: ΔW differs only by float32 rounding of W + ΔW
+            assert tensor.figures[name].share == pytest.approx(by_name[tensor.name].figures[name].share, abs=1e-4)
+
+
+def test_verify_quantize_takes_the_base_from_the_merge_config(merged):
+    result = _cli("verify", merged[0], "--quantize", "q8_0", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "q8_0   share 1.0000" in result.output
+
+
+@pytest.mark.parametrize(("formats", "message"), [
+    ("q4_O", "--quantize q4_O: unknown format (did you mean"),
+    ("q4_k", "no reference quantizer for K-/IQ-quants"),
+])
+def test_verify_quantize_refuses_a_format_in_one_line_writing_nothing(merged, tmp_path, formats, message):
+    report = tmp_path / "report"
+    result = _cli("verify", merged[0], "--quantize", formats, "--report", report)
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_quantize_refuses_a_missing_library_by_name(merged, tmp_path, monkeypatch):
+    import sys
+
+    from mergekit_lite.quantize import formats
+
+    formats._bnb_format.cache_clear()
+    formats._bitsandbytes.cache_clear()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    try:
+        result = _cli("verify", merged[0], "--quantize", "q8_0,nf4", "--report", tmp_path / "report")
+    finally:
+        formats._bnb_format.cache_clear()
+        formats._bitsandbytes.cache_clear()
+    assert result.exit_code == 2
+    assert "--quantize nf4: needs bitsandbytes, which is not installed" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_quantize_refuses_a_folder_that_is_no_merge(demo, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = _cli("verify", tmp_path / "empty", "--quantize", "q8_0", "--base", demo / "base")
+    assert result.exit_code == 2 and "not a merge output" in result.output
+    # the base itself is a checkpoint, but nothing in it differs from the base
+    result = _cli("verify", demo / "base", "--quantize", "q8_0", "--base", demo / "base",
+                  "--report", tmp_path / "report")
+    assert result.exit_code == 2 and "no quantizable tensor differs from the base" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_verify_quantize_never_writes_into_a_folder_that_is_not_empty(merged, tmp_path):
+    report = tmp_path / "mine"
+    report.mkdir()
+    (report / "notes.txt").write_text("keep me")
+    result = _cli("verify", merged[0], "--quantize", "q8_0", "--report", report)
+    assert result.exit_code == 2 and "--report" in result.output
+    assert [p.name for p in report.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _cli("verify", merged[0], "--quantize", "q8_0", "--report", empty, "--no-progress").exit_code == 0
+    assert sorted(p.name for p in empty.iterdir() if not p.name.startswith(".")) == [
+        "quantize.json", "quantize.md", "quantize.png"]

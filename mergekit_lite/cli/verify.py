@@ -26,10 +26,17 @@ _DEFAULTS = ", ".join(f"{d.config_name} {RELATIVE_TOLERANCE[code]:g}" for code, 
 @click.option("--checkpoint", default=None,
               help="For an adapter output (format: peft): the checkpoint merge of the same config; with --base, "
                    "base + the adapter must give its logits.")
+@click.option("--quantize", "quantize", default=None, metavar="FORMATS",
+              help="Measure what of the merge survives quantization instead: comma-separated formats as their "
+                   "libraries name them (q8_0, q5_1, q5_0, q4_1, q4_0 from gguf; nf4, fp4, int8 from bitsandbytes). "
+                   "W comes from --base (default: the base the merge's config names). Needs "
+                   "`pip install 'mergekit_lite[quantize]'`.")
+@click.option("--report", default=None, type=click.Path(file_okay=False),
+              help="With --quantize: write quantize.md, quantize.json and quantize.png into this new or empty folder.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar of the NaN/Inf scan.")
 @friendly_errors
 def verify_command(out_dir: str, base: str | None, adapter: str | None, against_inputs: bool, atol: float | None,
-                   checkpoint: str | None, no_progress: bool) -> None:
+                   checkpoint: str | None, quantize: str | None, report: str | None, no_progress: bool) -> None:
     """Check OUT_DIR (the output of `merge run`): exit 0 when every check passes, 1 on a fault, 2 if no checkpoint.
 
     Checks that the index and the shards agree, that every shard is complete with a sane header, that
@@ -40,11 +47,24 @@ def verify_command(out_dir: str, base: str | None, adapter: str | None, against_
     An adapter output (format: peft) gets the adapter checks instead: its safetensors file, its LoRA config
     and factor pairs, finite factors; with --base and --checkpoint, base + this adapter through PEFT against
     the checkpoint merge's logits.
+
+    With --quantize FORMATS, measures instead, tensor by tensor, how much of the merge's change ΔW survives
+    quantization of the merged weight (share, cosine, rounding error), per layer and module, with a verdict.
     """
     from ..errors import InputError
     from ..evaluation.verify import verify_checkpoint
 
     folder = Path(out_dir)
+    if quantize is not None or report is not None:
+        if quantize is None:
+            raise InputError("--report goes with --quantize FORMATS")
+        if adapter or against_inputs or checkpoint or atol is not None:
+            raise InputError("--quantize measures OUT_DIR against --base alone; run the logit check separately")
+        from ..quantize.command import quantize_report
+
+        for line in quantize_report(folder, quantize, base, report, progress=not no_progress):
+            click.echo(line)
+        return
     if against_inputs:
         if base or adapter:
             raise InputError("give either --against-inputs or --base/--adapter, not both")

@@ -1,0 +1,80 @@
+"""`merge verify OUT --quantize FORMATS [--base BASE] [--report DIR]`: every refusal comes before any work, and
+the report folder is written whole (staged, then renamed) or not at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import OutputPathError
+from .formats import resolve
+from .measure import MAX_MEMORY
+from .merged import measure_merge, output_kind, recorded_base
+from .report import summary_lines, write_report
+
+COMMAND = "verify"
+
+
+def quantize_report(output: str | Path, formats: str, base: str | None = None, report: str | Path | None = None,
+                    *, progress: bool = False, max_memory: int = MAX_MEMORY) -> list[str]:
+    """Measure what of the merge in `output` survives each format; write the report to `report` when given.
+
+    Returns the console lines. Raises (exit 2, nothing written) for an unknown or unavailable format, a folder
+    that is no merge output, a base that cannot be read, or a report folder that is not ours to write.
+    """
+    chosen = resolve(formats)
+    folder = Path(output)
+    output_kind(folder)
+    base_folder = Path(base) if base is not None else recorded_base(folder)
+    target = Path(report) if report is not None else None
+    replace = False
+    if target is not None:
+        replace = _check_report_folder(target, [("the merge output", folder), ("the base model", base_folder)])
+    result = measure_merge(folder, base_folder, chosen, max_memory=max_memory, progress=progress)
+    lines = summary_lines(result)
+    if target is not None:
+        names = _write(target, replace, lambda staging: write_report(result, staging))
+        lines.append(f"report: {target}/ ({', '.join(names)})")
+    return lines
+
+
+def _ownership():  # type: ignore[no-untyped-def]
+    """writers.ownership when it knows `merge verify`'s reports (then a report of ours may be replaced), else None."""
+    try:
+        from ..writers import ownership
+    except ImportError:
+        return None
+    return ownership if COMMAND in getattr(ownership, "COMMANDS", ()) else None
+
+
+def _check_report_folder(target: Path, inputs: list[tuple[str, Path]]) -> bool:
+    """Refuse a report folder we may not write, before any work; True when an earlier report of ours is replaced."""
+    ownership = _ownership()
+    if ownership is not None:
+        return bool(ownership.check_output_folder(target, COMMAND, inputs, option="--report"))
+    try:
+        from ..writers.ownership import check_output_folder
+    except ImportError:
+        check_output_folder = None
+    if check_output_folder is not None:  # a new or empty folder only: `merge verify` has no marker of its own yet
+        check_output_folder(target, COMMAND, inputs, option="--report", accept=())
+        return False
+    resolved = target.resolve()
+    if resolved.exists() and (not resolved.is_dir() or any(resolved.iterdir())):
+        raise OutputPathError(f"--report {target}: exists and is not an empty folder; choose a new or empty folder")
+    return False
+
+
+def _write(target: Path, replace: bool, body) -> list[str]:  # type: ignore[no-untyped-def]
+    """Run `body(staging)` in a staging folder beside `target`, then put it in place whole."""
+    ownership = _ownership()
+    if ownership is not None:
+        with ownership.owned_folder(target, COMMAND) as staging:
+            return list(body(staging))
+    from ..writers.atomic import atomic_directory
+
+    resolved = target.resolve()
+    with atomic_directory(resolved, overwrite=True) as staging:
+        names = body(staging)
+        if resolved.exists() and (not resolved.is_dir() or any(resolved.iterdir())):
+            raise OutputPathError(f"--report {target}: files appeared there while measuring; nothing was replaced")
+    return list(names)
