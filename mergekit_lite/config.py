@@ -108,6 +108,14 @@ class EvalSpec(BaseModel):
     _counts_are_numbers = field_validator("limit", "num_fewshot", "seed", mode="before")(lambda value: _a_number(value))
     _batch_size_is_no_flag = field_validator("batch_size", mode="before")(lambda value: _a_number(value, text=True))
 
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        """`tasks: []` would run the whole suite: the user meant some tasks, or no `tasks:` key."""
+        if value is not None and not value:
+            raise ValueError("an empty list would run the whole suite: list the tasks, or drop 'tasks' for the suite")
+        return value
+
     @field_validator("limit")
     @classmethod
     def _limit_is_count_or_fraction(cls, value: int | float | None) -> int | float | None:

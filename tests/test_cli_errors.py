@@ -139,6 +139,7 @@ CONFIG_CASES: dict[str, tuple[Callable[[Path, Path], dict[str, Any]], str]] = {
     "eval.limit true": (lambda d, t: {"eval": {"limit": True}}, "eval.limit: must be a number, not true/false"),
     "eval.num_fewshot '2'": (lambda d, t: {"eval": {"num_fewshot": "2"}}, "eval.num_fewshot: must be a number"),
     "eval.batch_size true": (lambda d, t: {"eval": {"batch_size": True}}, "eval.batch_size: must be a number"),
+    "eval.tasks empty": (lambda d, t: {"eval": {"tasks": []}}, "eval.tasks: an empty list would run the whole suite"),
     # two inputs with one label would mix up scores, the card and sweep weights
     "the same adapter twice": (lambda d, t: adapters(d, {}, {"path": str(d / "adapters" / "style")}),
                                "adapters[1]: label 'style' (its folder's name) is also adapters[0]'s"),
