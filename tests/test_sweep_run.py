@@ -166,6 +166,28 @@ def test_a_sweep_killed_mid_way_resumes_with_the_rest_only(tmp_path: Path) -> No
     assert len(result.rows) == 5 and all(r.error is None for r in result.rows)
 
 
+def test_sigterm_mid_sweep_says_the_finished_points_are_kept_and_they_are(tmp_path: Path) -> None:
+    """#23: SIGTERM used to say 'no partial output was left behind' while the cache kept the finished points."""
+    config = _write_config(tmp_path, [0.25, 0.5, 0.75, 1.0])
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "mergekit_lite.cli", "sweep", str(config), "--out", str(out), "--no-progress",
+               "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / CACHE_DIR).glob("*.json")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("terminated: finished points are kept in") and "--resume" in last, stderr
+    assert "no partial output" not in stderr
+    assert list((out / CACHE_DIR).glob("*.json")) and not (out / "leaderboard.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "sweep.yaml"]
+
+
 def test_the_readme_sweep_reproduces_its_committed_results_from_their_cache(tmp_path: Path) -> None:
     """The README's `merge sweep` command, on copies (its results folder, the config with the output moved here):
     every point comes from the committed cache (keys hold file fingerprints, not paths) and the tables match."""
