@@ -298,6 +298,14 @@ def test_sigkill_while_writing_the_report_leaves_the_old_set_or_the_new_set(tmp_
     assert "old" in seen
 
 
+def test_best_yaml_without_output_merges_beside_the_report_never_into_it(tmp_path: Path) -> None:
+    """The report folder is replaced whole by the next sweep: `merge run best.yaml` must not write into it."""
+    config = sweep_config_from_dict(_data(), tmp_path)
+    out = tmp_path / "report"
+    data = sweep_report.best_config_data(_result(config, 0.5), out)
+    assert (out / data["output"]["path"]).resolve() == tmp_path / "report_best_merge"
+
+
 def test_the_report_folder_is_marked_ours_and_a_users_file_added_later_blocks_the_swap(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     config = sweep_config_from_dict(_data(), tmp_path)

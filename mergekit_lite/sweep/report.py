@@ -188,7 +188,8 @@ def best_config_data(result: SweepResult, folder: Path) -> dict[str, Any]:
     for section in ("adapters", "models"):
         for entry in data.get(section, []):
             entry["path"] = relative(entry["path"])
-    output = config.output_path if result.config.writes_output else folder / "best_merge"
+    # without `output:`, beside the report folder, never in it: the next sweep replaces that folder whole
+    output = config.output_path if result.config.writes_output else folder.parent / f"{folder.name}_best_merge"
     data["output"]["path"] = os.path.relpath(output, folder)
     return data
 
