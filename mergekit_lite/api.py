@@ -19,6 +19,7 @@ from .engine.loop import MergeEngine
 from .engine.plan import LowRank, MergePlan, build_plan, check_filters
 from .engine.schedule import DEFAULT_MAX_MEMORY, EngineOptions, check_phase, default_workers
 from .formats.safetensors import dtype_code
+from .methods.registry import weights_apart
 from .hub.resolve import hub_reference, resolve_model_dir
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
@@ -288,7 +289,10 @@ def engine_for(prepared: PreparedMerge, device: torch.device, chunk_rows: int | 
         max_memory=parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY,
         workers=workers or default_workers(),
     )
-    return MergeEngine(prepared.plan, prepared.base, config.merge_method, config.weights, config.global_params,
+    weights, params = config.weights, config.global_params
+    if getattr(config.merge_method.phase, "weights_apart", False):  # NuSLERP, Multi-SLERP read wᵢ themselves
+        weights, params = weights_apart(weights, params)
+    return MergeEngine(prepared.plan, prepared.base, config.merge_method, weights, params,
                        config.adapter_params, config.seed, options)
 
 

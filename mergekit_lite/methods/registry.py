@@ -167,6 +167,15 @@ class InterpolationPhase:
     finish: Callable[[Any, Mapping[str, Any]], Any]
     #: (W rows, [uᵢ rows or None], state, params) -> the merged rows W' in the compute dtype
     combine: Callable[[Any, Sequence[Any], Any, Mapping[str, Any]], Any]
+    #: True when the weights are not a scale of τᵢ but the method's own (NuSLERP's t = w₂/(w₁+w₂), Multi-SLERP's
+    #: barycentric weights): the rows given are then τᵢ themselves and each tensor's wᵢ is params["weight.i"]
+    weights_apart: bool = False
+
+
+def weights_apart(weights: Sequence[Any], params: Mapping[str, Any]) -> tuple[list[float], dict[str, Any]]:
+    """The engine's (weights, params) for a method that reads the weights itself: every τᵢ at weight 1, each wᵢ
+    (scalar or per-layer setting, evaluated per tensor like any parameter) as params["weight.i"]."""
+    return [1.0] * len(weights), {**params, **{f"weight.{i}": w for i, w in enumerate(weights)}}
 
 
 Phase = LinearPhase | ElementwisePhase | FactoredPhase | InterpolationPhase
