@@ -129,3 +129,31 @@ def test_checkpoints_are_the_same_bytes_for_any_chunking_workers_and_kernels(
     monkeypatch.setenv(kernels.ENV, "torch")
     torch_only = merge(config, out=tmp_path / "torch", device="cpu", chunk_rows=5, workers=2, progress=False).output_dir
     assert (torch_only / "model.safetensors").read_bytes() == whole
+
+
+def test_breadcrumbs_in_the_core_equals_the_reference_on_the_core_matrices() -> None:
+    """`space: core`: the same cut on Mᵢ = V_Pᵀ τᵢ V_Q (SEMANTICS §3c), the merged delta V_P M V_Qᵀ."""
+    import numpy as np
+
+    from mergekit_lite.methods import FactoredContext, LowRankFactors
+
+    from .reference_subspace import numerical_rank_svd
+
+    generator = torch.Generator().manual_seed(8)
+    factors = [LowRankFactors(torch.randn(12, r, generator=generator, dtype=torch.float64),
+                              torch.randn(r, 10, generator=generator, dtype=torch.float64), s)
+               for r, s in [(2, 0.5), (3, 2.0)]]
+    weights, own = [1.0, -0.7], [{"density": 0.4, "gamma": 0.1}, {"density": 0.3, "gamma": 0.04}]
+    method = get_method("breadcrumbs")
+    params, resolved_own = method.resolve_params({"space": "core", "lambda": 0.9}, own, weights)
+    context = FactoredContext("t", (12, 10), 0, (0, 1), tuple(resolved_own))
+    left, right = method.resolved(params).phase.factors(factors, weights, params, context)
+    got = (left @ right).numpy()
+
+    ps = [f.scale * f.left.numpy() for f in factors]
+    qs = [f.right.numpy() for f in factors]
+    v_p, v_q = numerical_rank_svd(np.hstack(ps))[0], numerical_rank_svd(np.vstack(qs))[2].T
+    cores = [torch.from_numpy(v_p.T @ (p @ q) @ v_q) for p, q in zip(ps, qs)]
+    merged = 0.9 * sum(w * breadcrumbs(c, o["density"], o["gamma"]) for c, w, o in zip(cores, weights, own))
+    expected = v_p @ merged.numpy() @ v_q.T
+    assert np.linalg.norm(got - expected) <= 1e-9 * np.linalg.norm(expected)

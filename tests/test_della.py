@@ -106,7 +106,7 @@ def test_masks_do_not_depend_on_the_seed_alone_but_on_adapter_and_tensor() -> No
 @pytest.mark.parametrize(("own", "message"), [
     ({"density": 0.8, "epsilon": 0.3}, "'epsilon' must be in [0, min(density, 1 − density)]"),
     ({"density": 0.5, "epsilon": -0.1}, "'epsilon' must be in"),
-    ({"density": 0.5}, "needs 'epsilon'"),
+    ({"density": 0.1}, "'epsilon' must be in [0, min(density, 1 − density)] = [0, 0.1]"),  # the default 0.15
 ])
 def test_epsilon_outside_the_probabilities_is_a_config_error(own: dict, message: str) -> None:
     with pytest.raises(MergeConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -30,7 +30,7 @@ REFUSED = {
                                 r"layer stacking",
     "slices_repeat.yml": r"mergekit key 'slices\[1\]': it repeats layers 0..0 .*: that is layer stacking",
     "tokenizer_union.yml": r"mergekit key 'tokenizer_source': 'union' is not supported",
-    "della.yml": r"mergekit key 'merge_method': method 'della' has no mergekit_lite equivalent",
+    "sce.yml": r"mergekit key 'merge_method': method 'sce' has no mergekit_lite equivalent",
     "modules.yml": r"mergekit key 'modules'",
 }
 

@@ -32,7 +32,9 @@ UNSUPPORTED_KEYS = {
 }
 #: mergekit methods and ours of the same definition
 METHODS = {"linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties", "dare_ties": "dare_ties",
-           "dare_linear": "dare_linear", "slerp": "slerp"}
+           "dare_linear": "dare_linear", "slerp": "slerp", "breadcrumbs": "breadcrumbs",
+           "breadcrumbs_ties": "breadcrumbs_ties", "della": "della", "della_linear": "della_linear",
+           "model_stock": "model_stock"}
 #: mergekit parameters that change no value (only how mergekit stores its masks)
 IGNORED_PARAMETERS = ("int8_mask",)
 #: mergekit's own defaults where ours differ, per method
@@ -254,6 +256,61 @@ class _Converter:
         inputs[0].pop("weight", None)  # mergekit's slerp has no weights
         if "t" not in params:
             raise MergeConfigError("mergekit slerp: parameters need 't'")
+
+    # Breadcrumbs, DELLA, Model Stock (issue #25): mergekit 0.1.5's defaults, and what differs (SEMANTICS §3b)
+    def _breadcrumbs(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        self._require_weights(inputs)
+        self._norm_rescale_note(params, "Breadcrumbs")
+        self._linear_sum(params, inputs)
+
+    def _breadcrumbs_ties(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        self._norm_rescale_note(params, "Breadcrumbs")
+        self._sparse(params, inputs, normalize_default=False)
+
+    def _della(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        self._sparse(params, inputs, normalize_default=True)
+        self._della_notes(params)
+
+    def _della_linear(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        self._require_weights(inputs)
+        self._linear_sum(params, inputs)
+        self._della_notes(params)
+
+    def _linear_sum(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        """mergekit's sparse methods without a sign election: density 1 by default; normalize: true divides by Σ wᵢ,
+        which is our λ / Σ wᵢ."""
+        if "density" not in params and any("density" not in e for e in inputs):
+            params["density"] = 1.0  # mergekit's default: keep everything
+        if params.pop("normalize", False):
+            weights = [entry["weight"] for entry in inputs]
+            if any(is_setting(w) for w in weights) or is_setting(params.get("lambda", 1.0)):
+                raise MergeConfigError(f"mergekit {self.method} with normalize: true and per-layer weights has no "
+                                       "mergekit_lite equivalent")
+            params["lambda"] = params.get("lambda", 1.0) / (sum(weights) or 1.0)
+
+    def _model_stock(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        if params.pop("filter_wise", False):
+            raise MergeConfigError("mergekit model_stock with filter_wise: true (a ratio per row) has no mergekit_lite "
+                                   "equivalent; mergekit_lite computes one ratio per tensor")
+        for entry in inputs:
+            entry.pop("weight", None)  # mergekit's model_stock has no weights
+        self.differences.append("Model Stock: mergekit counts an input without the tensor as a zero task vector (in "
+                                "the average and the cosines) and lets t go negative; mergekit_lite leaves it out and "
+                                "clamps the mean cosine to [0, 1]")
+
+    def _norm_rescale_note(self, params: dict[str, Any], name: str) -> None:
+        if params.pop("rescale", False):
+            self.differences.append(f"{name} with rescale: true: mergekit matches each cut task vector's L1 norm to "
+                                    "the original's; mergekit_lite keeps the kept values as they are")
+
+    def _della_notes(self, params: dict[str, Any]) -> None:
+        if params.get("rescale", True):
+            self.differences.append("DELLA rescale: mergekit matches each pruned task vector's L1 norm to the "
+                                    "original's, mergekit_lite divides each kept entry by its keep probability (the "
+                                    "paper's rule)")
+        self.differences.append("DELLA draws: mergekit uses torch's global RNG and breaks magnitude ties at random, "
+                                "mergekit_lite a counter-based stream of (seed, input, tensor, index) and lower index "
+                                "first; same law, other samples")
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _require_weights(self, inputs: list[dict[str, Any]]) -> None:

@@ -18,9 +18,9 @@ from .registry import ElementwisePhase, MergeMethod, Param, register
 from .sparsifiers import MAGPRUNE
 
 PAPER = "https://arxiv.org/abs/2406.11617"
-EPSILON = Param("epsilon", None, float, "half-width of the keep probabilities around density: the largest entry of "
-                "a row is kept with density + epsilon, the smallest with density − epsilon", per_adapter=True,
-                required=True)
+EPSILON = Param("epsilon", 0.15, float, "half-width of the keep probabilities around density: the largest entry of "
+                "a row is kept with density + epsilon, the smallest with density − epsilon (mergekit's default 0.15)",
+                per_adapter=True)
 RESCALE_Q = Param("rescale", True, bool, "divide each kept entry by its keep probability", per_adapter=True)
 
 
