@@ -153,12 +153,19 @@ def test_files_a_user_puts_there_meanwhile_stop_the_swap(tmp_path: Path) -> None
     assert _tree(target) == {"mine.txt": b"user"}
 
 
-def test_claim_makes_an_absent_folder_ours_and_release_removes_it_only_when_unused(tmp_path: Path) -> None:
+def test_claim_makes_an_absent_folder_ours_and_release_undoes_it_only_when_unused(tmp_path: Path) -> None:
     target = tmp_path / "out"
-    assert claim(target, "sweep") is True and read_marker(target) == "sweep"
-    release(target)
+    claimed = claim(target, "sweep")
+    assert claimed == "folder" and read_marker(target) == "sweep"
+    release(target, claimed)
     assert not target.exists()
-    claim(target, "sweep")
+    target.mkdir()  # a user's empty folder: marked, then given back empty
+    claimed = claim(target, "sweep")
+    assert claimed == "marker" and read_marker(target) == "sweep"
+    release(target, claimed)
+    assert target.is_dir() and not any(target.iterdir())
+    claimed = claim(target, "sweep")
+    assert claim(target, "sweep") is None  # ours already
     (target / "cache").mkdir()
-    release(target)
-    assert target.is_dir()
+    release(target, claimed)
+    assert read_marker(target) == "sweep" and (target / "cache").is_dir()

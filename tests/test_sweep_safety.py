@@ -220,6 +220,25 @@ def test_a_cache_entry_with_a_valid_checksum_but_the_wrong_shape_is_evaluated_ag
     assert cache.get(key) == good
 
 
+@pytest.mark.slow
+def test_a_sweep_that_fails_before_any_result_leaves_out_as_it_was(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("lm_eval")
+    from mergekit_lite.sweep import load_sweep_config, run as sweep_run
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise MergeConfigError("the backend failed")
+
+    monkeypatch.setattr(sweep_run, "_run", fails)
+    config = load_sweep_config(_write(tmp_path, _data()))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):
+        with pytest.raises(MergeConfigError, match="backend failed"):
+            sweep_run.run_sweep(config, out, progress=False, device="cpu")
+    assert not (tmp_path / "new").exists() and not any(empty.iterdir())
+
+
 def test_sigterm_says_that_finished_points_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mergekit_lite import sweep
     from mergekit_lite.cli.errors import Terminated

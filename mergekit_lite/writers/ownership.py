@@ -203,23 +203,29 @@ def _link_tree(source: Path, destination: Path) -> None:
                 shutil.copy2(path, there / name)
 
 
-def claim(target: Path, command: str) -> bool:
-    """Make `target` ours before writing into it in place (a sweep's cache): create it with our marker when it
-    is absent or empty; True when this call created the folder (so a failure before any result can remove it)."""
+def claim(target: Path, command: str) -> str | None:
+    """Make `target` ours before writing into it in place (a sweep's cache): create it, or mark an empty one, with
+    our marker. Returns what this call added ("folder", "marker" or None), for `release` after a failure."""
     target = Path(target).resolve()
-    created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.mkdir(parents=True)
+        write_marker(target, command)
+        return "folder"
     if read_marker(target) is None:
         write_marker(target, command)
-    return created
+        return "marker"
+    return None
 
 
-def release(target: Path) -> None:
-    """Remove a folder `claim` created when it still holds nothing but our marker (the run wrote no result)."""
+def release(target: Path, claimed: str | None) -> None:
+    """Undo `claim` when the run wrote nothing else: remove the marker it added, and the folder it made."""
+    if claimed is None:
+        return
     target = Path(target).resolve()
     try:
         if [p.name for p in target.iterdir()] == [MARKER] and read_marker(target) is not None:
             (target / MARKER).unlink()
-            target.rmdir()
+            if claimed == "folder":
+                target.rmdir()
     except OSError:
         pass
