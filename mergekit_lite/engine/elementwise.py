@@ -34,6 +34,8 @@ def check_densities(plan: MergePlan, method: MergeMethod, adapter_params: Sequen
     for tensor in plan.tensors:
         numel = max(tensor.info.rows * max(tensor.info.cols, 1), 1)
         for index, items in enumerate(tensor.by_adapter):
+            if adapter_params[index].get("density") is None:  # a sparsifier that takes no density
+                continue
             density = evaluate(adapter_params[index]["density"], tensor.name, layer_position(tensor.name, n_layers))
             if items and density is not None and kept_count(density, numel) == 0:
                 raise MergeConfigError(
