@@ -62,7 +62,7 @@ def test_out_in_an_input_adapters_or_models_folder_or_the_configs_output_is_refu
     before = _tree(adapter)
     _one_line(_eval(str(config), "--out", str(adapter / "report")), "adapter 'add'")
     _one_line(_eval(str(config), "--out", str(tmp_path / "merged" / "report")), "the config's output")
-    _one_line(_eval(str(BASE), "--out", str(BASE / "report")), "model folder 'base'")
+    _one_line(_eval(str(BASE), "--out", str(BASE / "report")), "model 'base' folder")
     assert _tree(adapter) == before and not (BASE / "report").exists() and not (tmp_path / "merged").exists()
 
 

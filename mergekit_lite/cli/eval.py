@@ -73,11 +73,16 @@ class _BatchSizeType(click.ParamType):
 @click.option("--gen-kwargs", type=_GenKwargsType(), help="Generation settings for generate_until tasks, e.g. 'temperature=0,max_gen_toks=64'.")
 @click.option("--log-samples", is_flag=True, help="Also write every sample's prompt and answer (lm-eval's samples files).")
 @click.option("--remerge", is_flag=True, help="Merge again even when a config's output folder exists (replaces it).")
+@click.option("--quantize", "quantize", default=None, metavar="FORMAT",
+              help="Score every row as its quantized model: Linear weights (not the head) quantized and dequantized "
+                   "in memory after loading (q8_0, q4_0, ... from gguf; nf4, fp4, int8 from bitsandbytes); LoRA "
+                   "factors of adapter rows stay unquantized.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @friendly_errors
 def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | float | None, num_fewshot: int | None,
                  out: str, batch_size: int | str | None, device: str, seed: int | None, apply_chat_template: bool,
-                 gen_kwargs: str | None, log_samples: bool, remerge: bool, no_progress: bool) -> None:
+                 gen_kwargs: str | None, log_samples: bool, remerge: bool, quantize: str | None,
+                 no_progress: bool) -> None:
     """Evaluate merges with lm-eval and write a report.
 
     A CONFIG (a merge config .yaml) adds the base, each adapter alone (base + adapter through PEFT) and the
@@ -109,11 +114,14 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
                                     batch_size=batch_size, seed=seed, apply_chat_template=apply_chat_template or None,
                                     gen_kwargs=gen_kwargs, log_samples=log_samples or None)
     # The report folder: ours or new, apart from every input and every merge output this command may (re)write.
-    inputs = [(f"model folder '{folder.name}'", folder) for folder in model_dirs]
+    inputs = [(f"model '{folder.name}'", folder) for folder in model_dirs]
     for config in configs:
         inputs += [*local_inputs(config), ("the config's output", config.output_path)]
     report_dir = Path(out).resolve()
     check_output_folder(report_dir, "eval", inputs)
+    from ..quantize.model import QuantizedRows
+
+    quantized = QuantizedRows(quantize, note=lambda line: click.echo(line, err=True))  # refused before any work
     for config in configs:
         _check_merge_target(config, remerge)
     task_items = list(tasks) or (first_eval.tasks if first_eval and first_eval.tasks else None)
@@ -124,7 +132,7 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
         for config in configs:
             merged_dirs.append(_merged_output(config, device, remerge, progress=not no_progress))
     models, references = plan_models(configs, merged_dirs, model_dirs)
-    with owned_folder(report_dir, "eval") as staging:  # the whole report or none, like a merge output
+    with owned_folder(report_dir, "eval") as staging, quantized:  # the whole report or none, like a merge output
         report = evaluate_models(models, staging, tasks=selection, options=options, references=references,
                                  progress=not no_progress)
     report.move_to(report_dir)
