@@ -37,6 +37,8 @@ class AdapterSpec(BaseModel):
     name: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
 
+    _path_names_something = field_validator("path")(lambda value: _a_path(value))
+
     @field_validator("weight", mode="before")
     @classmethod
     def _check_weight(cls, value: Any) -> Any:
@@ -74,6 +76,7 @@ class OutputSpec(BaseModel):
     private: bool = False
 
     _rank_is_a_number = field_validator("rank", mode="before")(lambda value: _a_number(value))
+    _path_names_something = field_validator("path")(lambda value: _a_path(value))
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -154,7 +157,9 @@ class MergeConfig(BaseModel):
     eval: EvalSpec | None = None
 
     _config_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _config_file: Path | None = PrivateAttr(default=None)
     _seed_is_a_number = field_validator("seed", mode="before")(lambda value: _a_number(value))
+    _base_names_something = field_validator("base_model")(lambda value: _a_path(value))
     _resolved: tuple[dict[str, Any], list[dict[str, Any]]] = PrivateAttr()
 
     def __init__(self, **data: Any) -> None:
@@ -226,6 +231,22 @@ class MergeConfig(BaseModel):
         return get_method(self.method).resolved(self.global_params)
 
     @property
+    def config_file(self) -> Path | None:
+        """The YAML file this config was read from (None when built in Python)."""
+        return self._config_file
+
+    def _apart_from_file(self, file: Path | None) -> MergeConfig:
+        """Remember the config file, and refuse an output folder that is or holds it: a merge replaces its output
+        whole (`output: .` with --overwrite would delete the config and everything beside it)."""
+        self._config_file = file
+        if file is not None:
+            out = resolved_path(self.output_path)
+            if file == out or file.is_relative_to(out):
+                raise MergeConfigError(f"output {out} holds the config file {file}; a merge replaces its output "
+                                       "folder whole: pick a folder of its own, like out/merged")
+        return self
+
+    @property
     def config_dir(self) -> Path:
         """The folder relative paths resolve against (the config file's folder)."""
         return self._config_dir
@@ -277,7 +298,7 @@ class MergeConfig(BaseModel):
         """Return a copy writing to `path` (the CLI's --out)."""
         data = self.to_dict()
         data["output"]["path"] = str(resolved_path(Path(path)))
-        return MergeConfig.from_dict(data, self._config_dir)
+        return MergeConfig.from_dict(data, self._config_dir)._apart_from_file(self._config_file)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a user would write it, with defaults filled in (for the card and the output)."""
@@ -327,6 +348,13 @@ def resolved_path(path: Path) -> Path:
         raise MergeConfigError(f"path {path}: cannot be resolved ({why}); give the real folder instead") from None
 
 
+def _a_path(value: str) -> str:
+    """A path must name something: an empty one would be the config's own folder."""
+    if not value.strip():
+        raise ValueError("must name a folder, got an empty string")
+    return value
+
+
 def _a_number(value: Any, text: bool = False) -> Any:
     """Refuse true/false (and, unless `text`, a quoted string) where a number belongs: pydantic would read
     `rank: true` as 1 and `rank: "4"` as 4, and the user meant something else."""
@@ -345,7 +373,8 @@ def load_config(path: str | Path) -> MergeConfig:
 
         if is_mergekit_config(data):  # mergekit's schema: converted, each difference logged as one line
             data = from_mergekit(data, path)
-        return MergeConfig.from_dict(data, resolved_path(path).parent)
+        file = resolved_path(path)
+        return MergeConfig.from_dict(data, file.parent)._apart_from_file(file)
     except MergeConfigError as error:
         raise MergeConfigError(f"{path}: {error}") from None
 

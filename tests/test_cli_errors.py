@@ -160,6 +160,10 @@ CONFIG_CASES: dict[str, tuple[Callable[[Path, Path], dict[str, Any]], str]] = {
             d, {"density": [{"filter": "proj", "value": 0.5}, {"filter": "q_proj", "value": 0.3}, {"value": 1}]},
             {"path": str(d / "adapters" / "facts")})},
         "adapters[0].density[1]: filter 'q_proj' never applies"),
+    # a path must name something (an empty one would be the config's own folder)
+    "output path empty": (lambda d, t: {"output": {"path": ""}}, "output.path: must name a folder, got an empty"),
+    "base_model blank": (lambda d, t: {"base_model": " "}, "base_model: must name a folder"),
+    "adapter path empty": (lambda d, t: adapters(d, {"path": ""}), "adapters[0].path: must name a folder"),
     # a symlink loop as a path
     "base is a symlink loop": (lambda d, t: {"base_model": str(t.parent / "loop")}, "cannot be resolved (a symlink loop)"),
     "adapter is a symlink loop": (lambda d, t: adapters(d, {"path": str(t.parent / "loop")}),
@@ -191,6 +195,22 @@ def test_a_bad_config_value_is_one_line_exit_2_before_anything_is_written(case: 
     assert result.exit_code == 2, (result.output, result.exception)
     assert expected in one_error_line(result)
     assert sorted(p.name for p in workspace.iterdir()) == before and not out.exists()
+
+
+@pytest.mark.parametrize("output", [".", "..", "{cfg}", "--out ."])
+def test_an_output_that_holds_the_config_file_is_refused_even_with_overwrite(output: str, demo: Path,
+                                                                            workspace: Path) -> None:
+    """`--overwrite` replaces the output folder whole: never the folder the config (and the user's notes) sit in."""
+    folder = workspace / "cfg"
+    in_config = output.format(cfg=folder) if not output.startswith("--") else str(workspace / "merged")
+    config = write_config(folder, demo_data(demo, Path(in_config)))
+    (folder / "notes.txt").write_text("mine")
+    extra = ["--out", str(folder)] if output.startswith("--") else []
+    result = invoke("run", str(config), "--device", "cpu", "--no-progress", "--overwrite", *extra)
+    assert result.exit_code == 2, result.output
+    assert f"holds the config file {config}" in one_error_line(result)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "mine" and not (workspace / "merged").exists()
 
 
 def test_out_through_a_symlink_loop_is_one_line(demo: Path, workspace: Path) -> None:
