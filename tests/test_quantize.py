@@ -363,3 +363,66 @@ def test_verify_quantize_never_writes_into_a_folder_that_is_not_empty(merged, tm
     assert _cli("verify", merged[0], "--quantize", "q8_0", "--report", empty, "--no-progress").exit_code == 0
     assert sorted(p.name for p in empty.iterdir() if not p.name.startswith(".")) == [
         "quantize.json", "quantize.md", "quantize.png"]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# merge eval --quantize FORMAT: the loaded model's weights quantized in memory
+# -------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_model(demo, adapter=None):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(demo / "base", dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model
+
+
+@pytest.mark.slow
+def test_quantize_weights_replaces_each_linear_weight_by_the_librarys_roundtrip(demo):
+    from mergekit_lite.quantize.model import quantize_weights
+
+    model = _tiny_model(demo, demo / "adapters" / "math")
+    before = {name: t.detach().clone() for name, t in model.named_parameters()}
+    done = quantize_weights(model, format_of("q4_0"))
+    after = dict(model.named_parameters())
+    quantized = [n for n in before if n.endswith("base_layer.weight")]
+    assert done.quantized == len(quantized) > 0 and not done.left
+    for name, tensor in before.items():
+        if name in quantized:
+            expected = _library_roundtrip("q4_0", tensor)
+            assert after[name].detach().numpy().tobytes() == expected.numpy().tobytes(), name
+        else:  # LoRA factors, embeddings, norms and the head stay as they were
+            assert torch.equal(after[name], tensor), name
+
+
+def test_quantized_rows_patches_the_loader_only_while_open(monkeypatch):
+    from types import SimpleNamespace
+
+    from mergekit_lite.evaluation import lm_eval_runner
+    from mergekit_lite.quantize.model import QuantizedRows
+
+    layer = torch.nn.Linear(64, 4, bias=False)
+    original_weight = layer.weight.detach().clone()
+    monkeypatch.setattr(lm_eval_runner, "load_lm", lambda model, options: SimpleNamespace(model=layer))
+    loader = lm_eval_runner.load_lm
+    notes = []
+    with QuantizedRows("q8_0", note=notes.append):
+        lm_eval_runner.load_lm(SimpleNamespace(name="row"), None)
+    assert lm_eval_runner.load_lm is loader
+    assert layer.weight.detach().numpy().tobytes() == _library_roundtrip("q8_0", original_weight).numpy().tobytes()
+    assert notes == ["row: 1 Linear weight(s) quantized to q8_0 in memory"]
+    with QuantizedRows(None):
+        assert lm_eval_runner.load_lm is loader
+
+
+def test_eval_quantize_refuses_a_format_before_any_work(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    result = _cli("eval", tmp_path / "model", "--quantize", "q4_k", "--out", tmp_path / "report")
+    assert result.exit_code == 2
+    assert "--quantize q4_k: the gguf package has no reference quantizer" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

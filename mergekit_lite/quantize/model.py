@@ -1,0 +1,93 @@
+"""`merge eval --quantize FORMAT`: score each row as its quantized model would behave.
+
+After lm-eval loads a row's model, every Linear weight (the head aside, as bitsandbytes and llama.cpp's mixes
+keep it finer) is replaced in memory by dequantize(quantize(W)) from the format's own library. A PEFT row
+(an adapter alone, or a merge written as an adapter) keeps its LoRA factors unquantized: that row is the
+adapter served unmerged on a quantized base, the alternative a merge-then-quantize loses against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .formats import QuantFormat, format_of
+
+logger = logging.getLogger(__name__)
+
+#: Linear modules left unquantized: the output head, and LoRA's own factors
+_SKIP = ("lm_head", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+#: rows quantized at a time (bounded temporaries on large weights)
+_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """What `quantize_weights` did: tensors replaced, and tensors left as they were (with why)."""
+
+    quantized: int
+    left: list[tuple[str, str]]
+
+
+def quantize_weights(model: torch.nn.Module, fmt: QuantFormat) -> QuantizedWeights:
+    """Replace every eligible Linear weight of `model` by its quantized-dequantized value, in place."""
+    quantized = 0
+    left: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or any(part in _SKIP for part in name.split(".")):
+            continue
+        weight = module.weight
+        why = fmt.unfit(tuple(weight.shape))
+        if why is not None:
+            left.append((name, why))
+            continue
+        with torch.no_grad():
+            for start in range(0, weight.shape[0], _ROWS):
+                rows = weight.data[start:start + _ROWS]
+                rows.copy_(fmt.roundtrip(rows.to("cpu")).to(rows.device, rows.dtype))
+        quantized += 1
+    return QuantizedWeights(quantized, left)
+
+
+class QuantizedRows:
+    """While entered, every model `merge eval` loads is quantized to format `name` right after loading.
+
+    The format is resolved when this is made (None: a no-op), so an unknown or unavailable one fails before
+    anything is merged or loaded.
+    """
+
+    def __init__(self, name: str | None, note: Callable[[str], object] | None = None) -> None:
+        self.format = format_of(name) if name is not None else None
+        self.note = note or logger.info
+        self._original: Any = None
+
+    def __enter__(self) -> QuantFormat | None:
+        if self.format is None:
+            return None
+        from ..evaluation import lm_eval_runner
+
+        original = self._original = lm_eval_runner.load_lm
+        fmt, note = self.format, self.note
+
+        def load_quantized(model: Any, options: Any) -> Any:
+            lm = original(model, options)
+            done = quantize_weights(lm.model, fmt)
+            message = f"{model.name}: {done.quantized} Linear weight(s) quantized to {fmt.name} in memory"
+            if done.left:
+                message += f", {len(done.left)} left as they are ({done.left[0][0]}: {done.left[0][1]})"
+            note(message)
+            return lm
+
+        lm_eval_runner.load_lm = load_quantized
+        return fmt
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._original is not None:
+            from ..evaluation import lm_eval_runner
+
+            lm_eval_runner.load_lm = self._original
+            self._original = None
