@@ -24,15 +24,11 @@ from .reference import load_checkpoint, ties_combine, trim
 CORPUS = REPO / "merge_configs" / "mergekit"
 #: one-document configs (mega.yml, several documents, is tests/test_mergekit_mega.py's)
 CONFIGS = sorted(p.name for p in CORPUS.glob("*.yml") if "\n---" not in p.read_text())
-REFUSED = {
-    "passthrough.yml": r"mergekit key 'slices': merge_method passthrough .*: that is layer stacking",
-    "slices_missing_model.yml": r"mergekit key 'slices\[1\]': model 'ft_b' of slices\[0\] is missing from it: that is "
-                                r"layer stacking",
-    "slices_repeat.yml": r"mergekit key 'slices\[1\]': it repeats layers 0..0 .*: that is layer stacking",
-    "tokenizer_union.yml": r"mergekit key 'tokenizer_source': 'union' is not supported",
-    "sce.yml": r"mergekit key 'merge_method': method 'sce' has no mergekit_lite equivalent",
-    "modules.yml": r"mergekit key 'modules'",
-}
+#: the recorded outcome of every corpus config: the table in merge_configs/mergekit/README.md
+OUTCOMES = dict(re.findall(r"^\| `([^`]+)` \| [^|]+ \| (runs.*|refused: .*) \|$", (CORPUS / "README.md").read_text(),
+                           re.M))
+REFUSED = {name.removeprefix("refused/"): re.escape(outcome.removeprefix("refused: "))
+           for name, outcome in OUTCOMES.items() if outcome.startswith("refused: ")}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +39,13 @@ def corpus(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_corpus_models(folder, demo)
 
 
-def test_the_corpus_holds_at_least_ten_configs_and_every_refusal_is_tested() -> None:
-    assert len(CONFIGS) >= 10
-    assert sorted(p.name for p in (CORPUS / "refused").glob("*.yml")) == sorted(REFUSED)
+def test_every_corpus_config_has_its_recorded_outcome() -> None:
+    """One row per config in the corpus README: 'runs' for the configs beside it (each converted and run below, the
+    mega file in test_mergekit_mega.py), 'refused: <words of the one-line refusal>' for those in refused/."""
+    files = sorted(str(p.relative_to(CORPUS)) for p in CORPUS.rglob("*.yml"))
+    assert files == sorted(OUTCOMES)
+    assert all(outcome.startswith("runs") == ("/" not in name) for name, outcome in OUTCOMES.items())
+    assert len(CONFIGS) >= 20 and len(REFUSED) >= 10
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -222,3 +222,38 @@ def test_per_source_parameters_win_over_the_slice_and_global_ones(corpus: Path) 
     later = [{"filter": "lm_head.weight", "value": 0.1}, {"filter": "model.norm.weight", "value": 0.1}]
     assert config["models"] == [{"path": "ft_a", "weight": [*later, {"value": [0.7, 0.1]}]},
                                 {"path": "ft_b", "weight": [*later, {"value": [0.3, 0.1]}]}]
+
+
+# -- nuslerp, multislerp, karcher, core_space from mergekit YAML ----------------------------------------------------
+def test_spherical_methods_convert_with_mergekits_endpoints() -> None:
+    two = [{"model": "a", "parameters": {"weight": 0.7}}, {"model": "b", "parameters": {"weight": 0.3}}]
+    without_base = convert({"merge_method": "nuslerp", "models": two}).config
+    assert without_base["base_model"] == "a" and without_base["parameters"] == {"base_weight": 0.7}
+    assert without_base["models"] == [{"path": "b", "weight": 0.3}]
+    with_base = convert({"merge_method": "nuslerp", "base_model": "w", "models": two,
+                         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}}).config
+    assert with_base["parameters"] == {"nuslerp_flatten": False, "nuslerp_row_wise": True}
+    assert [m["path"] for m in with_base["models"]] == ["a", "b"]
+    multi = convert({"merge_method": "multislerp", "base_model": "w", "models": [*two, {"model": "w"}],
+                     "parameters": {"normalize_weights": False, "eps": 1e-6}}).config
+    assert multi["parameters"] == {"normalize_weights": False, "eps": 1e-6} and len(multi["models"]) == 2
+    karcher = convert({"merge_method": "karcher", "models": [*two, {"model": "c"}],
+                       "parameters": {"max_iter": 3}}).config
+    assert karcher["base_model"] == "a" and karcher["models"] == [{"path": "b"}, {"path": "c"}]
+    assert karcher["parameters"] == {"max_iter": 3}  # mergekit's karcher has no weights: the given ones are unread
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"merge_method": "nuslerp", "base_model": "w", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+     r"mergekit nuslerp: needs exactly 2 models besides the base_model, got 1"),
+    ({"merge_method": "nuslerp", "models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "b",
+      "parameters": {"weight": 1}}, {"model": "c", "parameters": {"weight": 1}}]},
+     r"mergekit nuslerp: needs exactly 2 models \(no base_model\), got 3"),
+    ({"merge_method": "multislerp", "models": [{"model": "a"}, {"model": "b", "parameters": {"weight": 1}}]},
+     r"mergekit multislerp: model 'a' has no weight"),
+    ({"merge_method": "core_space", "base_model": "w", "models": [{"model": "a"}]},
+     r"'core_space' has no mergekit_lite equivalent: .*singular directions .*`space: core` runs ties"),
+])
+def test_spherical_configs_mergekit_would_not_run_are_refused(data: dict, message: str) -> None:
+    with pytest.raises(MergeConfigError, match=message):
+        convert(data)

@@ -35,6 +35,23 @@ METHODS = {"linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ti
            "dare_linear": "dare_linear", "slerp": "slerp", "breadcrumbs": "breadcrumbs",
            "breadcrumbs_ties": "breadcrumbs_ties", "della": "della", "della_linear": "della_linear",
            "model_stock": "model_stock"}
+#: mergekit's spherical methods, ours of the same name (#29); a base_model is optional for them in mergekit
+SPHERICAL = ("nuslerp", "multislerp", "karcher")
+METHODS.update({name: name for name in SPHERICAL})
+#: mergekit methods we do not run, and why (one line each)
+NOT_RUN = {
+    "core_space": "mergekit's core_space (from its core-space branch; not in mergekit 0.1.5) cuts each full task "
+                  "vector to its top min(16, min(m, n)/4) singular directions by SVD and averages them with equal "
+                  "weights times parameters.weight; mergekit_lite's `space: core` runs ties, dare_ties, dare_linear or "
+                  "magnitude_prune on the core of the exact LoRA factors with per-input weights: other definitions "
+                  "(for a plain average of task vectors use task_arithmetic)",
+    "sce": "SCE (variance-based selection of task-vector entries) is not implemented in mergekit_lite",
+    "arcee_fusion": "Arcee Fusion (a KL-weighted importance mask with a sampled quantile threshold) is not "
+                    "implemented in mergekit_lite",
+    "nearswap": "NearSwap (interpolation by the inverse entry-wise distance) is not implemented in mergekit_lite",
+    "ram": "RAM (reinforced agent merging) is not implemented in mergekit_lite",
+    "ramplus_tl": "RAM+ (reinforced agent merging, tensor-local) is not implemented in mergekit_lite",
+}
 #: mergekit parameters that change no value (only how mergekit stores its masks)
 IGNORED_PARAMETERS = ("int8_mask",)
 #: mergekit's own defaults where ours differ, per method
@@ -88,6 +105,9 @@ def convert(data: Mapping[str, Any], output: str = "merged", base_dir: Path | No
     if method == "passthrough":
         raise MergeConfigError("mergekit key 'merge_method': passthrough (layer stacking) is not supported by "
                                "mergekit_lite")
+    if method in NOT_RUN and method not in METHODS:
+        raise MergeConfigError(f"mergekit key 'merge_method': method '{method}' has no mergekit_lite equivalent: "
+                               f"{NOT_RUN[method]}")
     if method not in METHODS:
         raise MergeConfigError(f"mergekit key 'merge_method': method '{method}' has no mergekit_lite equivalent "
                                f"(supported: {', '.join(METHODS)})")
@@ -112,13 +132,14 @@ def convert(data: Mapping[str, Any], output: str = "merged", base_dir: Path | No
         params = slices.mapping(item.get("parameters"), f"models[{index}].parameters")
         entries.append((model, lora, params, where))
     differences: list[str] = []
+    had_base = base is not None
     if base is None:
-        if method != "linear":
+        if method != "linear" and method not in SPHERICAL:
             raise MergeConfigError(f"mergekit key 'base_model': method '{method}' needs a base model")
         base = entries[0][0]
         if entries[0][1] is not None:
-            raise MergeConfigError("mergekit key 'models[0]': linear without base_model uses the first model as the "
-                                   "base, which cannot carry a LoRA")
+            raise MergeConfigError(f"mergekit key 'models[0]': {method} without base_model uses the first model as "
+                                   "the base, which cannot carry a LoRA")
     if tokenizer not in (None, "base") and tokenizer != base:
         raise MergeConfigError(f"mergekit key 'tokenizer_source': '{tokenizer}' is not supported; mergekit_lite "
                                "keeps the base's tokenizer (tokenizer_source: base)")
@@ -126,6 +147,7 @@ def convert(data: Mapping[str, Any], output: str = "merged", base_dir: Path | No
     for name in IGNORED_PARAMETERS:
         global_params.pop(name, None)
     converter = _Converter(method, base, global_params, differences)
+    converter.had_base = had_base
     for model, lora, params, where in entries:
         for name in IGNORED_PARAMETERS:
             params.pop(name, None)
@@ -156,6 +178,8 @@ class _Converter:
         self.adapters: list[dict[str, Any]] = []
         self.models: list[dict[str, Any]] = []
         self.base_weight: Any = None
+        #: whether the mergekit config named a base_model (else its first model is our base)
+        self.had_base = True
 
     def add(self, model: str, lora: str | None, params: dict[str, Any], where: str) -> None:
         """One mergekit input: the base itself (it has no task vector), a base+LoRA (an adapter) or a full model."""
@@ -311,6 +335,37 @@ class _Converter:
         self.differences.append("DELLA draws: mergekit uses torch's global RNG and breaks magnitude ties at random, "
                                 "mergekit_lite a counter-based stream of (seed, input, tensor, index) and lower index "
                                 "first; same law, other samples")
+
+    # nuslerp, multislerp, karcher (#29): mergekit's definitions, ours of the same name (SEMANTICS §3b)
+    def _nuslerp(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        """mergekit: two non-base models, t = w₂/(w₁+w₂); without a base_model the first model is an endpoint."""
+        self._spherical_points(params, inputs, need=(2, 2))
+
+    def _multislerp(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        """mergekit: one or more non-base models (two or more without a base_model), barycentric weights."""
+        self._spherical_points(params, inputs, need=(1, None))
+
+    def _karcher(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        """mergekit: the mean of every model of the tensor group, the base included, with equal weights; weights
+        given are not read by mergekit and are dropped."""
+        params.pop("weight", None)
+        for entry in inputs:
+            entry.pop("weight", None)
+
+    def _spherical_points(self, params: dict[str, Any], inputs: list[dict[str, Any]],
+                          need: tuple[int, int | None]) -> None:
+        self._require_weights(inputs)
+        if self.had_base:
+            count, base_note = len(inputs), "besides the base_model"
+        else:
+            if self.base_weight is None:
+                raise MergeConfigError(f"mergekit {self.method}: model '{self.base}' has no weight (mergekit needs one)")
+            params["base_weight"] = self.base_weight
+            count, base_note = len(inputs) + 1, "(no base_model)"
+        low, high = need
+        if count < low or (high is not None and count > high):
+            wanted = f"exactly {low}" if low == high else f"at least {low}"
+            raise MergeConfigError(f"mergekit {self.method}: needs {wanted} models {base_note}, got {count}")
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _require_weights(self, inputs: list[dict[str, Any]]) -> None:
