@@ -721,7 +721,9 @@ def plan_models(configs: Sequence[MergeConfig], merged_dirs: Sequence[Path],
 
 def is_adapter_output(folder: Path) -> bool:
     """True for a PEFT adapter folder (a `format: peft` merge): adapter_config.json and no config.json."""
-    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+    from ..formats.peft import is_adapter_folder
+
+    return is_adapter_folder(folder)
 
 
 def adapter_base(folder: Path) -> Path:

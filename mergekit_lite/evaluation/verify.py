@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, IntegrityError, NotACheckpointError
+from ..formats import peft
 from ..formats.integrity import read_layout, read_shard
 from ..formats.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, TensorInfo, is_floating
 from ..progress import byte_progress
 from ..units import format_size
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = peft.CONFIG_FILE, peft.WEIGHTS_FILE
 #: bytes of one tensor read at a time by the finiteness scan
 CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -73,7 +74,7 @@ def verify_checkpoint(folder: str | Path, *, base: str | None = None, adapter: s
     folder = Path(folder)
     if not folder.is_dir():
         raise NotACheckpointError(f"{folder}: not a folder (give the output folder of `merge run`)")
-    if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+    if peft.is_adapter_folder(folder):
         return verify_adapter(folder, base=base, checkpoint=checkpoint, atol=atol, chunk_bytes=chunk_bytes,
                               progress=progress)
     checks: list[CheckResult] = []
@@ -167,7 +168,7 @@ def check_adapter_config(folder: Path, tensors: dict[str, TensorInfo]) -> str:
                              if isinstance(config, dict) else f"{path}: not a JSON object")
     pairs = 0
     for name, a in tensors.items():
-        for a_suffix, b_suffix in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
+        for a_suffix, b_suffix in ((f".{a}", f".{b}") for a, b in peft.FACTOR_PARTS):
             if name.endswith(a_suffix):
                 b = tensors.get(name[: -len(a_suffix)] + b_suffix)
                 if b is None:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError, PublishError, UnpublishableError
+from ..formats import peft
 from ..units import format_size
 
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 CONFIG_FILE = "config.json"
-ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = peft.CONFIG_FILE, peft.WEIGHTS_FILE
 #: hidden files and folders (editor droppings, .cache/) are never uploaded
 IGNORE_PATTERNS = (".*", "*/.*")
 #: card metadata keys whose values must be Hub ids
@@ -89,7 +90,7 @@ def check_folder(folder: Path) -> list[FolderFile]:
     to upload."""
     if not folder.is_dir():
         raise UnpublishableError(f"{folder}: not a folder (give the output folder of `merge run`)")
-    adapter = (folder / ADAPTER_CONFIG_FILE).is_file() and not (folder / CONFIG_FILE).is_file()
+    adapter = peft.is_adapter_folder(folder)
     if not adapter and not (folder / CONFIG_FILE).is_file():
         raise UnpublishableError(f"{folder}: no {CONFIG_FILE} (a checkpoint) or {ADAPTER_CONFIG_FILE} (an adapter "
                                  "output); not a folder `merge run` wrote")

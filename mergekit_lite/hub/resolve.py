@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, CheckpointError, InputError
+from ..formats import peft
 
 if TYPE_CHECKING:
     from ..config import MergeConfig
@@ -176,12 +177,12 @@ def _check_snapshot(folder: Path, ref: HubRef, kind: str) -> None:
                 "safe_serialization=True) and push that)"
             )
         return
-    if not (folder / "adapter_config.json").is_file():
-        raise error_type(f"{where}: the Hub repo has no adapter_config.json at its top level (is it a PEFT adapter?)")
-    if not (folder / "adapter_model.safetensors").is_file():
+    if not (folder / peft.CONFIG_FILE).is_file():
+        raise error_type(f"{where}: the Hub repo has no {peft.CONFIG_FILE} at its top level (is it a PEFT adapter?)")
+    if not (folder / peft.WEIGHTS_FILE).is_file():
         raise error_type(
-            f"{where}: the Hub repo has no adapter_model.safetensors; mergekit_lite never unpickles "
-            "adapter_model.bin (re-save the adapter with safe_serialization=True)"
+            f"{where}: the Hub repo has no {peft.WEIGHTS_FILE}; mergekit_lite never unpickles "
+            f"{peft.PICKLED_WEIGHTS} (re-save the adapter with safe_serialization=True)"
         )
 
 

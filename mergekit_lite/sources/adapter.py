@@ -16,14 +16,11 @@ import torch
 
 from ..engine.finite import all_finite
 from ..errors import AdapterError
+from ..formats.peft import BASE_LAYER_KEY, CONFIG_FILE, KEY_PREFIX, LORA_KEY, PICKLED_WEIGHTS, WEIGHTS_FILE
 from ..formats.safetensors import SafetensorsFile
 from .adapter_config import check_config_types
 from .files import PickledTensors, inside_folder
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLED_WEIGHTS = "adapter_model.bin"
-KEY_PREFIX = "base_model.model."
 
 #: config fields that, when set, mean a feature we cannot merge exactly
 UNSUPPORTED_FIELDS = {
@@ -36,11 +33,7 @@ UNSUPPORTED_FIELDS = {
 #: initialisations that change the base at init: deltas then are not relative to the original base
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
-_LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector(?:\.weight)?)$"
-)
-_BASE_LAYER_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+_LORA_KEY, _BASE_LAYER_KEY = LORA_KEY, BASE_LAYER_KEY
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from ..engine.device import single_threaded_torch
 from ..engine.loop import EngineStats
 from ..engine.plan import BiasShift, Dora, LowRank, SavedTensor
 from ..errors import MergeConfigError
+from ..formats import peft
 from ..formats.safetensors import ITEM_SIZES, TORCH_DTYPES, TensorInfo, tensor_bytes
 from ..methods import LowRankFactors
 from ..methods._core import core_of
@@ -35,9 +36,7 @@ if TYPE_CHECKING:
     from ..engine.loop import MergeEngine
     from ..engine.schedule import TensorSchedule
 
-PREFIX = "base_model.model."
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX, ADAPTER_CONFIG, ADAPTER_WEIGHTS = peft.KEY_PREFIX, peft.CONFIG_FILE, peft.WEIGHTS_FILE
 #: the randomized SVD's oversampling and power iterations (Halko et al.): error within a few % of optimal
 OVERSAMPLE, POWER_ITERATIONS = 8, 4
 _DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -318,18 +317,15 @@ def _factor_keys(t: AdapterTensor, shape: tuple[int, ...]) -> tuple[tuple[str, t
     """((A key, A shape), (B key, B shape)) for a tensor of base shape `shape`."""
     m, n = shape[0], shape[1]
     k = t.rank
-    base = f"{PREFIX}{t.module}"
+    a_key, b_key = peft.factor_keys(t.module, embedding=t.layout == "embedding")
     if t.layout == "embedding":  # W is vocab×dim: A is k×vocab, B dim×k
-        return (f"{base}.lora_embedding_A", (k, m)), (f"{base}.lora_embedding_B", (n, k))
+        return (a_key, (k, m)), (b_key, (n, k))
     if t.layout == "conv1d":  # W is in×out
-        return (f"{base}.lora_A.weight", (k, m)), (f"{base}.lora_B.weight", (n, k))
-    return (f"{base}.lora_A.weight", (k, n)), (f"{base}.lora_B.weight", (m, k))
+        return (a_key, (k, m)), (b_key, (n, k))
+    return (a_key, (k, n)), (b_key, (m, k))
 
 
-def _module_of(key: str, suffix: str) -> str:
-    """The module path in an adapter key: 'base_model.model.<module><suffix>'."""
-    module = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    return module[: -len(suffix)] if module.endswith(suffix) else module
+_module_of = peft.module_of
 
 
 
