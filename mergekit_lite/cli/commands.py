@@ -20,12 +20,31 @@ def main(debug: bool, verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(message)s")
 
 
+def _a_folder(value: str | None) -> str | None:
+    """An empty --out would be the current folder: refuse it (a click error, so one line and exit 2)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("must name a folder, got an empty string")
+    return value
+
+
+def _a_size(value: str) -> str:
+    """--max-memory as given, once it reads as a size (a click error, so one line and exit 2, if it does not)."""
+    from ..units import parse_size
+
+    try:
+        parse_size(value)
+    except (ValueError, OverflowError) as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option("--out", "out", type=click.Path(), help="Output folder (overrides output.path).")
+@click.option("--out", "out", type=click.Path(), callback=lambda ctx, param, value: _a_folder(value),
+              help="Output folder (overrides output.path).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Force the row-chunk size (default: from --max-memory).")
-@click.option("--max-memory", default="512MiB", show_default=True,
+@click.option("--max-memory", default="512MiB", show_default=True, callback=lambda ctx, param, value: _a_size(value),
               help="Memory budget for one chunk's working set, in bytes or like '512MiB', '2GB'.")
 @click.option("--workers", type=click.IntRange(min=1),
               help="CPU threads merging chunks side by side (default: one per core, up to 8).")
