@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergeConfigError
+from ..formats.safetensors import DTYPES
 from ..methods.gradients import is_setting
 from ..suggest import did_you_mean
 from . import slices
@@ -159,9 +160,10 @@ def convert(data: Mapping[str, Any], output: str = "merged", base_dir: Path | No
                            "float32 and rounds once to the output dtype (results differ by up to one step of it)")
     output: dict[str, Any] = {"path": output}
     if dtype is not None:
-        if dtype not in ("float32", "float16", "bfloat16"):
+        names = [d.config_name for d in DTYPES.values() if d.config_name]
+        if dtype not in names:
             raise MergeConfigError(f"mergekit key 'out_dtype'/'dtype': '{dtype}' is not an output dtype of mergekit_lite "
-                                   "(float32, float16, bfloat16)")
+                                   f"({', '.join(names)})")
         output["dtype"] = dtype
     config["output"] = output
     return Conversion(config, differences)

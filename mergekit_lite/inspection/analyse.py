@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,6 +24,7 @@ from ..engine.plan import BiasShift, LowRank, TensorPlan
 from ..engine.schedule import DEFAULT_MAX_MEMORY, default_workers
 from ..engine.select import Mapper
 from ..errors import MergeConfigError
+from ..methods.gradients import LAYER_INDEX, layer_index
 from ..progress import byte_progress
 from ..sources.checkpoint import BaseCheckpoint
 from .conflicts import ConflictCounts, TauCache, conflict_counts
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 #: the density TIES is assumed to use when neither --density nor the config's method gives one
 DEFAULT_DENSITY = 0.5
 #: a layer index in a tensor name: model.layers.3., transformer.h.3., encoder.layer.3., blocks.3.
-LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+LAYER_PATTERN = LAYER_INDEX  # the one layer-index rule (methods/gradients.py)
 LOW_RANK, VECTOR, DENSE = "low_rank", "vector", "dense"
 #: batches per worker that a pass over one tensor's chunks is cut into (taken in turn by whichever is free)
 BATCHES_PER_WORKER = 8
@@ -169,8 +169,7 @@ class Inspection:
 
 def layer_of(name: str) -> int | None:
     """The layer index in a tensor name, or None (embeddings, the head, final norms)."""
-    match = LAYER_PATTERN.search(name)
-    return int(match.group(1)) if match else None
+    return layer_index(name)
 
 
 def densities_for(config: MergeConfig, method_given: bool, density: float | None) -> list[float]:

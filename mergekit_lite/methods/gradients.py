@@ -19,8 +19,16 @@ from typing import Any
 
 from ..errors import MergeConfigError
 
-#: a transformer block's index inside a tensor name (Llama/Mistral `layers.N.`, GPT-2 `h.N.`, others `blocks.N.`)
-LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+#: a transformer block's index inside a tensor name (Llama/Mistral `layers.N.`, GPT-2 `h.N.`, BERT `layer.N.`,
+#: T5 `block.N.`, others `blocks.N.`); the first match from the left wins, so T5's sub-layers
+#: (`block.3.layer.1.`) are block 3. The one rule for gradients, slices and `merge inspect` (SEMANTICS §3d).
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block a tensor belongs to, or None outside the blocks (embeddings, the head, final norms)."""
+    match = LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
 _FILTER_KEYS = ("filter", "value")
 
 

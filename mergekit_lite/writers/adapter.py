@@ -24,7 +24,7 @@ from ..engine.loop import EngineStats
 from ..engine.plan import BiasShift, Dora, LowRank, SavedTensor
 from ..errors import MergeConfigError
 from ..formats import peft
-from ..formats.safetensors import ITEM_SIZES, TORCH_DTYPES, TensorInfo, tensor_bytes
+from ..formats.safetensors import ITEM_SIZES, TORCH_DTYPES, TensorInfo, dtype_code, tensor_bytes
 from ..methods import LowRankFactors
 from ..methods._core import core_of
 from ..progress import Progress
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 PREFIX, ADAPTER_CONFIG, ADAPTER_WEIGHTS = peft.KEY_PREFIX, peft.CONFIG_FILE, peft.WEIGHTS_FILE
 #: the randomized SVD's oversampling and power iterations (Halko et al.): error within a few % of optimal
 OVERSAMPLE, POWER_ITERATIONS = 8, 4
-_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 @dataclass
@@ -212,7 +211,7 @@ class PeftAdapterOutput:
 
     def _dtype_code(self) -> str:
         """The factors' dtype: output.dtype when set, else float32 (exact to the factor product's rounding)."""
-        return _DTYPE_CODES[self.dtype] if self.dtype else "F32"
+        return dtype_code(self.dtype) or "F32"
 
     @staticmethod
     def _write(writer: ShardedWriter, progress: Progress, key: str, tensor: torch.Tensor) -> None:
