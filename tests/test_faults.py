@@ -393,6 +393,7 @@ def test_stale_temporary_folders_are_removed_but_a_live_runs_are_kept(
     for name in ("out", ".out.tmp-dead1", ".out.old-dead2", ".out.tmp-live"):
         (work / name).mkdir(parents=True)
         (work / name / "model.safetensors").write_bytes(b"partial")
+    (work / "out" / "mergekit_lite_config.yaml").write_text("base_model: b\nadapters: [{path: a}]\n")  # a merge's
     (work / ".other.tmp-x").mkdir()  # another target's: not ours to touch
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(work / ".out.tmp-live")],

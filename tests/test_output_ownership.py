@@ -45,11 +45,51 @@ def test_a_file_with_our_markers_name_but_other_content_is_not_ours(tmp_path: Pa
     assert read_marker(tmp_path) is None and owner(tmp_path) is None
 
 
-def test_a_merge_output_is_recognised_by_its_config_copy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("weights", ["model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"])
+def test_a_merge_output_is_recognised_by_its_config_copy_beside_its_weights(tmp_path: Path, weights: str) -> None:
     (tmp_path / "mergekit_lite_config.yaml").write_text("base_model: b\nadapters: [{path: a}]\n")
+    assert owner(tmp_path) is None  # a config copy alone (a user's saved config) is not a merge
+    (tmp_path / weights).write_bytes(b"x")
     assert owner(tmp_path) == "run"
     (tmp_path / "mergekit_lite_config.yaml").write_text("my notes\n")
     assert owner(tmp_path) is None
+
+
+@pytest.mark.parametrize("forgery", ["directory", "symlink", "junk", "list", "no_inputs", "weights_dir"])
+def test_a_forged_config_copy_is_not_a_merge_output(tmp_path: Path, forgery: str) -> None:
+    copy = tmp_path / "mergekit_lite_config.yaml"
+    real = tmp_path / "real.yaml"
+    real.write_text("base_model: b\nadapters: [{path: a}]\n")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    if forgery == "directory":
+        copy.mkdir()
+    elif forgery == "symlink":
+        copy.symlink_to(real)
+    elif forgery == "junk":
+        copy.write_bytes(b"\xff\xfe: [")
+    elif forgery == "list":
+        copy.write_text("- base_model: b\n")
+    elif forgery == "no_inputs":
+        copy.write_text("base_model: b\n")
+    else:
+        copy.write_text(real.read_text())
+        (tmp_path / "model.safetensors").unlink()
+        (tmp_path / "model.safetensors").mkdir()
+    assert owner(tmp_path) is None
+    with pytest.raises(OutputPathError, match="not a merge output"):
+        ownership.check_replaceable(tmp_path)
+
+
+def test_check_replaceable_passes_absent_empty_and_merge_outputs_only(tmp_path: Path) -> None:
+    ownership.check_replaceable(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    ownership.check_replaceable(tmp_path / "empty")
+    write_marker(tmp_path / "empty", "sweep")
+    with pytest.raises(OutputPathError, match="a `merge sweep` report, not a merge output"):
+        ownership.check_replaceable(tmp_path / "empty")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputPathError, match="not a folder"):
+        ownership.check_replaceable(tmp_path / "f")
 
 
 def test_absent_and_empty_folders_pass_and_nothing_is_written(tmp_path: Path) -> None:

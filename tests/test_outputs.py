@@ -60,13 +60,66 @@ def test_output_has_config_tokenizer_card_and_resolved_config(demo: Path, tmp_pa
 
 def test_existing_output_is_refused_unless_overwrite(demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    merge(config_for(demo, out), device="cpu", progress=False)
+    (out / "model.safetensors").write_bytes(b"stale")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         merge(config_for(demo, out), device="cpu", progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "model.safetensors").read_bytes() == b"stale"
+    merge(config_for(demo, out), device="cpu", overwrite=True, progress=False)  # a merge output: replaced whole
+    assert (out / "model.safetensors").read_bytes() != b"stale"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("kind", ["notes", "inspect_report", "forged_config_copy"])
+def test_overwrite_never_replaces_a_folder_that_is_not_a_merge_output(demo: Path, tmp_path: Path, kind: str) -> None:
+    """--overwrite deletes only what a merge wrote: a user's folder of notes, another command's report, a folder
+    with a config copy but no weights are refused in one line, untouched."""
+    from mergekit_lite.errors import OutputPathError
+    from mergekit_lite.writers.ownership import write_marker
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    (out / "sub" / "deep.txt").write_text("deep")
+    if kind == "inspect_report":
+        write_marker(out, "inspect")
+    if kind == "forged_config_copy":
+        (out / "mergekit_lite_config.yaml").write_text("base_model: b\nadapters: [{path: a}]\n")
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OutputPathError, match="not a merge output") as caught:
+        merge(config_for(demo, out), device="cpu", overwrite=True, progress=False)
+    assert "\n" not in str(caught.value) and str(out) in str(caught.value)
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_fills_an_empty_folder(demo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
     merge(config_for(demo, out), device="cpu", overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
+
+
+def test_files_put_into_the_output_while_merging_stop_the_swap(demo: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked again at the swap: a user's file that appeared in the old output meanwhile is never deleted."""
+    import mergekit_lite.api as api
+    from mergekit_lite.errors import OutputPathError
+
+    out = tmp_path / "out"
+    merge(config_for(demo, out), device="cpu", progress=False)
+    real = api.write_output
+
+    def and_a_user_writes(*args: object, **kwargs: object) -> object:
+        for name in ("mergekit_lite_config.yaml", "model.safetensors"):
+            (out / name).unlink()
+        (out / "notes.txt").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "write_output", and_a_user_writes)
+    with pytest.raises(OutputPathError, match="not a merge output"):
+        merge(config_for(demo, out), device="cpu", overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

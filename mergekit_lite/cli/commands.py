@@ -48,7 +48,8 @@ def _a_size(value: str) -> str:
               help="Memory budget for one chunk's working set, in bytes or like '512MiB', '2GB'.")
 @click.option("--workers", type=click.IntRange(min=1),
               help="CPU threads merging chunks side by side (default: one per core, up to 8).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output folder an earlier merge wrote (or an empty one); any other is refused.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and a memory estimate; write nothing.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--allow-pickle", is_flag=True,

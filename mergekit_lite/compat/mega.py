@@ -230,9 +230,16 @@ def run_if_mega(config_path: str, out: str | None, dry_run: bool, echo: Callable
     for document in planned:  # checked before anything runs: all but slices over an earlier output (their layer
         if not (document.needs and "slices" in document.data):  # count is read from the base's files)
             try:
-                MergeConfig.from_dict(config_data(document, path, outputs)[0], path.resolve().parent)
-            except MergeConfigError as error:
-                raise MergeConfigError(f"{path}: {document.label}: {error}") from None
+                checked = MergeConfig.from_dict(config_data(document, path, outputs)[0], path.resolve().parent)
+                if not dry_run:  # an output that may not be replaced stops the chain before its first merge (#23)
+                    from ..writers.ownership import local_inputs
+                    from ..writers.preflight import preflight_output
+
+                    preflight_output(checked.output_path, bool(options.get("overwrite")), local_inputs(checked))
+            except MergeError as error:
+                failed = copy.copy(error)
+                failed.args = (f"{path}: {document.label}: {error}",)
+                raise failed from None
     finished: list[str] = []
     for document in planned:
         try:

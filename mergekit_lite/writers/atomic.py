@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,13 +20,15 @@ from .swap import exchange
 
 
 @contextmanager
-def atomic_directory(target: Path, overwrite: bool, needed_bytes: int = 0) -> Iterator[Path]:
+def atomic_directory(target: Path, overwrite: bool, needed_bytes: int = 0,
+                     may_replace: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target`, on any failure it vanishes.
 
     The output path was checked by `preflight.preflight_output` before the inputs were opened; here only an
-    output that appeared since then is refused (without `overwrite`), at the moment of the swap. An OS error
-    while writing the output becomes a WriteError saying what to do (`needed_bytes`: the output's size, for
-    the free-space advice).
+    output that appeared since then is refused (without `overwrite`), at the moment of the swap, and with
+    `may_replace` (which raises) a target that became something we may not replace while the body ran (a
+    user's files put there meanwhile). An OS error while writing the output becomes a WriteError saying what to
+    do (`needed_bytes`: the output's size, for the free-space advice).
     """
     target = target.resolve()
     try:
@@ -35,6 +37,8 @@ def atomic_directory(target: Path, overwrite: bool, needed_bytes: int = 0) -> It
             yield staging
             if not overwrite and os.path.lexists(target):
                 raise OutputExistsError(f"output {target} appeared while merging; pass --overwrite to replace it")
+            if may_replace is not None and os.path.lexists(target):
+                may_replace(target)
             _commit(staging, target)
     except OSError as error:
         failure = as_write_error(error, target, needed_bytes)

@@ -40,6 +40,8 @@ COMMANDS = ("inspect", "sweep", "eval")
 MERGE = "run"
 #: the config copy a merge output holds (writers.kinds.CONFIG_COPY, repeated here to keep this module light)
 _CONFIG_COPY = "mergekit_lite_config.yaml"
+#: the weights a merge output holds, one of them at least (checkpoint, sharded checkpoint, PEFT-format adapter)
+_MERGE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 #: a marker is a few hundred bytes; a larger file of that name is not ours
 _MAX_MARKER_BYTES = 4096
 
@@ -75,7 +77,9 @@ def read_marker(folder: Path) -> str | None:
 
 
 def is_merge_output(folder: Path) -> bool:
-    """Whether `folder` is a `merge run` output: its config copy reads as a merge config naming a base model."""
+    """Whether `folder` is a `merge run` output (a checkpoint or a PEFT-format adapter): its config copy reads as a
+    merge config naming a base model, and the weights every merge writes beside it are there as regular files (a
+    user's folder that merely holds a file of that name, or a directory or link so named, is not a merge)."""
     import yaml
 
     path = folder / _CONFIG_COPY
@@ -85,8 +89,32 @@ def is_merge_output(folder: Path) -> bool:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    return isinstance(data, dict) and isinstance(data.get("base_model"), str) and (
-        "adapters" in data or "models" in data)
+    if not (isinstance(data, dict) and isinstance(data.get("base_model"), str) and (
+            "adapters" in data or "models" in data)):
+        return False
+    return any((folder / name).is_file() and not (folder / name).is_symlink() for name in _MERGE_WEIGHTS)
+
+
+def check_replaceable(target: Path, option: str = "output") -> None:
+    """Refuse (one line, nothing touched) to replace an existing `target` that is neither empty nor a merge output
+    of ours: --overwrite (and `overwrite=True`) may delete only what a merge wrote."""
+    resolved = Path(target).resolve()
+    if not os.path.lexists(resolved):
+        return
+    if not resolved.is_dir():
+        raise OutputPathError(f"{option} {target} is not a folder (a file was put there), so it is not replaced; "
+                              "point the output elsewhere")
+    try:
+        if is_empty(resolved) or owner(resolved) == MERGE:
+            return
+    except OSError as error:
+        raise OutputPathError(f"{option} {target} cannot be read ({error.strerror or error}), so it is not replaced; "
+                              "point the output elsewhere") from None
+    mark = read_marker(resolved)
+    what = f"not a merge output (no {_CONFIG_COPY} of a merge beside its weights)"
+    what = f"a `merge {mark}` report, {what}" if mark else what
+    raise OutputPathError(f"{option} {target} is not empty and is {what}, so even --overwrite does not replace it; "
+                          "point the output elsewhere or empty the folder")
 
 
 def owner(folder: Path) -> str | None:

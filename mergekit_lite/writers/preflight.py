@@ -17,11 +17,14 @@ FREE_SPACE_MARGIN = 1 << 20
 def preflight_output(target: Path, overwrite: bool, inputs: Iterable[tuple[str, Path]]) -> None:
     """Every check of the output path, once per run and before any input is opened: not a file or under one,
     not an existing output unless `overwrite`, apart from every local input (Hub inputs are checked with
-    `check_apart` once resolved)."""
+    `check_apart` once resolved), and, to be replaced, empty or a merge output of ours (never a user's folder)."""
+    from .ownership import check_replaceable
+
     check_output_path(target)
     if target.exists() and not overwrite:
         raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
     check_apart(target, inputs)
+    check_replaceable(target)
 
 
 def check_output_path(target: Path) -> None:
