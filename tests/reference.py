@@ -119,3 +119,16 @@ def model_stock(base: torch.Tensor, updates: list[torch.Tensor | None]) -> torch
         c = min(1.0, max(0.0, sum(cosines) / len(cosines)))
         t = k * c / (1 + (k - 1) * c)
     return base.double() + t * (sum(present) / k).reshape(base.shape)
+
+
+def reference_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """SLERP (SEMANTICS §3), whole flattened tensors in float64: normalise, cos, |cos| > 0.9995 → lerp, else the sines."""
+    a, b = v0.double().reshape(-1), v1.double().reshape(-1)
+    na, nb = a.norm(), b.norm()
+    na = na if na > 1e-8 else torch.tensor(1.0, dtype=torch.float64)
+    nb = nb if nb > 1e-8 else torch.tensor(1.0, dtype=torch.float64)
+    cos = float(torch.clamp((a / na) @ (b / nb), -1, 1))
+    if abs(cos) > 0.9995:
+        return ((1 - t) * a + t * b).reshape(v0.shape)
+    theta = math.acos(cos)
+    return ((math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)).reshape(v0.shape)

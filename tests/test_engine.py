@@ -9,22 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergekit_lite import MergeConfig, merge
+from mergekit_lite import merge
 
+from .configs import DEMO_ADAPTERS as ADAPTERS
+from .configs import demo_config
 from .reference import load_checkpoint, plain_lora_task_vectors
-
-ADAPTERS = ("style", "math", "facts")
-
-
-def demo_config(demo: Path, out: Path, method: str, weights: list[float], **extra: object) -> MergeConfig:
-    data = {
-        "base_model": str(demo / "base"),
-        "method": method,
-        "adapters": [{"path": str(demo / "adapters" / name), "weight": w} for name, w in zip(ADAPTERS, weights)],
-        "output": {"path": str(out), **extra.pop("output", {})},  # type: ignore[dict-item]
-        **extra,
-    }
-    return MergeConfig.from_dict(data)
 
 
 def closed_form(demo: Path, coefficients: list[float]) -> dict[str, torch.Tensor]:

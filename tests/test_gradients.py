@@ -76,7 +76,7 @@ def test_a_density_gradient_trims_each_layer_to_its_own_count(demo: Path, tmp_pa
 
 
 def test_a_slerp_t_gradient_per_layer(demo: Path, tmp_path: Path) -> None:
-    from .test_slerp import reference_slerp
+    from .reference import reference_slerp
     model = build_noisy_model(demo / "base", tmp_path / "m", seed=5, relative=0.5)
     config = MergeConfig.from_dict({
         "base_model": str(demo / "base"), "method": "slerp",

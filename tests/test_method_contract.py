@@ -32,7 +32,7 @@ from mergekit_lite.methods import (
     register,
 )
 
-from .test_engine import demo_config
+from .configs import demo_config
 
 FACTORED_TA = "factored_task_arithmetic_for_tests"
 

@@ -13,20 +13,7 @@ from mergekit_lite import MergeConfig, merge
 from mergekit_lite.errors import MergeConfigError
 from mergekit_lite.methods.slerp import slerp_coefficients
 
-from .reference import load_checkpoint, plain_lora_task_vectors
-
-
-def reference_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Whole flattened tensors in float64: normalise, cos, |cos| > 0.9995 → lerp, else the sines."""
-    a, b = v0.double().reshape(-1), v1.double().reshape(-1)
-    na, nb = a.norm(), b.norm()
-    na = na if na > 1e-8 else torch.tensor(1.0, dtype=torch.float64)
-    nb = nb if nb > 1e-8 else torch.tensor(1.0, dtype=torch.float64)
-    cos = float(torch.clamp((a / na) @ (b / nb), -1, 1))
-    if abs(cos) > 0.9995:
-        return ((1 - t) * a + t * b).reshape(v0.shape)
-    theta = math.acos(cos)
-    return ((math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)).reshape(v0.shape)
+from .reference import load_checkpoint, plain_lora_task_vectors, reference_slerp
 
 
 @pytest.fixture(scope="module")
