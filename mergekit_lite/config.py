@@ -394,6 +394,9 @@ def read_config_data(path: str | Path) -> tuple[Any, Path]:
     try:
         data = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as error:
+        if getattr(error, "context", None) == "expected a single document in the stream":  # a mergekit-mega file
+            raise MergeConfigError(f"{path}: holds several YAML documents (a mergekit-mega file): `merge run` and "
+                                   "`merge convert` read those; here give one merge config") from None
         raise MergeConfigError(f"{path}: not valid YAML: {yaml_problem(error)}") from None
     _check_expanded_size(data, path)
     return data, path

@@ -114,3 +114,12 @@ def test_dry_run_of_a_mega_file_writes_nothing(corpus: Path) -> None:
     assert "document 1 ('gradient-slerp') of 2" in result.output
     assert "reads gradient-slerp" in result.output
     assert not (corpus / "gradient-slerp").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "sweep"])
+def test_commands_that_read_one_merge_say_so_for_a_mega_file(corpus: Path, command: str) -> None:
+    result = _run(command, str(corpus / "mega.yml"), "--out", str(corpus / "report"))
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "holds several YAML documents (a mergekit-mega file)" in lines[0]
+    assert not (corpus / "report").exists()
