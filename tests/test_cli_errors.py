@@ -259,3 +259,21 @@ def test_a_broken_task_yaml_is_one_line(where: str, tmp_path: Path) -> None:
 def test_yaml_dump_of_nan_is_what_the_cases_write() -> None:
     """The catalogue writes NaN and inf through yaml.safe_dump: they reach the config as YAML's .nan / .inf."""
     assert yaml.safe_dump({"x": NAN, "y": -INF}).split() == ["x:", ".nan", "y:", "-.inf"]
+
+
+@pytest.mark.parametrize("relative", ["adapters/style/adapter_config.json", "adapters/style/adapter_model.safetensors",
+                                      "base/config.json", "base/model.safetensors"])
+def test_a_file_inside_an_input_that_is_a_symlink_loop_is_one_line(relative: str, demo_copy: Path,
+                                                                   tmp_path: Path) -> None:
+    """Not "no such file" (the user would look for a missing file), and never silently left out (config.json)."""
+    path = demo_copy / relative
+    path.unlink()
+    path.symlink_to(path.with_name(path.name + ".other"))
+    path.with_name(path.name + ".other").symlink_to(path)
+    out = tmp_path / "merged"
+    config = write_config(tmp_path / "cfg", demo_data(demo_copy, out, adapters=[str(demo_copy / "adapters" / "style")]))
+    result = invoke("run", str(config), "--device", "cpu", "--no-progress")
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result)
+    assert str(path.parent) in line and ("leads nowhere" in line or "Symlink loop" in line), line
+    assert not out.exists()

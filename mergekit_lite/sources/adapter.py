@@ -19,7 +19,7 @@ from ..errors import AdapterError
 from ..formats.peft import BASE_LAYER_KEY, CONFIG_FILE, KEY_PREFIX, LORA_KEY, PICKLED_WEIGHTS, WEIGHTS_FILE
 from ..formats.safetensors import SafetensorsFile
 from .adapter_config import check_config_types
-from .files import PickledTensors, inside_folder
+from .files import PickledTensors, dangling, inside_folder
 
 
 #: config fields that, when set, mean a feature we cannot merge exactly
@@ -82,6 +82,8 @@ class PeftAdapter:
             raise AdapterError(f"adapter folder not found: {self.folder}")
         path = self.folder / CONFIG_FILE
         if not path.is_file():
+            if dangling(path):
+                raise AdapterError(f"{path}: cannot be read{dangling(path)}")
             raise AdapterError(f"{self.folder}: no {CONFIG_FILE} (is this a PEFT adapter folder?)")
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
@@ -120,7 +122,7 @@ class PeftAdapter:
                 "safe_serialization=True), or, if you trust the file, pass --allow-pickle (it is then loaded "
                 "with torch.load(weights_only=True))."
             )
-        raise AdapterError(f"{self.folder}: no {WEIGHTS_FILE}")
+        raise AdapterError(f"{self.folder}: no {WEIGHTS_FILE}{dangling(path)}")
 
     def tensor(self, key: str) -> torch.Tensor:
         """One adapter tensor (small: factors, biases, magnitude vectors, saved modules), checked finite once."""

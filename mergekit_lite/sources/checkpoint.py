@@ -25,7 +25,7 @@ from ..formats.safetensors import (
     read_index,
     read_tensors,
 )
-from .files import inside_folder, load_pickled
+from .files import dangling, inside_folder, load_pickled
 
 __all__ = ["COPY_BLOCK", "INDEX_FILE", "PICKLED_INDEX", "SINGLE_FILE", "BaseCheckpoint", "TensorInfo"]
 
@@ -70,7 +70,8 @@ class BaseCheckpoint:
             )
         if pickled:
             return [inside_folder(self.folder, path.name, path) for path in pickled]
-        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in base model folder {self.folder}")
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in base model folder {self.folder}"
+                              f"{dangling(single) or dangling(index)}")
 
     def _pickled_files(self) -> list[Path]:
         """Pickled weight files, in the usual names (looked at only to refuse them, or with allow_pickle)."""
@@ -192,6 +193,8 @@ class BaseCheckpoint:
     def read_json(self, filename: str) -> dict | None:
         """A JSON file of the base folder (config.json, ...) or None when absent."""
         path = self.folder / filename
+        if dangling(path):  # not absent: a broken link would silently drop the file from the output
+            raise CheckpointError(f"{path}: cannot be read{dangling(path)}")
         if not path.is_file():
             return None
         try:

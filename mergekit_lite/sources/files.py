@@ -9,6 +9,13 @@ import torch
 from ..errors import CheckpointError, InputError
 
 
+def dangling(path: Path) -> str:
+    """What to add to a "no such file" message when `path` is a symlink that leads nowhere (a loop, or a missing
+    target), so the user looks at the link rather than for a missing file; else ''."""
+    return " (it is a symlink that leads nowhere: a loop or a missing target)" if path.is_symlink() and not \
+        path.exists() else ""
+
+
 def inside_folder(folder: Path, name: str, path: Path, where: str = "file",
                   error: type[InputError] = CheckpointError) -> Path:
     """`path` (named `name` by a file of `folder`), refused when it could leave the folder.
