@@ -123,3 +123,14 @@ def test_commands_that_read_one_merge_say_so_for_a_mega_file(corpus: Path, comma
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "holds several YAML documents (a mergekit-mega file)" in lines[0]
     assert not (corpus / "report").exists()
+
+
+def test_out_is_taken_from_the_working_folder_as_for_one_merge(corpus: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = _run("run", str(corpus / "mega.yml"), "--no-progress", "--out", "final")
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "final" / "model.safetensors").is_file() and not (corpus / "final").exists()
+    assert (corpus / "gradient-slerp" / "model.safetensors").is_file()  # named documents: beside the file

@@ -255,3 +255,24 @@ def test_models_that_do_not_move_a_tensor_keep_it(demo: Path, tmp_path: Path) ->
         merged = _merge(demo, tmp_path / method, method, [(same, 0.5), (other, 0.5)])
         for name, w in base.items():
             assert torch.allclose(merged[name], w, atol=1e-6 * float(w.abs().max()), rtol=0), (method, name)
+
+
+def test_lora_adapters_as_points(demo: Path, tmp_path: Path) -> None:
+    """Adapters give their τᵢ = sBA (zero where they do not touch a tensor, which then keeps the base for the task
+    vector methods)."""
+    from .reference import plain_lora_task_vectors
+
+    adapters = [demo / "adapters" / "style", demo / "adapters" / "math"]
+    base = load_checkpoint(demo / "base")
+    taus = [plain_lora_task_vectors(a) for a in adapters]
+    config = MergeConfig.from_dict({"base_model": str(demo / "base"), "method": "multislerp",
+                                    "adapters": [{"path": str(a), "weight": w} for a, w in zip(adapters, (0.6, 0.4))],
+                                    "output": {"path": str(tmp_path / "out")}})
+    merged = load_checkpoint(merge(config, device="cpu", progress=False, chunk_rows=3).output_dir)
+    for name, w in base.items():
+        if name not in taus[0] and name not in taus[1]:
+            assert torch.equal(merged[name], w), name
+            continue
+        t0, t1 = (tau.get(name, torch.zeros_like(w, dtype=torch.float64)) for tau in taus)
+        expected = ref_multislerp([w.double() + t0, w.double() + t1], [0.6, 0.4], w)
+        assert torch.allclose(merged[name].double(), expected, atol=3e-6 * float(expected.abs().max()), rtol=0), name

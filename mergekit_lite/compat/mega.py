@@ -225,7 +225,7 @@ def run_if_mega(config_path: str, out: str | None, dry_run: bool, echo: Callable
     from ..config import MergeConfig
     from .mergekit import logger
 
-    planned = plan(path, documents, out)
+    planned = plan(path, documents, str(Path(out).resolve()) if out else None)  # --out: from the working folder
     outputs = _outputs(planned)
     for document in planned:  # checked before anything runs: all but slices over an earlier output (their layer
         if not (document.needs and "slices" in document.data):  # count is read from the base's files)

@@ -84,7 +84,12 @@ def _statistics(base_rows: torch.Tensor, updates: Sequence[torch.Tensor | None],
     v0, v1 = (v.to(torch.float64) for v in slerp_endpoints(base_rows, updates))
     if mode == "flat":
         return torch.stack([(v0 * v0).sum(dim=1), (v1 * v1).sum(dim=1), (v0 * v1).sum(dim=1)], dim=1)
-    return torch.cat([v0 * v0, v1 * v1, v0 * v1], dim=1)
+    columns = v0.shape[1]
+    out = torch.empty(v0.shape[0], 3 * columns, dtype=torch.float64)  # one buffer: within the schedule's budget
+    torch.mul(v0, v0, out=out[:, :columns])
+    torch.mul(v1, v1, out=out[:, columns:2 * columns])
+    torch.mul(v0, v1, out=out[:, 2 * columns:])
+    return out
 
 
 def _finish(totals: torch.Tensor, params: Mapping[str, Any]) -> Any:
