@@ -62,6 +62,18 @@ def write_config(folder: Path, data: dict[str, Any], name: str = "config.yaml") 
     return path
 
 
+def demo_merge(demo: Path, out: Path, **changes: Any) -> dict[str, Any]:
+    """A config over the demo: task arithmetic of the style adapter (weight 1) and the facts adapter (weight −1)
+    into its base, writing to `out`; `changes` replace top-level keys."""
+    return {
+        "base_model": str(demo / "base"),
+        "method": "task_arithmetic",
+        "adapters": [{"path": str(demo / "adapters" / "style")}, {"path": str(demo / "adapters" / "facts"), "weight": -1}],
+        "output": {"path": str(out)},
+        **changes,
+    }
+
+
 @pytest.fixture(scope="session")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny bases, built once for the session and only read: Llama, Llama with attention biases (lora_bias),

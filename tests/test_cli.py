@@ -10,20 +10,11 @@ from click.testing import CliRunner
 
 from mergekit_lite.cli import main
 
-from .conftest import REPO, write_config
-
-
-def demo_data(demo: Path, out: Path) -> dict:
-    return {
-        "base_model": str(demo / "base"),
-        "method": "task_arithmetic",
-        "adapters": [{"path": str(demo / "adapters" / "style")}, {"path": str(demo / "adapters" / "facts"), "weight": -1}],
-        "output": {"path": str(out)},
-    }
+from .conftest import REPO, demo_merge, write_config
 
 
 def test_run_prints_a_summary_and_writes_the_checkpoint(demo: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path, demo_data(demo, tmp_path / "out"))
+    config = write_config(tmp_path, demo_merge(demo, tmp_path / "out"))
     result = CliRunner().invoke(main, ["run", str(config), "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "merged 14 tensors, copied 7" in result.output and "peak RSS" in result.output
@@ -31,7 +22,7 @@ def test_run_prints_a_summary_and_writes_the_checkpoint(demo: Path, tmp_path: Pa
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(demo: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path, demo_data(demo, tmp_path / "out"))
+    config = write_config(tmp_path, demo_merge(demo, tmp_path / "out"))
     result = CliRunner().invoke(main, ["run", str(config), "--dry-run", "--chunk-rows", "8"])
     assert result.exit_code == 0, result.output
     assert "adapter 'style' weight 1" in result.output and "model.layers.0.self_attn.q_proj.weight" in result.output
@@ -40,14 +31,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(demo: Path, tmp_path: Path) 
 
 
 def test_out_flag_overrides_the_config(demo: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path, demo_data(demo, tmp_path / "out"))
+    config = write_config(tmp_path, demo_merge(demo, tmp_path / "out"))
     result = CliRunner().invoke(main, ["run", str(config), "--out", str(tmp_path / "elsewhere"), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "elsewhere" / "model.safetensors").is_file() and not (tmp_path / "out").exists()
 
 
 def test_bad_config_is_one_line_on_stderr_with_exit_code_2(demo: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path, {**demo_data(demo, tmp_path / "out"), "methd": "x"})
+    config = write_config(tmp_path, {**demo_merge(demo, tmp_path / "out"), "methd": "x"})
     result = CliRunner().invoke(main, ["run", str(config)])
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0
@@ -57,7 +48,7 @@ def test_bad_config_is_one_line_on_stderr_with_exit_code_2(demo: Path, tmp_path:
 
 def test_existing_output_exits_2_and_debug_shows_the_traceback(demo: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
-    config = write_config(tmp_path, demo_data(demo, tmp_path / "out"))
+    config = write_config(tmp_path, demo_merge(demo, tmp_path / "out"))
     result = CliRunner().invoke(main, ["run", str(config)])
     assert result.exit_code == 2 and "--overwrite" in result.stderr
     debug = CliRunner().invoke(main, ["--debug", "run", str(config)])
@@ -66,7 +57,7 @@ def test_existing_output_exits_2_and_debug_shows_the_traceback(demo: Path, tmp_p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: there is no missing CUDA to report")
 def test_missing_cuda_is_a_clear_error(demo: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path, demo_data(demo, tmp_path / "out"))
+    config = write_config(tmp_path, demo_merge(demo, tmp_path / "out"))
     result = CliRunner().invoke(main, ["run", str(config), "--device", "cuda"])
     assert result.exit_code == 2 and "CUDA is not available" in result.stderr
 
@@ -79,6 +70,11 @@ def test_every_shipped_config_plans_cleanly(tmp_path: Path) -> None:
             from mergekit_lite.sweep import load_sweep_config
 
             load_sweep_config(config)
+            continue
+        if "\nmethod:" not in "\n" + config.read_text():  # a `merge inspect` config (no method): checked as one
+            from mergekit_lite.inspection.inputs import load_inspect_config
+
+            load_inspect_config(config)
             continue
         result = CliRunner().invoke(main, ["run", str(config), "--dry-run"])
         assert result.exit_code == 0, f"{config.name}: {result.output}"

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from mergekit_lite.cli import main
 
-from .conftest import write_config
+from .conftest import demo_merge, write_config
 
 NAN, INF = float("nan"), float("inf")
 
@@ -97,16 +97,6 @@ def test_help_version_and_a_bare_merge_still_print_what_they_did() -> None:
 
 
 # -- config values --------------------------------------------------------------------------------------------
-def demo_data(demo: Path, out: Path, **changes: Any) -> dict[str, Any]:
-    return {
-        "base_model": str(demo / "base"),
-        "method": "task_arithmetic",
-        "adapters": [{"path": str(demo / "adapters" / "style")}, {"path": str(demo / "adapters" / "facts")}],
-        "output": {"path": str(out)},
-        **changes,
-    }
-
-
 def slerp(t: Any) -> dict[str, Any]:
     return {"method": "slerp", "parameters": {"t": t}}
 
@@ -192,7 +182,7 @@ def test_a_bad_config_value_is_one_line_exit_2_before_anything_is_written(case: 
                                                                            workspace: Path) -> None:
     change, expected = CONFIG_CASES[case]
     out = workspace / "merged"
-    config = write_config(workspace / "cfg", demo_data(demo, out, **change(demo, out)))
+    config = write_config(workspace / "cfg", demo_merge(demo, out, **change(demo, out)))
     before = sorted(p.name for p in workspace.iterdir())
     result = invoke("run", str(config), "--device", "cpu", "--no-progress")
     assert result.exit_code == 2, (result.output, result.exception)
@@ -206,7 +196,7 @@ def test_an_output_that_holds_the_config_file_is_refused_even_with_overwrite(out
     """`--overwrite` replaces the output folder whole: never the folder the config (and the user's notes) sit in."""
     folder = workspace / "cfg"
     in_config = output.format(cfg=folder) if not output.startswith("--") else str(workspace / "merged")
-    config = write_config(folder, demo_data(demo, Path(in_config)))
+    config = write_config(folder, demo_merge(demo, Path(in_config)))
     (folder / "notes.txt").write_text("mine")
     extra = ["--out", str(folder)] if output.startswith("--") else []
     result = invoke("run", str(config), "--device", "cpu", "--no-progress", "--overwrite", *extra)
@@ -217,7 +207,7 @@ def test_an_output_that_holds_the_config_file_is_refused_even_with_overwrite(out
 
 
 def test_out_through_a_symlink_loop_is_one_line(demo: Path, workspace: Path) -> None:
-    config = write_config(workspace / "cfg", demo_data(demo, workspace / "merged"))
+    config = write_config(workspace / "cfg", demo_merge(demo, workspace / "merged"))
     result = invoke("run", str(config), "--out", str(workspace / "loop" / "merged"))
     assert result.exit_code == 2 and "cannot be resolved (a symlink loop)" in one_error_line(result)
 
@@ -233,7 +223,7 @@ def test_the_fixes_the_messages_suggest_are_accepted(demo: Path, tmp_path: Path)
         {"parameters": {"lambda": 3.0e38}},
     ]
     for index, change in enumerate(fixed):
-        config = write_config(tmp_path, demo_data(demo, tmp_path / "merged", **change), name=f"{index}.yaml")
+        config = write_config(tmp_path, demo_merge(demo, tmp_path / "merged", **change), name=f"{index}.yaml")
         result = invoke("run", str(config), "--dry-run")
         assert result.exit_code == 0, (change, result.output)
 
@@ -271,7 +261,7 @@ def test_a_file_inside_an_input_that_is_a_symlink_loop_is_one_line(relative: str
     path.symlink_to(path.with_name(path.name + ".other"))
     path.with_name(path.name + ".other").symlink_to(path)
     out = tmp_path / "merged"
-    config = write_config(tmp_path / "cfg", demo_data(demo_copy, out, adapters=[str(demo_copy / "adapters" / "style")]))
+    config = write_config(tmp_path / "cfg", demo_merge(demo_copy, out, adapters=[str(demo_copy / "adapters" / "style")]))
     result = invoke("run", str(config), "--device", "cpu", "--no-progress")
     assert result.exit_code == 2, result.output
     line = one_error_line(result)
