@@ -513,5 +513,6 @@ def _describe(error: ValidationError) -> str:
         location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
         location = location.lstrip(".") or "config"
         message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{location}: {message}" + ("" if "got " in message else f" (got {item.get('input')!r})"))
+        given = repr(item.get("input"))
+        parts.append(f"{location}: {message}" + ("" if "got " in message or given in message else f" (got {given})"))
     return "; ".join(parts)
