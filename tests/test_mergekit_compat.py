@@ -257,3 +257,14 @@ def test_spherical_methods_convert_with_mergekits_endpoints() -> None:
 def test_spherical_configs_mergekit_would_not_run_are_refused(data: dict, message: str) -> None:
     with pytest.raises(MergeConfigError, match=message):
         convert(data)
+
+
+def test_sce_converts_without_weights_and_refuses_variance_selection() -> None:
+    sce = convert({"merge_method": "sce", "base_model": "w", "parameters": {"int8_mask": True},
+                   "models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "b"}]}).config
+    assert sce["method"] == "sce" and sce["models"] == [{"path": "a"}, {"path": "b"}] and "parameters" not in sce
+    from mergekit_lite.config import MergeConfig
+    data = convert({"merge_method": "sce", "base_model": "w", "parameters": {"select_topk": 0.3},
+                    "models": [{"model": "a"}]}).config
+    with pytest.raises(MergeConfigError, match=r"sce with select_topk 0.3 < 1"):
+        MergeConfig.from_dict(data)

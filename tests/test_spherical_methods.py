@@ -276,3 +276,30 @@ def test_lora_adapters_as_points(demo: Path, tmp_path: Path) -> None:
         t0, t1 = (tau.get(name, torch.zeros_like(w, dtype=torch.float64)) for tau in taus)
         expected = ref_multislerp([w.double() + t0, w.double() + t1], [0.6, 0.4], w)
         assert torch.allclose(merged[name].double(), expected, atol=3e-6 * float(expected.abs().max()), rtol=0), name
+
+
+# -- sce (mergekit's, select_topk 1): a statistics pass (mean squares), then entry by entry ----------------------
+def ref_sce(base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """mergekit 0.1.5's sce_merge with select_topk 1, in float64."""
+    taus = torch.stack([t.double() - base.double() for t in tensors])
+    majority = (taus.sum(dim=0) >= 0).double() * 2 - 1
+    erase = (taus.sign() == majority).double()
+    weights = taus.square().reshape(taus.shape[0], -1).mean(dim=1)
+    weights = torch.ones_like(weights) / len(weights) if abs(float(weights.sum())) < 1e-6 else weights / weights.sum()
+    erased = weights.view(-1, *[1] * (taus.dim() - 1)) * erase
+    return base.double() + (taus * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+
+
+def test_sce_is_mergekits_without_selection(demo: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    base, a, b, c = _load(models, demo)
+    entries = [(models["a"], 1.0), (models["b"], 1.0), (models["c"], 1.0)]
+    merged = _merge(demo, tmp_path / "s", "sce", entries, chunk_rows=3)
+    _close(merged, lambda n: ref_sce(base[n], [a[n], b[n], c[n]]), base)
+    other = _merge(demo, tmp_path / "s2", "sce", entries, chunk_rows=1, workers=2)
+    assert all(torch.equal(merged[k], other[k]) for k in merged)
+
+
+def test_sce_refuses_variance_selection() -> None:
+    with pytest.raises(MergeConfigError, match=r"sce with select_topk 0.5 < 1 .* is not implemented"):
+        MergeConfig.from_dict({"base_model": "b", "method": "sce", "parameters": {"select_topk": 0.5},
+                               "models": [{"path": "m"}], "output": "o"})

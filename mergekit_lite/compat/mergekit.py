@@ -38,7 +38,7 @@ METHODS = {"linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ti
            "model_stock": "model_stock"}
 #: mergekit's spherical methods, ours of the same name (#29); a base_model is optional for them in mergekit
 SPHERICAL = ("nuslerp", "multislerp", "karcher")
-METHODS.update({name: name for name in SPHERICAL})
+METHODS.update({name: name for name in (*SPHERICAL, "sce")})
 #: mergekit methods we do not run, and why (one line each)
 NOT_RUN = {
     "core_space": "mergekit's core_space (from its core-space branch; not in mergekit 0.1.5) cuts each full task "
@@ -46,7 +46,6 @@ NOT_RUN = {
                   "weights times parameters.weight; mergekit_lite's `space: core` runs ties, dare_ties, dare_linear or "
                   "magnitude_prune on the core of the exact LoRA factors with per-input weights: other definitions "
                   "(for a plain average of task vectors use task_arithmetic)",
-    "sce": "SCE (variance-based selection of task-vector entries) is not implemented in mergekit_lite",
     "arcee_fusion": "Arcee Fusion (a KL-weighted importance mask with a sampled quantile threshold) is not "
                     "implemented in mergekit_lite",
     "nearswap": "NearSwap (interpolation by the inverse entry-wise distance) is not implemented in mergekit_lite",
@@ -353,6 +352,10 @@ class _Converter:
         params.pop("weight", None)
         for entry in inputs:
             entry.pop("weight", None)
+
+    def _sce(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        """mergekit: the non-base models' task vectors, no weights (the given ones are not read and are dropped)."""
+        self._karcher(params, inputs)
 
     def _spherical_points(self, params: dict[str, Any], inputs: list[dict[str, Any]],
                           need: tuple[int, int | None]) -> None:
