@@ -386,17 +386,20 @@ HOLD_LOCK = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcn
              "print('locked', flush=True); sys.stdin.read()")
 
 
+DEAD, LIVE = "00000000000dead1", "1111111111111111"  # the random tails our staging folders have (16 hex digits)
+
+
 def test_stale_temporary_folders_are_removed_but_a_live_runs_are_kept(
     demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     work = tmp_path / "work"
-    for name in ("out", ".out.tmp-dead1", ".out.old-dead2", ".out.tmp-live"):
+    for name in ("out", f".out.tmp-{DEAD}", ".out.old-dead_two", f".out.tmp-{LIVE}", ".out.tmp-notes"):
         (work / name).mkdir(parents=True)
         (work / name / "model.safetensors").write_bytes(b"partial")
     (work / "out" / "mergekit_lite_config.yaml").write_text("base_model: b\nadapters: [{path: a}]\n")  # a merge's
-    (work / ".other.tmp-x").mkdir()  # another target's: not ours to touch
+    (work / ".other.tmp-x").mkdir()  # another target's: not ours to touch (nor a user's .out.tmp-notes)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(work / ".out.tmp-live")],
+        [sys.executable, "-c", HOLD_LOCK, str(work / f".out.tmp-{LIVE}")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -406,22 +409,22 @@ def test_stale_temporary_folders_are_removed_but_a_live_runs_are_kept(
                                         "output": {"path": str(work / "out")}})
         with caplog.at_level(logging.INFO, logger="mergekit_lite"):
             merge(config, device="cpu", progress=False, overwrite=True)
-        assert leftovers(work) == [".other.tmp-x", ".out.tmp-live"]
-        assert (work / ".out.tmp-live" / "model.safetensors").read_bytes() == b"partial"
+        assert leftovers(work) == [".other.tmp-x", f".out.tmp-{LIVE}", ".out.tmp-notes"]
+        assert (work / f".out.tmp-{LIVE}" / "model.safetensors").read_bytes() == b"partial"
         removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed ")]
         assert len(removed) == 2 and all("left by a merge that was killed" in m for m in removed)
     finally:
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(timeout=10)
-    assert remove_stale(work / "out") == [work / ".out.tmp-live"]  # its run is gone now
-    assert leftovers(work) == [".other.tmp-x"]
+    assert remove_stale(work / "out") == [work / f".out.tmp-{LIVE}"]  # its run is gone now
+    assert leftovers(work) == [".other.tmp-x", ".out.tmp-notes"]
 
 
 def test_a_previous_output_moved_aside_is_put_back_when_its_run_died(tmp_path: Path) -> None:
-    (tmp_path / ".out.old-abc").mkdir()
-    (tmp_path / ".out.old-abc" / "model.safetensors").write_bytes(b"previous")
-    assert remove_stale(tmp_path / "out") == [tmp_path / ".out.old-abc"]
+    (tmp_path / ".out.old-abc_1234").mkdir()
+    (tmp_path / ".out.old-abc_1234" / "model.safetensors").write_bytes(b"previous")
+    assert remove_stale(tmp_path / "out") == [tmp_path / ".out.old-abc_1234"]
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"previous" and leftovers(tmp_path) == []
 
 

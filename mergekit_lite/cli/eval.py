@@ -185,10 +185,14 @@ def _check_merge_target(config: Any, remerge: bool) -> None:
     from ..evaluation.lm_eval_runner import EvalError
     from ..writers.ownership import MERGE, is_empty, owner
 
+    from ..writers.ownership import check_replaceable
+
     target = config.output_path
     if remerge and target.is_dir() and not is_empty(target) and owner(target) != MERGE:
         raise EvalError(f"{target} is not a merge output (no mergekit_lite_config.yaml of a merge), so --remerge "
                         "does not replace it: point output.path elsewhere or empty the folder")
+    if remerge:  # a merge output holding a user's files is not replaced either
+        check_replaceable(target, "output")
 
 
 def _made_from(config_copy: Path, config: Any) -> bool:

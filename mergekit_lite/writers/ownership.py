@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,6 +43,12 @@ MERGE = "run"
 _CONFIG_COPY = "mergekit_lite_config.yaml"
 #: the weights a merge output holds, one of them at least (checkpoint, sharded checkpoint, PEFT-format adapter)
 _MERGE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+#: what a merge writes at the top of its output: weights (one file or shards), configs and indexes, the base's
+#: tokenizer files, the card, its config copy, a data-aware method's side files (.json, .png); and `eval/`
+_MERGE_FILE = re.compile(
+    r"[\w.-]+\.(json|png|safetensors)|README\.md|mergekit_lite_config\.yaml|tokenizer\.model|merges\.txt|vocab\.txt"
+    r"|chat_template\.jinja")
+_MERGE_FOLDERS = ("eval",)
 #: a marker is a few hundred bytes; a larger file of that name is not ours
 _MAX_MARKER_BYTES = 4096
 
@@ -95,6 +102,16 @@ def is_merge_output(folder: Path) -> bool:
     return any((folder / name).is_file() and not (folder / name).is_symlink() for name in _MERGE_WEIGHTS)
 
 
+def foreign_entries(folder: Path) -> list[str]:
+    """The entries of a merge output that no merge writes (a user's notes, a subfolder, a link), sorted: replacing
+    the folder would delete them. A merge writes regular files only (weights, configs, tokenizer files, the card,
+    a data-aware method's .json/.png side files) and the `eval/` report of a `merge run` with an `eval:` section."""
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries if not (
+            entry.name in _MERGE_FOLDERS and entry.is_dir(follow_symlinks=False)
+            or entry.is_file(follow_symlinks=False) and _MERGE_FILE.fullmatch(entry.name)))
+
+
 def check_replaceable(target: Path, option: str = "output") -> None:
     """Refuse (one line, nothing touched) to replace an existing `target` that is neither empty nor a merge output
     of ours: --overwrite (and `overwrite=True`) may delete only what a merge wrote."""
@@ -105,8 +122,15 @@ def check_replaceable(target: Path, option: str = "output") -> None:
         raise OutputPathError(f"{option} {target} is not a folder (a file was put there), so it is not replaced; "
                               "point the output elsewhere")
     try:
-        if is_empty(resolved) or owner(resolved) == MERGE:
+        if is_empty(resolved):
             return
+        if owner(resolved) == MERGE:
+            foreign = foreign_entries(resolved)
+            if not foreign:
+                return
+            raise OutputPathError(
+                f"{option} {target} is a merge output but also holds {foreign[0]!r}, which no merge writes, so even "
+                "--overwrite does not replace it (that would delete it); move it out or point the output elsewhere")
     except OSError as error:
         raise OutputPathError(f"{option} {target} cannot be read ({error.strerror or error}), so it is not replaced; "
                               "point the output elsewhere") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,6 +11,8 @@ from ..errors import OutputExistsError, OutputPathError, WriteError
 from ..units import format_size
 from .failures import nearest_existing
 
+#: Folder names of the Hugging Face cache's entries (models--org--name, ...): their snapshots are inputs
+_HF_CACHE_ENTRIES = ("models--", "datasets--", "spaces--")
 #: Room kept beyond the planned bytes for the card, the config copy and the index.
 FREE_SPACE_MARGIN = 1 << 20
 
@@ -18,13 +21,14 @@ def preflight_output(target: Path, overwrite: bool, inputs: Iterable[tuple[str, 
     """Every check of the output path, once per run and before any input is opened: not a file or under one,
     not an existing output unless `overwrite`, apart from every local input (Hub inputs are checked with
     `check_apart` once resolved), and, to be replaced, empty or a merge output of ours (never a user's folder)."""
-    from .ownership import check_replaceable
+    from .ownership import check_replaceable, check_writable
 
     check_output_path(target)
     if target.exists() and not overwrite:
         raise OutputExistsError(f"output {target} already exists; pass --overwrite to replace it")
     check_apart(target, inputs)
     check_replaceable(target)
+    check_writable(target.resolve(), "output")
 
 
 def check_output_path(target: Path) -> None:
@@ -35,6 +39,10 @@ def check_output_path(target: Path) -> None:
         raise OutputPathError(f"output {target} is an existing file, not a folder; pick a folder path for the output")
     if not existing.is_dir():
         raise OutputPathError(f"output {target} lies under {existing}, which is a file; pick another output path")
+    for folder in (resolved, *resolved.parents):
+        if folder.name.startswith(_HF_CACHE_ENTRIES) and (folder / "snapshots").is_dir():
+            raise OutputPathError(f"output {target} is or lies inside the Hugging Face cache entry {folder}, which "
+                                  "the Hub client owns (its snapshots link into it); pick an output path outside it")
 
 
 def check_apart(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
@@ -54,6 +62,29 @@ def check_apart(target: Path, inputs: Iterable[tuple[str, Path]]) -> None:
                 f"{what} folder {source} lies inside the output {target}, which --overwrite would delete; "
                 "pick another output path"
             )
+        for linked in _link_targets(source):
+            if out in linked.parents:
+                raise OutputPathError(
+                    f"{what} folder {source} links to {linked}, which lies inside the output {target} "
+                    "(replacing the output would delete it); pick another output path"
+                )
+
+
+def _link_targets(folder: Path) -> list[Path]:
+    """Where the symbolic links at the top of an input folder point (a Hugging Face snapshot's files live in
+    the cache's blobs/): an output holding one of those would delete the input's data with it."""
+    try:
+        with os.scandir(folder) as entries:
+            links = [Path(entry.path) for entry in entries if entry.is_symlink()]
+    except OSError:  # not a folder (yet): the input's own checks say so
+        return []
+    targets = []
+    for link in links:
+        try:
+            targets.append(link.resolve())
+        except (OSError, RuntimeError):  # a link loop: the input's own checks say so
+            continue
+    return targets
 
 
 def check_free_space(target: Path, needed: int) -> None:

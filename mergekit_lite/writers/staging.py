@@ -3,13 +3,15 @@
 A run builds its output in `.{name}.tmp-XXXX` (and, where the system cannot swap folders in one step, moves the
 previous output aside to `.{name}.old-XXXX`). It holds an exclusive `flock` on each such folder while it lives;
 the kernel drops the lock when the process dies, however it dies. So a folder of ours whose lock can be taken
-belongs to a dead run and can go.
+belongs to a dead run and can go; and only folders named exactly as a run names them (a random tail of its
+own shape), so a user's `.out.tmp-notes` is never taken for ours.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -22,6 +24,23 @@ except ImportError:  # pragma: no cover - Windows: no flock, so stale folders ar
     fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
+
+
+#: the random tails of our temporary names: `secrets.token_hex(8)` for a staging folder, `tempfile.mkdtemp`'s eight
+#: characters for a previous output moved aside or a write probe. Only folders named exactly so are ever removed or
+#: restored: a user's own `.out.tmp-notes` beside the output is not ours.
+_STAGING_TAIL = re.compile(r"[0-9a-f]{16}|probe-[a-z0-9_]{8}")
+_RETIRED_TAIL = re.compile(r"[a-z0-9_]{8}")
+
+
+def is_ours(entry: Path, target: Path) -> bool:
+    """Whether `entry` is named like a temporary folder a run of ours made for `target`."""
+    name = entry.name
+    if name.startswith(staging_prefix(target)):
+        return bool(_STAGING_TAIL.fullmatch(name[len(staging_prefix(target)):]))
+    if name.startswith(retired_prefix(target)):
+        return bool(_RETIRED_TAIL.fullmatch(name[len(retired_prefix(target)):]))
+    return False
 
 
 def staging_prefix(target: Path) -> str:
@@ -96,10 +115,9 @@ def remove_stale(target: Path) -> list[Path]:
     parent = target.parent
     if fcntl is None or not parent.is_dir():
         return []
-    prefixes = (staging_prefix(target), retired_prefix(target))
     cleaned = []
     for entry in sorted(parent.iterdir()):
-        if not entry.name.startswith(prefixes) or entry.is_symlink() or not entry.is_dir():
+        if not is_ours(entry, target) or entry.is_symlink() or not entry.is_dir():
             continue
         try:
             fd = lock_folder(entry, blocking=False)
