@@ -237,6 +237,8 @@ def test_a_broken_task_yaml_is_one_line(where: str, tmp_path: Path) -> None:
     folder = tmp_path / "tasks"
     folder.mkdir()
     (folder / "broken.yaml").write_text("task: broken\ndataset_path: [unclosed\n")
+    (folder / "fine.yaml").write_text("task: fine\ndataset_path: json\n")  # lm-eval alone would run this, silently
+    (folder / "choices.yaml").write_text("- a\n- b\n")  # YAML that is no task: skipped, as lm-eval does
     target = folder / "broken.yaml" if where == "file" else folder
     suite_base = REPO / "mergekit_lite" / "evaluation" / "suite" / "base"
     result = invoke("eval", str(suite_base), "--tasks", str(target), "--out", str(tmp_path / "r"))
@@ -244,6 +246,11 @@ def test_a_broken_task_yaml_is_one_line(where: str, tmp_path: Path) -> None:
     line = one_error_line(result)
     assert f"{folder / 'broken.yaml'} is not a readable lm-eval task YAML" in line and "line 3" in line, line
     assert not (tmp_path / "r").exists()
+    if where == "folder":  # fixed, the folder's one task loads and the YAML that is no task is skipped
+        from mergekit_lite.evaluation.tasks import tasks_defined_in
+
+        (folder / "broken.yaml").unlink()
+        assert tasks_defined_in(folder) == ["fine"]
 
 
 def test_yaml_dump_of_nan_is_what_the_cases_write() -> None:

@@ -94,20 +94,21 @@ def tasks_defined_in(path: Path) -> list[str]:
         if entry is None or not entry.name:
             raise EvalError(f"--tasks: {path} is not an lm-eval task YAML (no 'task' or 'group' key)")
         return [str(entry.name)]
+    for candidate in TaskIndex._iter_yaml_files(path):  # lm-eval's index skips a file it cannot parse: a typo
+        _task_entry(TaskIndex, candidate, syntax_only=True)  # would silently drop its task, so name the file
     index = TaskIndex.build([path])
     groups = [name for name, e in index.items() if e.kind == Kind.GROUP]
     members = {_member_name(m) for g in groups for m in _as_list((index[g].cfg or {}).get("task"))}
     tasks = [name for name, e in index.items() if e.kind in (Kind.TASK, Kind.PY_TASK) and name not in members]
     found = sorted(groups) + sorted(tasks)
     if not found:
-        for candidate in sorted([*path.rglob("*.yaml"), *path.rglob("*.yml")]):
-            _task_entry(TaskIndex, candidate)  # lm-eval's index skips a broken file: name it rather than "none"
         raise EvalError(f"--tasks: {path} defines no lm-eval task (no YAML with a 'task' or 'group' key)")
     return found
 
 
-def _task_entry(task_index: Any, path: Path) -> Any:
-    """lm-eval's index entry for one task YAML, or one EvalError line naming the file and the problem."""
+def _task_entry(task_index: Any, path: Path, syntax_only: bool = False) -> Any:
+    """lm-eval's index entry for one task YAML, or one EvalError line naming the file and the problem
+    (with `syntax_only`, only for invalid YAML: a folder may also hold YAML that is no task, which lm-eval skips)."""
     import yaml
 
     from ..config import yaml_problem
@@ -115,6 +116,8 @@ def _task_entry(task_index: Any, path: Path) -> Any:
     try:
         return task_index.entry_from_path(path)
     except Exception as error:  # lm-eval's YAML loader: any parse problem
+        if syntax_only and not isinstance(error, yaml.YAMLError):
+            return None
         problem = yaml_problem(error) if isinstance(error, yaml.YAMLError) else " ".join(str(error).split())
         raise EvalError(f"--tasks: {path} is not a readable lm-eval task YAML ({problem})") from None
 
