@@ -39,11 +39,13 @@ def _statistics(base_rows: torch.Tensor, updates: Sequence[torch.Tensor | None],
     count = len(updates)
     rows = base_rows.shape[0] if base_rows.dim() else 1
     flat = [None if u is None else _rows(base_rows, u) for u in updates]
-    columns = [torch.full((rows,), 0.0 if u is None else 1.0, dtype=torch.float64) for u in flat]
+    device = base_rows.device
+    columns = [torch.full((rows,), 0.0 if u is None else 1.0, dtype=torch.float64, device=device) for u in flat]
     for i in range(count):
         for j in range(i, count):
             a, b = flat[i], flat[j]
-            columns.append(torch.zeros(rows, dtype=torch.float64) if a is None or b is None else (a * b).sum(dim=1))
+            columns.append(torch.zeros(rows, dtype=torch.float64, device=device) if a is None or b is None
+                           else (a * b).sum(dim=1))
     return torch.stack(columns, dim=1)
 
 
