@@ -54,7 +54,7 @@ def test_json_schema_is_stable_and_documented(small: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data == json.loads((out / "inspect.json").read_text())
-    assert (data["schema"], data["schema_version"]) == ("mergekit_lite/inspect", 1)
+    assert (data["schema"], data["schema_version"]) == ("mergekit_lite/inspect", 2)
     assert tuple(data) == report.SCHEMA_KEYS
     assert tuple(data["settings"]) == report.SETTINGS_KEYS
     assert tuple(data["adapters"][0]) == report.ADAPTER_KEYS

@@ -27,15 +27,22 @@ from .startup import heavy_imports
               help="Memory budget for one chunk's working set, in bytes or like '512MiB', '2GB'.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--calibration-size", type=click.IntRange(min=1),
+              help="With `calibration:` on the adapters: prompts per adapter for the interference matrix "
+                   "(default: each entry's calibration_size, else 64).")
 @click.option("--allow-pickle", is_flag=True,
               help="Read pickled .bin inputs you trust (loaded with torch.load(weights_only=True)); refused otherwise.")
 @friendly_errors
 def inspect_command(config_path: str, out: str, output_format: str, no_plots: bool, density: float | None,
-                    sample: int | None, max_memory: str, device: str, no_progress: bool, allow_pickle: bool) -> None:
+                    sample: int | None, max_memory: str, device: str, no_progress: bool, calibration_size: int | None,
+                    allow_pickle: bool) -> None:
     """Compare the adapters CONFIG lists, before merging: norms, cosines, subspace overlaps, sign conflicts.
 
     A method in CONFIG is not needed (its density, when it has one, is the default for the conflict rate).
     Prints a short report with a heuristic verdict and writes report.md, inspect.json and figures to --out.
+    With `calibration:` prompts on the adapters it also measures what adding each adapter costs the others (an
+    interference matrix from their own greedy continuations) and writes suggested starting weights
+    (suggested_merge.yaml).
     """
     with heavy_imports():
         from ..inspection.inputs import load_inspect_config
@@ -44,7 +51,7 @@ def inspect_command(config_path: str, out: str, output_format: str, no_plots: bo
     loaded = load_inspect_config(config_path)
     result = inspect(loaded.config, loaded.method_given, out, density=density, sample=sample, max_memory=max_memory,
                      device=device, plots=not no_plots, progress=not no_progress and output_format == "text",
-                     allow_pickle=allow_pickle)
+                     allow_pickle=allow_pickle, calibration=loaded.calibration, calibration_size=calibration_size)
     if output_format == "json":
         click.echo(json.dumps(result.data, indent=1, ensure_ascii=False))
         return

@@ -3,7 +3,8 @@
 - heatmaps.png: adapters × adapters cosine, column-space overlap and row-space overlap;
 - layers.png: per layer, ‖τᵢ‖/‖W‖ of each adapter and the sign-conflict rate;
 - spectra.png: singular values of the summed delta Σ wᵢτᵢ for a few tensors (largest in the first, middle
-  and last layer).
+  and last layer);
+- interference.png (with calibration data): what adding each adapter costs each other, as a share of its gain.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-HEATMAPS, LAYERS, SPECTRA = "heatmaps.png", "layers.png", "spectra.png"
+HEATMAPS, LAYERS, SPECTRA, INTERFERENCE = "heatmaps.png", "layers.png", "spectra.png", "interference.png"
 #: at most this many tensors in spectra.png
 SPECTRA_TENSORS = 4
 
@@ -33,6 +34,12 @@ def write_figures(data: dict[str, Any], folder: Path) -> list[str]:
     if chosen:
         _spectra(chosen, folder / SPECTRA)
         written.append(SPECTRA)
+    block = data.get("interference")
+    if block is not None and len(block["adapters"]) >= 2:
+        from .interference import draw_matrix
+
+        draw_matrix(block, folder / INTERFERENCE)
+        written.append(INTERFERENCE)
     return written
 
 

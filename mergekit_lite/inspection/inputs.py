@@ -17,6 +17,7 @@ from ..compat.mergekit import from_mergekit, is_mergekit_config
 from ..config import MergeConfig, read_config_data
 from ..errors import MergeConfigError
 from ..hub.resolve import hub_reference
+from .interference import split_calibration
 
 #: what a config without `method:` is read as (it takes no parameter, so no adapter key can clash with it)
 DEFAULT_METHOD = "task_arithmetic"
@@ -29,6 +30,8 @@ class InspectConfig:
 
     config: MergeConfig
     method_given: bool
+    #: each adapter's calibration keys when the method takes none (inspect reads them itself); None: not given
+    calibration: list[dict[str, Any]] | None = None
 
 
 def load_inspect_config(path: str | Path) -> InspectConfig:
@@ -49,12 +52,24 @@ def inspect_config_from_dict(data: Any, base_dir: str | Path | None = None) -> I
         raise MergeConfigError("the config must be a mapping of keys (base_model, adapters, and optionally method)")
     filled = dict(data)
     method_given = "method" in filled
+    calibration = None
+    if not _takes_calibration(filled.get("method", DEFAULT_METHOD)):  # the adapters' data, not the method's
+        filled, calibration = split_calibration(filled)
     if not method_given:
         if filled.get("parameters"):
             raise MergeConfigError("parameters: given without a method; add `method:` or drop them")
         filled["method"] = DEFAULT_METHOD
     filled.setdefault("output", {"path": PLACEHOLDER_OUTPUT})
-    return InspectConfig(MergeConfig.from_dict(filled, base_dir), method_given)
+    return InspectConfig(MergeConfig.from_dict(filled, base_dir), method_given, calibration)
+
+
+def _takes_calibration(method: Any) -> bool:
+    """True when the config's method reads `calibration:` itself (a data-aware method); an unknown method is left
+    to MergeConfig's own message."""
+    from ..methods.registry import REGISTRY
+
+    row = REGISTRY.get(method) if isinstance(method, str) else None
+    return row is None or any(p.name == "calibration" for p in row.params)
 
 
 def open_inputs(config: MergeConfig, allow_pickle: bool = False) -> PreparedMerge:

@@ -15,12 +15,12 @@ from typing import Any
 from ..version import tool_version
 from .analyse import Inspection, TensorResult
 from .geometry import cosine_of
-from .verdict import Finding, density_text, verdict
+from .verdict import Finding, density_text, interference_lines, verdict
 
 SCHEMA = "mergekit_lite/inspect"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_KEYS = ("schema", "schema_version", "tool_version", "base_model", "base_folder", "method", "settings",
-               "adapters", "pairs", "conflicts", "layers", "tensors", "verdict", "figures", "timings")
+               "adapters", "pairs", "conflicts", "layers", "tensors", "verdict", "interference", "figures", "timings")
 SETTINGS_KEYS = ("weights", "densities", "sample", "sampled")
 ADAPTER_KEYS = ("name", "path", "weight", "density", "modules", "tensors", "ranks", "alphas", "scales", "use_rslora",
                 "norm", "relative_norm", "effective_rank_mean", "layers")
@@ -34,6 +34,12 @@ TENSOR_KEYS = ("name", "shape", "layer", "kind", "adapters", "base_norm", "norms
 TENSOR_CONFLICT_KEYS = ("adapters", "rate", "overlapping", "conflicting", "kept", "dropped", "entries")
 VERDICT_KEYS = ("finding", "text", "figures")
 TIMING_KEYS = ("total_s", "geometry_s", "base_norms_s", "conflicts_s")
+#: `interference` (null without calibration data): interference.report_json
+INTERFERENCE_KEYS = ("adapters", "calibration", "settings", "base_ll", "own_ll", "gain", "alone_ll", "pair_ll", "cost",
+                     "cost_share", "offender", "suggested", "verdict", "timings")
+INTERFERENCE_CALIBRATION_KEYS = ("adapter", "source", "prompts", "tokens")
+INTERFERENCE_SETTINGS_KEYS = ("device", "dtype", "batch_size", "max_new_tokens")
+SUGGESTED_KEYS = ("weights", "grid", "max_pair_loss", "mean_pair_loss", "pair_loss", "merged_kept", "config")
 
 
 def _num(value: float | None) -> float | None:
@@ -43,7 +49,8 @@ def _num(value: float | None) -> float | None:
     return float(value)
 
 
-def build_json(result: Inspection, findings: list[Finding], figures: list[str]) -> dict[str, Any]:
+def build_json(result: Inspection, findings: list[Finding], figures: list[str],
+               interference: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole report as plain JSON data, keys in the documented order."""
     n = len(result.labels)
     counts = result.conflicts()
@@ -73,6 +80,7 @@ def build_json(result: Inspection, findings: list[Finding], figures: list[str]) 
         "verdict": [{"finding": f.key, "text": f.text,
                      "figures": {k: (_num(v) if isinstance(v, float) else v) for k, v in f.figures.items()}}
                     for f in findings],
+        "interference": interference,
         "figures": figures,
         "timings": {key: round(result.timings.get(key, 0.0), 4) for key in TIMING_KEYS},
     }
@@ -189,6 +197,7 @@ def text_report(data: dict[str, Any]) -> str:
                      f"drop {_pct(c['dropped_share'])} of the {c['kept']:,} kept entries")
     lines.append("verdict (heuristics):")
     lines += [f"  - {v['text']}" for v in data["verdict"]]
+    lines += interference_text(data)
     return "\n".join(lines)
 
 
@@ -228,6 +237,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         name = "other" if layer["layer"] is None else str(layer["layer"])
         values = " | ".join(_f(layer["relative_norm"][a["name"]]) for a in data["adapters"])
         lines.append(f"| {name} | {values} | {_pct(layer['conflict_rate'])} |")
+    lines += interference_markdown(data)
     if data["figures"]:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in data["figures"]]
     t = data["timings"]
@@ -236,6 +246,86 @@ def markdown_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def report_data(result: Inspection, figures: list[str]) -> dict[str, Any]:
-    """The JSON data with its verdict."""
-    return build_json(result, verdict(result), figures)
+def report_data(result: Inspection, figures: list[str], interference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON data with its verdict (and the measured interference, when calibration data was given)."""
+    return build_json(result, verdict(result), figures, interference)
+
+
+# -- the measured interference (calibration prompts) --------------------------------------------------------
+
+
+def _share_cell(share: float | None, cost: float | None) -> str:
+    return "–" if cost is None else (f"{share:.0%} ({cost:+.3f})" if share is not None else f"({cost:+.3f})")
+
+
+def interference_text(data: dict[str, Any]) -> list[str]:
+    """The interference section of the short report (a one-line hint without calibration data)."""
+    block = data.get("interference")
+    if block is None:
+        return [f"  - {line}" for line in interference_lines(None, len(data["adapters"]))]
+    names = block["adapters"]
+    width = max([len(n) for n in names] + [7])
+    lines = ["interference (measured: each adapter's own greedy continuations of its calibration prompts, "
+             "log-likelihood in nats/token):",
+             f"  {'adapter':{width}s}  prompts  tokens  base LL  own LL   gain"]
+    for i, name in enumerate(names):
+        c = block["calibration"][i]
+        lines.append(f"  {name:{width}s}  {c['prompts']:7d}  {c['tokens']:6d}  {_f(block['base_ll'][i]):>7s}  "
+                     f"{_f(block['own_ll'][i]):>6s}  {_f(block['gain'][i]):>5s}")
+    if len(names) >= 2:
+        cell = max(14, width)
+        lines.append("  what adding the column's adapter costs the row's, as a share of the row's gain (nats/token):")
+        lines.append(f"  {'':{width}s}  " + "  ".join(f"{n:>{cell}s}" for n in names))
+        for i, name in enumerate(names):
+            cells = ["·" if i == j else _share_cell(block["cost_share"][i][j], block["cost"][i][j])
+                     for j in range(len(names))]
+            lines.append(f"  {name:{width}s}  " + "  ".join(f"{c:>{cell}s}" for c in cells))
+    lines.append("verdict (measured):")
+    lines += [f"  - {text}" for text in interference_lines(block, len(names))]
+    return lines
+
+
+def interference_markdown(data: dict[str, Any]) -> list[str]:
+    """report.md's interference section (a one-line hint without calibration data)."""
+    block = data.get("interference")
+    if block is None:
+        return ["", *[f"- {line}" for line in interference_lines(None, len(data["adapters"]))]]
+    names = block["adapters"]
+    s = block["settings"]
+    lines = ["", "## Interference (measured on calibration prompts)", "",
+             f"Each adapter continues its own calibration prompts greedily (up to {s['max_new_tokens']} tokens); "
+             "those continuations are scored (log-likelihood per token, nats, teacher-forced as `merge eval` scores "
+             "an answer) under the base, the adapter alone, each other adapter alone, and every pairwise merge "
+             f"base + τᵢ + τⱼ, on the base loaded once with the adapters as branches ({s['device']}, {s['dtype']}). "
+             "Definitions: docs/INSPECT.md.", "",
+             "| adapter | calibration | prompts | tokens | LL base | LL alone | gain |", "|---|---|---|---|---|---|---|"]
+    for i, name in enumerate(names):
+        c = block["calibration"][i]
+        lines.append(f"| {name} | {c['source']} | {c['prompts']} | {c['tokens']} | {_f(block['base_ll'][i])} | "
+                     f"{_f(block['own_ll'][i])} | {_f(block['gain'][i])} |")
+    if len(names) >= 2:
+        lines += ["", "What adding the column's adapter costs the row's: share of the row's gain (nats per token).", "",
+                  "| costs → | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, name in enumerate(names):
+            cells = ["·" if i == j else _share_cell(block["cost_share"][i][j], block["cost"][i][j])
+                     for j in range(len(names))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Log-likelihood of the row's continuations under base + the column's adapter alone "
+                  "(the diagonal: the row's own):", "", "| on ↓ / model → | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for i, name in enumerate(names):
+            lines.append(f"| {name} | " + " | ".join(_f(v) for v in block["alone_ll"][i]) + " |")
+        suggested = block.get("suggested")
+        if suggested:
+            kept = suggested["merged_kept"]
+            lines += ["", f"Suggested starting weights (grid {', '.join(f'{g:g}' for g in suggested['grid'])} per "
+                      f"adapter, chosen to minimize the largest pairwise loss; `{suggested['config']}`):", "",
+                      "| adapter | weight | kept by the merge at weights 1 | kept at these weights |",
+                      "|---|---|---|---|"]
+            for i, name in enumerate(names):
+                lines.append(f"| {name} | {suggested['weights'][name]:g} | {_pct((kept.get('ones') or [None] * len(names))[i])}"
+                             f" | {_pct((kept.get('suggested') or [None] * len(names))[i])} |")
+    lines += ["", "### Verdict (measured)", ""] + [f"- {text}" for text in interference_lines(block, len(names))]
+    t = block["timings"]
+    lines += ["", "Took " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in t.items()) + "."]
+    return lines

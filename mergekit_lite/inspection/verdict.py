@@ -130,3 +130,13 @@ def _alignment(result: Inspection, large: bool) -> list[Finding]:
             f"'{result.labels[j]}'): a sum cancels them; ties / dare_ties elect one sign per entry"),
             {"min_cosine": value}))
     return findings
+
+
+def interference_lines(block: dict | None, adapters: int) -> list[str]:
+    """The measured verdict's sentences (inspect.json's `interference.verdict`); without calibration data, one line
+    saying what it would add (nothing for a single adapter)."""
+    if block is None:
+        from .interference import no_calibration_line
+
+        return [no_calibration_line()] if adapters >= 2 else []
+    return [finding["text"] for finding in block["verdict"]]
