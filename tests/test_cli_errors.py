@@ -157,6 +157,8 @@ CONFIG_CASES: dict[str, tuple[Callable[[Path, Path], dict[str, Any]], str]] = {
     "output path empty": (lambda d, t: {"output": {"path": ""}}, "output.path: must name a folder, got an empty"),
     "base_model blank": (lambda d, t: {"base_model": " "}, "base_model: must name a folder"),
     "adapter path empty": (lambda d, t: adapters(d, {"path": ""}), "adapters[0].path: must name a folder"),
+    "adapter path of an unknown ~user": (lambda d, t: adapters(d, {"path": "~no_such_user_here/style"}),
+                                         "its '~' names no home folder here"),
     # a symlink loop as a path
     "base is a symlink loop": (lambda d, t: {"base_model": str(t.parent / "loop")}, "cannot be resolved (a symlink loop)"),
     "adapter is a symlink loop": (lambda d, t: adapters(d, {"path": str(t.parent / "loop")}),
