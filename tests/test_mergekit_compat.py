@@ -203,10 +203,13 @@ def test_two_slices_with_their_own_t_equal_the_per_layer_filter_form(corpus: Pat
     ([{"sources": [{"model": "base", "layer_range": "0-2"}]}], r"'slices\[0\].sources\[0\].layer_range': expected"),
     ([{"sources": [{"model": "base", "layer_range": [0, 2]}], "residual_weight": 0.5}],
      r"'slices\[0\].residual_weight' is not supported"),
+    ([{"sources": [{"model": "org/not-here", "layer_range": [0, 2]}, {"model": "ft_a", "layer_range": [0, 2]}]}],
+     r"'slices': cannot read the layer count of the base 'org/not-here'"),
 ])
 def test_slices_that_are_not_one_plain_merge_are_refused_naming_the_slice(
         corpus: Path, slices: list, message: str) -> None:
-    data = {"slices": slices, "merge_method": "slerp", "base_model": "base", "parameters": {"t": 0.5}}
+    base = slices[0]["sources"][0]["model"]
+    data = {"slices": slices, "merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}}
     with pytest.raises(MergeConfigError, match=message):
         convert(data, base_dir=corpus)
 

@@ -134,3 +134,15 @@ def test_out_is_taken_from_the_working_folder_as_for_one_merge(corpus: Path, tmp
     assert result.exit_code == 0, result.output
     assert (elsewhere / "final" / "model.safetensors").is_file() and not (corpus / "final").exists()
     assert (corpus / "gradient-slerp" / "model.safetensors").is_file()  # named documents: beside the file
+
+
+def test_out_path_names_a_documents_folder(corpus: Path) -> None:
+    """A document may give its folder as out_path (relative to the file); later ones read it by name or path."""
+    first, second = yaml.safe_load_all(MEGA.read_text())
+    first["out_path"] = "stage/one"
+    (corpus / "mega.yml").write_text(yaml.safe_dump_all([first, second]))
+    result = _run("run", str(corpus / "mega.yml"), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (corpus / "stage" / "one" / "model.safetensors").is_file() and not (corpus / "gradient-slerp").exists()
+    printed = list(yaml.safe_load_all(_run("convert", str(corpus / "mega.yml")).stdout))
+    assert printed[1]["models"][0]["path"] == "stage/one"
