@@ -146,3 +146,20 @@ def test_out_path_names_a_documents_folder(corpus: Path) -> None:
     assert (corpus / "stage" / "one" / "model.safetensors").is_file() and not (corpus / "gradient-slerp").exists()
     printed = list(yaml.safe_load_all(_run("convert", str(corpus / "mega.yml")).stdout))
     assert printed[1]["models"][0]["path"] == "stage/one"
+
+
+def test_convert_reads_slices_over_an_earlier_output_through_its_base(corpus: Path) -> None:
+    """A later document's slices over an earlier output not written yet: the layers are its base's."""
+    first, _ = yaml.safe_load_all(MEGA.read_text())
+    third = {"name": "again", "merge_method": "slerp", "base_model": "gradient-slerp", "parameters": {"t": 0.5},
+             "dtype": "float32", "slices": [{"sources": [{"model": "gradient-slerp", "layer_range": [0, 2]},
+                                                          {"model": "ft_c", "layer_range": [0, 2]}]}]}
+    (corpus / "mega.yml").write_text(yaml.safe_dump_all([first, third]))
+    printed = _run("convert", str(corpus / "mega.yml"))
+    assert printed.exit_code == 0, printed.output
+    assert list(yaml.safe_load_all(printed.stdout))[1]["base_model"] == "gradient-slerp"
+    assert not (corpus / "gradient-slerp").exists()
+    dry = _run("run", str(corpus / "mega.yml"), "--dry-run")
+    assert dry.exit_code == 0 and "reads gradient-slerp" in dry.output and not (corpus / "gradient-slerp").exists()
+    assert _run("run", str(corpus / "mega.yml"), "--no-progress").exit_code == 0
+    assert (corpus / "again" / "model.safetensors").is_file()

@@ -178,13 +178,15 @@ def _renamed(data: dict[str, Any], outputs: Mapping[str, str]) -> dict[str, Any]
     return data
 
 
-def config_data(document: Document, path: Path, outputs: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
-    """Our config mapping for one document (its output set) and the differences from mergekit's result."""
+def config_data(document: Document, path: Path, outputs: Mapping[str, str],
+                stand_ins: Mapping[str, Path] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Our config mapping for one document (its output set) and the differences from mergekit's result;
+    `stand_ins`: for slices over an earlier output not written yet, the folder read in its place (its base)."""
     from .mergekit import convert, is_mergekit_config
 
     data = _renamed(document.data, outputs)
     if is_mergekit_config(data):
-        conversion = convert(data, output=document.output, base_dir=path.resolve().parent)
+        conversion = convert(data, output=document.output, base_dir=path.resolve().parent, stand_ins=stand_ins)
         return conversion.config, conversion.differences
     data["output"] = ({**data["output"], "path": document.output} if isinstance(data.get("output"), Mapping)
                       else {"path": document.output})
@@ -203,13 +205,17 @@ def converted(path: Path, documents: list[Any], out: str | None) -> list[tuple[D
 
     planned = plan(path, documents, out)
     outputs = _outputs(planned)
+    folder = path.resolve().parent
+    stand_ins: dict[str, Path] = {}  # an earlier output not written yet -> its merge's base (same layers, names)
     result = []
     for document in planned:
         try:
-            data, differences = config_data(document, path, outputs)
-            MergeConfig.from_dict(data, path.resolve().parent)
+            data, differences = config_data(document, path, outputs, stand_ins)
+            config = MergeConfig.from_dict(data, folder)
         except MergeConfigError as error:
             raise MergeConfigError(f"{path}: {document.label}: {error}") from None
+        base = str(data["base_model"])
+        stand_ins[document.output] = stand_ins.get(base, config.resolve_path(base))
         result.append((document, data, differences))
     return result
 
@@ -241,10 +247,14 @@ def run_if_mega(config_path: str, out: str | None, dry_run: bool, echo: Callable
                 failed.args = (f"{path}: {document.label}: {error}",)
                 raise failed from None
     finished: list[str] = []
+    stand_ins: dict[str, Path] = {}  # --dry-run: an earlier output not written -> its merge's base (same layers)
     for document in planned:
         try:
-            data, differences = config_data(document, path, outputs)
+            data, differences = config_data(document, path, outputs, stand_ins)
             config = MergeConfig.from_dict(data, path.resolve().parent)
+            if dry_run:
+                base = str(data["base_model"])
+                stand_ins[document.output] = stand_ins.get(base, config.resolve_path(base))
             if dry_run:
                 echo(f"{document.label} of {len(planned)}:")
                 if document.needs and any(not config.resolve_path(outputs[n]).exists() for n in document.needs):

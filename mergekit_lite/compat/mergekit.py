@@ -90,12 +90,13 @@ def _model_path(reference: Any, where: str) -> tuple[str, str | None]:
     return model, lora or None
 
 
-def convert(data: Mapping[str, Any], output: str = "merged", base_dir: Path | None = None) -> Conversion:
+def convert(data: Mapping[str, Any], output: str = "merged", base_dir: Path | None = None,
+            stand_ins: Mapping[str, Path] | None = None) -> Conversion:
     """Translate a mergekit config mapping into ours (output folder `output`); refuse what we cannot run.
 
     `base_dir` is the config file's folder: `slices:` are checked against the base's layer count found there."""
     if "slices" in data:
-        data = slices.as_models(data, base_dir)
+        data = slices.as_models(data, base_dir, stand_ins)
     for key in data:
         if key in UNSUPPORTED_KEYS:
             raise MergeConfigError(f"mergekit key '{key}': {UNSUPPORTED_KEYS[key]} is not supported by mergekit_lite")

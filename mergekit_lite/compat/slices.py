@@ -84,8 +84,13 @@ def model_key(reference: Any) -> str:
     return str(reference)
 
 
-def as_models(data: Mapping[str, Any], base_dir: Path | None) -> dict[str, Any]:
-    """`data` with its `slices:` rewritten as `models:` and per-layer parameters; refuse layer stacking."""
+def as_models(data: Mapping[str, Any], base_dir: Path | None,
+              stand_ins: Mapping[str, Path] | None = None) -> dict[str, Any]:
+    """`data` with its `slices:` rewritten as `models:` and per-layer parameters; refuse layer stacking.
+
+    `stand_ins` maps a model not written yet (an earlier output of a mega file) to a folder of the same layers and
+    tensor names (that merge's base), read in its place."""
+    stand_ins = stand_ins or {}
     slices = data["slices"]
     if str(data.get("merge_method")) == "passthrough":
         raise stacking("slices", "merge_method passthrough copies layers from the sources as they are")
@@ -95,9 +100,9 @@ def as_models(data: Mapping[str, Any], base_dir: Path | None) -> dict[str, Any]:
         raise MergeConfigError("mergekit keys 'models' and 'slices': give one of them (mergekit takes exactly one)")
     spans, sources, params = _read_slices(slices, data.get("base_model"))
     base = data.get("base_model") if data.get("base_model") is not None else sources[0][0]["model"]
-    _check_tiling(spans, base, base_dir)
+    _check_tiling(spans, base, base_dir, stand_ins)
     lengths = [stop - start for start, stop in spans]
-    names = _LaterTensors(base, base_dir)
+    names = _LaterTensors(base, base_dir, stand_ins)
     global_params = mapping(data.get("parameters"), "parameters")
     merged_global: dict[str, Any] = {}
     for key in _keys([global_params, *params]):
@@ -195,7 +200,8 @@ def _layer_range(value: Any, where: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def _check_tiling(spans: list[tuple[int, int]], base: Any, base_dir: Path | None) -> None:
+def _check_tiling(spans: list[tuple[int, int]], base: Any, base_dir: Path | None,
+                  stand_ins: Mapping[str, Path]) -> None:
     expected = 0
     for index, (start, stop) in enumerate(spans):
         if start < expected:
@@ -204,7 +210,7 @@ def _check_tiling(spans: list[tuple[int, int]], base: Any, base_dir: Path | None
         if start > expected:
             raise stacking(f"slices[{index}]", f"layers {expected}..{start - 1} before it are in no slice")
         expected = stop
-    count = layer_count(base, base_dir)
+    count = layer_count(base, base_dir, stand_ins)
     if count is None:
         raise MergeConfigError(f"mergekit key 'slices': cannot read the layer count of the base '{model_key(base)}' "
                                "(no config.json with num_hidden_layers in a local folder) to check that the slices "
@@ -214,15 +220,18 @@ def _check_tiling(spans: list[tuple[int, int]], base: Any, base_dir: Path | None
                        f"'{model_key(base)}' has {count} layers")
 
 
-def _folder(reference: Any, base_dir: Path | None) -> Path:
-    path = Path(model_key(reference).partition("+")[0]).expanduser()
+def _folder(reference: Any, base_dir: Path | None, stand_ins: Mapping[str, Path] | None = None) -> Path:
+    name = model_key(reference).partition("+")[0]
+    if stand_ins and name in stand_ins:
+        return stand_ins[name]
+    path = Path(name).expanduser()
     return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
-def layer_count(reference: Any, base_dir: Path | None) -> int | None:
+def layer_count(reference: Any, base_dir: Path | None, stand_ins: Mapping[str, Path] | None = None) -> int | None:
     """The layer count in a local model folder's config.json (None when there is none to read)."""
     try:
-        config = json.loads((_folder(reference, base_dir) / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((_folder(reference, base_dir, stand_ins) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if isinstance(config, Mapping) and isinstance(config.get("text_config"), Mapping) and not any(
@@ -238,8 +247,8 @@ def layer_count(reference: Any, base_dir: Path | None) -> int | None:
 class _LaterTensors:
     """The base's tensors after its layers (final norm, lm_head), read from its safetensors header when needed."""
 
-    def __init__(self, base: Any, base_dir: Path | None) -> None:
-        self.folder = _folder(base, base_dir)
+    def __init__(self, base: Any, base_dir: Path | None, stand_ins: Mapping[str, Path]) -> None:
+        self.folder = _folder(base, base_dir, stand_ins)
         self._names: list[str] | None = None
 
     def names(self, where: str) -> list[str]:
