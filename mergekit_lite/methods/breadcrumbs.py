@@ -11,11 +11,51 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from ..errors import MergeConfigError
 from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
 from .registry import ElementwisePhase, MergeMethod, Param, register
-from .sparsifiers import BREADCRUMBS
+from .sparsifiers import Cut, Sparsifier, kept_count
 
+
+def dropped_count(gamma: float, density: float, numel: int) -> int:
+    """Breadcrumbs' gᵢ = ⌊gammaᵢ · numel⌋ largest magnitudes dropped (the same forgiving floor as kᵢ), at most
+    numel − kᵢ so that kᵢ entries remain below them."""
+    return min(kept_count(gamma, numel) if gamma > 0 else 0, numel - kept_count(density, numel))
+
+
+class Breadcrumbs(Sparsifier):
+    """Model Breadcrumbs: drop the gᵢ largest magnitudes (outliers) and keep the next kᵢ; the rest is zeroed.
+
+    Two exact top sets: "keep" (the gᵢ + kᵢ largest) and "drop" (the gᵢ largest); kept = keep \\ drop. The cut
+    trims to "keep" first, then zeroes "drop" (in that order: both may tie at one magnitude)."""
+
+    name = "breadcrumbs"
+
+    def ranks(self, own: Mapping[str, Any], numel: int) -> dict[str, int]:
+        drop = dropped_count(own["gamma"], own["density"], numel)
+        keep = drop + kept_count(own["density"], numel)
+        return {**({"keep": keep} if keep < numel else {}), **({"drop": drop} if drop > 0 else {})}
+
+    def cut(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> torch.Tensor | None:
+        keep, drop = cut.tops.get("keep"), cut.tops.get("drop")
+        if keep is None and drop is None:
+            return None
+        out = keep.trim(tau, flat_start) if keep is not None else tau.clone(memory_format=torch.contiguous_format)
+        if drop is not None:
+            drop.drop_kept(out, flat_start)
+        return out
+
+    def cut_in_place(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> float:
+        keep, drop = cut.tops.get("keep"), cut.tops.get("drop")
+        below = -1.0 if keep is None else keep.kernel_cut(tau, flat_start)
+        if drop is not None:
+            drop.drop_kept(tau, flat_start)
+        return below
+
+
+BREADCRUMBS = Breadcrumbs()
 PAPER = "https://arxiv.org/abs/2312.06795"
 GAMMA = Param("gamma", 0.01, float, "fraction of each task vector's largest magnitudes dropped as outliers, in "
               "[0, 1 − density]", per_adapter=True)

@@ -12,11 +12,59 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import MergeConfigError
-from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, RESCALE, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
-from .registry import ElementwisePhase, MergeMethod, Param, register
-from .sparsifiers import MAGPRUNE
+import torch
 
+from ..errors import MergeConfigError
+from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
+from .registry import ElementwisePhase, MergeMethod, Param, register
+from .sparsifiers import Cut, Sparsifier
+
+
+class MagPrune(Sparsifier):
+    """DELLA's MagPrune: within each row, the entry of magnitude rank d (0 = largest; equal magnitudes: lower flat
+    index first) of n is kept with probability qᵢ(d) = densityᵢ + εᵢ − 2εᵢ·d/(n − 1) (densityᵢ for n = 1), when
+    its uniform u < q; kept entries × 1/q (`rescale`). Rows are whole in every chunk, so no selection pass."""
+
+    name = "magprune"
+    whole_rows = True
+    random = True
+
+    def cut(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> torch.Tensor | None:
+        out = tau.clone(memory_format=torch.contiguous_format)
+        self._apply(out, flat_start, cut)
+        return out
+
+    def cut_in_place(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> float:
+        self._apply(tau, flat_start, cut)
+        return -1.0
+
+    @staticmethod
+    def _apply(tau: torch.Tensor, flat_start: int, cut: Cut) -> None:
+        assert cut.stream is not None and tau.is_contiguous()
+        count = tau.numel()
+        if count == 0:
+            return
+        length = cut.row_length
+        rows = tau.view(-1, length)
+        q = keep_probabilities(rows, cut.own["density"], cut.own["epsilon"])
+        u = cut.stream.uniforms(flat_start, count).view(rows.shape).to(torch.float64)
+        kept = rows.to(torch.float64) / q if cut.own["rescale"] else rows.to(torch.float64)
+        rows.copy_(torch.where(u.to(rows.device) < q, kept, torch.zeros_like(kept)))
+
+
+def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """qᵢ per entry (float64, rows' shape): linear in the magnitude rank within the row, from density + ε (the
+    largest) down to density − ε (the smallest); a stable sort gives equal magnitudes lower flat index first."""
+    length = rows.shape[1]
+    if length == 1 or epsilon == 0.0:
+        return torch.full(rows.shape, float(density), dtype=torch.float64, device=rows.device)
+    order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(length, device=rows.device).expand_as(order).contiguous())
+    return (density + epsilon) - (2.0 * epsilon / (length - 1)) * rank.to(torch.float64)
+
+
+MAGPRUNE = MagPrune()
 PAPER = "https://arxiv.org/abs/2406.11617"
 EPSILON = Param("epsilon", 0.15, float, "half-width of the keep probabilities around density: the largest entry of "
                 "a row is kept with density + epsilon, the smallest with density − epsilon (mergekit's default 0.15)",

@@ -4,7 +4,8 @@ A sparsifier says what it needs before any chunk can be cut (`ranks`: exact top-
 engine's selection passes; none for the random ones), how it cuts one chunk (`cut`: torch, a new tensor; or
 `cut_in_place`: τ changed in place plus the magnitude cut the fused C kernel applies, |τ| > cut), and what the
 kept entries are multiplied by (`scale`). The engine asks these questions and never compares names; a new
-sparsifier is one class here (SEMANTICS §3, §5).
+sparsifier is one class, in its method's file (breadcrumbs.py, della.py), or here when several methods share it
+(TIES' trim, DARE's keep-mask) (SEMANTICS §3, §5).
 
 The same strategy runs on dense matrices (core space, KnOTS' representations) with `DenseTop` for the top-k
 sets; the engine passes its streaming `Trimmer`s, which keep the same sets chunk by chunk.
@@ -130,87 +131,7 @@ class Dare(Sparsifier):
         return cut.stream.apply_keep(tau, cut.own["density"], flat_start, cut.fused_keep)
 
 
-def dropped_count(gamma: float, density: float, numel: int) -> int:
-    """Breadcrumbs' gᵢ = ⌊gammaᵢ · numel⌋ largest magnitudes dropped (the same forgiving floor as kᵢ), at most
-    numel − kᵢ so that kᵢ entries remain below them."""
-    return min(kept_count(gamma, numel) if gamma > 0 else 0, numel - kept_count(density, numel))
-
-
-class Breadcrumbs(Sparsifier):
-    """Model Breadcrumbs: drop the gᵢ largest magnitudes (outliers) and keep the next kᵢ; the rest is zeroed.
-
-    Two exact top sets: "keep" (the gᵢ + kᵢ largest) and "drop" (the gᵢ largest); kept = keep \\ drop. The cut
-    trims to "keep" first, then zeroes "drop" (in that order: both may tie at one magnitude)."""
-
-    name = "breadcrumbs"
-
-    def ranks(self, own: Mapping[str, Any], numel: int) -> dict[str, int]:
-        drop = dropped_count(own["gamma"], own["density"], numel)
-        keep = drop + kept_count(own["density"], numel)
-        return {**({"keep": keep} if keep < numel else {}), **({"drop": drop} if drop > 0 else {})}
-
-    def cut(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> torch.Tensor | None:
-        keep, drop = cut.tops.get("keep"), cut.tops.get("drop")
-        if keep is None and drop is None:
-            return None
-        out = keep.trim(tau, flat_start) if keep is not None else tau.clone(memory_format=torch.contiguous_format)
-        if drop is not None:
-            drop.drop_kept(out, flat_start)
-        return out
-
-    def cut_in_place(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> float:
-        keep, drop = cut.tops.get("keep"), cut.tops.get("drop")
-        below = -1.0 if keep is None else keep.kernel_cut(tau, flat_start)
-        if drop is not None:
-            drop.drop_kept(tau, flat_start)
-        return below
-
-
-class MagPrune(Sparsifier):
-    """DELLA's MagPrune: within each row, the entry of magnitude rank d (0 = largest; equal magnitudes: lower flat
-    index first) of n is kept with probability qᵢ(d) = densityᵢ + εᵢ − 2εᵢ·d/(n − 1) (densityᵢ for n = 1), when
-    its uniform u < q; kept entries × 1/q (`rescale`). Rows are whole in every chunk, so no selection pass."""
-
-    name = "magprune"
-    whole_rows = True
-    random = True
-
-    def cut(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> torch.Tensor | None:
-        out = tau.clone(memory_format=torch.contiguous_format)
-        self._apply(out, flat_start, cut)
-        return out
-
-    def cut_in_place(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> float:
-        self._apply(tau, flat_start, cut)
-        return -1.0
-
-    @staticmethod
-    def _apply(tau: torch.Tensor, flat_start: int, cut: Cut) -> None:
-        assert cut.stream is not None and tau.is_contiguous()
-        count = tau.numel()
-        if count == 0:
-            return
-        length = cut.row_length
-        rows = tau.view(-1, length)
-        q = keep_probabilities(rows, cut.own["density"], cut.own["epsilon"])
-        u = cut.stream.uniforms(flat_start, count).view(rows.shape).to(torch.float64)
-        kept = rows.to(torch.float64) / q if cut.own["rescale"] else rows.to(torch.float64)
-        rows.copy_(torch.where(u.to(rows.device) < q, kept, torch.zeros_like(kept)))
-
-
-def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """qᵢ per entry (float64, rows' shape): linear in the magnitude rank within the row, from density + ε (the
-    largest) down to density − ε (the smallest); a stable sort gives equal magnitudes lower flat index first."""
-    length = rows.shape[1]
-    if length == 1 or epsilon == 0.0:
-        return torch.full(rows.shape, float(density), dtype=torch.float64, device=rows.device)
-    order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(length, device=rows.device).expand_as(order).contiguous())
-    return (density + epsilon) - (2.0 * epsilon / (length - 1)) * rank.to(torch.float64)
-
-
-NONE, MAGNITUDE, DARE, BREADCRUMBS, MAGPRUNE = Sparsifier(), Magnitude(), Dare(), Breadcrumbs(), MagPrune()
+NONE, MAGNITUDE, DARE = Sparsifier(), Magnitude(), Dare()
 
 
 class DenseTop:
