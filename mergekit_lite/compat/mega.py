@@ -61,7 +61,6 @@ def read_documents(path: str | Path) -> list[Any] | None:
     from ..config import _check_expanded_size
 
     for document in documents:  # aliases that expand to a huge structure, as for any config
-
         _check_expanded_size(document, path)
     return documents
 

@@ -107,6 +107,8 @@ def as_models(data: Mapping[str, Any], base_dir: Path | None,
     merged_global: dict[str, Any] = {}
     for key in _keys([global_params, *params]):
         per_slice = [slice_params.get(key, global_params.get(key)) for slice_params in params]
+        if None in per_slice:
+            raise _unset(per_slice.index(None), key, "")
         merged_global[key] = _combine(per_slice, lengths, f"parameters.{key}", names)
     models = []
     for position, source in enumerate(sources[0]):
@@ -117,8 +119,7 @@ def as_models(data: Mapping[str, Any], base_dir: Path | None,
             for index, source_list in enumerate(sources):
                 value = source_list[position]["parameters"].get(key, params[index].get(key, global_params.get(key)))
                 if value is None:
-                    raise stacking(f"slices[{index}]", f"it gives model '{model_key(source['model'])}' no '{key}' "
-                                   "while another slice does (mergekit would use the method's default there)")
+                    raise _unset(index, key, f" model '{model_key(source['model'])}'")
                 per_slice.append(value)
             own[key] = _combine(per_slice, lengths, f"slices[*].sources[{position}].parameters.{key}", names)
         entry: dict[str, Any] = {"model": source["model"]}
@@ -132,6 +133,12 @@ def as_models(data: Mapping[str, Any], base_dir: Path | None,
     else:
         converted.pop("parameters", None)
     return converted
+
+
+def _unset(index: int, key: str, whom: str) -> MergeConfigError:
+    return MergeConfigError(f"mergekit key 'slices[{index}]': it gives{whom} no '{key}' (nor does the config's "
+                            "parameters) while another slice does; mergekit would take the method's default in its "
+                            "layers: give every slice a value")
 
 
 def _keys(blocks: list[Mapping[str, Any]]) -> list[str]:
