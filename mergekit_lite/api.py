@@ -19,7 +19,7 @@ from .engine.loop import MergeEngine
 from .engine.plan import LowRank, MergePlan, build_plan, check_filters
 from .engine.schedule import DEFAULT_MAX_MEMORY, EngineOptions, check_phase, default_workers
 from .formats.safetensors import dtype_code
-from .methods.registry import weights_apart
+from .methods.registry import Calibrated, CalibrationRun, weights_apart
 from .hub.resolve import hub_reference, resolve_model_dir
 from .progress import byte_progress
 from .sources.adapter import PeftAdapter
@@ -27,11 +27,11 @@ from .sources.checkpoint import BaseCheckpoint
 from .sources.full_model import FullModel
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory
-from .writers.card import warm_card_imports
+from .writers.card import warm_card_imports, write_calibrated
 from .writers.checkpoint import shard_layout
 from .writers.kinds import CONFIG_COPY, output_kind, write_output
 from .writers.preflight import check_apart, check_free_space, preflight_output
-from .writers.ownership import local_inputs as _local_inputs
+from .writers.ownership import check_replaceable, local_inputs as _local_inputs
 from .writers.staging import remove_stale
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class PreparedMerge:
     #: every input in merge order: the PEFT adapters, then the full models (`config.inputs`)
     adapters: list[PeftAdapter | FullModel]
     plan: MergePlan
+    #: a data-aware method's result (`CalibratedPhase`): what the engine streams instead of the config's weights
+    calibrated: Calibrated | None = None
 
     def close(self) -> None:
         """Close the base checkpoint's and the adapters' open files."""
@@ -145,8 +147,9 @@ def merge(
     """Merge the adapters into the base as `config` says and write the output atomically.
 
     The output path is checked once, before any input is opened or downloaded (a file in the way, an existing
-    output without `overwrite`, an output inside a local input or holding one); Hub inputs are checked against
-    it once resolved, then the free space.
+    output without `overwrite`, an output inside a local input or holding one; `overwrite` replaces only an empty
+    folder or a merge output of ours, checked again at the swap); Hub inputs are checked against it once
+    resolved, then the free space.
     """
     started = time.perf_counter()
     if out is not None:
@@ -169,13 +172,19 @@ def merge(
         check_apart(target, _hub_inputs(config, prepared))
         needed = sum(t.nbytes for t in layout) + kind.side_file_bytes(prepared.base.folder)
         check_free_space(target, needed)
+        if config.merge_method.calibrated is not None:  # data-aware: forward passes first, then the same stream
+            run = CalibrationRun(resolved_device, progress)
+            prepared.calibrated = config.merge_method.calibrated.calibrate(prepared, run)
+            engine = engine_for(prepared, resolved_device, chunk_rows, max_memory, workers)
         if resolved_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(resolved_device)
         tune_allocator()
         warm_card_imports()
-        with atomic_directory(target, overwrite, needed) as staging:
+        with atomic_directory(target, overwrite, needed, may_replace=check_replaceable) as staging:
             bar = byte_progress(sum(t.nbytes for t in layout), progress)
             stats, shards = write_output(kind, engine, staging, prepared.base.folder, config, layout, bar)
+            if prepared.calibrated is not None:
+                write_calibrated(staging, prepared.calibrated, config, kind)
     result = MergeResult(
         config=config,
         output_dir=target,
@@ -190,7 +199,7 @@ def merge(
         shards=shards,
         touched=touched,
         output_format=kind.name,
-        notes=kind.summary(),
+        notes="; ".join(n for n in (kind.summary(), prepared.calibrated.summary if prepared.calibrated else "") if n),
     )
     logger.info(result.summary())
     return result
@@ -289,11 +298,13 @@ def engine_for(prepared: PreparedMerge, device: torch.device, chunk_rows: int | 
         max_memory=parse_size(max_memory) if max_memory is not None else DEFAULT_MAX_MEMORY,
         workers=workers or default_workers(),
     )
-    weights, params = config.weights, config.global_params
+    method, weights, params, adapter_params = config.merge_method, config.weights, config.global_params, config.adapter_params
     if getattr(config.merge_method.phase, "weights_apart", False):  # NuSLERP, Multi-SLERP read wᵢ themselves
         weights, params = weights_apart(weights, params)
-    return MergeEngine(prepared.plan, prepared.base, config.merge_method, weights, params,
-                       config.adapter_params, config.seed, options)
+    if prepared.calibrated is not None:  # learned / regmean: the calibration's weights (and phase)
+        method, weights, params, adapter_params = prepared.calibrated.streamed(method, params, adapter_params)
+    return MergeEngine(prepared.plan, prepared.base, method, weights, params,
+                       adapter_params, config.seed, options)
 
 
 def _hub_inputs(config: MergeConfig, prepared: PreparedMerge) -> list[tuple[str, Path]]:

@@ -1,8 +1,9 @@
 """Prompts → token ids → padded batches with a padding mask.
 
-Prompts are tokenized as lm-eval tokenizes a causal model's context (no special tokens added), so the merged
-model is calibrated on the text it will be scored on. A prompt longer than the context is cut from the left (its
-end, where the answer starts, is what matters); one log line says how many were cut.
+Prompts are tokenized as the tokenizer encodes text by default (with its BOS for Llama-style tokenizers), as lm-eval
+reads a causal model's context and as the suite's adapters were trained: the merged model is calibrated on the
+token sequences it will be scored on. A prompt longer than the context is cut from the left (its end, where the
+answer starts, is what matters; the leading special tokens stay); one log line says how many were cut.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ def encode(tokenizer: Any, prompts: Sequence[str], max_length: int, where: str, 
                          f"{room} generated tokens; lower max_new_tokens")
     encoded, cut = [], 0
     for prompt in prompts:
-        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if not ids:
+        plain = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        full = list(tokenizer(prompt)["input_ids"])
+        if not plain:
             raise InputError(f"{where}: prompt {prompt[:40]!r} tokenizes to nothing; remove empty prompts")
-        if len(ids) > keep:
-            ids, cut = ids[-keep:], cut + 1
-        encoded.append(ids)
+        prefix = full[: len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+        if len(prefix) + len(plain) > keep:
+            plain, cut = plain[len(prefix) + len(plain) - keep:], cut + 1
+        encoded.append(prefix + plain)
     if cut:
         logger.warning("%s: %d of %d prompts were longer than %d tokens and were cut from the left", where, cut,
                        len(prompts), keep)

@@ -71,6 +71,8 @@ class BranchedModel:
 
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        #: the coefficients' dtype: float32, or float64 for a float64 model (gradient checks)
+        self.lambda_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         labels = [a.label for a in prepared.adapters]
         config = prepared.config
         for index, spec in enumerate(config.inputs):
@@ -94,7 +96,7 @@ class BranchedModel:
             branch = self._branch(tensor, len(self.tensors), prepared.adapters, modules, owners)
             self.tensors.append(tensor.name)
             self.branches.append(branch)
-        self.coefficients = torch.zeros(self.n_adapters, len(self.tensors), device=self.device)
+        self.coefficients = torch.zeros(self.n_adapters, len(self.tensors), device=self.device, dtype=self.lambda_dtype)
         self._hooks = [modules[b.module].register_forward_hook(self._hook(b)) for b in self.branches]
 
     # ---------------------------------------------------------------------------------------------- building
@@ -133,7 +135,7 @@ class BranchedModel:
                     owner += [index] * left.shape[1]
                     scale += [s] * left.shape[1]
                 elif isinstance(item, BiasShift) and kind == BIAS:
-                    lefts.append((adapters[index].tensor(item.key).to(torch.float32) * item.scale).reshape(1, -1))
+                    lefts.append((adapters[index].tensor(item.key).to(torch.float32) * item.scale).reshape(1, -1))  # as the engine folds it
                     owner.append(index)
                     scale.append(1.0)
                 else:
@@ -147,7 +149,7 @@ class BranchedModel:
         return Branch(
             tensor=tensor.name, column=column, kind=kind, module=path,
             owner=torch.tensor(owner, dtype=torch.long, device=self.device),
-            scale=torch.tensor(scale, dtype=torch.float32, device=self.device),
+            scale=torch.tensor(scale, dtype=self.lambda_dtype, device=self.device),
             left=torch.cat(lefts, dim=0 if kind == BIAS else 1).to(**on),
             right=torch.cat(rights, dim=0).to(**on) if rights else None,
         )
@@ -204,10 +206,10 @@ class BranchedModel:
         return dict(self.model.named_modules())[self.branches[self.tensors.index(tensor)].module]
 
     def logits(self, batch: TokenBatch) -> torch.Tensor:
-        """Next-token logits b×T×V of `batch` at the current coefficients (float32)."""
+        """Next-token logits b×T×V of `batch` at the current coefficients (float32, or float64 for a float64 model)."""
         batch = batch.to(self.device)
         output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return output.logits.float()
+        return output.logits.to(self.lambda_dtype)
 
     @contextmanager
     def using(self, coefficients: torch.Tensor) -> Iterator[None]:
@@ -221,7 +223,7 @@ class BranchedModel:
 
     def one_hot(self, index: int) -> torch.Tensor:
         """Coefficients of adapter `index` alone: 1 on its row, 0 elsewhere (its model is base + τᵢ)."""
-        coefficients = torch.zeros(self.n_adapters, len(self.tensors), device=self.device)
+        coefficients = torch.zeros(self.n_adapters, len(self.tensors), device=self.device, dtype=self.lambda_dtype)
         coefficients[index] = 1.0
         return coefficients
 

@@ -16,7 +16,7 @@ the engine runs it is the method's *phase*, declared, never inferred:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import MergeConfigError
@@ -182,6 +182,57 @@ Phase = LinearPhase | ElementwisePhase | FactoredPhase | InterpolationPhase
 
 
 @dataclass(frozen=True)
+class CalibrationRun:
+    """What a calibrated phase may know about the run besides the prepared merge."""
+
+    #: the torch device the merge runs on (the calibration runs there too)
+    device: Any
+    #: show a progress bar (with the loss, for trained coefficients)
+    progress: bool = False
+    #: where teacher targets are cached (None: `calibration.teachers.resolve_cache_dir`'s default)
+    cache_dir: Any = None
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What a calibrated phase hands the engine once its forward passes are done: per-input weights (numbers,
+    gradients or filter lists, as a config may give them), optionally the phase to stream instead of the method's
+    own (a factored phase closed over gathered statistics), and what to write beside the output."""
+
+    weights: tuple[Any, ...]
+    #: the phase the engine streams; None: the method's own `phase`
+    phase: Phase | None = None
+    #: the streamed phase's global parameters (None: the config's)
+    params: Mapping[str, Any] | None = None
+    #: file name -> bytes, written into the output folder (coefficients.json, pictures)
+    side_files: Mapping[str, bytes] = field(default_factory=dict)
+    #: a markdown section for the model card ("" for none)
+    card_section: str = ""
+    #: one line for the end of `merge run`
+    summary: str = ""
+
+    def streamed(self, method: MergeMethod, params: Mapping[str, Any],
+                 adapter_params: Sequence[Mapping[str, Any]]) -> tuple[MergeMethod, list[Any], dict[str, Any],
+                                                                      list[dict[str, Any]]]:
+        """(method, weights, params, per-input params) the engine runs: the calibration's, no config-time checks."""
+        own = {} if self.params is None else dict(self.params)
+        phase = self.phase or method.phase
+        return (replace(method, phase=phase, validate=None, calibrated=None), list(self.weights),
+                own if self.params is not None else dict(params), [{} for _ in adapter_params])
+
+
+@dataclass(frozen=True)
+class CalibratedPhase:
+    """Methods that need the model's forward passes on calibration prompts before the streamed write (`learned`,
+    `regmean`): `calibrate(prepared merge, CalibrationRun) -> Calibrated` runs once, after the inputs are opened
+    and checked and before anything is written; the engine then streams what it returns through the method's
+    `phase` (or the phase it gives). The engine never trains; `mergekit_lite.calibration` is the one home of
+    prompts, batches, branches and teachers."""
+
+    calibrate: Callable[[Any, CalibrationRun], Calibrated]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     """A registry row: name, parameters with defaults, display name and paper link, and the phase that runs it."""
 
@@ -197,6 +248,8 @@ class MergeMethod:
     core_phase: FactoredPhase | None = None
     #: (fewest, most) inputs the method merges, when it is defined only for some counts (SLERP: 1 or 2)
     input_count: tuple[int, int] | None = None
+    #: data-aware methods: forward passes on calibration prompts first (then `phase` streams what they return)
+    calibrated: CalibratedPhase | None = None
 
     def resolved(self, params: Mapping[str, Any]) -> MergeMethod:
         """The method as `params` run it: with `space: core`, the core-space variant (another method than the

@@ -128,6 +128,26 @@ def render_card(
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
 
 
+def write_calibrated(staging: Path, calibrated: Any, config: MergeConfig, kind: Any) -> None:
+    """A data-aware merge's side files (coefficients.json, pictures) into the staging folder, and its card again
+    with the calibration's section (and the output kind's own section, for an adapter output)."""
+    for name, data in calibrated.side_files.items():
+        path = staging / name
+        try:
+            path.write_bytes(data)
+        except OSError as error:
+            from ..errors import WriteError
+
+            raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
+    if not calibrated.card_section:
+        return
+    adapter = getattr(kind, "name", "") == "peft"
+    sections = [kind.card_section()] if adapter and hasattr(kind, "card_section") else []
+    text = render_card(config, extra_sections=[*sections, calibrated.card_section],
+                       relation="adapter" if adapter else "merge")
+    (staging / CARD_FILE).write_text(text)
+
+
 def replace_card(folder: Path, text: str) -> Path:
     """Make `text` the card of the checkpoint in `folder`, atomically; return the card's path.
 
