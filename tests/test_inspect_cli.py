@@ -88,9 +88,11 @@ def test_the_json_pairs_match_the_measurements(small: Path) -> None:
 def test_an_earlier_report_is_replaced_and_another_folder_is_refused(small: Path) -> None:
     out = small.parent / "report"
     assert invoke(str(small), "--out", str(out), "--no-plots").exit_code == 0
-    (out / "stale.txt").write_text("x")
-    assert invoke(str(small), "--out", str(out), "--no-plots").exit_code == 0
-    assert not (out / "stale.txt").exists()
+    assert invoke(str(small), "--out", str(out), "--no-plots").exit_code == 0  # our report: replaced whole
+    (out / "stale.txt").write_text("x")  # not listed in the report's marker: the user's, so never deleted (#23)
+    refused = invoke(str(small), "--out", str(out), "--no-plots")
+    assert refused.exit_code == 2 and "'stale.txt', which `merge inspect` did not write" in refused.output
+    assert (out / "stale.txt").read_text() == "x"
     precious = small.parent / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("mine")

@@ -117,7 +117,9 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
     inputs = [(f"model '{folder.name}'", folder) for folder in model_dirs]
     for config in configs:
         inputs += [*local_inputs(config), ("the config's output", config.output_path)]
-    report_dir = Path(out).resolve()
+    from ..writers.preflight import resolve_output
+
+    report_dir = resolve_output(Path(out), "--out")  # a symlink loop is one line
     check_output_folder(report_dir, "eval", inputs)
     from ..quantize.model import QuantizedRows
 

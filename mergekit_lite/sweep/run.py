@@ -144,8 +144,9 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, backend: str = "local", ad
     from .report import write_outputs
 
     from ..writers.ownership import claim, release
+    from ..writers.preflight import resolve_output
 
-    out = Path(out).resolve()
+    out = resolve_output(Path(out), "--out")  # a symlink loop is one line
     spec = sweep.spec
     template = sweep.template()
     count = point_count(spec)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OutputPathError
 from .atomic import atomic_directory
 from .failures import nearest_existing
-from .preflight import check_apart, check_output_path
+from .preflight import check_apart, check_output_path, resolve_output
 from .staging import remove_stale, staging_prefix
 
 if TYPE_CHECKING:
@@ -49,26 +49,30 @@ _MERGE_FILE = re.compile(
     r"[\w.-]+\.(json|png|safetensors)|README\.md|mergekit_lite_config\.yaml|tokenizer\.model|merges\.txt|vocab\.txt"
     r"|chat_template\.jinja")
 _MERGE_FOLDERS = ("eval",)
-#: a marker is a few hundred bytes; a larger file of that name is not ours
-_MAX_MARKER_BYTES = 4096
+#: a marker is a few hundred bytes (its entries list included); a larger file of that name is not ours
+_MAX_MARKER_BYTES = 16384
 
 
-def marker_data(command: str) -> dict[str, Any]:
-    """The marker's content for a folder `command` writes."""
+def marker_data(command: str, entries: Iterable[str] | None = None) -> dict[str, Any]:
+    """The marker's content for a folder `command` writes; `entries`: the names it wrote at the folder's top (a
+    marker without them, as `claim` and earlier versions write, vouches for the whole folder)."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}")
-    return {MAGIC_KEY: MAGIC, "command": command, "format": FORMAT}
+    data: dict[str, Any] = {MAGIC_KEY: MAGIC, "command": command, "format": FORMAT}
+    if entries is not None:
+        data["entries"] = sorted(set(entries) - {MARKER})
+    return data
 
 
-def write_marker(folder: Path, command: str) -> Path:
+def write_marker(folder: Path, command: str, entries: Iterable[str] | None = None) -> Path:
     """Put the marker of `command` into `folder` (a staging folder, or one this run just made)."""
     path = folder / MARKER
-    path.write_text(json.dumps(marker_data(command), indent=1) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(marker_data(command, entries), indent=1) + "\n", encoding="utf-8")
     return path
 
 
-def read_marker(folder: Path) -> str | None:
-    """The command a folder's marker names, or None when there is no marker or it is not exactly ours."""
+def _marker(folder: Path) -> dict[str, Any] | None:
+    """The folder's marker when it is exactly ours (magic, a known command, our format, entries as plain names)."""
     path = folder / MARKER
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_MARKER_BYTES:
@@ -76,11 +80,31 @@ def read_marker(folder: Path) -> str | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or set(data) != {MAGIC_KEY, "command", "format"}:
+    if not isinstance(data, dict) or set(data) - {"entries"} != {MAGIC_KEY, "command", "format"}:
         return None
     if data[MAGIC_KEY] != MAGIC or data["format"] != FORMAT or data["command"] not in COMMANDS:
         return None
-    return str(data["command"])
+    entries = data.get("entries", [])
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e and "/" not in e for e in entries):
+        return None
+    return data
+
+
+def read_marker(folder: Path) -> str | None:
+    """The command a folder's marker names, or None when there is no marker or it is not exactly ours."""
+    data = _marker(folder)
+    return str(data["command"]) if data is not None else None
+
+
+def unlisted_entries(folder: Path) -> list[str]:
+    """The entries of a report folder of ours that its marker does not list (a user's notes or config put there
+    since): replacing the folder whole would delete them. Empty for a marker that lists nothing."""
+    data = _marker(folder)
+    if data is None or "entries" not in data:
+        return []
+    listed = {*data["entries"], MARKER}
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries if entry.name not in listed)
 
 
 def is_merge_output(folder: Path) -> bool:
@@ -174,7 +198,7 @@ def check_output_folder(target: Path, command: str, inputs: Iterable[tuple[str, 
     `command` alone).
     """
     accepted = tuple(accept) if accept is not None else (command,)
-    resolved = Path(target).resolve()
+    resolved = resolve_output(target, option)
     try:
         check_output_path(resolved)
     except OutputPathError as error:
@@ -187,9 +211,17 @@ def check_output_folder(target: Path, command: str, inputs: Iterable[tuple[str, 
         raise OutputPathError(f"{option} {target}: a symbolic link; give the folder it points to, or another path")
     exists = resolved.is_dir()
     if exists and not is_empty(resolved) and owner(resolved) not in accepted:
+        other = owner(resolved)
+        why = (f"it is {'a merge output' if other == MERGE else f'a `merge {other}` report'}, not one of `merge "
+               f"{command}`'s" if other else f"it has no {MARKER} of ours")
         raise OutputPathError(
-            f"{option} {target}: the folder is not empty and was not written by `merge {command}` (it has no "
-            f"{MARKER} of ours), so nothing in it is touched; choose a new or empty folder")
+            f"{option} {target}: the folder is not empty and was not written by `merge {command}` ({why}), so "
+            "nothing in it is touched; choose a new or empty folder")
+    unlisted = unlisted_entries(resolved) if exists else []
+    if unlisted:
+        raise OutputPathError(
+            f"{option} {target}: holds {unlisted[0]!r}, which `merge {command}` did not write there; the report folder "
+            "is replaced whole, so nothing in it is touched: move it out or choose a new or empty folder")
     check_writable(resolved, option)
     return exists and not is_empty(resolved)
 
@@ -215,7 +247,7 @@ def check_still_ours(target: Path, command: str, accept: Sequence[str] | None = 
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise OutputPathError(f"--out {target}: something else was put there while `merge {command}` ran; "
                               "nothing was replaced")
-    if target.is_dir() and not is_empty(target) and owner(target) not in accepted:
+    if target.is_dir() and not is_empty(target) and (owner(target) not in accepted or unlisted_entries(target)):
         raise OutputPathError(f"--out {target}: files not written by `merge {command}` appeared there while it "
                               "ran; nothing was replaced")
 
@@ -237,6 +269,7 @@ def owned_folder(target: Path, command: str, keep: Sequence[str] = ()) -> Iterat
         for name in keep:
             if (target / name).is_dir() and not (target / name).is_symlink():
                 _link_tree(target / name, staging / name)
+        write_marker(staging, command, os.listdir(staging))  # what this set holds: anything else is not ours
         check_still_ours(target, command)
 
 

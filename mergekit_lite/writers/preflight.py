@@ -31,9 +31,18 @@ def preflight_output(target: Path, overwrite: bool, inputs: Iterable[tuple[str, 
     check_writable(target.resolve(), "output")
 
 
+def resolve_output(target: Path, option: str = "output") -> Path:
+    """`target` with every symlink resolved; a symlink loop (or a path the system cannot resolve) is one line."""
+    try:
+        return Path(target).resolve()
+    except (RuntimeError, OSError) as error:
+        why = "a symlink loop" if isinstance(error, RuntimeError) else error.strerror or str(error)
+        raise OutputPathError(f"{option} {target} cannot be resolved ({why}); give a real folder path") from None
+
+
 def check_output_path(target: Path) -> None:
     """Refuse an output path that is, or lies under, an existing file: the merge could never create it."""
-    resolved = target.resolve()
+    resolved = resolve_output(target)
     existing = nearest_existing(resolved)
     if existing == resolved and not resolved.is_dir():
         raise OutputPathError(f"output {target} is an existing file, not a folder; pick a folder path for the output")
