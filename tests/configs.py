@@ -1,7 +1,9 @@
-"""One way to build a merge config over the demo (base + three adapters) for the tests (a helper, not a test module)."""
+"""The one way the tests build a merge config (a helper module, not a test module): `merge_config` for any base
+and inputs, `demo_config` for the demo (base + three adapters). Test modules bind their own defaults on top."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +12,29 @@ from mergekit_lite import MergeConfig
 DEMO_ADAPTERS = ("style", "math", "facts")
 
 
-def demo_config(demo: Path, out: Path, method: str, weights: tuple[float, ...] | list[float] = (1.0, -0.5, 2.0),
-                per_adapter: list[dict[str, Any]] | None = None, **extra: Any) -> MergeConfig:
-    """A config merging the demo adapters (weights in order; per-adapter keys merged into each entry) into `out`;
-    `extra` adds top-level keys (`parameters`, `seed`, …), and `output` keys beside the path."""
-    adapters = [{"path": str(demo / "adapters" / name), "weight": w, **((per_adapter or [{}] * 3)[i])}
-                for i, (name, w) in enumerate(zip(DEMO_ADAPTERS, weights))]
-    data = {"base_model": str(demo / "base"), "method": method, "adapters": adapters,
+def config_data(base: Path | str, adapters: Sequence[Mapping[str, Any]], out: Path | str, method: str = "task_arithmetic",
+                **extra: Any) -> dict[str, Any]:
+    """A config mapping: `base`, adapter entries (path, weight, per-adapter keys), the output path (plus the keys of
+    `output=`), and any other top-level key in `extra` (parameters, seed, models, …)."""
+    return {"base_model": str(base), "method": method,
+            "adapters": [{**entry, "path": str(entry["path"])} for entry in adapters],
             "output": {"path": str(out), **extra.pop("output", {})}, **extra}
-    return MergeConfig.from_dict(data)
+
+
+def merge_config(base: Path | str, adapters: Sequence[Mapping[str, Any]], out: Path | str,
+                 method: str = "task_arithmetic", folder: Path | None = None, **extra: Any) -> MergeConfig:
+    """`config_data` checked as a MergeConfig; relative paths resolve against `folder` (default: the cwd)."""
+    return MergeConfig.from_dict(config_data(base, adapters, out, method, **extra), folder)
+
+
+def demo_adapters(demo: Path, weights: Sequence[float] = (1.0, -0.5, 2.0), names: Sequence[str] = DEMO_ADAPTERS,
+                  per_adapter: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The demo adapters `names` with their weights (and per-adapter keys merged into each entry)."""
+    own = per_adapter or [{}] * len(names)
+    return [{"path": demo / "adapters" / name, "weight": w, **own[i]} for i, (name, w) in enumerate(zip(names, weights))]
+
+
+def demo_config(demo: Path, out: Path, method: str, weights: Sequence[float] = (1.0, -0.5, 2.0),
+                per_adapter: list[dict[str, Any]] | None = None, **extra: Any) -> MergeConfig:
+    """A config merging the three demo adapters (weights in order) into `out`; `extra` as for `config_data`."""
+    return merge_config(demo / "base", demo_adapters(demo, weights, per_adapter=per_adapter), out, method, **extra)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_lite.cli import main
 
+from .configs import config_data
 from .conftest import write_config
 
 BASE_FILE = "base/model.safetensors"
@@ -232,12 +233,8 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 def demo_config(root: Path, out: Path) -> dict[str, Any]:
-    return {
-        "base_model": str(root / "base"),
-        "method": "task_arithmetic",
-        "adapters": [{"path": str(root / STYLE)}, {"path": str(root / "adapters" / "facts"), "weight": 0.5}],
-        "output": {"path": str(out)},
-    }
+    """The mapping (for the tests to damage) of a task arithmetic merge of style and facts (weight 0.5)."""
+    return config_data(root / "base", [{"path": root / STYLE}, {"path": root / "adapters" / "facts", "weight": 0.5}], out)
 
 
 def assert_clean_refusal(result: Any, expected: str, out: Path) -> None:

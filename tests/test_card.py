@@ -15,6 +15,7 @@ from mergekit_lite.hub.publish import local_paths_in_metadata
 from mergekit_lite.hub.resolve import resolve_model_dir
 from mergekit_lite.writers.card import render_card
 
+from .configs import merge_config
 from .hub_fixtures import hub, isolate_client, upload_folder  # noqa: F401
 from .hub_standin import HubStandIn
 
@@ -27,9 +28,7 @@ def no_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def config_for(folder: Path, base: str, adapters: list[dict[str, Any]], method: str = "task_arithmetic",
                **extra: Any) -> MergeConfig:
-    data = {"base_model": base, "method": method, "adapters": adapters, "output": {"path": "out/my-merge"}, "seed": 11,
-            **extra}
-    return MergeConfig.from_dict(data, folder)
+    return merge_config(base, adapters, "out/my-merge", method, folder, seed=11, **extra)
 
 
 def split(card: str) -> tuple[dict[str, Any], str]:

@@ -36,6 +36,7 @@ from mergekit_lite.writers import checkpoint
 from mergekit_lite.writers.checkpoint import BackgroundFile
 from mergekit_lite.writers.staging import remove_stale
 
+from .configs import config_data, demo_adapters
 from .conftest import REPO, write_config
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals, flock and renameat2 as on Linux")
@@ -184,11 +185,7 @@ def synthetic_config(root: Path, folder: Path, weight: float, name: str) -> Path
 
 def demo_config(demo: Path, folder: Path, out: Path) -> Path:
     """A config for a small merge of two demo adapters into `out`."""
-    return write_config(folder, {
-        "base_model": str(demo / "base"), "method": "task_arithmetic",
-        "adapters": [{"path": str(demo / "adapters" / "style")}, {"path": str(demo / "adapters" / "math")}],
-        "output": {"path": str(out)},
-    })
+    return write_config(folder, config_data(demo / "base", demo_adapters(demo, (1.0, 1.0), ("style", "math")), out))
 
 
 def digest(folder: Path) -> dict[str, str] | None:

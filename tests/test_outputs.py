@@ -13,19 +13,13 @@ import yaml
 from mergekit_lite import AdapterError, CheckpointError, MergeConfig, NonFiniteError, merge
 from mergekit_lite.errors import OutputExistsError
 
+from .configs import demo_adapters, merge_config
 from .reference import load_checkpoint
 
 
 def config_for(demo: Path, out: Path, **output: object) -> MergeConfig:
-    return MergeConfig.from_dict(
-        {
-            "base_model": str(demo / "base"),
-            "method": "task_arithmetic",
-            "adapters": [{"path": str(demo / "adapters" / "style")}, {"path": str(demo / "adapters" / "math"), "weight": -0.5}],
-            "output": {"path": str(out), **output},
-            "seed": 7,
-        }
-    )
+    """Task arithmetic of the demo's style and math adapters (weights 1 and −0.5) into `out`."""
+    return merge_config(demo / "base", demo_adapters(demo, (1.0, -0.5), ("style", "math")), out, output=output, seed=7)
 
 
 def test_small_shard_size_gives_several_shards_and_a_consistent_index(demo: Path, tmp_path: Path) -> None:

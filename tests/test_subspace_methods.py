@@ -31,6 +31,7 @@ from mergekit_lite import MergeConfig, merge
 from mergekit_lite.errors import MergeConfigError
 from mergekit_lite.methods import FactoredContext, LowRankFactors, get_method
 from tests import reference_subspace as ref
+from tests.configs import merge_config
 from tests.reference import load_checkpoint
 
 PREFIX = "base_model.model."
@@ -481,16 +482,9 @@ E2E_REFERENCED = {"tsv_m": "tsv_m", "iso_c": "iso_c", "iso_cts": "iso_cts", "kno
 def config_for(base: Path, adapters: Sequence[tuple[Path, float]], out: Path, key: str,
                names: Sequence[str] | None = None) -> MergeConfig:
     method, params, density = E2E[key]
-    entries = []
-    for index, (path, weight) in enumerate(adapters):
-        entry: dict[str, Any] = {"path": str(path), "weight": weight}
-        if density is not None:
-            entry["density"] = density
-        if names is not None:
-            entry["name"] = names[index]
-        entries.append(entry)
-    return MergeConfig.from_dict({"base_model": str(base), "method": method, "parameters": dict(params),
-                                  "adapters": entries, "output": {"path": str(out)}})
+    entries = [{"path": path, "weight": weight, **({"density": density} if density is not None else {}),
+                **({"name": names[index]} if names is not None else {})} for index, (path, weight) in enumerate(adapters)]
+    return merge_config(base, entries, out, method, parameters=dict(params))
 
 
 def lora_factors(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
