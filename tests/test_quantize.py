@@ -426,3 +426,35 @@ def test_eval_quantize_refuses_a_format_before_any_work(tmp_path):
     assert result.exit_code == 2
     assert "--quantize q4_k: the gguf package has no reference quantizer" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_verify_quantize_finds_a_relative_base_from_the_config_copy_wherever_it_runs(demo, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    shutil.copytree(demo / "base", tmp_path / "models" / "base")
+    shutil.copytree(demo / "adapters" / "math", tmp_path / "models" / "math")
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "merge.yaml"
+    config.write_text(yaml.safe_dump({"base_model": "../models/base", "method": "task_arithmetic",
+                                      "adapters": [{"path": "../models/math"}], "output": {"path": "../out/m"}}))
+    assert _cli("run", config, "--no-progress").exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = _cli("verify", tmp_path / "out" / "m", "--quantize", "q8_0", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"against {tmp_path / 'models' / 'base'}" in result.output
+
+
+@pytest.mark.slow
+def test_the_near_step_table_script_runs():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "evals/quantize_near_step.py", "--size", "128", "--formats", "q8_0,q4_0"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("| ‖ΔW‖/‖W‖ | q8_0") and len(lines) == 8

@@ -18,7 +18,7 @@ from ..errors import CheckpointError, InputError, NotACheckpointError
 from ..progress import byte_progress
 from ..sources.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from ..sources.adapter import PeftAdapter
-from ..sources.checkpoint import BaseCheckpoint
+from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
 from .formats import QuantFormat
 from .measure import MAX_MEMORY, Figures, aligned_chunk_rows, measure_tensor
 
@@ -73,12 +73,31 @@ def recorded_base(output: Path) -> Path:
     base = data.get("base_model") if isinstance(data, dict) else None
     if not isinstance(base, str):
         raise InputError(f"{path}: names no base_model; give --base BASE")
+    recorded_output = (data.get("output") or {}).get("path") if isinstance(data.get("output"), dict) else None
     folder = Path(base).expanduser()
-    if not folder.is_absolute():
-        folder = (output / folder) if (output / folder).is_dir() else folder
-    if not folder.is_dir():
-        raise InputError(f"{path}: its base_model {base} is not a local folder here; give --base BASE")
-    return folder
+    candidates = [folder] if folder.is_absolute() else [
+        c for c in (_beside_config(output, folder, recorded_output), Path.cwd() / folder) if c is not None]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise InputError(f"{path}: its base_model {base} is not a local folder here; give --base BASE")
+
+
+def _beside_config(output: Path, base: Path, recorded_output: object) -> Path | None:
+    """The base, when relative paths in the config copy are relative to the config's folder: that folder is
+    where the recorded output.path leads to `output`, so the base is found from the same ancestor."""
+    if not isinstance(recorded_output, str) or Path(recorded_output).is_absolute():
+        return None
+    out_parts, base_parts = Path(recorded_output).parts, base.parts
+    ups = len(out_parts) - len(tail := [p for p in out_parts if p != ".."])
+    resolved = output.resolve()
+    if out_parts[:ups] != ("..",) * ups or ".." in tail or resolved.parts[-len(tail):] != tuple(tail):
+        return None
+    ancestor = Path(*resolved.parts[:-len(tail)]) if tail else resolved  # the config folder's ups-th parent
+    base_ups = len(base_parts) - len(base_tail := [p for p in base_parts if p != ".."])
+    if base_parts[:base_ups] != ("..",) * base_ups or base_ups < ups:
+        return None  # the config's own folder name is not recorded: found only when the ".." cancel it
+    return ancestor.joinpath(*([".."] * (base_ups - ups)), *base_tail)
 
 
 def output_kind(output: Path) -> str:
@@ -144,6 +163,8 @@ def _measure_checkpoint(output: Path, base: BaseCheckpoint, result: MergeQuantiz
                 if tuple(base.info(info.name).shape) != tuple(info.shape):
                     raise InputError(f"{output}: tensor '{info.name}' has shape {tuple(info.shape)} but the base's has "
                                      f"{tuple(base.info(info.name).shape)}; is {output} a merge of {base.folder}?")
+                if _identical(base, merged, info.name):  # no part of the merge's change: not quantized at all
+                    continue
                 fitting = _fitting(info.name, tuple(info.shape), result.formats, result.skipped)
                 if not fitting:
                     continue
@@ -154,6 +175,18 @@ def _measure_checkpoint(output: Path, base: BaseCheckpoint, result: MergeQuantiz
                 _keep(result, name, tuple(info.shape), figures)
         finally:
             bar.close()
+
+
+def _identical(base: BaseCheckpoint, merged: BaseCheckpoint, name: str) -> bool:
+    """Whether a merged tensor holds the very bytes of the base's (compared a block at a time, never decoded)."""
+    ours, theirs = merged.info(name), base.info(name)
+    if ours.dtype != theirs.dtype or ours.nbytes != theirs.nbytes:
+        return False
+    for offset in range(0, ours.nbytes, COPY_BLOCK):
+        length = min(COPY_BLOCK, ours.nbytes - offset)
+        if merged.read_bytes(name, offset, length) != base.read_bytes(name, offset, length):
+            return False
+    return True
 
 
 def _measure_adapter(output: Path, base: BaseCheckpoint, result: MergeQuantization, max_memory: int,
