@@ -60,6 +60,8 @@ from mergekit_lite.writers.ownership import MARKER, check_output_folder, owned_f
 from mergekit_lite.writers.preflight import check_apart, preflight_output
 from mergekit_lite.writers.staging import remove_stale
 
+from .hub_fixtures import hub  # noqa: F401
+
 
 def _tree(folder: Path) -> dict[str, Any]:
     """Every entry under `folder`: file bytes, link targets, folders."""
@@ -319,3 +321,53 @@ def test_convert_writes_nothing_whatever_out_says(work: Path) -> None:
         result = _invoke("convert", str(mergekit), "--out", out)
         assert result.exit_code == 0 and yaml.safe_load(result.stdout)["output"]["path"] == out
     assert _tree(work) == before
+
+
+# ------------------------------------------------------------------------------------------------------ publish
+
+
+def test_publish_writes_nothing_into_the_folder_it_sends(hub: Any, demo: Path, work: Path) -> None:
+    """`merge publish` reads the merge output and the stand-in Hub answers; not a byte changes locally (no card
+    rewritten, no client state such as .cache/huggingface left in the folder), and a folder that is not a
+    merge output, or a symlink loop, is one line."""
+    config = _config(work, demo, "../out")
+    assert _invoke("run", str(config), "--device", "cpu", "--no-progress").exit_code == 0
+    (work / "out" / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# merge\n")  # local paths otherwise
+    def local() -> dict[str, Any]:  # the workspace but the client's own HF_HOME
+        return {k: v for k, v in _tree(work).items() if not k.startswith("hf_home")}
+
+    before = local()
+    result = _invoke("publish", str(work / "out"), "--repo-id", "user/hostile")
+    assert result.exit_code == 0, result.output
+    assert local() == before
+    for folder in (work / "mine", work / "loop", work / "cfg"):
+        _one_line(_invoke("publish", str(folder), "--repo-id", "user/hostile"))
+    assert local() == before
+
+
+# ------------------------------------------------------------------------------------------- signals, odd moments
+
+
+@pytest.mark.parametrize("moment", ["swap_check", "write_probe"])
+def test_ctrl_c_in_the_output_checks_leaves_the_previous_output_and_nothing_else(
+        demo: Path, work: Path, monkeypatch: pytest.MonkeyPatch, moment: str) -> None:
+    """Ctrl-C while the output is checked again at the swap, or while the write probe exists: the previous merge
+    output is whole and no temporary folder is left beside it or inside it."""
+    import mergekit_lite.api as api
+
+    config = _config(work, demo, "../out")
+    assert _invoke("run", str(config), "--device", "cpu", "--no-progress").exit_code == 0
+    before = _tree(work / "out")
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    if moment == "swap_check":
+        monkeypatch.setattr(api, "check_replaceable", interrupt)
+    else:
+        real = os.rmdir
+        monkeypatch.setattr(ownership.os, "rmdir", lambda path: (real(path), interrupt()))
+    result = _invoke("run", str(config), "--device", "cpu", "--no-progress", "--overwrite")
+    assert result.exit_code == 130, result.output
+    assert _tree(work / "out") == before
+    assert sorted(p.name for p in work.iterdir()) == ["cfg", "loop", "mine", "out"]

@@ -238,7 +238,9 @@ def check_writable(target: Path, option: str = "--out") -> None:
         except OSError as error:
             raise OutputPathError(f"{option} {target}: {place} cannot be written ({error.strerror or error}); "
                                   "choose a folder you can write to") from None
-        os.rmdir(probe)
+        finally:  # even when a signal lands here (a probe left inside a report folder would be a foreign entry)
+            if "probe" in locals():
+                os.rmdir(probe)
 
 
 def check_still_ours(target: Path, command: str, accept: Sequence[str] | None = None) -> None:
