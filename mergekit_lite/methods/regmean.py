@@ -14,9 +14,11 @@ base, see `JITTER`). The statistics S (one d_in² sum per distinct module input)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,14 +45,17 @@ NORMALIZE = Param("normalize", True, bool, "divide each adapter's Gram matrix by
 
 @dataclass(frozen=True)
 class TensorGram:
-    """RegMean's statistics of one base tensor, in float64: S and every touching adapter's AᵢG̃ᵢ."""
+    """RegMean's statistics of one base tensor, in float64: S and every touching adapter's AᵢG̃ᵢ, or once
+    `solved`, only the rᵢ × d_in products (AᵢG̃ᵢ)(S + δI)⁻¹ (S dropped: what the write needs is small)."""
 
     #: "cols" (y = W x, W out×in) or "rows" (Conv1D, y = x W, W in×out)
     side: str
-    #: S = Σⱼ wⱼG̃ⱼ over every input of the merge (d_in × d_in), shared by the tensors that read one input
-    total: torch.Tensor
-    #: config index of adapter i -> AᵢG̃ᵢ (rᵢ × d_in), Aᵢ its lora_A of this module
+    #: S = Σⱼ wⱼG̃ⱼ over every input of the merge (d_in × d_in), shared by the tensors that read one input;
+    #: None once solved
+    total: torch.Tensor | None
+    #: config index of adapter i -> AᵢG̃ᵢ (rᵢ × d_in), Aᵢ its lora_A of this module; (AᵢG̃ᵢ)(S + δI)⁻¹ once solved
     projected: Mapping[int, torch.Tensor]
+    solved: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class RegMeanStatistics:
     nbytes: int = 0
     passes: int = 1
     tokens: tuple[int, ...] = field(default=())
+    #: how many distinct module inputs (one d_in² sum each) were gathered
+    inputs: int = 0
 
 
 def modified_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -107,10 +114,11 @@ def regmean_factors(factors: Sequence[LowRankFactors], weights: Sequence[float],
     gram = statistics.grams.get(context.tensor)
     if gram is None:
         raise AssertionError(f"regmean: no calibration statistics for tensor '{context.tensor}'")
-    factor = cholesky(gram.total, f"tensor '{context.tensor}'")
+    if not gram.solved:
+        gram = solve_inputs({context.tensor: gram})[context.tensor]
     data_side, merged_side = [], []
     for f, w, index in zip(factors, weights, context.adapters):
-        solved = solve_right(gram.projected[index], factor)  # (AᵢG̃ᵢ)S⁻¹, rᵢ × d_in
+        solved = gram.projected[index]  # (AᵢG̃ᵢ)(S + δI)⁻¹, rᵢ × d_in
         other = (f.left if gram.side == "cols" else f.right).to(CORE_DTYPE) * (float(w) * f.scale)
         if solved.shape[0] != f.left.shape[1]:
             raise AssertionError(f"regmean: tensor '{context.tensor}': adapter {index}'s statistics have rank "
@@ -121,6 +129,28 @@ def regmean_factors(factors: Sequence[LowRankFactors], weights: Sequence[float],
         return torch.cat(merged_side, dim=1), torch.cat(data_side, dim=0)
     # Conv1D, W in×out: ΔW* = Σ S⁻¹(AᵢG̃ᵢ)ᵀ · wᵢsᵢBᵢᵀ
     return torch.cat([d.T for d in data_side], dim=1), torch.cat(merged_side, dim=0)
+
+
+def solve_inputs(grams: Mapping[str, TensorGram]) -> dict[str, TensorGram]:
+    """Every tensor's (AᵢG̃ᵢ)(S + δI)⁻¹, one Cholesky per distinct S (q/k/v share one), S then dropped. A
+    degenerate Gram is refused here, naming the tensors that read it."""
+    readers: dict[int, list[str]] = {}
+    for name, gram in grams.items():
+        readers.setdefault(id(gram.total), []).append(name)
+    factors: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, gram in grams.items():
+        if gram.solved:
+            out[name] = gram
+            continue
+        key = id(gram.total)
+        if key not in factors:
+            names = readers[key]
+            more = f" (and {len(names) - 1} more reading the same input)" if len(names) > 1 else ""
+            factors[key] = cholesky(gram.total, f"tensor '{names[0]}'{more}")  # type: ignore[arg-type]
+        solved = {i: solve_right(p, factors[key]) for i, p in gram.projected.items()}
+        out[name] = TensorGram(gram.side, None, solved, solved=True)
+    return out
 
 
 def averaged_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], params: Mapping[str, Any],
@@ -145,3 +175,121 @@ def check_weights(weights: Sequence[float], params: Mapping[str, Any], _own: Seq
         if not float(w) > 0.0:
             raise MergeConfigError(f"adapters[{index}]: method 'regmean' needs positive weights (each weights one "
                                    f"adapter's term of the RegMean objective), got {w!r}")
+
+
+# -- the registry row: calibration passes gather the statistics, then the factored phase streams -------------
+
+#: float64 sums kept at once while gathering; more inputs than fit are gathered in further rounds of passes
+STATISTICS_MEMORY = "8GB"
+
+
+def planned_factors(factors: Sequence[LowRankFactors], weights: Sequence[float], params: Mapping[str, Any],
+                    context: FactoredContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before the calibration: factors of the merged delta's shape (m × Σrᵢ, Σrᵢ × n), every entry NaN. An
+    output's layout may be planned from them (a PEFT adapter's ranks); streamed, they fail as non-finite."""
+    m, n = context.shape
+    rank = sum(int(f.left.shape[1]) for f in factors)
+    nan = float("nan")
+    return torch.full((m, rank), nan, dtype=CORE_DTYPE), torch.full((rank, n), nan, dtype=CORE_DTYPE)
+
+
+def _validate(weights: Sequence[Any], params: Mapping[str, Any], per_adapter: Sequence[Mapping[str, Any]]) -> None:
+    """Config-time checks: positive weights, the statistics budget, every adapter's calibration keys."""
+    from ..calibration import check_calibration
+    from ..units import parse_size
+
+    check_weights(weights, params, per_adapter)
+    try:
+        budget = parse_size(params["statistics_memory"])
+    except (ValueError, TypeError, OverflowError):
+        budget = 0
+    if budget <= 0:
+        raise MergeConfigError(f"parameters: 'statistics_memory' must be a size such as '8GB', got "
+                               f"{params['statistics_memory']!r}")
+    check_calibration(per_adapter)
+
+
+def calibrate(prepared: Any, run: Any) -> Any:
+    """Every adapter's model reads its prompts with hooks on the targeted modules' inputs; the statistics then
+    close the factored phase the engine streams."""
+    from ..calibration import load_calibration, refuse_full_models
+    from ..calibration.gram import regmean_statistics
+    from ..engine.device import single_threaded_torch
+    from ..units import format_size, parse_size
+    from .gradients import any_setting
+    from .registry import Calibrated
+
+    config = prepared.config
+    params = config.global_params
+    refuse_full_models(config, "regmean")
+    if any_setting(config.weights, params, config.adapter_params):
+        raise MergeConfigError("method 'regmean' takes constant weights and parameters: its Gram sums are shared "
+                               "by the tensors that read one input, so a per-layer gradient or filter list cannot "
+                               "apply; give plain numbers")
+    _validate(config.weights, params, config.adapter_params)
+    with single_threaded_torch():
+        with _transformers_bars(run.progress):
+            calibration = load_calibration(prepared, device=run.device, seed=config.seed, room=0,
+                                           cache_dir=run.cache_dir)
+        try:
+            statistics = regmean_statistics(calibration, prepared, params["alpha"], params["normalize"],
+                                            parse_size(params["statistics_memory"]))
+        finally:
+            calibration.close()
+    inputs = statistics.inputs
+    size = format_size(statistics.nbytes)
+    summary = (f"regmean: Gram statistics of {inputs} module input(s) ({size} float64, {statistics.passes} round(s) "
+               f"of passes) from {', '.join(map(str, statistics.tokens))} calibration tokens")
+    # file names only: the card travels with the merge, the local folders it was made in do not
+    sources = [s.describe() if s.kind == "task" else Path(s.reference).name for s in calibration.sources]
+    rows = "\n".join(f"| {a.label} | {src} | {len(p)} | {n} |" for a, src, p, n in
+                     zip(prepared.adapters, sources, calibration.prompts, statistics.tokens))
+    card = (f"## RegMean calibration\n\nalpha {params['alpha']}, normalize {str(params['normalize']).lower()}, "
+            f"ridge {JITTER:g}·mean(diag S); {inputs} distinct module inputs, {size} of float64 sums, gathered in "
+            f"{statistics.passes} round(s) of passes; {len(statistics.averaged)} embedding tensor(s) averaged.\n\n| adapter | calibration | prompts | tokens |\n|---|---|---:|---:|\n"
+            f"{rows}\n")
+    return Calibrated(weights=tuple(float(w) for w in config.weights), phase=factored_phase(statistics),
+                      card_section=card, summary=summary)
+
+
+@contextmanager
+def _transformers_bars(shown: bool) -> Iterator[None]:
+    """transformers' own "Loading weights" bar only when progress is shown (`--no-progress`: one line on error)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            hf_logging.enable_progress_bar()
+
+
+def _calibration_params() -> tuple[Param, ...]:
+    from ..calibration import CALIBRATION_PARAMS
+
+    return CALIBRATION_PARAMS
+
+
+def _register() -> Any:
+    from .registry import CalibratedPhase, MergeMethod, register
+
+    return register(MergeMethod(
+        name="regmean",
+        display_name="RegMean (exact in the LoRA factors)",
+        paper_url=PAPER,
+        summary="ΔW* = Σᵢ wᵢτᵢG̃ᵢ(Σⱼ wⱼG̃ⱼ)⁻¹ per linear module, G̃ᵢ the (α-shrunk) Gram matrix of the module's inputs "
+                "while adapter i's model reads its calibration prompts; as factors of rank ≤ Σrᵢ",
+        params=(ALPHA, NORMALIZE,
+                Param("statistics_memory", STATISTICS_MEMORY, str, "float64 Gram sums held at once; more are "
+                      "gathered in further rounds of the adapters' passes"),
+                *_calibration_params()),
+        phase=FactoredPhase(planned_factors, vectors=averaged_vectors),
+        validate=_validate,
+        calibrated=CalibratedPhase(calibrate),
+    ))
+
+
+REGMEAN = _register()
