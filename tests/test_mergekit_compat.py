@@ -279,3 +279,15 @@ def test_sce_converts_without_weights_and_refuses_variance_selection() -> None:
                     "models": [{"model": "a"}]}).config
     with pytest.raises(MergeConfigError, match=r"sce with select_topk 0.3 < 1"):
         MergeConfig.from_dict(data)
+
+
+def test_nearswap_and_ram_convert_without_weights() -> None:
+    near = convert({"merge_method": "nearswap", "base_model": "w", "parameters": {"t": 0.001},
+                    "models": [{"model": "w"}, {"model": "a", "parameters": {"weight": 1.0}}]}).config
+    assert near["models"] == [{"path": "a"}] and near["parameters"] == {"t": 0.001}
+    with pytest.raises(MergeConfigError, match=r"mergekit nearswap: needs the base model and exactly one other"):
+        convert({"merge_method": "nearswap", "base_model": "w", "parameters": {"t": 0.1},
+                 "models": [{"model": "a"}, {"model": "b"}]})
+    ram = convert({"merge_method": "ramplus_tl", "base_model": "w", "parameters": {"r": 0.2},
+                   "models": [{"model": "a", "parameters": {"weight": 2.0}}, {"model": "b"}]}).config
+    assert ram["method"] == "ramplus_tl" and ram["models"] == [{"path": "a"}, {"path": "b"}]

@@ -38,7 +38,7 @@ METHODS = {"linear": "linear", "task_arithmetic": "task_arithmetic", "ties": "ti
            "model_stock": "model_stock"}
 #: mergekit's spherical methods, ours of the same name (#29); a base_model is optional for them in mergekit
 SPHERICAL = ("nuslerp", "multislerp", "karcher")
-METHODS.update({name: name for name in (*SPHERICAL, "sce")})
+METHODS.update({name: name for name in (*SPHERICAL, "sce", "nearswap", "ram", "ramplus_tl")})
 #: mergekit methods we do not run, and why (one line each)
 NOT_RUN = {
     "core_space": "mergekit's core_space (from its core-space branch; not in mergekit 0.1.5) cuts each full task "
@@ -48,9 +48,6 @@ NOT_RUN = {
                   "(for a plain average of task vectors use task_arithmetic)",
     "arcee_fusion": "Arcee Fusion (a KL-weighted importance mask with a sampled quantile threshold) is not "
                     "implemented in mergekit_lite",
-    "nearswap": "NearSwap (interpolation by the inverse entry-wise distance) is not implemented in mergekit_lite",
-    "ram": "RAM (reinforced agent merging) is not implemented in mergekit_lite",
-    "ramplus_tl": "RAM+ (reinforced agent merging, tensor-local) is not implemented in mergekit_lite",
 }
 #: mergekit parameters that change no value (only how mergekit stores its masks)
 IGNORED_PARAMETERS = ("int8_mask",)
@@ -357,6 +354,19 @@ class _Converter:
     def _sce(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
         """mergekit: the non-base models' task vectors, no weights (the given ones are not read and are dropped)."""
         self._karcher(params, inputs)
+
+    def _nearswap(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        """mergekit: the base and exactly one other model, no weights."""
+        if len(inputs) != 1:
+            raise MergeConfigError(f"mergekit nearswap: needs the base model and exactly one other model, got "
+                                   f"{len(inputs)} others")
+        self._karcher(params, inputs)
+
+    def _ram(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
+        """mergekit: the non-base models' task vectors, no weights."""
+        self._karcher(params, inputs)
+
+    _ramplus_tl = _ram
 
     def _spherical_points(self, params: dict[str, Any], inputs: list[dict[str, Any]],
                           need: tuple[int, int | None]) -> None:
