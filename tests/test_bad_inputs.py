@@ -378,3 +378,63 @@ def test_mergekit_values_of_the_wrong_shape_stop_with_one_line(case: str, comman
     out = tmp_path / "merged"
     args = ["run", str(config), "--out", str(out)] if command == "run" else ["convert", str(config)]
     assert_clean_refusal(CliRunner().invoke(main, args), expected, out)
+
+
+# -- data-aware merging (`method: learned`, issue #24): calibration data and training settings -----------------
+def _calibration(root: Path, text: str | bytes, name: str = "prompts.jsonl") -> str:
+    path = root / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return str(path)
+
+
+def _only_test_task(root: Path) -> str:
+    (root / "only_test.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    path = root / "only_test.yaml"
+    path.write_text(f"task: only_test_calib\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                    f"    test: {root / 'only_test.jsonl'}\ntest_split: test\noutput_type: loglikelihood\n"
+                    "doc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: \" {{answer}}\"\n")
+    return str(path)
+
+
+LEARNED_BAD: dict[str, tuple[Callable[[Path], dict[str, Any]], str]] = {
+    "adapter without calibration data": (lambda r: {}, "adapters[0]: no calibration data"),
+    "calibration file missing": (lambda r: {"calibration": str(r / "nope.jsonl")}, "does not exist"),
+    "calibration file empty": (lambda r: {"calibration": _calibration(r, "")}, "holds no prompts"),
+    "calibration file not utf-8": (lambda r: {"calibration": _calibration(r, b"\xff\xfe{}\n")}, "not UTF-8"),
+    "calibration row not JSON": (lambda r: {"calibration": _calibration(r, "{oops\n")}, "line 1 is not JSON"),
+    "calibration rows without a usable field": (lambda r: {"calibration": _calibration(r, '{"question": "q"}\n')},
+                                                "no 'prompt' or 'text' field"),
+    "calibration template names a missing field": (
+        lambda r: {"calibration": _calibration(r, '{"question": "q"}\n'), "calibration_template": "{{query}}"},
+        "no field 'query'"),
+    "calibration file of an unknown kind": (lambda r: {"calibration": _calibration(r, "x", "p.csv")},
+                                            "must end in .jsonl, .txt or .yaml"),
+    "calibration task with only a test split": (lambda r: {"calibration": _only_test_task(r)}, "has only a test split"),
+    "steps negative": (lambda r: {"steps": -1}, "'steps' must be a whole number"),
+    "lr zero": (lambda r: {"lr": 0}, "'lr' must be in (0, 1000]"),
+    "batch_size zero": (lambda r: {"batch_size": 0}, "'batch_size' must be a positive whole number"),
+    "init_method not linear": (lambda r: {"init_method": "ties"}, "'init_method' starts λ from a linear method"),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if "task" in c else c for c in LEARNED_BAD])
+def test_learned_bad_calibration_or_settings_stop_with_one_line(case: str, demo: Path, tmp_path: Path) -> None:
+    make, expected = LEARNED_BAD[case]
+    settings = make(tmp_path)
+    good = _calibration(tmp_path, '{"prompt": "Q: hello\\nA:"}\n', "good.jsonl")
+    per_adapter = {k: v for k, v in settings.items() if k.startswith("calibration")}
+    data = {
+        "base_model": str(demo / "base"),
+        "method": "learned",
+        "parameters": {"steps": 1, "max_new_tokens": 2, **{k: v for k, v in settings.items() if k not in per_adapter}},
+        "adapters": [{"path": str(demo / STYLE), **per_adapter},
+                     {"path": str(demo / "adapters" / "facts"), "calibration": good}],
+        "output": {"path": str(tmp_path / "outputs" / "merged")},
+    }
+    if case != "adapter without calibration data" and "calibration" not in per_adapter:
+        data["adapters"][0]["calibration"] = good
+    out = tmp_path / "outputs" / "merged"
+    config = write_config(tmp_path, data)
+    result = CliRunner().invoke(main, ["run", str(config), "--device", "cpu", "--no-progress"],
+                                env={"MERGEKIT_LITE_CACHE": str(tmp_path / "cache")})
+    assert_clean_refusal(result, expected, out)

@@ -244,3 +244,50 @@ def test_dry_run_plans_the_linear_stream_without_calibrating(demo: Path, tmp_pat
     text = describe_plan(config, device="cpu")
     assert "Learned coefficients (learned)" in text and "dry run: nothing written" in text
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_non_finite_loss_names_the_adapter_and_the_step(demo: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergekit_lite.calibration import fit as fit_module
+    from mergekit_lite.errors import NonFiniteError
+
+    real = fit_module._batch_loss
+    calls = {"n": 0}
+
+    def poisoned(model: Any, sets: Any, picked: Any, loss: str) -> Any:
+        per_row, owners = real(model, sets, picked, loss)
+        calls["n"] += torch.is_grad_enabled()  # training steps only (the held-out passes run without grad)
+        if torch.is_grad_enabled() and calls["n"] == 3:  # step 3 goes wrong on 'facts'
+            per_row = per_row.clone()
+            per_row[owners.index(1)] = float("nan")
+        return per_row, owners
+
+    monkeypatch.setattr(fit_module, "_batch_loss", poisoned)
+    out = tmp_path / "m"
+    with pytest.raises(NonFiniteError, match=r"step 3 on adapter 'facts'"):
+        run(learned_config(demo, tmp_path, out), tmp_path)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_dora_and_full_fine_tunes_are_refused_before_anything_is_written(bases: dict[str, Path], demo: Path,
+                                                                          tmp_path: Path) -> None:
+    from evals.fixtures import build_adapter
+    from mergekit_lite.errors import MergeConfigError
+
+    base = bases["llama"]
+    prompts = str(calibration_file(tmp_path / "calibration", "p"))
+    dora = build_adapter(base, tmp_path / "dora", "dora")
+    plain = build_adapter(base, tmp_path / "plain", "lora", seed=2)
+    out = tmp_path / "out"
+    config = {"base_model": str(base), "method": "learned", "output": str(out),
+              "adapters": [{"path": str(plain), "calibration": prompts}, {"path": str(dora), "calibration": prompts}]}
+    with pytest.raises(MergeConfigError, match="adapter 'dora'.*DoRA"):
+        run(config, tmp_path)
+    assert not out.exists()
+    full = {"base_model": str(demo / "base"), "method": "learned", "output": str(out),
+            "adapters": [{"path": str(demo / "adapters" / "style"), "calibration": prompts}],
+            "models": [{"path": str(demo / "base"), "calibration": prompts}]}
+    with pytest.raises(MergeConfigError, match="full fine-tune"):
+        run(full, tmp_path)
+    assert not out.exists()
