@@ -113,6 +113,7 @@ def test_epsilon_outside_the_probabilities_is_a_config_error(own: dict, message:
         get_method("della").resolve_params({}, [own], [1.0])
 
 
+@pytest.mark.slow  # a merge and an entry-by-entry Python reference over every tensor
 def test_della_through_files_equals_the_reference(demo: Path, tmp_path: Path) -> None:
     own = [{"density": 0.4, "epsilon": 0.1}, {"density": 0.6, "epsilon": 0.3}, {"density": 0.5, "epsilon": 0.0}]
     config = demo_config(demo, tmp_path / "out", "della", per_adapter=own, parameters={"density": 0.5}, seed=3)
@@ -145,6 +146,7 @@ def test_checkpoints_are_the_same_bytes_for_any_chunking_workers_and_kernels(
     assert (torch_only / "model.safetensors").read_bytes() == whole
 
 
+@pytest.mark.slow  # builds the tiny bases and two bias adapters, two merges
 def test_a_1d_tensor_is_one_row_whatever_the_chunk_rows(bases: dict[str, Path], tmp_path: Path) -> None:
     """lora_bias shifts are 1-D: one row for MagPrune's ranks, so --chunk-rows 1 must not cut them into entries."""
     from evals.fixtures import build_adapter
