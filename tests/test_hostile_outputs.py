@@ -170,6 +170,29 @@ def test_the_python_api_refuses_a_symlink_loop_and_an_unwritable_place_in_one_li
             merge(config, out="/proc/mergekit_lite_out", device="cpu", progress=False)
 
 
+@pytest.mark.parametrize("name", ["n" * 234, "n" * 256, "n" * 300 + "/x"])
+def test_an_output_name_too_long_for_our_temporary_folder_is_refused_up_front(demo: Path, work: Path,
+                                                                               name: str) -> None:
+    """A name of 234..255 bytes passed the checks, merged, then failed creating `.{name}.tmp-…` (exit 1); longer
+    ones were an OSError (exit 1)."""
+    config = _config(work, demo, f"../{name}")
+    before = _tree(work)
+    _one_line(_invoke("run", str(config), "--device", "cpu", "--no-progress"), "pick a shorter name")
+    _one_line(_invoke("inspect", str(config), "--no-plots", "--out", str(work / name)), "pick a shorter name")
+    assert _tree(work) == before
+    assert _invoke("run", str(_config(work, demo, "../" + "n" * 233)), "--device", "cpu", "--no-progress",
+                   ).exit_code == 0
+
+
+def test_a_folder_name_with_a_newline_still_gives_one_line(demo: Path, work: Path) -> None:
+    mine = work / "a\nb"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    line = _one_line(_invoke("run", str(_config(work, demo, "../a\nb")), "--device", "cpu", "--no-progress",
+                             "--overwrite"), "not a merge output")
+    assert "a\\nb" in line and (mine / "notes.txt").read_text() == "x"
+
+
 # ------------------------------------------------------------------------------------- where the output may lie
 
 

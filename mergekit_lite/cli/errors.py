@@ -86,7 +86,7 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except MergeError as error:
             if debug:
                 raise
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {_one_line(str(error))}", err=True)
             sys.exit(error.exit_code)
         except (click.ClickException, click.exceptions.Exit):
             raise  # click's own: a usage error becomes one line in OneLineErrors
@@ -99,10 +99,16 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
             if debug:
                 raise
-            click.echo(f"error: {type(error).__name__}: {error} (run with --debug for the traceback)", err=True)
+            click.echo(f"error: {type(error).__name__}: {_one_line(str(error))} (run with --debug for the traceback)",
+                       err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def _one_line(message: str) -> str:
+    """A message kept on one line: a newline or carriage return inside it (a folder named with one) is escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:

@@ -13,6 +13,10 @@ from .failures import nearest_existing
 
 #: Folder names of the Hugging Face cache's entries (models--org--name, ...): their snapshots are inputs
 _HF_CACHE_ENTRIES = ("models--", "datasets--", "spaces--")
+#: The longest file name most file systems take, and what our temporary folder's name adds to the output's
+#: (`.{name}.tmp-` and 16 hex digits, writers.staging)
+_NAME_MAX = 255
+_TEMPORARY_NAME_EXTRA = 22
 #: Room kept beyond the planned bytes for the card, the config copy and the index.
 FREE_SPACE_MARGIN = 1 << 20
 
@@ -43,6 +47,11 @@ def resolve_output(target: Path, option: str = "output") -> Path:
 def check_output_path(target: Path) -> None:
     """Refuse an output path that is, or lies under, an existing file: the merge could never create it."""
     resolved = resolve_output(target)
+    too_long = [part for part in resolved.parts if len(os.fsencode(part)) > _NAME_MAX]
+    if too_long or len(os.fsencode(resolved.name)) > _NAME_MAX - _TEMPORARY_NAME_EXTRA:
+        raise OutputPathError(f"output {target}: a folder name is longer than the {_NAME_MAX - _TEMPORARY_NAME_EXTRA} "
+                              "bytes an output's name may have (its temporary folder adds "
+                              f"{_TEMPORARY_NAME_EXTRA}); pick a shorter name")
     existing = nearest_existing(resolved)
     if existing == resolved and not resolved.is_dir():
         raise OutputPathError(f"output {target} is an existing file, not a folder; pick a folder path for the output")
