@@ -458,3 +458,42 @@ def test_the_near_step_table_script_runs():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("| ‖ΔW‖/‖W‖ | q8_0") and len(lines) == 8
+
+
+@pytest.fixture(scope="module")
+def suite_ties(tmp_path_factory):
+    """The README's suite merge (merge_configs/eval_ties.yaml), written to a temporary folder."""
+    from mergekit_lite import merge
+    from mergekit_lite.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    config = load_config(repo / "merge_configs" / "eval_ties.yaml")
+    out = tmp_path_factory.mktemp("suite") / "ties"
+    merge(config, out=out, device="cpu", progress=False)
+    return out, repo / "mergekit_lite" / "evaluation" / "suite" / "base"
+
+
+@pytest.mark.slow
+def test_the_readme_suite_figures_of_ties(suite_ties, tmp_path):
+    """The README's table row for ties, from `merge verify --quantize` as the README runs it."""
+    out, base = suite_ties
+    names = ["q8_0", "q4_0"] + [n for n in ("nf4", "int8") if n in ALL_NAMES]
+    result = _cli("verify", out, "--quantize", ",".join(names), "--base", base, "--report", tmp_path / "r",
+                  "--no-progress")
+    assert result.exit_code == 0, result.output
+    overall = json.loads((tmp_path / "r" / "quantize.json").read_text())["overall"]
+    readme = {"q8_0": (1.000, 1.000), "q4_0": (0.998, 0.983), "nf4": (0.995, 0.980), "int8": (1.000, 1.000)}
+    for name in names:
+        assert round(overall[name]["share"], 3) == readme[name][0]
+        assert round(overall[name]["cosine"], 3) == readme[name][1]
+    assert round(overall["q4_0"]["relative_norm"], 2) == 0.71
+
+
+@pytest.mark.slow
+def test_merge_eval_quantize_scores_the_quantized_model(suite_ties, tmp_path):
+    out, _ = suite_ties
+    result = _cli("eval", out, "--quantize", "q4_0", "--tasks", "capitals", "--limit", "4", "--out",
+                  tmp_path / "report", "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "ties: 28 Linear weight(s) quantized to q4_0 in memory" in result.output
+    assert (tmp_path / "report" / "report.md").is_file()
