@@ -368,3 +368,15 @@ def test_the_readme_command_runs_on_the_suite(tmp_path: Path, monkeypatch: pytes
 
     suggested = load_config(out / ifr.SUGGESTED_YAML)
     assert suggested.eval is not None and [a.label for a in suggested.adapters] == block["adapters"]
+    # the committed report is this command's output: the same matrix and weights (same seed, same teachers)
+    committed = json.loads((REPO / "evals/results/inspect_calibrated/inspect.json").read_text())["interference"]
+    for key in ("cost", "cost_share", "pair_ll", "alone_ll"):
+        for ours, theirs in zip(block[key], committed[key]):
+            assert ours == pytest.approx(theirs, abs=1e-4)
+    assert block["suggested"]["weights"] == committed["suggested"]["weights"]
+    # the README's merge eval command names configs that load, the committed suggested_merge.yaml first
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"`merge eval (evals/results/inspect_calibrated/suggested_merge\.yaml[^`]*) --out (\S+)`", readme)
+    assert command, "the README shows how the suggested weights were scored"
+    configs = [load_config(REPO / path) for path in command.group(1).split()]
+    assert configs[0].weights == list(committed["suggested"]["weights"].values())

@@ -47,6 +47,8 @@ COSTLY_SHARE = 0.25
 HARMLESS_SHARE = 0.1
 #: continuation length of the teachers (the calibration package's default)
 MAX_NEW_TOKENS = 16
+#: the order of `interference.timings` in inspect.json
+TIMING_ORDER = ("load_s", "teachers_s", "matrix_s", "weights_s", "total_s")
 #: batch size of the teachers' greedy generation
 TEACHER_BATCH = 16
 #: the suggested config's file name in the report folder
@@ -110,6 +112,18 @@ def sources_of(config: Any, specs: Sequence[Mapping[str, Any]], size: int | None
         sources.append(source_of(spec.get("calibration"), count, spec.get("calibration_template"),
                                  config.config_dir, where))
     return sources
+
+
+def source_names(config: Any, sources: Sequence[Any]) -> list[str]:
+    """Each source as the report names it, without this machine's paths: a file relative to the config's folder,
+    a task by name."""
+    names = []
+    for source in sources:
+        if source.kind == "task" and not source.reference.endswith((".yaml", ".yml")):
+            names.append(source.describe())
+        else:
+            names.append(os.path.relpath(source.reference, config.config_dir))
+    return names
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -359,10 +373,18 @@ def findings(result: Interference, config_name: str | None) -> list[dict[str, An
                 "figures": {"max_share": max(shares)}})
         elif costly:
             parts = " and ".join(f"'{labels[i]}' {s:.0%}" for s, i in sorted(costly, reverse=True))
-            weight = f" (suggested weight {result.weights[j]:g})" if result.weights else ""
+            advice = "lower its weight, or use `method: learned`"
+            if result.weights:
+                others = [w for k, w in enumerate(result.weights) if k != j]
+                if result.weights[j] < min(others):
+                    advice = (f"lower its weight (suggested {result.weights[j]:g}, the others "
+                              f"{'/'.join(f'{w:g}' for w in others)}), or use `method: learned`")
+                elif len(set(result.weights)) == 1:
+                    advice = (f"lower its weight, or use `method: learned`; the others cost each other too, so the "
+                              f"suggested weights lower every adapter alike (to {result.weights[j]:g})")
             out.append({"finding": "costly_adapter", "text": (
-                f"'{labels[j]}' costs {parts} of their gains when added (mean {mean:.0%} over the others); lower "
-                f"its weight{weight}, or use `method: learned`"),
+                f"'{labels[j]}' costs {parts} of their gains when added (mean {mean:.0%} over the others); "
+                f"{advice}"),
                 "figures": {"adapter": labels[j], "mean_share": mean,
                             **{labels[i]: s for s, i in costly}}})
         else:
@@ -375,8 +397,8 @@ def findings(result: Interference, config_name: str | None) -> list[dict[str, An
         if helped:
             s, i, k = min(helped)
             out.append({"finding": "helping_adapter", "text": (
-                f"adding '{labels[k]}' raises '{labels[i]}''s own continuations ({-s:.0%} of its gain): they "
-                "share what they learned"), "figures": {"adapter": labels[k], "victim": labels[i], "share": s}})
+                f"adding '{labels[k]}' raises the likelihood of the continuations of '{labels[i]}' (by {-s:.0%} of "
+                "its gain): they share what they learned"), "figures": {"adapter": labels[k], "victim": labels[i], "share": s}})
     if result.weights is not None:
         worst_loss, mean_loss = suggested_loss(result)
         ones, chosen = result.merged_ll.get("ones"), result.merged_ll.get("suggested")
@@ -437,7 +459,7 @@ def report_json(result: Interference, config_name: str | None) -> dict[str, Any]
         "offender": None if worst is None else {"adapter": result.labels[worst[0]], "mean_share": _num(worst[1])},
         "suggested": suggested,
         "verdict": findings(result, config_name),
-        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "timings": {k: round(result.timings[k], 4) for k in TIMING_ORDER if k in result.timings},
     }
 
 
