@@ -20,7 +20,7 @@ from ..writers.ownership import check_output_folder, local_inputs, owned_folder
 from .analyse import Inspection, InspectOptions, analyse
 from .inputs import open_inputs
 from .interference import (SUGGESTED_YAML, calibration_specs, check_size, measure, read_prompts, report_json,
-                           sources_of, suggested_config)
+                           source_names, sources_of, suggested_config)
 from .report import markdown_report, report_data, text_report
 
 DEFAULT_OUT = "inspect_report"
@@ -50,7 +50,9 @@ def inspect(config: MergeConfig, method_given: bool = True, out: str | Path = DE
 
     With calibration data (the method's own `calibration:` keys, or `calibration` as `load_inspect_config` set them
     aside), the interference matrix is measured too (`interference.measure`) and suggested_merge.yaml written."""
-    target = Path(out).resolve()
+    from ..writers.preflight import resolve_output
+
+    target = resolve_output(Path(out), "--out")  # a symlink loop is one line
     check_output_folder(target, "inspect", local_inputs(config))
     if sample is not None and sample < 1:
         raise MergeConfigError(f"--sample {sample}: must be a positive number of entries")
@@ -69,6 +71,7 @@ def inspect(config: MergeConfig, method_given: bool = True, out: str | Path = DE
         if sources is not None:
             measured = measure(inputs, sources, device=options.device, seed=config.seed, progress=progress,
                                texts=texts)
+            measured.sources = source_names(config, sources)
     interference = report_json(measured, SUGGESTED_YAML if measured.weights else None) if measured else None
     with owned_folder(target, "inspect") as staging:
         figures = []
