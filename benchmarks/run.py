@@ -69,14 +69,15 @@ def ensure_peers() -> Path:
     return python
 
 
-def timed(command: list[str], log: Path) -> dict:
+def timed(command: list[str], log: Path, timeout: float | None = None, env: dict[str, str] | None = None) -> dict:
     """Run a command under /usr/bin/time: wall seconds, CPU seconds (user + system: less sensitive than the wall
-    time to other work on a shared machine) and peak RSS bytes of the child."""
+    time to other work on a shared machine) and peak RSS bytes of the child (killed after `timeout` seconds)."""
     stats = log.with_suffix(".time")
     started = time.perf_counter()
     with open(log, "w") as out:
         done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%U %S %M", *command], stdout=out,
-                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              stderr=subprocess.STDOUT, timeout=timeout,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed; see {log}")
