@@ -27,7 +27,6 @@ class MagPrune(Sparsifier):
 
     name = "magprune"
     whole_rows = True
-    random = True
 
     def cut(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> torch.Tensor | None:
         out = tau.clone(memory_format=torch.contiguous_format)

@@ -68,12 +68,10 @@ class Cut:
 class Sparsifier:
     """No thinning: τᵢ as it is (the base of the strategies below)."""
 
-    #: the name shown on cards and by `method.sparsification`
+    #: what `method.sparsification` reports (for display and the callers' own checks; the engine never reads it)
     name = "none"
     #: True when the cut ranks entries within each row (the engine then keeps a 1-D tensor in one chunk)
     whole_rows = False
-    #: True when the cut draws from the counter-based uniforms (the engine gives each adapter its stream)
-    random = False
 
     def ranks(self, own: Mapping[str, Any], numel: int) -> dict[str, int]:
         """The exact top-k sets the cut needs, by name: {} when no selection pass is needed."""
@@ -113,7 +111,6 @@ class Dare(Sparsifier):
     """DARE: a counter-based Bernoulli(densityᵢ) keep-mask; kept entries × 1/densityᵢ (`rescale`)."""
 
     name = "dare"
-    random = True
 
     def scale(self, weight: float, own: Mapping[str, Any]) -> float:
         return float(weight) / own["density"] if own["rescale"] else float(weight)
