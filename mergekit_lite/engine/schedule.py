@@ -203,5 +203,5 @@ def check_phase(tensors: Sequence[TensorPlan], method: MergeMethod, labels: Sequ
                 raise MergeConfigError(
                     f"method '{method.name}' works on low-rank factors, but adapter '{labels[index]}' changes tensor "
                     f"'{tensor.name}' with {what}; merge these adapters with linear, task_arithmetic, ties, "
-                    "dare_ties, dare_linear or magnitude_prune"
+                    "dare_ties, dare_linear, magnitude_prune, breadcrumbs, della or model_stock"
                 )
