@@ -275,6 +275,20 @@ def test_a_report_folder_of_ours_holding_the_users_files_is_not_replaced(tmp_pat
     assert _tree(target) == before
 
 
+def test_a_users_file_put_into_a_sweeps_folder_while_it_runs_is_kept(tmp_path: Path) -> None:
+    """A sweep claims an empty --out and writes its cache there in place: the claim lists the cache, so a killed
+    sweep resumes, but a file the user puts there meanwhile stops the final swap instead of being deleted."""
+    target = tmp_path / "out"
+    ownership.claim(target, "sweep", ["cache"])
+    (target / "cache").mkdir()
+    (target / "cache" / "point.json").write_text("{}")
+    assert check_output_folder(target, "sweep") is True  # --resume after a kill
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match="appeared there"), owned_folder(target, "sweep", keep=["cache"]) as s:
+        (s / "leaderboard.md").write_text("new")
+    assert (target / "notes.txt").read_text() == "mine" and (target / "cache" / "point.json").is_file()
+
+
 def test_a_marker_without_entries_still_vouches_for_its_folder(tmp_path: Path) -> None:
     """Reports written before markers listed entries (and a sweep's claimed folder) stay replaceable."""
     write_marker(tmp_path, "sweep")

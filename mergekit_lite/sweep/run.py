@@ -182,7 +182,7 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, backend: str = "local", ad
     adapters = [(spec_.label, local_model_dir(template, spec_.path, "adapter")) for spec_ in template.adapters]
     fingerprints = {str(base_dir): fingerprint(base_dir), **{str(p): fingerprint(p) for _, p in adapters}}
 
-    claimed = claim(out, "sweep")  # the cache is written into --out as points finish
+    claimed = claim(out, "sweep", [CACHE_DIR])  # the cache is written into --out as points finish
     try:
         result = _run(sweep, out, fixed, cache, adapters, selection, options, worker_spec, selections, settings,
                       fingerprints, backend, workers, address, progress)

@@ -290,16 +290,17 @@ def _link_tree(source: Path, destination: Path) -> None:
                 shutil.copy2(path, there / name)
 
 
-def claim(target: Path, command: str) -> str | None:
+def claim(target: Path, command: str, entries: Iterable[str] = ()) -> str | None:
     """Make `target` ours before writing into it in place (a sweep's cache): create it, or mark an empty one, with
-    our marker. Returns what this call added ("folder", "marker" or None), for `release` after a failure."""
+    our marker listing `entries` (what the command will write there in place: a file a user adds meanwhile stays
+    the user's). Returns what this call added ("folder", "marker" or None), for `release` after a failure."""
     target = Path(target).resolve()
     if not target.exists():
         target.mkdir(parents=True)
-        write_marker(target, command)
+        write_marker(target, command, entries)
         return "folder"
     if read_marker(target) is None:
-        write_marker(target, command)
+        write_marker(target, command, entries)
         return "marker"
     return None
 
