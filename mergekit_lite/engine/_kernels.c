@@ -436,7 +436,8 @@ int64_t mkl_lowrank_add(const float *restrict left, int64_t rows, int64_t rank, 
     return lowrank_add(left, rows, rank, right, cols, base, base_type, out, out_type);
 }
 
-/* DARE's keep-masks in one pass (engine/rng.py): τ[j] ← τ[j] · keep(j) for flat indices start..start+count-1,
+/* DARE's keep-masks in one pass (mergekit_lite/randomness.py, through engine/kernels.dare_keep):
+ * τ[j] ← τ[j] · keep(j) for flat indices start..start+count-1,
  * keep(j) = 1 where u(j) < density else 0, u(j) the uniform torch.rand gives entry j: the flat index space is cut
  * into blocks of 2¹⁶; block b's uniforms are torch's CPU generator (MT19937, seeded as at::mt19937 seeds it)
  * seeded with seeds[b − start/2¹⁶], each u = (r & (2²⁴−1)) · 2⁻²⁴ from one 32-bit draw r, as at::uniform_real_
