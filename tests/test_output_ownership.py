@@ -209,3 +209,24 @@ def test_claim_makes_an_absent_folder_ours_and_release_undoes_it_only_when_unuse
     (target / "cache").mkdir()
     release(target, claimed)
     assert read_marker(target) == "sweep" and (target / "cache").is_dir()
+
+
+def test_every_file_a_merge_writes_is_one_overwrite_may_replace(tmp_path: Path) -> None:
+    """--overwrite refuses a merge output holding anything no merge writes: every name a merge does write (the
+    base's side files, shards, the PEFT-format files, a data-aware method's side files, eval/) must pass, or a
+    plain rerun would be refused. A new side file with another kind of name belongs in ownership._MERGE_FILE."""
+    from mergekit_lite.methods import learned
+    from mergekit_lite.writers.checkpoint import INDEX_FILE, SIDE_FILES, shard_names
+
+    names = [*SIDE_FILES, "config.json", "README.md", "mergekit_lite_config.yaml", "model.safetensors", INDEX_FILE,
+             *shard_names(3), "adapter_config.json", "adapter_model.safetensors", learned.COEFFICIENTS_FILE,
+             learned.HEATMAP_FILE, learned.LOSS_FILE]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "mergekit_lite_config.yaml").write_text("base_model: b\nadapters: [{path: a}]\n")
+    assert ownership.foreign_entries(tmp_path) == []
+    ownership.check_replaceable(tmp_path)
+    for name in ("notes.txt", "my.md", "sub", ".cache"):
+        (tmp_path / name).mkdir() if name in ("sub", ".cache") else (tmp_path / name).write_text("x")
+    assert ownership.foreign_entries(tmp_path) == sorted([".cache", "my.md", "notes.txt", "sub"])
