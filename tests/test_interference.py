@@ -232,6 +232,18 @@ def test_the_report_carries_the_matrix_the_verdict_and_a_runnable_config(three: 
     assert suggested.output_path == (tmp_path / "report_suggested_merge").resolve()
 
 
+@pytest.mark.slow
+def test_one_adapter_has_a_gain_and_nothing_to_interfere_with(demo: Path, tmp_path: Path) -> None:
+    config = demo_config(tmp_path, demo, [("facts", demo / "adapters" / "facts", "facts")])
+    out = tmp_path / "report"
+    run = invoke(str(config), "--out", str(out), "--no-plots", "--calibration-size", "3")
+    assert run.exit_code == 0, run.output
+    block = json.loads((out / "inspect.json").read_text())["interference"]
+    assert block["calibration"][0]["prompts"] == 3 and block["suggested"] is None and block["offender"] is None
+    assert [f["finding"] for f in block["verdict"]] == ["single_adapter"]
+    assert sorted(p.name for p in out.iterdir()) == [".mergekit_lite_output.json", "inspect.json", "report.md"]
+
+
 def test_the_measured_verdict_names_the_costly_adapter_and_its_weight() -> None:
     """A synthetic matrix: 'c' costs 'a' 62% and 'b' 140% of their gains; halving it keeps every pair under 30%."""
     labels = ["a", "b", "c"]

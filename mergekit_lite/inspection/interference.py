@@ -230,6 +230,7 @@ def measure(prepared: Any, sources: Sequence[Any], *, device: torch.device | str
     from ..calibration import Calibration
     from ..calibration.batches import encode
     from ..calibration.model import BranchedModel
+
     started = time.perf_counter()
     if texts is None:
         texts = read_prompts(sources, seed)  # every file read before the model loads
@@ -361,6 +362,10 @@ def findings(result: Interference, config_name: str | None) -> list[dict[str, An
                 f"'{labels[i]}' does not raise the likelihood of its own continuations over the base (gain "
                 f"{result.gain(i):+.3f} nats/token): are its calibration prompts from its task?"),
                 "figures": {"adapter": labels[i], "gain": _num(result.gain(i))}})
+    if n == 1:
+        out.append({"finding": "single_adapter", "text": (
+            f"one adapter: nothing to interfere with (its gain on its own continuations: {result.gain(0):.3f} "
+            "nats/token)"), "figures": {"gain": _num(result.gain(0))}})
     worst = offender(result)
     shares = [s for i, j in itertools.permutations(range(n), 2) if (s := result.share(i, j)) is not None]
     if worst is not None and shares:
