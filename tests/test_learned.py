@@ -116,6 +116,7 @@ def test_held_out_loss_falls(demo: Path, tmp_path: Path) -> None:
     assert held["prompts"] == {name: 4 for name in ADAPTERS}
 
 
+@pytest.mark.slow
 def test_teachers_are_cached_by_content(demo: Path, tmp_path: Path) -> None:
     from mergekit_lite.calibration import load_calibration
 
@@ -246,6 +247,7 @@ def test_dry_run_plans_the_linear_stream_without_calibrating(demo: Path, tmp_pat
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_names_the_adapter_and_the_step(demo: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from mergekit_lite.calibration import fit as fit_module
@@ -291,3 +293,17 @@ def test_dora_and_full_fine_tunes_are_refused_before_anything_is_written(bases: 
     with pytest.raises(MergeConfigError, match="full fine-tune"):
         run(full, tmp_path)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_in_memory_merge_calibrates_first_and_matches_the_written_checkpoint(demo: Path, tmp_path: Path) -> None:
+    """`merge sweep`'s in-memory path never streams a data-aware method uncalibrated (its init λ)."""
+    from safetensors.torch import load_file
+
+    from mergekit_lite.sweep.memory import merged_tensors
+
+    data = learned_config(demo, tmp_path, tmp_path / "m", steps=3)
+    written = load_file(run(data, tmp_path) / "model.safetensors")
+    with prepare(MergeConfig.from_dict(data, tmp_path)) as prepared:
+        in_memory = merged_tensors(prepared, torch.device("cpu"))
+    assert in_memory and all(torch.equal(value, written[name]) for name, value in in_memory.items())

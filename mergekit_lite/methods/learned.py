@@ -66,6 +66,8 @@ def _validate(weights: Sequence[Any], params: Mapping[str, Any], per_adapter: Se
 
 def calibrate(prepared: Any, run: CalibrationRun) -> Calibrated:
     """Load the branches, compute the teachers (cached), fit λ, and hand the linear path per-tensor weights."""
+    import time
+
     import torch
 
     from ..calibration import load_calibration
@@ -75,13 +77,16 @@ def calibrate(prepared: Any, run: CalibrationRun) -> Calibrated:
     config = prepared.config
     params = config.global_params
     loss = params["loss"]
+    started = time.perf_counter()
     with single_threaded_torch():  # measured on the shared 2-core machine: 1 thread ~9x faster than 2 under load
         calibration = load_calibration(prepared, device=run.device, seed=config.seed,
                                        room=params["max_new_tokens"], cache_dir=run.cache_dir)
         try:
             model = calibration.model
+            loaded = time.perf_counter()
             teachers = calibration.teachers(params["max_new_tokens"], log_probs=loss == "kl",
                                             batch_size=params["batch_size"])
+            taught = time.perf_counter()
             init = initial_coefficients(model.tensors, config)
             result = fit(model, teachers, torch.tensor(init), loss=loss, granularity=params["granularity"],
                          steps=params["steps"], lr=params["lr"], batch_size=params["batch_size"], seed=config.seed,
@@ -92,6 +97,9 @@ def calibrate(prepared: Any, run: CalibrationRun) -> Calibrated:
     labels = [a.label for a in prepared.adapters]
     values = [[float(v) for v in row] for row in result.coefficients.cpu().tolist()]
     record = _record(config, labels, model.tensors, values, result, calibration, continuation_tokens)
+    record["timings"] = {"prompts_and_model_s": round(loaded - started, 3), "teachers_s": round(taught - loaded, 3),
+                         "fit_s": round(result.seconds, 3),
+                         "per_step_s": round(result.seconds / params["steps"], 4) if params["steps"] else None}
     files = {COEFFICIENTS_FILE: (json.dumps(record, indent=1) + "\n").encode()}
     files.update(_pictures(record))
     held = ""
