@@ -65,6 +65,8 @@ CLICK_CASES: dict[str, tuple[list[str], str]] = {
     "sweep: --backend slurm": (["sweep", "{cfg}", "--backend", "slurm"], "'slurm' is not one of"),
     "sweep: --out a file": (["sweep", "{cfg}", "--out", "{file}"], "is a file"),
     "verify: --atol -1": (["verify", "{tmp}", "--atol", "-1"], "Invalid value for '--atol'"),
+    "verify: --atol nan": (["verify", "{tmp}", "--atol", "nan"], "Invalid value for '--atol': nan is not a finite"),
+    "verify: --atol inf": (["verify", "{tmp}", "--atol", "inf"], "Invalid value for '--atol': inf is not a finite"),
     "verify: folder is a file": (["verify", "{file}"], "is a file"),
     "publish: no --repo-id": (["publish", "{tmp}"], "Missing option '--repo-id'"),
     "convert: missing config": (["convert"], "merge convert: Missing argument 'MERGEKIT_CONFIG'"),

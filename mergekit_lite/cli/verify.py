@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,13 +16,20 @@ from .errors import friendly_errors
 _DEFAULTS = ", ".join(f"{d.config_name} {RELATIVE_TOLERANCE[code]:g}" for code, d in DTYPES.items() if d.config_name)
 
 
+def _finite(ctx: Any, param: Any, value: float | None) -> float | None:
+    """click's FloatRange lets nan (no comparison fails) and inf through; a tolerance must be a number."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @click.command(name="verify")
 @click.argument("out_dir", metavar="OUT_DIR", type=click.Path(file_okay=False))
 @click.option("--base", default=None, help="Base model (folder or Hub id) for the logit check; needs --adapter.")
 @click.option("--adapter", default=None, help="The one adapter merged into OUT_DIR (folder or Hub id), for the logit check.")
 @click.option("--against-inputs", is_flag=True,
               help="Take --base and --adapter from OUT_DIR/mergekit_lite_config.yaml (one adapter at weight 1).")
-@click.option("--atol", type=click.FloatRange(min=0), default=None,
+@click.option("--atol", type=click.FloatRange(min=0), default=None, callback=_finite,
               help=f"Max |logit difference| allowed. Default: the largest |logit| times a factor set by the stored "
                    f"dtype ({_DEFAULTS}).")
 @click.option("--checkpoint", default=None,
