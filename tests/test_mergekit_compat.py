@@ -291,3 +291,22 @@ def test_nearswap_and_ram_convert_without_weights() -> None:
     ram = convert({"merge_method": "ramplus_tl", "base_model": "w", "parameters": {"r": 0.2},
                    "models": [{"model": "a", "parameters": {"weight": 2.0}}, {"model": "b"}]}).config
     assert ram["method"] == "ramplus_tl" and ram["models"] == [{"path": "a"}, {"path": "b"}]
+
+
+def test_inputs_ending_in_one_folder_name_get_distinct_names() -> None:
+    """mergekit YAML has no `name:`; inputs are told apart by folder name, so alike ones are named for it."""
+    from mergekit_lite.config import MergeConfig
+
+    def converted(*paths: str) -> tuple[list[str | None], list[str]]:
+        conversion = convert({"merge_method": "task_arithmetic", "base_model": "b",
+                              "models": [{"model": p, "parameters": {"weight": 0.5}} for p in paths]})
+        MergeConfig.from_dict(conversion.config)  # accepted: the labels are distinct
+        return [m.get("name") for m in conversion.config["models"]], conversion.differences
+
+    names, notes = converted("runs/a/model", "runs/b/model", "other")
+    assert names == ["a-model", "b-model", None]
+    assert notes == ["2 inputs end in the folder name 'model': named 'a-model', 'b-model' (mergekit_lite tells "
+                     "inputs apart by name)"]
+    assert converted("org1/llama-ft", "org2/llama-ft/")[0] == ["org1-llama-ft", "org2-llama-ft"]  # Hub ids
+    assert converted("x/model", "x/model")[0] == ["model-1", "model-2"]  # the parents do not tell them apart
+    assert converted("model", "x/model")[0] == ["model-1", "model-2"]

@@ -202,6 +202,7 @@ class _Converter:
         for entry in inputs:
             if "weight" not in entry and shared_weight is not None:
                 entry["weight"] = shared_weight
+        self._name_alike_folders(inputs)
         method = METHODS[self.method]
         getattr(self, f"_{self.method}")(params, inputs)
         config: dict[str, Any] = {"base_model": self.base, "method": method}
@@ -212,6 +213,22 @@ class _Converter:
         if self.models:
             config["models"] = self.models
         return config
+
+    def _name_alike_folders(self, inputs: list[dict[str, Any]]) -> None:
+        """Inputs are told apart by their folder's name (config.AdapterSpec.label) and mergekit YAML has no
+        `name:` to set: two paths ending in one folder name (runs/a/model, runs/b/model; two orgs' same repo)
+        get `name: <parent>-<folder>`, or `<folder>-<position>` when the parents do not tell them apart."""
+        labels = [Path(str(entry["path"]).rstrip("/")).name or str(entry["path"]) for entry in inputs]
+        for label in {label for label in labels if labels.count(label) > 1}:
+            alike = [i for i, other in enumerate(labels) if other == label]
+            parents = [Path(str(inputs[i]["path"]).rstrip("/")).parent.name for i in alike]
+            names = [f"{parent}-{label}" for parent in parents]
+            if "" in parents or len(set(names)) < len(names) or set(names) & set(labels):
+                names = [f"{label}-{n}" for n in range(1, len(alike) + 1)]
+            for i, name in zip(alike, names):
+                inputs[i]["name"] = name
+            self.differences.append(f"{len(alike)} inputs end in the folder name '{label}': named "
+                                    f"{', '.join(repr(n) for n in names)} (mergekit_lite tells inputs apart by name)")
 
     # -- per method: mergekit's result in our parameters -------------------------------------------------
     def _linear(self, params: dict[str, Any], inputs: list[dict[str, Any]]) -> None:
