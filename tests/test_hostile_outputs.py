@@ -33,9 +33,14 @@ The catalogue tried (run: `merge run`; reports: `merge inspect --out`, `merge sw
 | mega file whose last output is a user's folder, -ow| refused before document 1 merges (was: document 1 written) |
 | `merge eval --remerge` onto a user's folder / a    | refused                 | -                           |
 |   merge output holding notes                       |                         |                             |
+| an output name of 234..255 bytes (256 and more)    | refused up front (was: merged, then exit 1; OSError)  |
+| a folder name with a newline, in an error          | one line, escaped (was: two lines)                    |
+| a file put into a sweep's --out while it runs      | -                       | swap stops, file kept (was: |
+|                                                    |                         |   deleted at the swap)      |
 
 `merge convert` only prints (nothing written for any --out); `merge publish` writes nothing locally (tested
-against tests/hub_standin.py); `merge verify` without --report writes nothing. Read-only parents cannot be tried
+against tests/hub_standin.py) and refuses a folder holding a link out of it or a loop (was: uploaded the file
+the link points at); `merge verify` without --report writes nothing. Read-only parents cannot be tried
 as root (the tests skip there; /proc stands in). SIGINT/SIGTERM/SIGKILL at every write step are in
 tests/test_faults.py and tests/test_sweep_safety.py; here: a signal inside the output checks leaves nothing.
 """
@@ -380,6 +385,20 @@ def test_publish_writes_nothing_into_the_folder_it_sends(hub: Any, demo: Path, w
     for folder in (work / "mine", work / "loop", work / "cfg"):
         _one_line(_invoke("publish", str(folder), "--repo-id", "user/hostile"))
     assert local() == before
+
+
+def test_publish_refuses_a_link_out_of_the_folder(hub: Any, demo: Path, work: Path) -> None:
+    """A merge output holding a symlink to a file elsewhere (a key, a private note) would upload that file."""
+    config = _config(work, demo, "../out")
+    assert _invoke("run", str(config), "--device", "cpu", "--no-progress").exit_code == 0
+    (work / "out" / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# merge\n")
+    (work / "secret.txt").write_text("private")
+    (work / "out" / "notes.json").symlink_to(work / "secret.txt")
+    for extra in (["--dry-run"], []):
+        _one_line(_invoke("publish", str(work / "out"), "--repo-id", "user/hostile", *extra), "a link out of")
+    (work / "out" / "notes.json").unlink()
+    (work / "out" / "loop.json").symlink_to(work / "out" / "loop.json")
+    _one_line(_invoke("publish", str(work / "out"), "--repo-id", "user/hostile", "--dry-run"), "a link out of")
 
 
 # ------------------------------------------------------------------------------------------- signals, odd moments

@@ -97,6 +97,14 @@ def check_folder(folder: Path) -> list[FolderFile]:
     if not (folder / CARD_FILE).is_file():
         raise UnpublishableError(f"{folder}: no {CARD_FILE} model card (`merge run` writes one); refusing to publish "
                                  "a model without a card")
+    for link in (p for p in sorted(folder.rglob("*")) if p.is_symlink()):  # the upload would send what it points at
+        try:
+            inside = link.resolve().is_relative_to(folder.resolve())
+        except (OSError, RuntimeError):  # a symlink loop
+            inside = False
+        if not inside:
+            raise UnpublishableError(f"{link}: a link out of {folder} (or a loop); publishing would upload what it "
+                                     "points at: copy the file into the folder or remove the link")
     _check_weights(folder, adapter)
     metadata = card_metadata(folder / CARD_FILE)
     local = local_paths_in_metadata(metadata)
