@@ -271,7 +271,8 @@ def owned_folder(target: Path, command: str, keep: Sequence[str] = ()) -> Iterat
         for name in keep:
             if (target / name).is_dir() and not (target / name).is_symlink():
                 _link_tree(target / name, staging / name)
-        write_marker(staging, command, os.listdir(staging))  # what this set holds: anything else is not ours
+        # what this set holds, and what the command writes in place (`keep`): anything else is not ours
+        write_marker(staging, command, [*os.listdir(staging), *keep])
         check_still_ours(target, command)
 
 
