@@ -8,6 +8,7 @@ toward the base), every adapter's G̃ᵢ counting, touching the tensor or not. T
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -609,3 +610,17 @@ def test_the_shipped_suite_config_plans_a_regmean_merge_from_train_prompts() -> 
     assert [s.kind for s in sources] == ["jsonl"] * 4
     assert all(s.reference.endswith("train.jsonl") and s.size == 64 for s in sources)  # never validation or test
     assert "dry run: nothing written" in describe_plan(config, device="cpu")
+
+
+def test_the_readme_regmean_row_is_the_committed_report() -> None:
+    """README's defaults row (LL ret. / acc ret. / avg acc) equals evals/results/regmean/scores.json, which
+    `merge eval merge_configs/regmean_suite.yaml --out evals/results/regmean` wrote."""
+    scores = json.loads((REPO / "evals" / "results" / "regmean" / "scores.json").read_text())
+    retention = scores["retention"]["regmean"]
+    ll = np.mean(list(retention["answer_ll"].values()))
+    acc = np.mean(list(retention["acc"].values()))
+    avg = np.mean([task["acc"] for task in scores["scores"]["regmean"].values()])
+    readme = (REPO / "README.md").read_text()
+    row = re.search(r"\| \*\*regmean, defaults\*\* [^|]*\| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \|", readme)
+    assert row, "README lost regmean's defaults row"
+    assert row.groups() == (f"{ll:.2f}", f"{acc:.2f}", f"{avg:.3f}")
