@@ -497,3 +497,44 @@ def test_merge_eval_quantize_scores_the_quantized_model(suite_ties, tmp_path):
     assert result.exit_code == 0, result.output
     assert "ties: 28 Linear weight(s) quantized to q4_0 in memory" in result.output
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def _result_of(tensors):
+    """A MergeQuantization over in-memory (name, base, merged) triples, for the report's rules."""
+    from mergekit_lite.quantize.merged import MergeQuantization, TensorResult, layer_and_module
+
+    formats = resolve("q8_0,q4_0")
+    result = MergeQuantization(Path("out"), Path("base"), "checkpoint", formats)
+    for name, base, merged in tensors:
+        figures = measure_tensor(_rows(base), _rows(merged), base.shape, formats)
+        result.tensors.append(TensorResult(name, tuple(base.shape), *layer_and_module(name), figures))
+    return result
+
+
+def test_verdicts_name_the_three_regimes_and_where():
+    from mergekit_lite.quantize.report import layer_ranges, verdict
+
+    grid = _on_grid("q4_0")
+    small = torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * 0.001
+    small[:, ::32] = 0.0
+    tensors = []
+    for layer in range(4):
+        big_base, big_merged = _pair(scale=1000.0, seed=layer)
+        tensors.append((f"model.layers.{layer}.self_attn.q_proj.weight", big_base, big_merged))
+        # down_proj of layers 2-3 sits on the q4_0 grid, and its change is far below the step: erased
+        base = grid if layer >= 2 else _pair(rows=64, seed=layer)[0]
+        merged = base + (small if layer >= 2 else small * 1000)
+        tensors.append((f"model.layers.{layer}.mlp.down_proj.weight", base, merged))
+    result = _result_of(tensors)
+    q4 = verdict(result, "q4_0")
+    assert q4.startswith("q4_0 keeps 0% of the merge's change in mlp.down_proj layers 2–3 (under 1% of the merge's")
+    # q8_0's step (1/127) is above this change too, so the advice goes past it
+    assert q4.endswith("serve the merged adapter on a quantized base, or use a 16-bit model")
+    q4_only = _result_of(tensors)
+    q4_only.formats = [f for f in q4_only.formats if f.name == "q4_0"]
+    assert verdict(q4_only, "q4_0").endswith("or use q8_0")
+    assert verdict(_result_of(tensors[:1]), "q8_0").startswith("q8_0 keeps the merge's change: 100% arrives")
+    noisy = [("model.layers.0.mlp.up_proj.weight", *_pair(rows=128, cols=512, scale=0.001))]
+    assert "delivers the merge's change only as rounding noise in mlp.up_proj layers 0" in verdict(
+        _result_of(noisy), "q4_0")
+    assert layer_ranges([20, 21, 22, 3, 7, 8]) == "3, 7–8, 20–22"

@@ -20,6 +20,8 @@ MARKDOWN, JSON, FIGURE = "quantize.md", "quantize.json", "quantize.png"
 KEEPS = 0.95
 #: below this share the change is erased, whatever the cosine
 ERASED = 0.9
+#: below this cosine what arrives is mostly rounding noise, not the change
+NOISE = 0.5
 #: tensors listed as the worst, per format
 WORST = 5
 
@@ -75,41 +77,56 @@ def _kept(figures: Figures) -> bool:
     return figures.share >= KEEPS and figures.cosine >= KEEPS
 
 
-def _where(result: MergeQuantization, fmt: str) -> str:
-    """The module (and its layers) that keeps least: 'down_proj layers 20–31'."""
-    modules = grouped(result, fmt, "module")
-    module = min(modules, key=lambda m: (_nan_low(min(modules[m].share, modules[m].cosine)), m))
-    layers = [t.layer for t in result.tensors
-              if t.module == module and t.layer is not None and fmt in t.figures and not _kept(t.figures[fmt])]
-    return f"{module} layers {layer_ranges(layers)}" if layers else module
+def _losing(result: MergeQuantization, fmt: str) -> tuple[str, list[TensorResult]] | None:
+    """The module whose tensors that do not keep their change carry the most of it, with those tensors."""
+    losing: dict[str, list[TensorResult]] = {}
+    for tensor in result.tensors:
+        if fmt in tensor.figures and not _kept(tensor.figures[fmt]):
+            losing.setdefault(tensor.module, []).append(tensor)
+    if not losing:
+        return None
+    module = max(losing, key=lambda m: (sum(t.figures[fmt].delta_sq for t in losing[m]), m))
+    return module, losing[module]
 
 
 def verdict(result: MergeQuantization, fmt: str) -> str:
-    """One sentence per format: keeps the change, erases part of it (where), or delivers it only as noise."""
+    """One sentence per format: keeps the change, erases part of it (where), or delivers it only as noise.
+
+    Judged tensor by tensor, so a module that loses its change is named even when larger changes elsewhere
+    dominate the sums: the sentence names the module whose losing tensors carry the most of ‖ΔW‖², their layers,
+    and the figures over those tensors.
+    """
     total = overall(result, fmt)
     if total.delta_sq == 0:
         return f"{fmt}: no tensor of this merge fits its blocks; nothing measured"
-    safer = _safer(result, fmt)
-    if _kept(total):
+    found = _losing(result, fmt)
+    if found is None:
         return (f"{fmt} keeps the merge's change: {total.share:.0%} arrives, cosine {total.cosine:.3f}, rounding "
                 f"error {total.error:.2g}× ‖ΔW‖; safe to quantize")
-    where = _where(result, fmt)
-    part = grouped(result, fmt, "module")[where.split(" layers ")[0]]
-    if total.share < ERASED or part.share < ERASED:
-        return (f"{fmt} keeps {part.share:.0%} of the merge's change in {where} ({total.share:.0%} overall): serve "
-                f"the merged adapter on a quantized base, or use {safer}")
-    return (f"{fmt} delivers the merge's change only as rounding noise in {where}: {part.share:.0%} arrives on "
-            f"average but at cosine {part.cosine:.2f}, with a rounding error {part.error:.2g}× ‖ΔW‖ (overall cosine "
+    module, tensors = found
+    part = _sum([t.figures[fmt] for t in tensors])
+    layers = [t.layer for t in tensors if t.layer is not None]
+    where = f"{module} layers {layer_ranges(layers)}" if layers else module
+    fraction = part.delta_sq / total.delta_sq
+    stake = f"{fraction:.0%} of the merge's ‖ΔW‖²" if fraction >= 0.01 else "under 1% of the merge's ‖ΔW‖²"
+    safer = _safer(result, fmt)
+    if part.share < ERASED:
+        return (f"{fmt} keeps {part.share:.0%} of the merge's change in {where} ({stake}; {total.share:.0%} "
+                f"overall): serve the merged adapter on a quantized base, or use {safer}")
+    how = "only as rounding noise" if part.cosine < NOISE else "blurred"
+    return (f"{fmt} delivers the merge's change {how} in {where} ({stake}): {part.share:.0%} arrives on average "
+            f"but at cosine {part.cosine:.2f}, with a rounding error {part.error:.2g}× ‖ΔW‖ (overall cosine "
             f"{total.cosine:.2f}); check the quantized model with `merge eval --quantize {fmt}`, serve the merged "
             f"adapter on a quantized base, or use {safer}")
 
 
 def _safer(result: MergeQuantization, fmt: str) -> str:
-    """A measured format that keeps the change, else q8_0 (the finest the gguf package makes)."""
+    """A measured format that keeps the change in every module, else q8_0 (the finest the gguf package makes)."""
     for other in result.formats:
-        if other.name != fmt and overall(result, other.name).delta_sq and _kept(overall(result, other.name)):
+        if other.name != fmt and overall(result, other.name).delta_sq and _losing(result, other.name) is None:
             return other.name
-    return "q8_0" if fmt != "q8_0" else "a 16-bit model"
+    q8_measured = any(f.name == "q8_0" for f in result.formats)
+    return "q8_0" if fmt != "q8_0" and not q8_measured else "a 16-bit model"
 
 
 def to_json(result: MergeQuantization) -> dict[str, Any]:
