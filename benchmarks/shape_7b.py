@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/shape_7b.py --tools io,ours,peft,mergekit --peer-rounds 1
 
 The base is Llama-shaped at the width users merge (hidden 4096, MLP 11008, 32 heads / 8 KV heads — the same tensor
-shapes as 16 / 4 heads of 256 —, vocab 32000), built on demand by benchmarks/synthetic.py into
+shapes as 16 / 4 heads of 256 —, vocab 32000), built on demand by benchmarks/synthetic.py (streamed, matrices cut from one seeded
+Gaussian pool: `build_base(tiled=True)`) into
 benchmarks/work/shape_7b_l{layers} (never committed) and deleted afterwards unless `--keep`. Disk: the base
 (2 bytes a parameter), the adapters (~0.1 GB) and one output at a time (outputs are deleted before each case,
 outside the timing): about 25 GB at 32 layers; the script refuses to start with less free.
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{shape.parameters() / 1e9:.2f}B parameters, {2 * shape.parameters() / 1e9:.1f} GB bf16; "
           f"disk needed {need / 1e9:.1f} GB ({free / 1e9:.0f} GB free)", flush=True)
     started = time.perf_counter()
-    build(root, shape, args.adapters, args.rank)
+    build(root, shape, args.adapters, args.rank, tiled=True)
     build_s = time.perf_counter() - started
     print(f"inputs ready in {build_s:.0f} s", flush=True)
     peers = ensure_peers() if {"peft", "mergekit"} & set(args.tools) else None

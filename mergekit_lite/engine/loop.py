@@ -149,7 +149,12 @@ class MergeEngine:
         try:
             for schedule in self.schedules:
                 writer.begin(schedule.name)
-                if schedule.action == COPY:  # untouched: raw bytes, never decoded
+                if schedule.action == COPY and self._copied_in_kernel(schedule):  # untouched, stored raw
+                    descriptor, offset = self.base.stored_range(schedule.name)  # type: ignore[misc]
+                    writer.copy(descriptor, offset, schedule.plan.info.nbytes)
+                    progress.update(schedule.plan.info.nbytes)
+                    stats.tensors_copied += 1
+                elif schedule.action == COPY:  # untouched: raw bytes, never decoded
                     for _ in range(0, schedule.plan.info.nbytes, COPY_BLOCK):
                         block = reads.next()
                         writer.write(block)
@@ -180,6 +185,8 @@ class MergeEngine:
         """Every read of the run, in the order the loop consumes them (the schedules' ranges and read dtypes)."""
         for schedule in self.schedules:
             name = schedule.name
+            if schedule.action == COPY and self._copied_in_kernel(schedule):
+                continue  # the writer copies its bytes file to file
             if schedule.action == COPY:
                 for offset in range(0, schedule.plan.info.nbytes, COPY_BLOCK):
                     length = min(COPY_BLOCK, schedule.plan.info.nbytes - offset)
@@ -187,6 +194,11 @@ class MergeEngine:
             else:
                 for start, stop in schedule.ranges:
                     yield functools.partial(self._read_rows, name, start, stop, schedule.read_dtype)
+
+    def _copied_in_kernel(self, schedule: TensorSchedule) -> bool:
+        """True when an untouched tensor's bytes go from the base's file to the output's without passing through
+        us (the writer thread copies them with copy_file_range, or through its own buffer where it cannot)."""
+        return self.base.stored_range(schedule.name) is not None
 
     def _read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None) -> torch.Tensor:
         rows = self.base.read_rows(name, start, stop)

@@ -166,16 +166,27 @@ class BaseCheckpoint:
         self._read_into(info, offset, memoryview(buffer))
         return buffer
 
+    def stored_range(self, name: str) -> tuple[int, int] | None:
+        """(open file descriptor, offset in the file) of a tensor's stored bytes, for a copy by the kernel; None
+        when it is not stored as raw bytes in a file (pickled weights)."""
+        info = self.tensors[name]
+        if info.file in self._pickled:
+            return None
+        return self._descriptor(info), info.offset
+
+    def _descriptor(self, info: TensorInfo) -> int:
+        descriptor = self._handles.get(info.file)
+        if descriptor is None:
+            descriptor = os.open(info.file, os.O_RDONLY)
+            self._handles[info.file] = descriptor
+        return descriptor
+
     def _read_into(self, info: TensorInfo, offset: int, view: memoryview) -> None:
         if info.file in self._pickled:
             flat = self._pickled[info.file][info.name].contiguous().reshape(-1).view(torch.uint8)
             view[:] = memoryview(flat[offset:offset + len(view)].numpy())
             return
-        descriptor = self._handles.get(info.file)
-        if descriptor is None:
-            descriptor = os.open(info.file, os.O_RDONLY)
-            self._handles[info.file] = descriptor
-        if pread_into(descriptor, info.offset + offset, view) != len(view):
+        if pread_into(self._descriptor(info), info.offset + offset, view) != len(view):
             raise CheckpointError(f"{info.file}: truncated while reading tensor '{info.name}'")
 
     def close(self) -> None:

@@ -6,13 +6,16 @@ memory at one row chunk, whatever the model size.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import queue
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from ..formats.safetensors import INDEX_FILE, SINGLE_FILE, TensorInfo, encode_header
 from .failures import naming
@@ -52,6 +55,23 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes [offset, offset + length) of an open file (a descriptor the writer owns and closes), copied into the
+    output by the kernel (copy_file_range) instead of through a buffer of ours."""
+
+    descriptor: int
+    offset: int
+    length: int
+
+
+#: copy_file_range's refusals that mean "not between these two files": the bytes then go through a buffer
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+_FALLBACK_BLOCK = 8 * 1024 * 1024
+
+Item = Union[bytes, bytearray, memoryview, FileRange]
+
+
 class BackgroundFile:
     """A file written by a background thread, so that disk writes overlap reading and computing.
 
@@ -65,7 +85,8 @@ class BackgroundFile:
         self.path = path
         with naming(path):
             self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
-        self._queue: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=depth)
+        self._kernel_copy = hasattr(os, "copy_file_range")
         self._error: BaseException | None = None
         self._aborted = False
         self._thread = threading.Thread(target=self._drain, name=f"write {path.name}", daemon=True)
@@ -76,9 +97,38 @@ class BackgroundFile:
             data = self._queue.get()
             if data is None:
                 break
-            if self._error is None and not self._aborted:
+            if isinstance(data, FileRange):
+                if self._error is None and not self._aborted:
+                    self._attempt(self._copy, data)
+                os.close(data.descriptor)
+            elif self._error is None and not self._aborted:
                 self._attempt(self._file.write, data)
         self._attempt(self._file.close)
+
+    def _copy(self, source: FileRange) -> None:
+        """Append a range of another file: in the kernel where it can (no read into and write from a buffer of
+        ours: ~0.1 s a GB less, and no page faults), else through one reused block."""
+        done = 0
+        if self._kernel_copy:
+            self._file.flush()
+            target = self._file.fileno()
+            try:
+                while done < source.length:
+                    got = os.copy_file_range(source.descriptor, target, source.length - done, source.offset + done)
+                    if got == 0:
+                        raise OSError(errno.EIO, "the source ended early")
+                    done += got
+            except OSError as error:
+                if error.errno not in _NO_KERNEL_COPY:
+                    raise
+                self._kernel_copy = False  # e.g. another file system, or a special file: buffers from here on
+            self._file.seek(0, os.SEEK_END)  # the buffered file's idea of its position, after the kernel's writes
+        while done < source.length:
+            block = os.pread(source.descriptor, min(_FALLBACK_BLOCK, source.length - done), source.offset + done)
+            if not block:
+                raise OSError(errno.EIO, "the source ended early")
+            self._file.write(block)
+            done += len(block)
 
     def _attempt(self, action: Callable[..., object], *args: object) -> None:
         """Run a file operation in the thread, keeping the first error (with the file's name) for the caller."""
@@ -89,8 +139,9 @@ class BackgroundFile:
             if self._error is None:
                 self._error = error
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue bytes for writing (blocks while `depth` buffers are pending); raise an earlier write's error."""
+    def write(self, data: Item) -> None:
+        """Queue bytes (or a FileRange) for writing (blocks while `depth` buffers are pending); raise an earlier
+        write's error."""
         if self._error is not None:
             raise self._error
         self._queue.put(data)
@@ -146,6 +197,21 @@ class ShardedWriter:
         self._file.write(data)
         self._remaining -= size
         self.bytes_written += size
+
+    def copy(self, descriptor: int, offset: int, length: int) -> None:
+        """Append bytes [offset, offset + length) of an open file to the current tensor, copied by the writer
+        thread (from a duplicate of `descriptor`: the caller may close its own)."""
+        if length > self._remaining:
+            raise RuntimeError(f"too many bytes for tensor '{self._queue[self._position][1].name}'")
+        assert self._file is not None
+        duplicate = os.dup(descriptor)
+        try:
+            self._file.write(FileRange(duplicate, offset, length))
+        except BaseException:
+            os.close(duplicate)
+            raise
+        self._remaining -= length
+        self.bytes_written += length
 
     def _open_shard(self, shard: int) -> None:
         if self._file is not None:
