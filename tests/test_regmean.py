@@ -624,3 +624,18 @@ def test_the_readme_regmean_row_is_the_committed_report() -> None:
     row = re.search(r"\| \*\*regmean, defaults\*\* [^|]*\| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \|", readme)
     assert row, "README lost regmean's defaults row"
     assert row.groups() == (f"{ll:.2f}", f"{acc:.2f}", f"{avg:.3f}")
+
+
+@pytest.mark.slow
+def test_the_sweeps_in_memory_merge_is_the_written_checkpoint(regmean_inputs: dict[str, Any], tmp_path: Path) -> None:
+    """`merge sweep` calibrates, then merges the touched tensors in memory: the same bytes `merge run` writes."""
+    from mergekit_lite.api import prepare
+    from mergekit_lite.sweep.memory import merged_tensors
+
+    base, adapters = regmean_inputs["llama"]
+    config = regmean_config(base, adapters, regmean_inputs["prompts"], tmp_path / "out")
+    merge(config, progress=False)
+    written = load_checkpoint(tmp_path / "out")
+    with prepare(config) as prepared:
+        tensors = merged_tensors(prepared, torch.device("cpu"))
+    assert tensors and all(torch.equal(value, written[name]) for name, value in tensors.items())
