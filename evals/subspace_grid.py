@@ -78,7 +78,7 @@ def load(suite_task, half, **_):
 
 def make_split_tasks(root: Path, half: str) -> Path:
     """A copy of the suite's task YAMLs whose data hook keeps `half` ("first" or "second") of each test file."""
-    from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR, SUITE_TASKS_DIR
+    from mergekit_lite.evaluation.tasks import SUITE_DIR, SUITE_TASKS_DIR
 
     folder = root / f"tasks_{half}"
     folder.mkdir(parents=True)
@@ -118,7 +118,8 @@ def merge_variant(method: str, strength: float, out_root: Path) -> tuple[Any, Pa
 
 def evaluate(configs: list[Any], merged: list[Path], tasks_dir: Path, out_dir: Path, batch_size: int) -> Any:
     """`merge eval`'s own pipeline (plan_models + evaluate_models) over one split's task copy."""
-    from mergekit_lite.evaluation.lm_eval_runner import evaluate_models, plan_models
+    from mergekit_lite.evaluation.lm_eval_runner import evaluate_models
+    from mergekit_lite.evaluation.rows import plan_models
     from mergekit_lite.evaluation.options import EvalOptions
 
     models, references = plan_models(configs, merged)

@@ -27,7 +27,7 @@ from .sources.checkpoint import BaseCheckpoint
 from .sources.full_model import FullModel
 from .units import format_size, parse_size
 from .writers.atomic import atomic_directory
-from .writers.card import warm_card_imports, write_calibrated
+from .writers.card import warm_card_imports, write_calibrated, written_sections
 from .writers.checkpoint import shard_layout
 from .writers.kinds import CONFIG_COPY, output_kind, write_output
 from .writers.preflight import check_apart, check_free_space, preflight_output
@@ -59,6 +59,9 @@ class MergeResult:
     output_format: str = "checkpoint"
     #: what the output kind adds to the summary (a compressed adapter's kept energy)
     notes: str = ""
+    #: the card sections the writer wrote besides the method's (an adapter's ranks, a calibration), kept when
+    #: `merge run` with an `eval:` section renders the card again
+    card_sections: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One human line for the end of `merge run`."""
@@ -200,6 +203,7 @@ def merge(
         touched=touched,
         output_format=kind.name,
         notes="; ".join(n for n in (kind.summary(), prepared.calibrated.summary if prepared.calibrated else "") if n),
+        card_sections=written_sections(kind, prepared.calibrated),
     )
     logger.info(result.summary())
     return result

@@ -728,7 +728,7 @@ def test_merge_eval_scores_an_adapter_output_as_the_base_with_the_adapter_throug
                                                                                         tmp_path: Path) -> None:
     """No merge to disk: the report's merge row is the base with the merged adapter applied by PEFT (the
     lm-eval run itself is covered by tests/test_eval.py; here, which model each row loads)."""
-    from mergekit_lite.evaluation.lm_eval_runner import plan_models
+    from mergekit_lite.evaluation.rows import plan_models
 
     config = _config(demo / "base", _demo_adapters(demo, [1.0, -0.6, 0.5]), tmp_path / "adapter", "task_arithmetic",
                      {}, format="peft")

@@ -59,7 +59,7 @@ def test_a_name_without_a_suffix_is_an_lm_eval_task_and_paths_resolve_against_th
 @pytest.mark.slow
 def test_suite_task_renders_its_validation_documents_never_test(tmp_path: Path) -> None:
     """The suite's tasks have no training split: their validation documents, rendered by doc_to_text."""
-    from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR
+    from mergekit_lite.evaluation.tasks import SUITE_DIR
 
     prompts = load_prompts(source(tmp_path, "capitals", size=1000), seed=0)
     rows = [json.loads(line) for line in (SUITE_DIR / "data" / "capitals" / "validation.jsonl").read_text().splitlines()

@@ -20,15 +20,12 @@ import yaml
 from click.testing import CliRunner
 
 from mergekit_lite.cli import main
-from mergekit_lite.evaluation.lm_eval_runner import (
-    ModelSpec,
-    offline,
-    retention_value,
-    run_lm_eval,
-    suite_tasks_dir,
-)
+from mergekit_lite.evaluation.harness import offline
+from mergekit_lite.evaluation.lm_eval_runner import run_lm_eval
 from mergekit_lite.evaluation.options import EvalOptions
-from mergekit_lite.evaluation.tasks import LL_SUFFIX, SUITE_TASKS, select_tasks
+from mergekit_lite.evaluation.rows import ModelSpec
+from mergekit_lite.evaluation.scores import retention_value
+from mergekit_lite.evaluation.tasks import LL_SUFFIX, SUITE_TASKS, select_tasks, suite_tasks_dir
 
 from .conftest import REPO, write_config
 
@@ -304,7 +301,8 @@ def test_offline_switches_are_on_inside_and_restored_after(monkeypatch: pytest.M
 
 @pytest.mark.slow
 def test_importing_the_package_and_cli_does_not_import_lm_eval() -> None:
-    code = ("import sys, mergekit_lite, mergekit_lite.cli, mergekit_lite.evaluation.lm_eval_runner; "
+    code = ("import sys, mergekit_lite, mergekit_lite.cli, mergekit_lite.evaluation.lm_eval_runner, "
+            "mergekit_lite.evaluation.after_merge; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'datasets', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

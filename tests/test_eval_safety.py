@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from mergekit_lite.cli import main
 from mergekit_lite.errors import MergeConfigError
-from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR
 from mergekit_lite.evaluation.options import EvalOptions, check_eval_section, parse_gen_kwargs, parse_limit
+from mergekit_lite.evaluation.tasks import SUITE_DIR
 from mergekit_lite.writers.ownership import write_marker
 
 BASE = SUITE_DIR / "base"

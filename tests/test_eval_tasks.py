@@ -16,14 +16,14 @@ from click.testing import CliRunner
 from mergekit_lite.cli import main
 from mergekit_lite.config import MergeConfig
 from mergekit_lite.errors import EvalError, MergeConfigError
-from mergekit_lite.evaluation.lm_eval_runner import (
+from mergekit_lite.evaluation.options import EvalOptions, parse_batch_size, parse_limit
+from mergekit_lite.evaluation.scores import (
     RetentionRef,
     compute_retention,
     headline_metric,
     reference_adapter,
     table_columns,
 )
-from mergekit_lite.evaluation.options import EvalOptions, parse_batch_size, parse_limit
 from mergekit_lite.evaluation.tasks import split_task_args
 
 from .conftest import REPO
@@ -159,8 +159,7 @@ def test_a_builtin_task_name_resolves_through_lm_evals_own_index_and_unknown_nam
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("lm_eval")
-    from mergekit_lite.evaluation.lm_eval_runner import suite_tasks_dir
-    from mergekit_lite.evaluation.tasks import select_tasks
+    from mergekit_lite.evaluation.tasks import select_tasks, suite_tasks_dir
 
     notes: list[str] = []
     selection = select_tasks(["arc_easy", "mmlu", "capitals"], suite_tasks_dir(), build=False, note=notes.append)

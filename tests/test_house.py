@@ -22,14 +22,9 @@ import mergekit_lite.evaluation
 from mergekit_lite import MergeConfig, MergeConfigError
 from mergekit_lite.config import AdapterSpec, OutputSpec
 from mergekit_lite.evaluation import lm_eval_runner
-from mergekit_lite.evaluation.lm_eval_runner import (
-    RUN_REPORT_DIR,
-    SUITE_DIR,
-    EvalReport,
-    evaluate_after_merge,
-    suite_tasks_dir,
-)
-from mergekit_lite.evaluation.tasks import LL_SUFFIX, SUITE_TASKS
+from mergekit_lite.evaluation.after_merge import RUN_REPORT_DIR, evaluate_after_merge
+from mergekit_lite.evaluation.report import EvalReport
+from mergekit_lite.evaluation.tasks import LL_SUFFIX, SUITE_DIR, SUITE_TASKS, suite_tasks_dir
 from mergekit_lite.methods import get_method
 from mergekit_lite.writers import card as card_module
 from mergekit_lite.writers.card import replace_card
@@ -202,7 +197,8 @@ def _result(demo: Path, folder: Path) -> Any:
         "adapters": [{"path": str(demo / "adapters" / "math")}], "output": {"path": str(folder)},
         "eval": {"tasks": ["add"], "limit": 2},
     })
-    return SimpleNamespace(config=config, output_dir=folder, device="cpu")
+    return SimpleNamespace(config=config, output_dir=folder, device="cpu", output_format="checkpoint",
+                           card_sections=[])
 
 
 def test_merge_run_evaluation_swaps_in_the_report_then_the_card(demo: Path, tmp_path: Path,
@@ -248,6 +244,21 @@ def test_a_card_that_cannot_be_rendered_leaves_the_old_card_and_no_report(demo: 
         evaluate_after_merge(_result(demo, folder), progress=False)
     assert (folder / "README.md").read_text() == OLD_CARD
     assert sorted(p.name for p in folder.iterdir()) == ["README.md"]
+
+
+def test_the_evaluated_card_keeps_the_sections_the_writer_wrote(demo: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output kind and the writer's own sections come from the MergeResult, not from the old card (which
+    here has neither: an adapter output's ranks and a calibration section must survive anyway)."""
+    folder = _merged_folder(tmp_path)
+    monkeypatch.setattr(lm_eval_runner, "evaluate_models", _fake_run)
+    result = _result(demo, folder)
+    result.output_format = "peft"
+    result.card_sections = ["## Adapter\n\nranks [4].\n", "## Calibration\n\nlambdas.\n"]
+    evaluate_after_merge(result, progress=False)
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card.index("## Adapter\n") < card.index("## Calibration\n") < card.index("Full lm-eval results")
+    assert "library_name: peft" in card and "base_model_relation: adapter" in card
 
 
 # -------------------------------------------------------------------------- the eval suite is package data

@@ -93,7 +93,7 @@ def test_the_new_methods_are_listed_by_merge_methods() -> None:
 
 
 def test_merge_sweep_accepts_the_new_methods_at_their_defaults() -> None:
-    from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR
+    from mergekit_lite.evaluation.tasks import SUITE_DIR
     from mergekit_lite.sweep.points import grid_points
     from mergekit_lite.sweep.spec import sweep_config_from_dict
 

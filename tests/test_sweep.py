@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mergekit_lite.cli import main
 from mergekit_lite.errors import MergeConfigError
-from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR
+from mergekit_lite.evaluation.tasks import SUITE_DIR
 from mergekit_lite.sweep.points import Point, fixed_points, grid_points, point_stream
 from mergekit_lite.sweep.spec import Range, check_metric, sweep_config_from_dict
 

@@ -16,7 +16,7 @@ import yaml
 pytest.importorskip("lm_eval")
 ray = pytest.importorskip("ray")
 
-from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR  # noqa: E402
+from mergekit_lite.evaluation.tasks import SUITE_DIR  # noqa: E402
 from mergekit_lite.sweep import load_sweep_config, run_sweep  # noqa: E402
 from mergekit_lite.sweep.backends import ACTOR_PREFIX, RAY_NAMESPACE  # noqa: E402
 from mergekit_lite.sweep.run import CACHE_DIR  # noqa: E402

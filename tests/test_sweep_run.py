@@ -19,16 +19,11 @@ import yaml
 pytest.importorskip("lm_eval")
 
 from mergekit_lite import load_config, merge  # noqa: E402
-from mergekit_lite.evaluation.lm_eval_runner import (  # noqa: E402
-    SUITE_DIR,
-    ModelSpec,
-    evaluate_lm,
-    extract_scores,
-    load_lm,
-    suite_tasks_dir,
-    table_columns,
-)
+from mergekit_lite.evaluation.harness import evaluate_lm, load_lm  # noqa: E402
 from mergekit_lite.evaluation.options import EvalOptions  # noqa: E402
+from mergekit_lite.evaluation.rows import ModelSpec  # noqa: E402
+from mergekit_lite.evaluation.scores import extract_scores, table_columns  # noqa: E402
+from mergekit_lite.evaluation.tasks import SUITE_DIR, suite_tasks_dir  # noqa: E402
 from mergekit_lite.sweep import load_sweep_config, run_sweep  # noqa: E402
 from mergekit_lite.sweep.run import CACHE_DIR, absolute_config, point_config  # noqa: E402
 

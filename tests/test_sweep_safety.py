@@ -21,8 +21,8 @@ from click.testing import CliRunner
 
 from mergekit_lite.cli import main
 from mergekit_lite.errors import MergeConfigError
-from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR
 from mergekit_lite.evaluation.options import EvalOptions
+from mergekit_lite.evaluation.tasks import SUITE_DIR
 from mergekit_lite.sweep import report as sweep_report
 from mergekit_lite.sweep.cache import FORMAT, ResultCache, digest
 from mergekit_lite.sweep.points import Point, point_count

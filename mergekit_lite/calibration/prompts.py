@@ -163,7 +163,7 @@ def render_template(template: str, row: dict[str, Any], where: str) -> str:
 def _task_prompts(source: CalibrationSource) -> list[str]:
     """A task's training documents (else validation) rendered by its own doc_to_text; never its test split."""
     from ..errors import EvalError
-    from ..evaluation.lm_eval_runner import SUITE_TASKS_DIR
+    from ..evaluation.tasks import SUITE_TASKS_DIR
     from ..evaluation.tasks import select_tasks
 
     try:

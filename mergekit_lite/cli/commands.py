@@ -80,14 +80,14 @@ def run(config_path: str, out: str | None, device: str, chunk_rows: int | None, 
         preflight(config.output.push_to_hub)
     selection = None
     if config.eval is not None:  # unknown task names or an unreachable dataset fail now, not after the merge
-        from ..evaluation.lm_eval_runner import eval_selection
+        from ..evaluation.after_merge import eval_selection
 
         selection = eval_selection(config, note=lambda line: click.echo(line, err=True))
     result = merge(config, device=device, chunk_rows=chunk_rows, max_memory=max_memory, workers=workers,
                    overwrite=overwrite, progress=not no_progress, allow_pickle=allow_pickle)
     click.echo(result.summary())
     if config.eval is not None:
-        from ..evaluation.lm_eval_runner import evaluate_after_merge
+        from ..evaluation.after_merge import evaluate_after_merge
 
         click.echo(evaluate_after_merge(result, progress=not no_progress, selection=selection))
     if config.output.push_to_hub:

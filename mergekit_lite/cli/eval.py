@@ -92,9 +92,12 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
     (HF_DATASETS_OFFLINE and HF_HOME respected), before any model is loaded.
     """
     from ..config import load_config
-    from ..evaluation.lm_eval_runner import EvalError, evaluate_models, offline, plan_models, suite_tasks_dir
+    from ..errors import EvalError
+    from ..evaluation.harness import offline
+    from ..evaluation.lm_eval_runner import evaluate_models
     from ..evaluation.options import EvalOptions, check_eval_section
-    from ..evaluation.tasks import select_tasks
+    from ..evaluation.rows import plan_models
+    from ..evaluation.tasks import select_tasks, suite_tasks_dir
     from ..writers.ownership import check_output_folder, local_inputs, owned_folder
 
     configs, model_dirs = [], []
@@ -146,7 +149,8 @@ def _check_model_folder(folder: Path) -> None:
     in one line before anything loads, instead of transformers' error after seconds of work."""
     import json
 
-    from ..evaluation.lm_eval_runner import EvalError, is_adapter_output
+    from ..errors import EvalError
+    from ..evaluation.rows import is_adapter_output
 
     if is_adapter_output(folder):
         return
@@ -165,7 +169,7 @@ def _check_model_folder(folder: Path) -> None:
 def _merged_output(config: Any, device: str, remerge: bool, progress: bool) -> Path:
     """The config's merged folder: reused when it was made from this very config, else merged now."""
     from ..api import CONFIG_COPY, merge
-    from ..evaluation.lm_eval_runner import EvalError
+    from ..errors import EvalError
 
     target = config.output_path
     if target.exists() and not remerge:
@@ -184,7 +188,7 @@ def _merged_output(config: Any, device: str, remerge: bool, progress: bool) -> P
 def _check_merge_target(config: Any, remerge: bool) -> None:
     """--remerge replaces a config's output folder only when it is a merge output (or empty): a user's folder
     at that path is refused before anything is merged."""
-    from ..evaluation.lm_eval_runner import EvalError
+    from ..errors import EvalError
     from ..writers.ownership import MERGE, is_empty, owner
 
     from ..writers.ownership import check_replaceable

@@ -33,7 +33,7 @@ MAX_POINTS = 10_000  # sweep.run.MAX_POINTS, repeated so that `--help` needs no 
 def sweep_command(config_path: str, backend: str, address: str | None, workers: int | None, resume: bool, out: str,
                   device: str, overwrite: bool, max_points: int, no_progress: bool) -> None:
     """Score every point of CONFIG's sweep: section on validation; the best, on test."""
-    from ..evaluation.lm_eval_runner import offline
+    from ..evaluation.harness import offline
     from ..sweep import load_sweep_config, run_sweep
 
     config = load_sweep_config(config_path)

@@ -19,7 +19,7 @@ def validation_selection(selection: TaskSelection) -> TaskSelection:
     """`selection`'s tasks rebuilt to evaluate their validation split (datasets loaded once, here)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from .lm_eval_runner import quiet_lm_eval
+    from .harness import quiet_lm_eval
 
     index = selection.manager.task_index
     built: list[Any] = []

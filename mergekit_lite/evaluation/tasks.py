@@ -16,6 +16,7 @@ one error naming the task and the dataset. The built tasks are then reused for e
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ from ..suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
+#: The offline suite, package data: tasks/ (lm-eval YAMLs), data/<task>/, base/, adapters/<task>/, scores.json.
+SUITE_DIR = Path(__file__).resolve().parent / "suite"
+#: The suite's lm-eval task YAMLs (overridable with MERGEKIT_LITE_EVAL_TASKS).
+SUITE_TASKS_DIR = SUITE_DIR / "tasks"
 #: Suffix of a task's companion that scores the log-likelihood of the correct answer.
 LL_SUFFIX = "_ll"
 #: The offline suite's tasks, in table order.
@@ -53,9 +58,9 @@ class TaskSelection:
 
 
 def _lm_eval_tasks() -> Any:
-    from .lm_eval_runner import _lm_eval
+    from .harness import import_lm_eval
 
-    return _lm_eval().tasks
+    return import_lm_eval().tasks
 
 
 def _task_index() -> Any:
@@ -140,7 +145,7 @@ _BUILTIN_MANAGERS: dict[tuple[str, ...], Any] = {}
 
 def _manager(paths: Sequence[Path], *, with_builtin: bool) -> Any:
     """A TaskManager over `paths` (the suite first), and lm-eval's built-in tasks only when asked (seconds)."""
-    from .lm_eval_runner import quiet_lm_eval
+    from .harness import quiet_lm_eval
 
     tasks_module = _lm_eval_tasks()
     key = tuple(str(p) for p in paths)
@@ -151,6 +156,18 @@ def _manager(paths: Sequence[Path], *, with_builtin: bool) -> Any:
     if with_builtin:
         _BUILTIN_MANAGERS[key] = manager
     return manager
+
+
+def suite_tasks_dir() -> Path:
+    """The folder of the offline suite's task YAMLs (env MERGEKIT_LITE_EVAL_TASKS overrides the package's)."""
+    override = os.environ.get("MERGEKIT_LITE_EVAL_TASKS")
+    return Path(override).expanduser().resolve() if override else SUITE_TASKS_DIR
+
+
+def select_suite_or_tasks(tasks: Sequence[str] | None, *, build: bool = True,
+                          note: Callable[[str], None] | None = None) -> TaskSelection:
+    """The tasks to run: the offline suite by default, else `--tasks` names, files and folders."""
+    return select_tasks(tasks, suite_tasks_dir(), build=build, note=note)
 
 
 def select_tasks(tasks: Sequence[str] | None, suite_dir: Path, *, build: bool = True,
@@ -200,7 +217,7 @@ def select_tasks(tasks: Sequence[str] | None, suite_dir: Path, *, build: bool = 
 def build_tasks(selection: TaskSelection) -> list[Any]:
     """Build every task (downloading or reading its dataset as the user's HF settings allow), one at a time so
     that a failure names the task and the dataset it needs."""
-    from .lm_eval_runner import quiet_lm_eval
+    from .harness import quiet_lm_eval
 
     built: list[Any] = []
     for name in selection.run_tasks:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..evaluation.scores import mean
 from .run import SweepResult
 
 LEADERBOARD = "leaderboard"
@@ -158,15 +159,10 @@ def leaderboard_markdown(result: SweepResult) -> str:
         lines += ["", "References on the validation split (mean acc / answer log-likelihood over the tasks):", ""]
         for name, row in refs.items():
             scores = row.result.get("scores") or {}
-            acc = _mean([scores.get(t, {}).get("acc") for t in result.tasks])
-            ll = _mean([scores.get(t, {}).get("answer_ll") for t in result.tasks])
+            acc = mean([scores.get(t, {}).get("acc") for t in result.tasks])
+            ll = mean([scores.get(t, {}).get("answer_ll") for t in result.tasks])
             lines.append(f"- {name} ({row.kind}): {_fmt(acc)} / {_fmt(ll)}")
     return "\n".join(lines) + "\n"
-
-
-def _mean(values: list[Any]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present and len(present) == len(values) else None
 
 
 def best_config_data(result: SweepResult, folder: Path) -> dict[str, Any]:

@@ -16,7 +16,6 @@ set is staged beside it and swapped in whole at the end, the cache carried over.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +106,7 @@ def point_config(sweep: SweepConfig, point: Point) -> MergeConfig:
 def summarise(scores: dict[str, dict[str, float]], base: dict[str, dict[str, float]] | None,
               adapters: dict[str, dict[str, dict[str, float]]], tasks: list[str]) -> dict[str, Any]:
     """Means over tasks of acc / answer_ll / exact and of their retentions; per-task values as `<task>:<metric>`."""
-    from ..evaluation.lm_eval_runner import RetentionRef, compute_retention
+    from ..evaluation.scores import RetentionRef, compute_retention, mean
 
     out: dict[str, Any] = {}
     metrics = ("acc", "answer_ll", "exact")
@@ -115,7 +114,7 @@ def summarise(scores: dict[str, dict[str, float]], base: dict[str, dict[str, flo
         values = [scores.get(t, {}).get(metric) for t in tasks]
         for task, value in zip(tasks, values):
             out[f"{task}:{metric}"] = value
-        out[metric] = _mean(values)
+        out[metric] = mean(values, finite=True)
     if base is not None:
         table = {"merge": scores, "base": base, **adapters}
         kept = compute_retention(table, tasks, list(metrics), {"merge": RetentionRef("base", tuple(adapters))})
@@ -123,13 +122,8 @@ def summarise(scores: dict[str, dict[str, float]], base: dict[str, dict[str, flo
             values = [kept.get("merge", {}).get(metric, {}).get(t) for t in tasks]
             for task, value in zip(tasks, values):
                 out[f"{task}:{metric}_retention"] = value
-            out[f"{metric}_retention"] = _mean(values)
+            out[f"{metric}_retention"] = mean(values, finite=True)
     return out
-
-
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(present) / len(present) if present and len(present) == len(values) else None
 
 
 def run_sweep(sweep: SweepConfig, out: str | Path, *, backend: str = "local", address: str | None = None,
@@ -138,9 +132,9 @@ def run_sweep(sweep: SweepConfig, out: str | Path, *, backend: str = "local", ad
               max_points: int = MAX_POINTS) -> SweepResult:
     """Run the sweep `sweep` describes, writing the results cache and then every output into `out`."""
     from ..engine.device import resolve_device
-    from ..evaluation.lm_eval_runner import local_model_dir, suite_tasks_dir
+    from ..evaluation.rows import local_model_dir
     from ..evaluation.splits import validation_selection
-    from ..evaluation.tasks import select_tasks
+    from ..evaluation.tasks import select_tasks, suite_tasks_dir
     from .report import write_outputs
 
     from ..writers.ownership import claim, release

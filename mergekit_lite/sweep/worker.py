@@ -55,9 +55,9 @@ class Worker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..engine.device import resolve_device
-        from ..evaluation.lm_eval_runner import offline, quiet_lm_eval, suite_tasks_dir
+        from ..evaluation.harness import offline, quiet_lm_eval
         from ..evaluation.splits import validation_selection
-        from ..evaluation.tasks import select_tasks
+        from ..evaluation.tasks import select_tasks, suite_tasks_dir
         from .memory import ModelPatcher
 
         self.spec = spec
@@ -77,7 +77,9 @@ class Worker:
 
     def evaluate(self, job: Job) -> dict[str, Any]:
         """Scores per task ({task: {acc, answer_ll, exact}}) and the seconds spent merging and evaluating."""
-        from ..evaluation.lm_eval_runner import ModelSpec, evaluate_lm, extract_scores, load_lm, table_columns
+        from ..evaluation.harness import evaluate_lm, load_lm
+        from ..evaluation.rows import ModelSpec
+        from ..evaluation.scores import extract_scores, table_columns
 
         selection = self.selections[job.split]
         merge_s = 0.0

@@ -245,7 +245,7 @@ class PeftAdapterOutput:
         with naming(staging / ADAPTER_CONFIG):
             (staging / ADAPTER_CONFIG).write_text(json.dumps(self.adapter_config(config), indent=2, sort_keys=True))
         write_text(staging / CONFIG_COPY, config.to_yaml())
-        write_text(staging / CARD, render_card(config, extra_sections=[self.card_section()], relation="adapter"))
+        write_text(staging / CARD, render_card(config, extra_sections=self.card_sections(), relation="adapter"))
 
     def adapter_config(self, config: MergeConfig) -> dict[str, Any]:
         """The LoraConfig that makes PEFT apply every written factor pair at scale 1."""
@@ -286,6 +286,10 @@ class PeftAdapterOutput:
     def kept_energy(self) -> float:
         """Mean kept fraction of ‖ΔW‖²_F over the compressed tensors (each tensor counts once)."""
         return sum(c.kept_energy for c in self.compression) / max(len(self.compression), 1)
+
+    def card_sections(self) -> list[str]:
+        """The adapter's own card section (`card_section`)."""
+        return [self.card_section()]
 
     def card_section(self) -> str:
         """The adapter's own card section: ranks, and per tensor what the rank kept."""

@@ -141,11 +141,15 @@ def write_calibrated(staging: Path, calibrated: Any, config: MergeConfig, kind: 
             raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
     if not calibrated.card_section:
         return
-    adapter = getattr(kind, "name", "") == "peft"
-    sections = [kind.card_section()] if adapter and hasattr(kind, "card_section") else []
-    text = render_card(config, extra_sections=[*sections, calibrated.card_section],
-                       relation="adapter" if adapter else "merge")
+    text = render_card(config, extra_sections=written_sections(kind, calibrated), relation=kind.card_relation)
     (staging / CARD_FILE).write_text(text)
+
+
+def written_sections(kind: Any, calibrated: Any = None) -> list[str]:
+    """The sections a merge's card carries besides the method's: the output kind's own (an adapter's ranks),
+    then a data-aware method's calibration; `MergeResult.card_sections` keeps them for a later card."""
+    own = [calibrated.card_section] if calibrated is not None and calibrated.card_section else []
+    return [*kind.card_sections(), *own]
 
 
 def replace_card(folder: Path, text: str) -> Path:

@@ -58,6 +58,10 @@ class OutputKind(Protocol):
         """What this kind adds to `merge run`'s summary line ('' when nothing)."""
         ...
 
+    def card_sections(self) -> list[str]:
+        """The kind's own card sections, after it wrote (a card rendered again later keeps them)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CheckpointOutput:
@@ -93,6 +97,10 @@ class CheckpointOutput:
     def summary(self) -> str:
         """Nothing to add."""
         return ""
+
+    def card_sections(self) -> list[str]:
+        """None: the card's method, adapters and reproduce sections say it all."""
+        return []
 
 
 #: output.format -> the kind's name (the values `output_kind` builds)
