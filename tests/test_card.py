@@ -129,6 +129,17 @@ def test_density_is_shown_per_adapter_for_sparsifying_methods(tmp_path: Path) ->
     assert "**TIES** (`ties`)" in body and "Seed: `11`" in body and "```yaml" in body
 
 
+def test_the_card_says_what_a_weight_means_for_the_method(tmp_path: Path) -> None:
+    """Task arithmetic scales each task vector by its weight; NuSLERP's weights only set t (registry row)."""
+    inputs = [{"path": "org/a", "weight": 1}, {"path": "org/b", "weight": 3}]
+    _, scaled = split(render_card(config_for(tmp_path, "org/base", inputs)))
+    assert "Weight is the signed wᵢ of each task vector; density" in scaled
+    _, nuslerp = split(render_card(config_for(tmp_path, "org/base", inputs, method="nuslerp")))
+    assert ("Weight is what sets the interpolation point t = w₂/(w₁ + w₂) (one input: t = w₁/(base_weight + w₁)); "
+            "the weights do not scale the endpoints; density") in nuslerp
+    assert "signed wᵢ" not in nuslerp
+
+
 def test_the_title_is_the_repo_name_when_the_config_pushes(tmp_path: Path) -> None:
     config = config_for(tmp_path, "org/base", [{"path": "org/style"}])
     pushed = MergeConfig.from_dict({**config.to_dict(), "output": {"path": "out/x", "push_to_hub": "me/fancy-merge"}},

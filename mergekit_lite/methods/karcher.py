@@ -102,6 +102,8 @@ KARCHER = register(
                   interval=(0.0, 1.0)),
         ),
         phase=InterpolationPhase(_statistics, _finish, _combine),
+        weight_meaning="the wᵢ scaling each task vector: the points are W and W + wᵢτᵢ, each of share 1/N (the "
+                       "weights are not the mean's shares)",
         validate=_validate,
     )
 )

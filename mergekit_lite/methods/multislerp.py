@@ -97,5 +97,7 @@ MULTISLERP = register(
         ),
         phase=InterpolationPhase(_statistics, _finish, _combine, weights_apart=True),
         validate=_validate,
+        weight_meaning="each point's barycentric share, ŵᵢ = wᵢ / Σw with `normalize_weights` (the base's "
+                       "`base_weight` among them when it is a point); the weights do not scale the points",
     )
 )

@@ -149,5 +149,7 @@ NUSLERP = register(
         phase=InterpolationPhase(_statistics, _finish, _combine, weights_apart=True),
         validate=_validate,
         input_count=(1, 2),
+        weight_meaning="what sets the interpolation point t = w₂/(w₁ + w₂) (one input: t = w₁/(base_weight + w₁)); "
+                       "the weights do not scale the endpoints",
     )
 )

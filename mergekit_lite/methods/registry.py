@@ -250,6 +250,8 @@ class MergeMethod:
     input_count: tuple[int, int] | None = None
     #: data-aware methods: forward passes on calibration prompts first (then `phase` streams what they return)
     calibrated: CalibratedPhase | None = None
+    #: what an input's weight does in this method, for the card ("Weight is …"): most scale the task vector
+    weight_meaning: str = "the signed wᵢ of each task vector"
 
     def resolved(self, params: Mapping[str, Any]) -> MergeMethod:
         """The method as `params` run it: with `space: core`, the core-space variant (another method than the

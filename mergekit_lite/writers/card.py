@@ -240,7 +240,7 @@ def _adapter_table(config: MergeConfig) -> list[str]:
         lines.append(f"| {index} | {shown} | {_number(spec.weight)} | {_number(density)} |{own_cells}")
     lines += [
         "",
-        "Weight is the signed wᵢ of each task vector; density is the fraction of its entries the method keeps "
+        f"Weight is {config.merge_method.weight_meaning}; density is the fraction of its entries the method keeps "
         + ("(the rest are trimmed or dropped)." if has_density else "(1: this method keeps every entry)."),
     ]
     return lines
