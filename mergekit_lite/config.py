@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_CONFIG_NODES = 100_000
 
 _TOP_KEYS = ("base_model", "method", "parameters", "adapters", "models", "output", "seed", "eval")
+#: set by from_dict around its construction: the fields come from `_checked_fields` already (not checked twice)
+_FIELDS_CHECKED: ContextVar[bool] = ContextVar("fields_checked", default=False)
 _OUTPUT_KEYS = ("path", "format", "rank", "dtype", "shard_size", "push_to_hub", "private")
 _EVAL_KEYS = ("tasks", "limit", "batch_size", "num_fewshot", "seed", "apply_chat_template", "gen_kwargs", "log_samples")
 _ADAPTER_KEYS = ("path", "weight", "name")
@@ -178,6 +181,9 @@ class MergeConfig(BaseModel):
         a path, and its method parameters may sit beside `path` as in YAML (`{"path": ..., "density": 0.5}`) or
         under `parameters`. Model instances (OutputSpec, AdapterSpec, EvalSpec) are taken as they are.
         """
+        if _FIELDS_CHECKED.get():  # from_dict's fields, checked already (once: not a nested construction's)
+            _FIELDS_CHECKED.set(False)
+            return data
         if not isinstance(data, Mapping):
             return data
         return _checked_fields(data, _adapter_entry)
@@ -220,8 +226,14 @@ class MergeConfig(BaseModel):
         if not isinstance(data, Mapping):
             raise MergeConfigError("the config must be a mapping of keys (base_model, method, adapters, output, ...)")
         # A file's adapter entries keep every key but path/weight/name as a method parameter (`parameters` too);
-        # the constructor then checks the fields, the method and its parameters like any direct construction.
-        config = cls(**_checked_fields(data, _split_adapter))
+        # the model then checks the fields, the method and its parameters like any direct construction, without
+        # running the config-file checks a second time on what they returned (_FIELDS_CHECKED).
+        fields = _checked_fields(data, _split_adapter)
+        token = _FIELDS_CHECKED.set(True)
+        try:
+            config = cls(**fields)
+        finally:
+            _FIELDS_CHECKED.reset(token)
         config._config_dir = resolved_path(Path(base_dir)) if base_dir is not None else Path.cwd()
         return config
 
@@ -439,7 +451,8 @@ def _checked_fields(data: Mapping[str, Any], adapter_entry: Callable[[Any, int, 
     """The config-file checks, in one order and with one set of messages for from_dict and direct construction:
     keys, required keys, the method's name, output, eval, adapters (each shaped by `adapter_entry`), parameters.
 
-    Run again on fields it returned, it returns them unchanged (from_dict's result goes through the constructor).
+    Run again on fields it returned, it would return them unchanged; from_dict's result is not run again
+    (`_FIELDS_CHECKED`).
     """
     _check_keys(data, _TOP_KEYS, "config")
     for key in ("base_model", "method", "output"):

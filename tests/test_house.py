@@ -121,6 +121,20 @@ def test_from_dict_still_sets_the_folder_relative_paths_resolve_from(tmp_path: P
     assert config.with_output_path(tmp_path / "elsewhere").config_dir == tmp_path.resolve()
 
 
+def test_from_dict_runs_the_config_file_checks_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_dict checks a file's fields, then the model validates them without checking them a second time;
+    a direct construction checks them once too, with the same result."""
+    from mergekit_lite import config as config_module
+
+    calls: list[int] = []
+    checked = config_module._checked_fields
+    monkeypatch.setattr(config_module, "_checked_fields", lambda *a, **k: calls.append(1) or checked(*a, **k))
+    from_file = MergeConfig.from_dict(_fields(method="ties", adapters=[{"path": "a", "density": 0.5}]))
+    assert len(calls) == 1
+    direct = MergeConfig(**_fields(method="ties", adapters=[{"path": "a", "density": 0.5}]))
+    assert len(calls) == 2 and direct.to_dict() == from_file.to_dict()
+
+
 # ------------------------------------------------------------------------- the card is replaced atomically
 
 
