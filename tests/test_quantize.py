@@ -538,3 +538,60 @@ def test_verdicts_name_the_three_regimes_and_where():
     assert "delivers the merge's change only as rounding noise in mlp.up_proj layers 0" in verdict(
         _result_of(noisy), "q4_0")
     assert layer_ranges([20, 21, 22, 3, 7, 8]) == "3, 7–8, 20–22"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# merge inspect --quantize: adapters below a format's step
+# -------------------------------------------------------------------------------------------------------------
+
+
+def test_mean_step_is_the_mean_block_absmax_over_the_levels(demo):
+    from safetensors.torch import load_file
+
+    from mergekit_lite.quantize.steps import mean_step
+    from mergekit_lite.sources.checkpoint import BaseCheckpoint
+
+    tensors = load_file(demo / "base" / "model.safetensors")
+    name = next(n for n, t in tensors.items() if t.dim() == 2 and n.endswith("down_proj.weight"))
+    weight = tensors[name].double()
+    with BaseCheckpoint(demo / "base") as base:
+        for fmt_name, block, levels in (("q4_0", 32, 8), ("q8_0", 32, 127)):
+            expected = float(weight.reshape(-1, block).abs().amax(dim=1).mean()) / levels
+            assert mean_step(base, name, format_of(fmt_name), max_memory=weight.shape[1] * 8 * 3) == pytest.approx(
+                expected, rel=1e-12)
+        expected = float(weight.abs().amax(dim=1).mean()) / 127  # int8: one scale per row
+        assert mean_step(base, name, format_of("int8")) == pytest.approx(expected, rel=1e-12)
+
+
+def test_inspect_quantize_flags_an_adapter_below_the_step(demo, tmp_path):
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    tiny = tmp_path / "tiny"
+    shutil.copytree(demo / "adapters" / "math", tiny)
+    tensors = load_file(tiny / "adapter_model.safetensors")
+    save_file({k: (v * 1e-4 if "lora_B" in k else v) for k, v in tensors.items()}, tiny / "adapter_model.safetensors")
+    config = tmp_path / "inspect.yaml"
+    config.write_text(yaml.safe_dump({"base_model": str(demo / "base"), "adapters": [
+        {"path": str(demo / "adapters" / "math")}, {"path": str(tiny)}]}))
+    result = _cli("inspect", config, "--out", tmp_path / "report", "--no-plots", "--no-progress",
+                  "--quantize", "q4_0,q8_0")
+    assert result.exit_code == 0, result.output
+    block = result.output[result.output.index("quantization steps"):].splitlines()
+    assert block[1].startswith("  ok    q4_0  adapter 'math': 0/")
+    assert block[2].startswith("  ok    q8_0  adapter 'math': 0/")
+    assert block[3].startswith("  BELOW q4_0  adapter 'tiny'") and "(100% of its ‖τ‖²)" in block[3]
+    assert "BELOW: a merge quantized to that format" in result.output
+
+
+def test_inspect_quantize_refuses_an_unknown_format_before_any_work(demo, tmp_path):
+    import yaml
+
+    config = tmp_path / "inspect.yaml"
+    config.write_text(yaml.safe_dump({"base_model": str(demo / "base"),
+                                      "adapters": [{"path": str(demo / "adapters" / "math")}]}))
+    result = _cli("inspect", config, "--out", tmp_path / "report", "--quantize", "q3_0")
+    assert result.exit_code == 2 and "--quantize q3_0: unknown format" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inspect.yaml"]

@@ -32,10 +32,13 @@ from .startup import heavy_imports
                    "(default: each entry's calibration_size, else 64).")
 @click.option("--allow-pickle", is_flag=True,
               help="Read pickled .bin inputs you trust (loaded with torch.load(weights_only=True)); refused otherwise.")
+@click.option("--quantize", "quantize", default=None, metavar="FORMATS",
+              help="Also flag adapters whose per-tensor change sits below these formats' rounding steps (q8_0, "
+                   "q4_0, nf4, int8, ...; printed after the text report).")
 @friendly_errors
 def inspect_command(config_path: str, out: str, output_format: str, no_plots: bool, density: float | None,
                     sample: int | None, max_memory: str, device: str, no_progress: bool, calibration_size: int | None,
-                    allow_pickle: bool) -> None:
+                    allow_pickle: bool, quantize: str | None) -> None:
     """Compare the adapters CONFIG lists, before merging: norms, cosines, subspace overlaps, sign conflicts.
 
     A method in CONFIG is not needed (its density, when it has one, is the default for the conflict rate).
@@ -49,6 +52,10 @@ def inspect_command(config_path: str, out: str, output_format: str, no_plots: bo
         from ..inspection.run import inspect
 
     loaded = load_inspect_config(config_path)
+    if quantize is not None:  # an unknown or unavailable format is refused before any work
+        from ..quantize.formats import resolve
+
+        resolve(quantize)
     result = inspect(loaded.config, loaded.method_given, out, density=density, sample=sample, max_memory=max_memory,
                      device=device, plots=not no_plots, progress=not no_progress and output_format == "text",
                      allow_pickle=allow_pickle, calibration=loaded.calibration, calibration_size=calibration_size)
@@ -58,3 +65,7 @@ def inspect_command(config_path: str, out: str, output_format: str, no_plots: bo
     click.echo(result.text)
     click.echo(f"report: {result.out_dir / 'report.md'} (inspect.json"
                + (", " + ", ".join(result.data["figures"]) if result.data["figures"] else "") + ")")
+    if quantize is not None:
+        from ..quantize.steps import step_lines
+
+        click.echo("\n".join(step_lines(result.inspection, quantize)))
