@@ -639,3 +639,38 @@ def test_the_sweeps_in_memory_merge_is_the_written_checkpoint(regmean_inputs: di
     with prepare(config) as prepared:
         tensors = merged_tensors(prepared, torch.device("cpu"))
     assert tensors and all(torch.equal(value, written[name]) for name, value in tensors.items())
+
+
+@pytest.mark.slow
+def test_bias_shifts_and_lora_embeddings_take_the_average_over_every_adapter(bases: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """A lora_bias shift and a LoRA embedding (no saved base embedding) are averaged, Σ wᵢτᵢ / Σ wⱼ, the adapter
+    that does not touch them counting in Σ wⱼ; the linear weights beside them still get RegMean."""
+    prompts = write_prompts(tmp_path / "prompts", PROMPTS)
+    cases = {"bias": (bases["llama_bias"], "model.layers.0.self_attn.q_proj.bias"),
+             "embedding": (bases["llama"], "model.embed_tokens.weight")}
+    for variant, (base, name) in cases.items():
+        own = build_adapter(base, tmp_path / f"{variant}0", variant=variant, seed=21)
+        if variant == "embedding":  # a LoRA embedding alone: drop the full base embedding PEFT saves beside it
+            path = own / "adapter_model.safetensors"
+            save_file({k: v for k, v in load_file(path).items() if "base_layer" not in k}, path)
+        other = build_adapter(base, tmp_path / f"{variant}1", seed=22, target_modules=["q_proj", "k_proj"])
+        out = tmp_path / f"out_{variant}"
+        weights = [1.0, 3.0]
+        config = merge_config(base, [{"path": a, "calibration": str(p), "weight": w}
+                                     for a, p, w in zip((own, other), prompts, weights)], out, "regmean",
+                              output={"dtype": "float32"})
+        merge(config, progress=False)
+        merged, w0 = load_checkpoint(out), load_checkpoint(base)
+        adapter = load_file(own / "adapter_model.safetensors")
+        settings = json.loads((own / "adapter_config.json").read_text())
+        scale = settings["lora_alpha"] / settings["r"]
+        if variant == "bias":
+            tau = scale * adapter[f"base_model.model.{name.replace('.bias', '.lora_B.bias')}"].double()
+        else:
+            a = adapter["base_model.model.model.embed_tokens.lora_embedding_A"].double()
+            b = adapter["base_model.model.model.embed_tokens.lora_embedding_B"].double()
+            tau = scale * (b @ a).T
+        expected = w0[name].double() + weights[0] * tau / sum(weights)
+        assert torch.max(torch.abs(merged[name].double() - expected)) <= 1e-6 * torch.max(torch.abs(tau)), variant
+        assert not torch.equal(merged["model.layers.0.self_attn.k_proj.weight"], w0["model.layers.0.self_attn.k_proj.weight"])
