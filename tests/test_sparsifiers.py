@@ -112,3 +112,37 @@ def test_the_card_names_the_method_its_paper_and_its_parameters(demo: Path, tmp_
     card = (merge(config, device="cpu", progress=False).output_dir / "README.md").read_text()
     assert "DELLA (linear)" in card and "https://arxiv.org/abs/2406.11617" in card
     assert "epsilon" in card and "0.05" in card and "0.15" in card
+
+
+@pytest.mark.parametrize(("method", "extra", "expected", "note"), [
+    ("breadcrumbs", {"normalize": True}, {"lambda": 1.0 / 1.5, "density": 1.0}, None),
+    ("breadcrumbs_ties", {"rescale": True}, {"normalize": False, "density": 1.0}, "L1 norm"),
+    ("della", {}, {"normalize": True, "density": 1.0}, "keep probability"),
+    ("della_linear", {"rescale": False}, {"rescale": False, "density": 1.0}, "counter-based stream"),
+    ("model_stock", {}, {}, "zero task vector"),
+])
+def test_mergekit_yaml_for_the_new_methods_converts_with_mergekit_defaults(
+        method: str, extra: dict, expected: dict, note: str | None) -> None:
+    from mergekit_lite.compat.mergekit import convert
+
+    data = {"merge_method": method, "base_model": "base", "parameters": extra,
+            "models": [{"model": "ft_a", "parameters": {"weight": 1.0}}, {"model": "ft_b", "parameters": {"weight": 0.5}}]}
+    conversion = convert(data)
+    assert conversion.config["method"] == method
+    params = conversion.config.get("parameters", {})
+    for key, value in expected.items():
+        assert params[key] == pytest.approx(value), (key, params)
+    if note is not None:
+        assert any(note in line for line in conversion.differences), conversion.differences
+    if method == "model_stock":
+        assert all("weight" not in entry for entry in conversion.config["models"])
+
+
+def test_mergekit_model_stock_filter_wise_is_refused_in_one_line() -> None:
+    from mergekit_lite.compat.mergekit import convert
+    from mergekit_lite.errors import MergeConfigError
+
+    data = {"merge_method": "model_stock", "base_model": "base", "parameters": {"filter_wise": True},
+            "models": [{"model": "ft_a"}, {"model": "ft_b"}]}
+    with pytest.raises(MergeConfigError, match="filter_wise: true"):
+        convert(data)
