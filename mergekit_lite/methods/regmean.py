@@ -114,6 +114,9 @@ def regmean_factors(factors: Sequence[LowRankFactors], weights: Sequence[float],
     gram = statistics.grams.get(context.tensor)
     if gram is None:
         raise AssertionError(f"regmean: no calibration statistics for tensor '{context.tensor}'")
+    if statistics.weights and context.all_weights and tuple(map(float, context.all_weights)) != statistics.weights:
+        raise AssertionError(f"regmean: tensor '{context.tensor}' is merged with weights {context.all_weights}, but "
+                             f"its Gram sums were weighted {statistics.weights}")
     if not gram.solved:
         gram = solve_inputs({context.tensor: gram})[context.tensor]
     data_side, merged_side = [], []
