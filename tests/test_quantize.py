@@ -595,3 +595,37 @@ def test_inspect_quantize_refuses_an_unknown_format_before_any_work(demo, tmp_pa
     result = _cli("inspect", config, "--out", tmp_path / "report", "--quantize", "q3_0")
     assert result.exit_code == 2 and "--quantize q3_0: unknown format" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inspect.yaml"]
+
+
+@pytest.mark.slow
+def test_a_peft_output_on_conv1d_gpt2_matches_its_checkpoint_merge(bases, tmp_path):
+    """GPT-2 stores Conv1D weights as (in, out): ΔW from the factors is transposed to the base's layout."""
+    from evals.fixtures import build_adapter
+    from mergekit_lite import MergeConfig, merge
+    from mergekit_lite.quantize.merged import measure_merge
+
+    adapter = build_adapter(bases["gpt2"], tmp_path / "adapter", seed=3)
+    outs = {}
+    for kind, output in (("checkpoint", {}), ("peft", {"format": "peft"})):
+        config = MergeConfig.from_dict({"base_model": str(bases["gpt2"]), "method": "task_arithmetic",
+                                        "adapters": [{"path": str(adapter)}],
+                                        "output": {"path": str(tmp_path / kind), **output}})
+        outs[kind] = measure_merge(Path(merge(config, device="cpu", progress=False).output_dir), bases["gpt2"],
+                                   resolve("q8_0,q4_0"))
+    assert outs["peft"].kind == "peft"
+    by_name = {t.name: t for t in outs["checkpoint"].tensors}
+    assert sorted(by_name) == sorted(t.name for t in outs["peft"].tensors) != []
+    assert any("c_attn" in name for name in by_name)
+    for tensor in outs["peft"].tensors:
+        reference = by_name[tensor.name].figures["q4_0"]
+        assert tensor.figures["q4_0"].share == pytest.approx(reference.share, abs=1e-4)
+        assert tensor.figures["q4_0"].delta_sq == pytest.approx(reference.delta_sq, rel=1e-4)
+
+
+def test_verify_report_and_quantize_go_together_and_apart_from_the_logit_check(merged, demo, tmp_path):
+    result = _cli("verify", merged[0], "--report", tmp_path / "r")
+    assert result.exit_code == 2 and "--report goes with --quantize" in result.output
+    result = _cli("verify", merged[0], "--quantize", "q8_0", "--base", demo / "base", "--adapter",
+                  demo / "adapters" / "math")
+    assert result.exit_code == 2 and "run the logit check separately" in result.output
+    assert list(tmp_path.iterdir()) == []

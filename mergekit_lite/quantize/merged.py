@@ -191,6 +191,9 @@ def _identical(base: BaseCheckpoint, merged: BaseCheckpoint, name: str) -> bool:
 
 def _measure_adapter(output: Path, base: BaseCheckpoint, result: MergeQuantization, max_memory: int,
                      progress: bool) -> None:
+    from ..engine.plan import CONV1D_MODEL_TYPES, _base_name, _layout  # the merge's own mapping rule, reused
+
+    conv1d_model = str((base.read_json("config.json") or {}).get("model_type", "")) in CONV1D_MODEL_TYPES
     with PeftAdapter(output, output.name) as adapter:
         for name in adapter.full_tensors:
             result.skipped.append((name, "a full tensor saved by the adapter (modules_to_save): not measured"))
@@ -199,10 +202,11 @@ def _measure_adapter(output: Path, base: BaseCheckpoint, result: MergeQuantizati
         try:
             for module in modules:
                 bar.update(1)
-                name = f"{module.module}.weight"
-                if name not in base:
-                    raise InputError(f"{output}: adapter module '{module.module}' has no tensor '{name}' in the base "
-                                     f"{base.folder}; is it an adapter of this base?")
+                try:
+                    name = _base_name(base, adapter, f"{module.module}.weight")
+                    transposed = _layout(base.info(name), adapter, module, conv1d_model)
+                except InputError as error:
+                    raise InputError(f"{output}: {error}") from None
                 if module.magnitude_key is not None:
                     result.skipped.append((name, "a DoRA module: its merged weight is not W + s·B·A; not measured"))
                     continue
@@ -212,15 +216,8 @@ def _measure_adapter(output: Path, base: BaseCheckpoint, result: MergeQuantizati
                     continue
                 b = adapter.tensor(module.b_key).to(torch.float64) * module.scale
                 a = adapter.tensor(module.a_key).to(torch.float64)
-                if module.embedding:  # lora_embedding_A is (r, vocab), _B is (dim, r): ΔW = (B·A)ᵀ
-                    left, right = a.T.contiguous(), b.T.contiguous()
-                elif shape == (b.shape[0], a.shape[1]):
-                    left, right = b, a
-                elif shape == (a.shape[1], b.shape[0]):  # Conv1D stores (in, out)
-                    left, right = a.T.contiguous(), b.T.contiguous()
-                else:
-                    raise InputError(f"{output}: module '{module.module}' factors {tuple(b.shape)}·{tuple(a.shape)} "
-                                     f"do not fit the base tensor's shape {shape}")
+                # ΔW = s·B·A, or its transpose for Conv1D and embeddings (lora_embedding_A is (r, vocab))
+                left, right = (a.T.contiguous(), b.T.contiguous()) if transposed else (b, a)
                 dtype = base.read_rows(name, 0, 1).dtype
 
                 def delta_rows(start: int, stop: int, left: torch.Tensor = left, right: torch.Tensor = right
