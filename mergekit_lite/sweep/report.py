@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..evaluation.scores import mean
-from .run import SweepResult
+from .result import SweepResult
 
 LEADERBOARD = "leaderboard"
 BEST_YAML = "best.yaml"
@@ -33,7 +33,7 @@ def write_outputs(result: SweepResult, out: Path, overwrite: bool = False) -> li
     at any moment leaves the previous set or the new one; then, with `output:`, the best merge (`overwrite`: the
     user's --overwrite, passed on as given)."""
     from ..writers.ownership import owned_folder
-    from .run import CACHE_DIR
+    from .result import CACHE_DIR
 
     out = Path(out).resolve()
     with owned_folder(out, "sweep", keep=[CACHE_DIR]) as staging:
@@ -167,7 +167,7 @@ def leaderboard_markdown(result: SweepResult) -> str:
 
 def best_config_data(result: SweepResult, folder: Path) -> dict[str, Any]:
     """The best point's merge config as a user would write it, its paths relative to `folder` (best.yaml's)."""
-    from .run import point_config
+    from .result import point_config
 
     assert result.best is not None and result.best.point is not None
     config = point_config(result.config, result.best.point)
@@ -322,7 +322,7 @@ def write_best_merge(result: SweepResult, overwrite: bool) -> Path:
     then add the sweep's summary to its card."""
     from ..api import merge
     from ..writers.card import render_card, replace_card
-    from .run import point_config
+    from .result import point_config
 
     assert result.best is not None and result.best.point is not None
     config = point_config(result.config, result.best.point)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,60 +26,19 @@ from ..evaluation.options import EvalOptions
 from ..hub.resolve import hub_reference
 from .cache import ResultCache, digest, fingerprint
 from .points import OptunaSearch, Point, fixed_points, point_count
+from .result import CACHE_DIR, Row, SweepResult, point_config
 from .spec import SweepConfig, check_metric, method_defaults
 from .worker import ADAPTER, BASE, MERGE, Job, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
 VALIDATION, TEST = "validation", "test"
-#: where the results cache lives inside --out
-CACHE_DIR = "cache"
 #: points a sweep tries unless --max-points says more (at a few seconds a point, about a day of work)
 MAX_POINTS = 10_000
 
 
 class SweepError(MergeConfigError):
     """A sweep cannot run as asked (an earlier sweep's results in --out without --resume, no point evaluated)."""
-
-
-@dataclass
-class Row:
-    """One evaluated point (or reference model) on one split."""
-
-    name: str
-    kind: str
-    point: Point | None
-    result: dict[str, Any]
-    cached: bool
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def error(self) -> str | None:
-        """The one-line reason the point could not be evaluated, else None."""
-        return self.result.get("error")
-
-
-@dataclass
-class SweepResult:
-    """Everything the outputs are made of."""
-
-    config: SweepConfig
-    tasks: list[str]
-    options: EvalOptions
-    rows: list[Row]
-    references: dict[str, dict[str, Row]]
-    best: Row | None
-    test_rows: list[Row]
-    evaluated: int = 0
-    reused: int = 0
-    rejected: int = 0
-    backend: str = "local"
-    workers: int = 1
-
-    @property
-    def metric(self) -> str:
-        """The selection metric."""
-        return self.config.spec.metric
 
 
 def absolute_config(config: MergeConfig) -> dict[str, Any]:
@@ -96,11 +54,6 @@ def absolute_config(config: MergeConfig) -> dict[str, Any]:
     data["output"] = {**data["output"], "path": "in-memory"}
     data.pop("eval", None)
     return data
-
-
-def point_config(sweep: SweepConfig, point: Point) -> MergeConfig:
-    """The merge config of `point` (checked like any config)."""
-    return sweep.config_for(point.method, point.merge_parameters(), point.weights)
 
 
 def summarise(scores: dict[str, dict[str, float]], base: dict[str, dict[str, float]] | None,
