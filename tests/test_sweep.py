@@ -122,3 +122,48 @@ def test_optuna_points_are_inside_their_ranges_and_the_same_for_a_seed() -> None
     assert first != list(point_stream(_ranged("optuna", 8), score))
     _inside(first)
     assert isinstance(_ranged("optuna").parameters["lambda"], Range)
+
+
+class _KeepOpen:
+    """matplotlib.pyplot for a figure function, except that it leaves the figure open for the test to measure."""
+
+    def __init__(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        self.plt, self.figures = plt, []
+
+    def subplots(self, *args: Any, **kwargs: Any) -> Any:
+        fig, axes = self.plt.subplots(*args, **kwargs)
+        self.figures.append(fig)
+        return fig, axes
+
+    def close(self, fig: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("count", [3, 5, 9])
+def test_the_test_figure_never_prints_task_names_on_top_of_each_other(tmp_path: Path, count: int) -> None:
+    from types import SimpleNamespace
+
+    from mergekit_lite.sweep.report import _test_figure
+
+    tasks = [f"mmlu_high_school_{name}" for name in ("macroeconomics", "world_history", "computer_science",
+                                                    "government_and_politics", "european_history", "biology",
+                                                    "chemistry", "mathematics", "statistics")[:count]]
+    rows = [SimpleNamespace(kind="merge", name=name, summary={
+        **{f"{t}:{m}": 0.5 for t in tasks for m in ("answer_ll_retention", "acc_retention")},
+        "answer_ll_retention": 0.5, "acc_retention": 0.5}) for name in ("chosen ties", "ties default", "linear")]
+    plt = _KeepOpen()
+    _test_figure(SimpleNamespace(test_rows=rows, tasks=tasks), tmp_path / "test.png", plt)
+    fig = plt.figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [label.get_window_extent(renderer) for label in ax.get_xticklabels() if label.get_text()]
+        assert len(boxes) == count + 1  # the tasks and their mean
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert all(box.x0 >= 0 for box in boxes)  # inside the picture
+    plt.plt.close(fig)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,43 @@ def write_report(report: EvalReport) -> None:
         report.files.append(report.out_dir / CHART_PNG)
     except ImportError:
         report.chart_note = "no chart: matplotlib is not installed (pip install 'mergekit_lite[eval]')"
+#: chart columns: a task name is wrapped to lines of this many characters and printed at this font size, side by
+#: side for up to SIDE_BY_SIDE columns, else upright (wrapped twice as wide); a column is at least COLUMN_INCHES
+LABEL_CHARS, LABEL_SIZE, SIDE_BY_SIDE, COLUMN_INCHES = 14, 8, 4, 0.6
+
+
+def column_labels(names: Sequence[str], width: int = LABEL_CHARS) -> list[str]:
+    """Task names wrapped onto lines of at most `width` characters, broken after `_ - . /` where possible, so
+    that long lm-eval names (mmlu_high_school_macroeconomics) do not print on top of each other."""
+    wrapped = []
+    for name in names:
+        lines = [""]
+        for part in re.split(r"(?<=[_\-./])", name):
+            if lines[-1] and len(lines[-1]) + len(part) > width:
+                lines.append("")
+            while len(part) > width:  # a part longer than a line is cut where the line is full
+                lines[-1], part = part[:width], part[width:]
+                lines.append("")
+            lines[-1] += part
+        wrapped.append("\n".join(line for line in lines if line))
+    return wrapped
+
+
+def set_column_labels(ax: Any, names: Sequence[str], notes: Sequence[str] | None = None) -> None:
+    """One x tick per column, labelled with its name wrapped (column_labels) and its note appended: side by side
+    when the columns are few, upright when more (a wrapped line is then wider than a column)."""
+    upright = len(names) > SIDE_BY_SIDE
+    labels = column_labels(names, LABEL_CHARS * (2 if upright else 1))
+    if notes is not None:
+        labels = [label + note for label, note in zip(labels, notes)]
+    ax.set_xticks(range(len(names)), labels, fontsize=LABEL_SIZE, rotation=90 if upright else 0)
+
+
+def panel_inches(columns: int, least: float = 5.5) -> float:
+    """A chart panel's width: `least`, wider when its columns would be narrower than COLUMN_INCHES each."""
+    return max(least, COLUMN_INCHES * columns)
+
+
 _KIND_COLORS = {"base": ["#8c8c8c"], "adapter": ["#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c"],
                 "merge": ["#fdae6b", "#fd8d3c", "#e6550d", "#a63603", "#74c476", "#31a354"],
                 "model": ["#bcbddc", "#9e9ac8", "#807dba", "#6a51a3"]}
@@ -164,7 +203,8 @@ def write_chart(report: EvalReport, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = report.metrics or ["acc"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.5, 4.2), squeeze=False)
+    panel = panel_inches(len(report.tasks))
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel * len(panels) + 1.5, 4.2), squeeze=False)
     used: dict[str, int] = {}
     colors = []
     for model in report.models:
@@ -178,12 +218,11 @@ def write_chart(report: EvalReport, path: Path) -> Path:
             xs = [i - 0.4 + width * (index + 0.5) for i in range(len(report.tasks))]
             ax.bar(xs, values, width=width, color=color, label=f"{model.name} ({model.kind})", edgecolor="white",
                    linewidth=0.5)
-        ax.set_xticks(range(len(report.tasks)))
-        labels = report.tasks
+        notes = None
         if metric == "acc" and report.headlines:
-            labels = [t + ("\n(lower is better)" if not report.headlines.get(t, {}).get("higher_is_better", True)
-                           else "") for t in report.tasks]
-        ax.set_xticklabels(labels)
+            notes = ["\n(lower is better)" if not report.headlines.get(t, {}).get("higher_is_better", True) else ""
+                     for t in report.tasks]
+        set_column_labels(ax, report.tasks, notes)
         ax.set_title(report.metric_title(metric)[0] + (" (nats)" if metric == "answer_ll" else ""))
         bounded = all(report.headlines.get(t, {}).get("metric", "acc") in _BOUNDED_METRICS for t in report.tasks)
         if metric == "acc" and bounded:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..evaluation.report import panel_inches, set_column_labels
 from ..evaluation.scores import mean
 from .result import SweepResult
 
@@ -288,7 +289,8 @@ def _test_figure(result: SweepResult, path: Path, plt: Any) -> Path:
     """Bars per task of the answer log-likelihood retention (and accuracy) of the merges on the test split."""
     merges = [r for r in result.test_rows if r.kind == "merge"]
     metrics = [m for m in ("answer_ll_retention", "acc_retention") if any(r.summary.get(m) is not None for r in merges)]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5.5 * max(1, len(metrics)) + 1.5, 4.0), squeeze=False)
+    panel = panel_inches(len(result.tasks) + 1)
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(panel * max(1, len(metrics)) + 1.5, 4.0), squeeze=False)
     width = 0.8 / max(1, len(merges))
     others = iter(_DEFAULT_COLORS * (1 + len(merges) // len(_DEFAULT_COLORS)))
     colors = [_CHOSEN_COLOR if row.name.startswith("chosen") else next(others) for row in merges]
@@ -297,7 +299,7 @@ def _test_figure(result: SweepResult, path: Path, plt: Any) -> Path:
             values = [row.summary.get(f"{t}:{metric}") for t in result.tasks] + [row.summary.get(metric)]
             xs = [i - 0.4 + width * (index + 0.5) for i in range(len(values))]
             ax.bar(xs, [math.nan if v is None else v for v in values], width=width, label=row.name, color=color)
-        ax.set_xticks(range(len(result.tasks) + 1), [*result.tasks, "mean"])
+        set_column_labels(ax, [*result.tasks, "mean"])
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(f"{metric.replace('_', ' ')} on the test split", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
