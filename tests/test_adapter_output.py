@@ -443,6 +443,21 @@ def test_factored_method_adapter_is_exact_without_rank(factored: dict[str, Any])
     assert factored["result"].notes == ""
 
 
+def test_a_factored_adapter_computes_each_tensors_factors_once(demo: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """layout needs the factors' width for the ranks; produce writes the same factors instead of computing
+    them again (same bytes as before: the rest of this module's tests)."""
+    from mergekit_lite.engine.loop import MergeEngine
+
+    calls: list[str] = []
+    tensor_delta = MergeEngine.tensor_delta
+    monkeypatch.setattr(MergeEngine, "tensor_delta", lambda self, s: calls.append(s.name) or tensor_delta(self, s))
+    result = _run(_config(demo / "base", _demo_adapters(demo, [1.0, -0.6, 0.5]), tmp_path / "adapter", "tsv_m",
+                          format="peft"))
+    written = _factor_products(Path(result.output_dir))
+    assert len(written) == 14 and sorted(calls) == sorted(set(calls)) and set(calls) == set(written)
+
+
 # -------------------------------------------------------------------------------------------------------------
 # 3. output.rank on a linear method: Eckart–Young against a dense float64 SVD, kept energy recorded
 # -------------------------------------------------------------------------------------------------------------

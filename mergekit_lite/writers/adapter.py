@@ -79,11 +79,17 @@ class PeftAdapterOutput:
     card_relation: str = "adapter"
     tensors: list[AdapterTensor] = field(default_factory=list)
     compression: list[Compression] = field(default_factory=list)
+    #: a factored method's factors, computed by `layout` for their rank and taken (once) by `produce` when it
+    #: runs the same engine (a data-aware merge rebuilds its engine after calibrating: its factors are new)
+    _computed: dict[str, LowRankFactors | None] = field(default_factory=dict, repr=False, compare=False)
+    _computed_by: Any = field(default=None, repr=False, compare=False)
 
     # -- the plan: roles, modules and ranks, before anything is written ------------------------------
 
     def layout(self, engine: MergeEngine) -> list[TensorInfo]:
-        """Every adapter tensor in write order; factored methods compute their factors once here for the ranks."""
+        """Every adapter tensor in write order; factored methods compute their factors once, here, for the ranks
+        (kept for `produce`: in memory at most the size of the exact, untruncated adapter)."""
+        self._computed, self._computed_by = {}, engine
         with single_threaded_torch():
             self.tensors = [self._describe(engine, s) for s in engine.schedules if s.action == "merge"]
         if not self.tensors:
@@ -133,7 +139,7 @@ class PeftAdapterOutput:
         elif engine.method.is_linear:
             exact = sum(item.module.rank for item in low)
         else:
-            factors = engine.tensor_delta(schedule).factors
+            factors = self._computed[schedule.name] = engine.tensor_delta(schedule).factors
             exact = 0 if factors is None else factors.left.shape[1]
         rank = exact if self.rank is None else min(self.rank, exact)
         return AdapterTensor(schedule, "lora", module.module, layout, max(rank, 1), exact)
@@ -174,7 +180,10 @@ class PeftAdapterOutput:
         """(L m×k, R k×n) of the tensor's merged delta at the rank written."""
         if engine.method.is_elementwise:
             return self._randomized(engine, t)
-        factors = engine.tensor_delta(t.schedule).factors
+        if engine is self._computed_by and t.schedule.name in self._computed:
+            factors = self._computed.pop(t.schedule.name)  # computed once, by layout; held until written
+        else:
+            factors = engine.tensor_delta(t.schedule).factors
         m, n = t.schedule.plan.info.rows, t.schedule.plan.info.cols
         if factors is None:
             return torch.zeros(m, 1), torch.zeros(1, n)
