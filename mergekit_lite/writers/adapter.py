@@ -245,7 +245,7 @@ class PeftAdapterOutput:
         from ..formats.integrity import check_written
         from ..formats.safetensors import SINGLE_FILE
         from .card import render_card
-        from .kinds import CARD, CONFIG_COPY, write_text
+        from .output_files import CARD, CONFIG_COPY, write_text
 
         check_written(staging, layout)
         with naming(staging / ADAPTER_WEIGHTS):

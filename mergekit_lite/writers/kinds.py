@@ -14,17 +14,14 @@ from typing import TYPE_CHECKING, Protocol
 from ..formats.integrity import check_written
 from ..formats.safetensors import TensorInfo
 from ..progress import Progress
+from .adapter import PeftAdapterOutput
 from .card import render_card
 from .checkpoint import ShardedWriter, side_file_bytes, write_side_files
-from .failures import naming
+from .output_files import CARD, CONFIG_COPY, write_text
 
 if TYPE_CHECKING:  # the API imports this module; these are only types here
     from ..config import MergeConfig
     from ..engine.loop import EngineStats, MergeEngine
-
-CONFIG_COPY = "mergekit_lite_config.yaml"
-CARD = "README.md"
-
 
 class OutputKind(Protocol):
     """One kind of output: a layout, a producer, side files and a card relation."""
@@ -110,16 +107,8 @@ OUTPUT_FORMATS = ("checkpoint", "peft")
 def output_kind(config: MergeConfig) -> OutputKind:
     """A fresh output kind for `config`'s `output.format` (a kind records what it wrote, for the card)."""
     if config.output.format == "peft":
-        from .adapter import PeftAdapterOutput
-
         return PeftAdapterOutput(rank=config.output.rank, dtype=config.output.dtype)
     return CheckpointOutput()
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a side file, naming it in any OS error."""
-    with naming(path):
-        path.write_text(text)
 
 
 def write_output(kind: OutputKind, engine: MergeEngine, staging: Path, base_folder: Path, config: MergeConfig,
