@@ -287,14 +287,14 @@ def test_sigkill_while_writing_the_report_leaves_the_old_set_or_the_new_set(tmp_
     config = sweep_config_from_dict(_data(), tmp_path)
     out = tmp_path / "out"
     old, new = _result(config, 0.25), _result(config, 0.75)
+    started = time.perf_counter()
+    sweep_report.write_outputs(new, out)  # the new set as it lands at out (best.yaml's paths are relative to it)
+    took = time.perf_counter() - started
+    new_set = {**_tree(out), f"{CACHE_DIR}/entry.json": b"{}"}
     sweep_report.write_outputs(old, out)
     (out / CACHE_DIR).mkdir()
     (out / CACHE_DIR / "entry.json").write_text("{}")
     old_set = _tree(out)
-    started = time.perf_counter()
-    sweep_report.write_outputs(new, tmp_path / "timing")
-    took = time.perf_counter() - started
-    new_set = {**_tree(tmp_path / "timing"), f"{CACHE_DIR}/entry.json": b"{}"}
     assert old_set != new_set
     context = multiprocessing.get_context("fork")
     seen = set()
@@ -313,7 +313,7 @@ def test_sigkill_while_writing_the_report_leaves_the_old_set_or_the_new_set(tmp_
             sweep_report.write_outputs(old, out)
     sweep_report.write_outputs(new, out)  # a later run cleans what killed ones left beside the folder
     assert _tree(out) == new_set
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "timing"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert "old" in seen
 
 
