@@ -23,8 +23,8 @@ The catalogue tried (run: `merge run`; reports: `merge inspect --out`, `merge sw
 |   (snapshot, blobs, the repo folder)               |   into blobs/)          |   blobs/)                   |
 | holding the folder an input's symlinked files      | refused                 | refused                     |
 |   point into                                       |                         |                             |
-| a symlink loop                                     | refused (API: was exit 1| refused (was: exit 1,       |
-|                                                    |   RuntimeError)         |   RuntimeError)             |
+| a symlink loop                                     | refused                 | refused (was: exit 1,       |
+|                                                    |                         |   RuntimeError)             |
 | a dangling symlink                                 | written where it points | -                           |
 | unwritable (/proc/x; read-only parents as non-root)| refused up front (was:  | refused up front            |
 |                                                    |   exit 1 "no space")    |                             |
