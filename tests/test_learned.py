@@ -307,3 +307,15 @@ def test_in_memory_merge_calibrates_first_and_matches_the_written_checkpoint(dem
     with prepare(MergeConfig.from_dict(data, tmp_path)) as prepared:
         in_memory = merged_tensors(prepared, torch.device("cpu"))
     assert in_memory and all(torch.equal(value, written[name]) for name, value in in_memory.items())
+
+
+def test_granularity_shares_one_lambda_per_adapter_tensor_layer_or_adapter() -> None:
+    from types import SimpleNamespace
+
+    from mergekit_lite.calibration.fit import groups
+
+    model = SimpleNamespace(n_adapters=2, tensors=["model.layers.0.q.weight", "model.layers.0.v.weight",
+                                                    "model.layers.1.q.weight", "lm_head.weight"])
+    assert groups(model, "tensor").tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups(model, "layer").tolist() == [[0, 0, 1, 2], [3, 3, 4, 5]]
+    assert groups(model, "adapter").tolist() == [[0, 0, 0, 0], [1, 1, 1, 1]]

@@ -90,7 +90,7 @@ def render_card(
 
     card_data = ModelCardData(**data)
 
-    params = ", ".join(f"`{k}={v}`" for k, v in config.global_params.items()) or "none"
+    params = ", ".join(f"`{k}={_one_line(v)}`" for k, v in config.global_params.items()) or "none"
     paper = f" ([paper]({method.paper_url}))" if method.paper_url else ""
     base_shown = f"[{base_ref}]({base_ref.url})" if base_ref else f"`{config.base_model}` (local)"
     body = "\n".join(
@@ -236,7 +236,7 @@ def _adapter_table(config: MergeConfig) -> list[str]:
         if config.is_full_model(index):
             shown = f"full model {shown}"
         density = own.get("density") if has_density else 1
-        own_cells = "".join(f" {own.get(k)} |" for k in other_keys)
+        own_cells = "".join(f" {_one_line(own.get(k))} |" for k in other_keys)
         lines.append(f"| {index} | {shown} | {_number(spec.weight)} | {_number(density)} |{own_cells}")
     lines += [
         "",
@@ -244,6 +244,11 @@ def _adapter_table(config: MergeConfig) -> list[str]:
         + ("(the rest are trimmed or dropped)." if has_density else "(1: this method keeps every entry)."),
     ]
     return lines
+
+
+def _one_line(value: Any) -> str:
+    """A parameter value as one line of a table cell (a template's newlines as \\n, pipes escaped)."""
+    return str(value).replace("\n", "\\n").replace("|", "\\|")
 
 
 def _inputs_phrase(config: MergeConfig) -> str:
