@@ -629,3 +629,16 @@ def test_verify_report_and_quantize_go_together_and_apart_from_the_logit_check(m
                   demo / "adapters" / "math")
     assert result.exit_code == 2 and "run the logit check separately" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_report_of_ours_is_replaced_whole_once_ownership_knows_verify(merged, tmp_path, monkeypatch):
+    from mergekit_lite.writers import ownership
+
+    monkeypatch.setattr(ownership, "COMMANDS", (*ownership.COMMANDS, "verify"))
+    report = tmp_path / "report"
+    for formats in ("q8_0,q4_0", "q8_0"):
+        result = _cli("verify", merged[0], "--quantize", formats, "--report", report, "--no-progress")
+        assert result.exit_code == 0, result.output
+    assert ownership.owner(report) == "verify"
+    assert list(json.loads((report / "quantize.json").read_text())["overall"]) == ["q8_0"]
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no staging folder left beside it

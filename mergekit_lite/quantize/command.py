@@ -3,6 +3,7 @@ the report folder is written whole (staged, then renamed) or not at all."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import OutputPathError
@@ -26,50 +27,41 @@ def quantize_report(output: str | Path, formats: str, base: str | None = None, r
     output_kind(folder)
     base_folder = Path(base) if base is not None else recorded_base(folder)
     target = Path(report) if report is not None else None
-    replace = False
     if target is not None:
-        replace = _check_report_folder(target, [("the merge output", folder), ("the base model", base_folder)])
+        _check_report_folder(target, [("the merge output", folder), ("the base model", base_folder)])
     result = measure_merge(folder, base_folder, chosen, max_memory=max_memory, progress=progress)
     lines = summary_lines(result)
     if target is not None:
-        names = _write(target, replace, lambda staging: write_report(result, staging))
+        names = _write(target, lambda staging: write_report(result, staging))
         lines.append(f"report: {target}/ ({', '.join(names)})")
     return lines
 
 
-def _ownership():  # type: ignore[no-untyped-def]
-    """writers.ownership when it knows `merge verify`'s reports (then a report of ours may be replaced), else None."""
-    try:
-        from ..writers import ownership
-    except ImportError:
-        return None
-    return ownership if COMMAND in getattr(ownership, "COMMANDS", ()) else None
+def _knows_verify() -> bool:
+    """Whether writers.ownership has a marker for `merge verify`'s reports (then an earlier report of ours may be
+    replaced whole); until it does, the report goes to a new or empty folder only."""
+    from ..writers import ownership
+
+    return COMMAND in ownership.COMMANDS
 
 
 def _check_report_folder(target: Path, inputs: list[tuple[str, Path]]) -> bool:
     """Refuse a report folder we may not write, before any work; True when an earlier report of ours is replaced."""
-    ownership = _ownership()
-    if ownership is not None:
-        return bool(ownership.check_output_folder(target, COMMAND, inputs, option="--report"))
-    try:
-        from ..writers.ownership import check_output_folder
-    except ImportError:
-        check_output_folder = None
-    if check_output_folder is not None:  # a new or empty folder only: `merge verify` has no marker of its own yet
-        check_output_folder(target, COMMAND, inputs, option="--report", accept=())
-        return False
-    resolved = target.resolve()
-    if resolved.exists() and (not resolved.is_dir() or any(resolved.iterdir())):
-        raise OutputPathError(f"--report {target}: exists and is not an empty folder; choose a new or empty folder")
+    from ..writers.ownership import check_output_folder
+
+    if _knows_verify():
+        return check_output_folder(target, COMMAND, inputs, option="--report")
+    check_output_folder(target, COMMAND, inputs, option="--report", accept=())
     return False
 
 
-def _write(target: Path, replace: bool, body) -> list[str]:  # type: ignore[no-untyped-def]
+def _write(target: Path, body: Callable[[Path], list[str]]) -> list[str]:
     """Run `body(staging)` in a staging folder beside `target`, then put it in place whole."""
-    ownership = _ownership()
-    if ownership is not None:
-        with ownership.owned_folder(target, COMMAND) as staging:
-            return list(body(staging))
+    if _knows_verify():
+        from ..writers.ownership import owned_folder
+
+        with owned_folder(target, COMMAND) as staging:
+            return body(staging)
     from ..writers.atomic import atomic_directory
 
     resolved = target.resolve()
@@ -77,4 +69,4 @@ def _write(target: Path, replace: bool, body) -> list[str]:  # type: ignore[no-u
         names = body(staging)
         if resolved.exists() and (not resolved.is_dir() or any(resolved.iterdir())):
             raise OutputPathError(f"--report {target}: files appeared there while measuring; nothing was replaced")
-    return list(names)
+    return names
