@@ -16,7 +16,7 @@ from mergekit_lite.engine.elementwise import SparseTensorMerge
 from mergekit_lite import merge
 from mergekit_lite.engine import kernels
 from mergekit_lite.methods import get_method
-from mergekit_lite.methods._common import sum_consensus, ties_consensus
+from mergekit_lite.methods.sparsifying import sum_consensus, ties_consensus
 
 from .configs import demo_config
 

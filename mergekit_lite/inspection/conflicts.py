@@ -23,7 +23,7 @@ import torch
 
 from ..engine.select import Mapper, Trimmer, kth_largest_magnitudes
 from ..errors import MergeConfigError
-from ..methods._common import kept_count
+from ..methods.sparsifying import kept_count
 
 ChunkSource = Callable[[], Iterable[torch.Tensor]]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..methods import LowRankFactors
-from ..methods._core import CORE_DTYPE, core_of, rank_svd
+from ..methods.lowrank_core import CORE_DTYPE, core_of, rank_svd
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
 from .registry import ElementwisePhase, MergeMethod, Param, register
 from .sparsifiers import Cut, Sparsifier, kept_count
+from .sparsifying import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
 
 
 def dropped_count(gamma: float, density: float, numel: int) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ._common import (
+from .registry import ElementwisePhase, MergeMethod, register
+from .sparsifiers import DARE
+from .sparsifying import (
     DENSITY,
     LAMBDA,
     NORMALIZE_TIES,
@@ -13,8 +15,6 @@ from ._common import (
     sum_consensus,
     ties_consensus,
 )
-from .registry import ElementwisePhase, MergeMethod, register
-from .sparsifiers import DARE
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 

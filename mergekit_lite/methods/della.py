@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
 from .registry import ElementwisePhase, MergeMethod, Param, register
 from .sparsifiers import Cut, Sparsifier
+from .sparsifying import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
 
 
 class MagPrune(Sparsifier):

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from ._core import core_of, polar, rank_svd
-from ._subspace import ALPHA, mean_of_vectors
+from .lowrank_core import core_of, polar, rank_svd
 from .registry import FactoredContext, FactoredPhase, LowRankFactors, MergeMethod, Param, register
+from .subspace import ALPHA, mean_of_vectors
 
 PAPER = "https://arxiv.org/abs/2502.04959"
 

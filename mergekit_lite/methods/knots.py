@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from ._common import LAMBDA, NORMALIZE_TIES, RESCALE, SIGN
-from ._core import CORE_DTYPE, base_coefficients, elementwise_merge, rank_svd, weighted_sum
-from ._subspace import mean_of_vectors
+from .lowrank_core import CORE_DTYPE, base_coefficients, elementwise_merge, rank_svd, weighted_sum
 from .registry import FactoredContext, FactoredPhase, LowRankFactors, MergeMethod, Param, get_method, register
+from .sparsifying import LAMBDA, NORMALIZE_TIES, RESCALE, SIGN
+from .subspace import mean_of_vectors
 
 BASES = ("ties", "dare_ties", "dare_linear", "magnitude_prune", "linear", "task_arithmetic")
 DENSITY_OPTIONAL = Param("density", None, float, "fraction of each representation's entries kept, in (0, 1] "

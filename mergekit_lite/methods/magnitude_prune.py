@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ._common import DENSITY, LAMBDA, SPACE, core_space_phase, sum_consensus
 from .registry import ElementwisePhase, MergeMethod, register
 from .sparsifiers import MAGNITUDE
+from .sparsifying import DENSITY, LAMBDA, SPACE, core_space_phase, sum_consensus
 
 MAGNITUDE_PRUNE = register(
     MergeMethod(

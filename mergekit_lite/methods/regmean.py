@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from ._core import CORE_DTYPE
+from .lowrank_core import CORE_DTYPE
 from .registry import FactoredContext, FactoredPhase, LowRankFactors, Param
 
 PAPER = "https://arxiv.org/abs/2212.09849"

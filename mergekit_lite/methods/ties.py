@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ._common import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, ties_consensus
 from .registry import ElementwisePhase, MergeMethod, register
 from .sparsifiers import MAGNITUDE
+from .sparsifying import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, ties_consensus
 
 TIES = register(
     MergeMethod(

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from ._core import core_of, polar, rank_svd
-from ._subspace import ALPHA, mean_of_vectors
+from .lowrank_core import core_of, polar, rank_svd
 from .registry import FactoredContext, FactoredPhase, LowRankFactors, MergeMethod, register
+from .subspace import ALPHA, mean_of_vectors
 
 
 def tsv_m_factors(factors: Sequence[LowRankFactors], weights: Sequence[float], params: Mapping[str, Any],

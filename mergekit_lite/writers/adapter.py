@@ -26,7 +26,7 @@ from ..errors import MergeConfigError
 from ..formats import peft
 from ..formats.safetensors import ITEM_SIZES, TORCH_DTYPES, TensorInfo, dtype_code, tensor_bytes
 from ..methods import LowRankFactors
-from ..methods._core import core_of
+from ..methods.lowrank_core import core_of
 from ..progress import Progress
 from .checkpoint import ShardedWriter
 from .failures import naming

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._core import weighted_sum
+from .lowrank_core import weighted_sum
 from .registry import FactoredContext, Param
 
 ALPHA = Param("alpha", 1.0, float, "global scale of the merged delta")

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
-from .registry import FactoredContext, FactoredPhase, Param
+from .lowrank_core import core_space_factors
+from .registry import FactoredContext, FactoredPhase, Param, get_method
 from .sparsifiers import kept_count
+from .subspace import mean_of_vectors
 
 __all__ = ["DENSITY", "LAMBDA", "NORMALIZE_TIES", "RESCALE", "SIGN", "SPACE", "core_space_phase", "kept_count",
            "sum_consensus", "ties_consensus"]
@@ -68,9 +70,6 @@ def ties_consensus(updates: Sequence[torch.Tensor], weights: Sequence[float], pa
 
 def core_space_phase(name: str) -> FactoredPhase:
     """`space: core` of the elementwise method `name`: its steps on the core matrices (SEMANTICS §3c)."""
-    from ._core import core_space_factors
-    from ._subspace import mean_of_vectors
-    from .registry import get_method
 
     def factors(factors: Sequence[Any], weights: Sequence[float], params: Mapping[str, Any],
                 context: FactoredContext) -> tuple[torch.Tensor, torch.Tensor]:
