@@ -70,6 +70,11 @@ def run(args: argparse.Namespace) -> dict:
     print(f"inputs ready in {build_s:.0f} s", flush=True)
     peers = ensure_peers() if {"peft", "mergekit"} & set(args.tools) else None
     found = cases(root, args.tools, args.methods, args.adapters, peers)
+    if args.merge_command:  # e.g. a pinned snapshot of the package, so edits made meanwhile change no run
+        merge = str(Path(sys.executable).with_name("merge"))
+        for command, _ in found.values():
+            if command and command[0] == merge:
+                command[:1] = args.merge_command.split()
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {label: [] for label in found}
@@ -115,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     return {"shape": vars(shape) | {"parameters": shape.parameters()}, "adapters": args.adapters, "rank": args.rank,
             "rounds": args.rounds, "peer_rounds": args.peer_rounds, "machine": machine(), "disk_needed_bytes": need,
-            "build_s": build_s, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": summary}
+            "build_s": build_s, "merge_command": args.merge_command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": summary}
 
 
 def table(report: dict) -> str:
@@ -159,6 +164,8 @@ def main() -> None:
     parser.add_argument("--tools", type=lambda s: s.split(","), default=["io", "ours"])
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["task_arithmetic", "ties"])
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case before it is killed")
+    parser.add_argument("--merge-command", default=None,
+                        help="command run in place of the venv's `merge` (e.g. 'python pinned_merge.py')")
     parser.add_argument("--keep", action="store_true", help="keep the generated inputs (deleted by default)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()

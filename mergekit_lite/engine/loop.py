@@ -8,6 +8,7 @@ combine τᵢ chunk by chunk.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 from collections import deque
@@ -25,7 +26,7 @@ from ..methods.gradients import TensorParams, any_setting, layer_count, layer_po
 from ..progress import Progress
 from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
 from ..writers.checkpoint import ShardedWriter
-from .allocator import release_free_memory
+from .allocator import mapped_chunks, release_free_memory
 from .deltas import StreamedDelta, TensorDeltas, scratch
 from .elementwise import SparseTensorMerge
 from .finite import all_finite
@@ -146,7 +147,10 @@ class MergeEngine:
         if self.method.is_factored:  # each tensor's core math runs while the previous tensor streams
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="core", initializer=single)
             self._queue_factored(iter(s for s in self.schedules if s.action == MERGE))
+        scoped = contextlib.ExitStack()
         try:
+            if self.method.is_interpolation:  # chunk-sized temporaries mapped: a flat, repeatable peak RSS
+                scoped.enter_context(mapped_chunks(self.options.cpu_chunk_elements * 4))
             for schedule in self.schedules:
                 writer.begin(schedule.name)
                 if schedule.action == COPY and self._copied_in_kernel(schedule):  # untouched, stored raw
@@ -169,6 +173,7 @@ class MergeEngine:
                     stats.tensors_merged += 1
         finally:
             reads.close()
+            scoped.close()
             if collecting:
                 gc.enable()
             if self._ahead is not None:
