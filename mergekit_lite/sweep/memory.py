@@ -17,13 +17,14 @@ import torch
 from ..api import PreparedMerge, engine_for
 from ..engine.device import single_threaded_torch
 from ..engine.schedule import MERGE
+from ..engine.sink import TensorSink
 from ..errors import MergeError
 from ..formats.safetensors import TORCH_DTYPES, TensorInfo
 from ..progress import byte_progress
 
 
-class _Collector:
-    """The writer the engine streams one tensor's chunks into: the chunks' bytes, in order."""
+class _Collector(TensorSink):
+    """The sink the engine streams one tensor's chunks into (engine.sink.TensorSink): the chunks' bytes, in order."""
 
     def __init__(self) -> None:
         self.parts: list[torch.Tensor] = []
