@@ -323,3 +323,16 @@ def test_setup_cfg_package_data_covers_every_file_of_the_suite() -> None:
     present = {p for p in (package / "suite").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert present - shipped == set(), "suite files setup.cfg does not ship"
     assert len(present) >= 37
+
+
+# ---------------------------------------------------------------------------- layering: who imports whom
+
+
+def test_the_engine_writes_to_a_sink_and_imports_no_writer() -> None:
+    """The engine streams into engine.sink.TensorSink (merge run's sharded writer, the sweep's collector)."""
+    import ast
+
+    for path in (REPO / "mergekit_lite" / "engine").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "writers" not in (node.module or ""), f"{path.name} imports {node.module}"

@@ -25,7 +25,6 @@ from ..methods import FactoredContext, FactoredPhase, InterpolationPhase, MergeM
 from ..methods.gradients import TensorParams, any_setting, layer_count, layer_position, resolve_tensor
 from ..progress import Progress
 from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
-from ..writers.checkpoint import ShardedWriter
 from .allocator import mapped_chunks, release_free_memory
 from .deltas import StreamedDelta, TensorDeltas, scratch
 from .elementwise import SparseTensorMerge
@@ -34,6 +33,7 @@ from .plan import MergePlan, TensorPlan
 from .prefetch import Prefetcher
 from .schedule import CAST, COPY, MERGE, EngineOptions, TensorSchedule, schedule_tensor
 from .select import Lazy
+from .sink import FileSink, TensorSink
 
 
 @dataclass
@@ -125,7 +125,7 @@ class MergeEngine:
         """Memory the engine holds for one tensor at a time: the chunks in flight plus any cached τᵢ."""
         return self.schedule(tensor).working_set
 
-    def run(self, writer: ShardedWriter, progress: Progress) -> EngineStats:
+    def run(self, writer: FileSink, progress: Progress) -> EngineStats:
         """Merge or copy every base tensor into `writer`, reading ahead in a background thread.
 
         On CPU with more than one worker, chunks of a tensor are merged side by side in a thread pool (torch
@@ -209,7 +209,7 @@ class MergeEngine:
         rows = self.base.read_rows(name, start, stop)
         return rows if dtype is None else rows.to(dtype)
 
-    def _merge_tensor(self, schedule: TensorSchedule, reads: Prefetcher[Any], writer: ShardedWriter,
+    def _merge_tensor(self, schedule: TensorSchedule, reads: Prefetcher[Any], writer: TensorSink,
                       progress: Progress, stats: EngineStats) -> None:
         tensor = schedule.plan
         device, dtype = self.options.device, self.options.compute_dtype
@@ -301,7 +301,7 @@ class MergeEngine:
             out[start:stop] = sparse.merge_chunk(taus, start * cols).reshape(stop - start, cols)
         return out.reshape(tensor.info.shape)
 
-    def merge_into(self, schedule: TensorSchedule, writer: ShardedWriter, progress: Progress) -> None:
+    def merge_into(self, schedule: TensorSchedule, writer: TensorSink, progress: Progress) -> None:
         """W + the merged delta of one tensor, in the output dtype, streamed into `writer` (reads in order)."""
         self._merge_tensor(schedule, _DirectReads(self, schedule), writer, progress, EngineStats())
 
@@ -486,7 +486,7 @@ class MergeEngine:
         list((self._pool.map if self._pool is not None else map)(build, starts, stops))
         return cached
 
-    def _emit(self, rows: torch.Tensor, writer: ShardedWriter, progress: Progress) -> None:
+    def _emit(self, rows: torch.Tensor, writer: TensorSink, progress: Progress) -> None:
         data = tensor_bytes(rows.cpu())
         writer.write(data)
         progress.update(data.nbytes)
