@@ -41,8 +41,9 @@ from .rows import ModelSpec, check_unique_names, file_stem
 from .scores import RetentionRef, compute_retention, extract_scores, headline_metric, table_columns
 from .tasks import SUITE_DIR, SUITE_TASKS_DIR, TaskSelection, select_suite_or_tasks
 
-#: Read here by scripts outside the package (evals/); the suite's home is tasks.py.
+#: SUITE_DIR and SUITE_TASKS_DIR (their home: tasks.py) stay importable here for scripts in evals/
 __all__ = ["SUITE_DIR", "SUITE_TASKS_DIR", "EvalOptions", "ModelSpec", "evaluate_models", "load_lm", "run_lm_eval"]
+
 
 def run_lm_eval(model: ModelSpec, selection: TaskSelection, options: EvalOptions) -> dict[str, Any]:
     """Load one row's model and evaluate it; the model is released afterwards."""

@@ -19,6 +19,7 @@ from .scores import RetentionRef
 if TYPE_CHECKING:
     from ..config import MergeConfig
 
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One row of the report: a checkpoint folder, optionally with a PEFT adapter applied on top (unmerged)."""
@@ -42,10 +43,12 @@ class ModelSpec:
 
 
 def file_stem(name: str) -> str:
+    """A row's name as a file name (its results and lm-eval folders): safe characters only."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
 
 def check_unique_names(models: Sequence[ModelSpec]) -> None:
+    """Refuse two rows whose file names would be the same (one's results would overwrite the other's)."""
     seen: set[str] = set()
     for model in models:
         stem = file_stem(model.name)
