@@ -92,8 +92,7 @@ def our_config(root: Path, case: str, out: Path, adapters: int) -> Path:
         "adapters": [{"path": str(root / f"adapter_{i}")} for i in range(adapters)],
         "output": {"path": str(out), **output}, "seed": 0,
     }
-    method = case
-    path = WORK / f"ours_{method}.yaml"
+    path = WORK / f"ours_{root.name}_{case}.yaml"  # per input folder: runs at two sizes at once never share one
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -209,6 +208,11 @@ def run(args: argparse.Namespace) -> dict:
     root = build(WORK / f"synthetic_h{args.hidden}_l{args.layers}_v{args.vocab}", shape, args.adapters, args.rank)
     peers = ensure_peers() if {"peft", "mergekit"} & set(args.tools) else None
     found = cases(root, args.tools, args.methods, args.adapters, peers)
+    if args.merge_command:  # e.g. a pinned snapshot of the package, so edits made meanwhile change no run
+        merge = str(Path(sys.executable).with_name("merge"))
+        for command, _ in found.values():
+            if command[0] == merge:
+                command[:1] = args.merge_command.split()
     runs: dict[str, list[dict]] = {label: [] for label in found}
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -219,12 +223,14 @@ def run(args: argparse.Namespace) -> dict:
             for folder in clear:
                 shutil.rmtree(folder, ignore_errors=True)
             slug = label.replace(" ", "_").replace("/", "_")
-            result = timed(command, logs / f"{slug}.{repeat}.log")
+            load = os.getloadavg()[0]
+            result = timed(command, logs / f"{slug}.{repeat}.log") | {"load_before": load}
             runs[label].append(result)
             print(f"[{repeat}] {label}: {result['wall_s']:.1f} s, {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     floor_runs = next((r for label, r in runs.items() if label.startswith("I/O floor")), [])
     summary = {
         label: {"median_wall_s": statistics.median(r["wall_s"] for r in results),
+                "median_cpu_s": statistics.median(r["cpu_s"] for r in results),
                 "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results,
                 "paired_ratios": [r["wall_s"] / f["wall_s"] for r, f in zip(results, floor_runs)]}
         for label, results in runs.items() if results
@@ -247,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
             if (weights / "adapter_model.safetensors").is_file():
                 errors[f"{tool} {case}"] = adapter_error(weights, inputs)
     return {"shape": vars(shape) | {"parameters": shape.parameters()}, "adapters": args.adapters, "rank": args.rank,
-            "repeats": args.repeats, "machine": machine(), "results": summary, "agreement": agreement,
+            "repeats": args.repeats, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": summary, "agreement": agreement,
             "adapter_errors": errors}
 
 
@@ -299,18 +305,19 @@ def side_by_side(reports: list[dict]) -> str:
     head = ["tool, method"]
     for r in reports:
         size = f"{r['shape']['layers']} layers, {r['shape']['parameters'] / 1e9:.2f}B"
-        head += [f"{size}: wall", "× floor", "peak RSS"]
+        head += [f"{size}: wall", "× floor", "CPU s", "peak RSS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in labels:
         cells = [label]
         for r in reports:
             value = r["results"].get(label)
             if value is None:
-                cells += ["-", "-", "-"]
+                cells += ["-", "-", "-", "-"]
                 continue
             paired = value.get("median_paired_ratio")
+            cpu = value.get("median_cpu_s")
             cells += [f"{value['median_wall_s']:.1f} s", f"{paired:.2f}" if paired is not None else "-",
-                      f"{value['peak_rss_bytes'] / 1e9:.2f} GB"]
+                      "-" if cpu is None else f"{cpu:.1f}", f"{value['peak_rss_bytes'] / 1e9:.2f} GB"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -327,6 +334,8 @@ def main() -> None:
     parser.add_argument("--depth", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="depth factors to run side by side, e.g. 1,4 (layers x factor)")
     parser.add_argument("--name", default=None, help="results file stem")
+    parser.add_argument("--merge-command", default=None,
+                        help="command run in place of the venv's `merge` (e.g. 'python pinned_merge.py')")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.scaling or args.depth:
