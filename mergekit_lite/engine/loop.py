@@ -203,7 +203,7 @@ class MergeEngine:
     def _copied_in_kernel(self, schedule: TensorSchedule) -> bool:
         """True when an untouched tensor's bytes go from the base's file to the output's without passing through
         us (the writer thread copies them with copy_file_range, or through its own buffer where it cannot)."""
-        return self.base.stored_range(schedule.name) is not None
+        return self.base.stored_raw(schedule.name)
 
     def _read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None) -> torch.Tensor:
         rows = self.base.read_rows(name, start, stop)

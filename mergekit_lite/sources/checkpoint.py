@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class BaseCheckpoint:
         self.folder = folder
         self.allow_pickle = allow_pickle
         self._handles: dict[Path, int] = {}
+        self._opening = threading.Lock()
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._weight_map: dict[str, str] = {}
         if not folder.is_dir():
@@ -166,6 +168,10 @@ class BaseCheckpoint:
         self._read_into(info, offset, memoryview(buffer))
         return buffer
 
+    def stored_raw(self, name: str) -> bool:
+        """True when a tensor's bytes lie in a file as stored (safetensors), so `stored_range` can hand them out."""
+        return self.tensors[name].file not in self._pickled
+
     def stored_range(self, name: str) -> tuple[int, int] | None:
         """(open file descriptor, offset in the file) of a tensor's stored bytes, for a copy by the kernel; None
         when it is not stored as raw bytes in a file (pickled weights)."""
@@ -177,8 +183,10 @@ class BaseCheckpoint:
     def _descriptor(self, info: TensorInfo) -> int:
         descriptor = self._handles.get(info.file)
         if descriptor is None:
-            descriptor = os.open(info.file, os.O_RDONLY)
-            self._handles[info.file] = descriptor
+            with self._opening:  # reads run in several threads: one descriptor per file, none left open twice
+                descriptor = self._handles.get(info.file)
+                if descriptor is None:
+                    descriptor = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
         return descriptor
 
     def _read_into(self, info: TensorInfo, offset: int, view: memoryview) -> None:
