@@ -37,7 +37,7 @@ def load_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ⌊density·numel⌋ largest |τ|; ties at the threshold go to the lower flat index (full sort)."""
     flat = tau.reshape(-1)
-    k = int(density * flat.numel()) if density < 1 else flat.numel()
+    k = floor_count(density, flat.numel())
     order = sorted(range(flat.numel()), key=lambda j: (-abs(float(flat[j])), j))
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
     keep[order[:k]] = True
@@ -64,7 +64,9 @@ def tau_dims(stacked: torch.Tensor) -> int:
 
 def floor_count(fraction: float, numel: int) -> int:
     """⌊fraction · numel⌋, forgiving a decimal fraction's last float bits (0.29 of 100 is 29)."""
-    return numel if fraction >= 1 else math.floor(fraction * numel + 1e-9)
+    # "forgiven its last float bits" (SEMANTICS §3): a few ulps of the product, not an absolute 1e-9
+    product = fraction * numel
+    return numel if fraction >= 1 else min(numel, math.floor(product + 4 * math.ulp(product)))
 
 
 def magnitude_order(flat: torch.Tensor) -> list[int]:
