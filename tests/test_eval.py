@@ -216,17 +216,25 @@ def test_merge_eval_scores_model_folders_as_they_are(lm_eval_ready: None, tmp_pa
 @pytest.mark.slow
 def test_an_earlier_eval_report_is_replaced_whole_and_marked(lm_eval_ready: None, tmp_path: Path) -> None:
     """#23: the report folder carries merge eval's marker and is staged and swapped whole, so a later run
-    replaces it (a file left in it goes) and nothing is left beside it."""
+    replaces it and nothing is left beside it; a file the user put into it since is theirs: the rerun refuses
+    in one line and keeps it."""
     from mergekit_lite.writers.ownership import MARKER, read_marker
 
     out = tmp_path / "r"
     args = ["eval", str(SUITE / "base"), "--tasks", "add", "--limit", "3", "--out", str(out), "--no-progress"]
     assert CliRunner().invoke(main, args).exit_code == 0
     assert read_marker(out) == "eval" and (out / MARKER).is_file() and (out / "report.md").is_file()
-    (out / "stale.txt").write_text("from the earlier report's time")
+    before = (out / "scores.json").read_bytes()
+    (out / "stale.txt").write_text("the user's own notes")
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2, refused.output
+    assert [line for line in refused.output.splitlines() if line.strip()] == [refused.output.strip()]
+    assert "stale.txt" in refused.output
+    assert (out / "stale.txt").read_text() == "the user's own notes" and (out / "scores.json").read_bytes() == before
+    (out / "stale.txt").unlink()
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert not (out / "stale.txt").exists() and (out / "scores.json").is_file()
+    assert (out / "scores.json").is_file() and read_marker(out) == "eval"
     assert str(out / "report.md") in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
