@@ -319,3 +319,27 @@ def test_granularity_shares_one_lambda_per_adapter_tensor_layer_or_adapter() -> 
     assert groups(model, "tensor").tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert groups(model, "layer").tolist() == [[0, 0, 1, 2], [3, 3, 4, 5]]
     assert groups(model, "adapter").tolist() == [[0, 0, 0, 0], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("calibration, expected", [
+    ("data/capitals/train.jsonl", None),
+    ("data/capitals/validation.jsonl", "is also the data the sweep scores"),
+    ("data/capitals/test.jsonl", "is also the data the sweep scores"),
+    ("capitals", "calibration task 'capitals' is one the sweep scores"),
+])
+def test_a_sweep_never_calibrates_on_what_it_scores(calibration: str, expected: str | None, tmp_path: Path) -> None:
+    from mergekit_lite.errors import MergeConfigError
+    from mergekit_lite.evaluation.lm_eval_runner import SUITE_DIR
+    from mergekit_lite.sweep.spec import sweep_config_from_dict
+
+    source = calibration if "/" not in calibration else str(SUITE_DIR / calibration)
+    data = {"base_model": str(SUITE_DIR / "base"),
+            "adapters": [{"path": str(SUITE_DIR / "adapters" / "capitals"), "calibration": source,
+                          "calibration_template": "Q: {{question}}\nA:"}],
+            "sweep": {"method": ["learned"], "parameters": {"steps": [0, 20]}},
+            "eval": {"tasks": ["capitals"]}}
+    if expected is None:
+        sweep_config_from_dict(data, tmp_path)
+    else:
+        with pytest.raises(MergeConfigError, match=expected):
+            sweep_config_from_dict(data, tmp_path)

@@ -137,6 +137,26 @@ def load_calibration(prepared: Any, *, device: torch.device | str = "cpu", seed:
                        cache_dir)
 
 
+def refuse_scored_calibration(config: Any) -> None:
+    """For `merge sweep`: refuse calibration that reads what the sweep scores (the validation split it selects on,
+    the test split it reports): an eval task named as a calibration task (whose validation documents it would
+    read), or one of the offline suite's validation/test files of those tasks."""
+    from ..evaluation.tasks import LL_SUFFIX, SUITE_TASKS
+
+    scored = list(config.eval.tasks) if config.eval is not None and config.eval.tasks else list(SUITE_TASKS)
+    names = {t.removesuffix(LL_SUFFIX) for t in scored}
+    sources = calibration_sources(config)
+    for source in sources:
+        if source.kind == "task" and source.reference.removesuffix(LL_SUFFIX) in names:
+            raise MergeConfigError(f"{source.where}: calibration task '{source.reference}' is one the sweep scores: "
+                                   "its documents would be calibrated on and selected on; give training prompts "
+                                   "(a .jsonl of the task's train split)")
+    from ..evaluation.lm_eval_runner import SUITE_DIR
+
+    files = [SUITE_DIR / "data" / name / f"{split}.jsonl" for name in names for split in ("validation", "test")]
+    check_apart(sources, files, "data the sweep scores (a validation or test split)")
+
+
 def refuse_full_models(config: Any, method: str) -> None:
     """Data-aware methods merge LoRA adapters (their branches); a full fine-tune is refused at config time."""
     if getattr(config, "models", None):

@@ -151,7 +151,11 @@ def sweep_config_from_dict(data: Any, base_dir: str | Path) -> SweepConfig:
         if name not in labels:
             raise MergeConfigError(f"sweep.weights: no adapter named '{name}'" + did_you_mean(name, labels))
     for method in spec.methods:  # every method accepts its defaults with these inputs
-        config.config_for(method, method_defaults(method), {})
+        point = config.config_for(method, method_defaults(method), {})
+        if point.merge_method.calibrated is not None:  # data-aware: never calibrate on what the sweep scores
+            from ..calibration import refuse_scored_calibration
+
+            refuse_scored_calibration(point)
     return config
 
 
