@@ -61,15 +61,17 @@ def weights_of(out: Path) -> bytes:
 
 
 @pytest.mark.slow
-def test_learned_with_zero_steps_is_task_arithmetic_at_init_byte_for_byte(demo: Path, tmp_path: Path) -> None:
-    learned = run(learned_config(demo, tmp_path, tmp_path / "learned", steps=0, init=0.5), tmp_path)
+@pytest.mark.parametrize("start, lam", [({"init": 0.5}, 0.5), ({"init_method": "task_arithmetic"}, 1.0)])
+def test_learned_with_zero_steps_is_task_arithmetic_at_init_byte_for_byte(start: dict[str, Any], lam: float,
+                                                                          demo: Path, tmp_path: Path) -> None:
+    learned = run(learned_config(demo, tmp_path, tmp_path / "learned", steps=0, **start), tmp_path)
     plain = learned_config(demo, tmp_path, tmp_path / "ta")
-    plain.update(method="task_arithmetic", parameters={"lambda": 0.5})
+    plain.update(method="task_arithmetic", parameters={"lambda": lam})
     for entry in plain["adapters"]:
         del entry["calibration"]
     assert weights_of(learned) == weights_of(run(plain, tmp_path))
     record = json.loads((learned / "coefficients.json").read_text())
-    assert {v for row in record["coefficients"].values() for v in row.values()} == {0.5}
+    assert {v for row in record["coefficients"].values() for v in row.values()} == {lam}
 
 
 @pytest.mark.slow
