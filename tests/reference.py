@@ -44,10 +44,21 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(keep, flat, torch.zeros_like(flat)).reshape(tau.shape)
 
 
-def ties_combine(updates: list[torch.Tensor], weights: list[float], sign: str, normalize: bool, lam: float) -> torch.Tensor:
-    """TIES steps (3)-(4) on whole stacked tensors, written from SEMANTICS §3."""
+def ties_combine(updates: list[torch.Tensor], weights: list[float], sign: str, normalize: bool, lam: float,
+                 vote_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """TIES steps (3)-(4) on whole stacked tensors, written from SEMANTICS §3.
+
+    `vote_dtype`: sum the `sign: sum` ballots in that dtype, adapter after adapter, as the engine does in its
+    compute dtype (§2) - needed where the uᵢ are not exact there and a vote can be 0 in float32 alone (DELLA's
+    τ/q); None sums in float64."""
     stacked = torch.stack(updates)
-    vote = stacked.sum(0) if sign == "sum" else torch.sign(stacked).sum(0)
+    if sign == "sum" and vote_dtype is not None:
+        vote = updates[0].to(vote_dtype)
+        for update in updates[1:]:
+            vote = vote + update.to(vote_dtype)
+        vote = vote.to(stacked.dtype)
+    else:
+        vote = stacked.sum(0) if sign == "sum" else torch.sign(stacked).sum(0)
     gamma = torch.where(vote >= 0, 1.0, -1.0).to(stacked.dtype)
     agree = (stacked != 0) & (torch.sign(stacked) == gamma)
     total = (stacked * agree).sum(0)
@@ -88,15 +99,16 @@ def breadcrumbs(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 
 def magprune(tau: torch.Tensor, density: float, epsilon: float, rescale: bool, uniforms: torch.Tensor) -> torch.Tensor:
     """DELLA's MagPrune (SEMANTICS §3), row by row (a 1-D tensor is one row): the entry of magnitude rank d
-    (0 = largest, equal magnitudes lower index first) among n is kept when its uniform u < q = density + ε −
-    2ε·d/(n − 1) (q = density when n = 1), and divided by q when `rescale`. `uniforms`: one per entry, flat."""
+    (0 = largest, equal magnitudes lower index first) among n is kept when its uniform u < q = (density + ε) −
+    (2ε/(n − 1))·d (float64, in that order, as §3 fixes it; q = density when n = 1), and divided by q (float64)
+    when `rescale`. `uniforms`: one per entry, flat. The result is float64: round it to the compute dtype."""
     rows = tau.reshape(tau.shape[0], -1) if tau.dim() > 1 else tau.reshape(1, -1)
     u = uniforms.reshape(rows.shape).double()
     out = torch.zeros(rows.shape, dtype=torch.float64)
     n = rows.shape[1]
     for r in range(rows.shape[0]):
         for d, j in enumerate(magnitude_order(rows[r])):
-            q = density if n == 1 else density + epsilon - 2 * epsilon * d / (n - 1)
+            q = density if n == 1 else (density + epsilon) - (2 * epsilon / (n - 1)) * d
             if float(u[r, j]) < q:
                 out[r, j] = float(rows[r, j]) / q if rescale else float(rows[r, j])
     return out.reshape(tau.shape)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mergekit_lite import MergeConfig, MergeConfigError, merge
@@ -43,12 +43,24 @@ def resolved(method: str, case: dict, **params: object) -> tuple[dict, list[dict
     return get_method(method).resolve_params(params, case["own"], case["weights"])
 
 
-def reference(case: dict, name: str = "w") -> list[torch.Tensor]:
+def reference(case: dict, name: str = "w", dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """uᵢ = wᵢ·tᵢ as SEMANTICS §3 fixes them: tᵢ = MagPrune(τᵢ) (τ/q in float64) rounded once to the compute
+    dtype, then wᵢ·tᵢ rounded to it (§2: the arithmetic is float32), returned as float64 for the comparison."""
     updates = []
     for i, (tau, w, o) in enumerate(zip(case["taus"], case["weights"], case["own"])):
         uniforms = UniformStream(stream_key(case["seed"], i, name)).uniforms(0, tau.numel())
-        updates.append(w * magprune(tau.double(), o["density"], o["epsilon"], o["rescale"], uniforms))
+        t = magprune(tau.double(), o["density"], o["epsilon"], o["rescale"], uniforms).to(dtype)
+        updates.append((w * t.double()).to(dtype).double())
     return updates
+
+
+#: 1.0 of 7 entries at rank 5 is kept with q = 0.8 + ε − (2ε/6)·5 = 0.6666666666666667 (ε = 0.19999999999999996):
+#: 1/q is 1.4999999999999998 in float64 but 1.5 in float32, where it ties the other adapter's −1.5 - a vote of
+#: exactly 0, so γ = +1 and the merged entry is 1.5 (a float64 vote gave −1.5: the reference was wrong).
+TIED_VOTE = {"taus": [torch.tensor([[1.0, 0, 1.5, 1.5, 1.5, 1.5, 1.5]]), torch.tensor([[-1.5, 0, 0, 0, 0, 0, 0]])],
+             "weights": [1.0, 1.0], "chunk_rows": 1, "seed": 192,
+             "own": [{"density": 0.8, "epsilon": 0.19999999999999996, "rescale": True},
+                     {"density": 0.3, "epsilon": 0.0, "rescale": False}]}
 
 
 @settings(max_examples=60, deadline=None)
@@ -61,11 +73,21 @@ def test_della_linear_equals_the_dense_reference_for_any_chunking(case: dict, la
 
 @settings(max_examples=60, deadline=None)
 @given(case=cases(), sign=st.sampled_from(["sum", "count"]), normalize=st.booleans())
+@example(case=TIED_VOTE, sign="sum", normalize=False)
 def test_della_equals_the_dense_reference_for_any_chunking(case: dict, sign: str, normalize: bool) -> None:
     params, own = resolved("della", case, sign=sign, normalize=normalize)
     got = stream("della", case["taus"], case["weights"], params, own, case["chunk_rows"], seed=case["seed"], name="w")
-    expected = ties_combine(reference(case), case["weights"], sign, normalize, 1.0)
+    expected = ties_combine(reference(case), case["weights"], sign, normalize, 1.0, vote_dtype=torch.float32)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_vote_that_is_zero_only_in_float32_elects_plus() -> None:
+    """The TIED_VOTE case by hand (no reference): both entries 0 are kept (u = 0.081 < q, u = 0.228 < 0.3), 1.0/q
+    rounds to 1.5 in float32, the vote 1.5 − 1.5 is 0, γ = +1: 1.5, by the torch steps and the fused kernels."""
+    params, own = resolved("della", TIED_VOTE, sign="sum", normalize=False)
+    args = ("della", TIED_VOTE["taus"], TIED_VOTE["weights"], params, own, 1, 192, "w")
+    for got in (stream(*args), stream_fused(*args)):
+        assert float(got[0, 0]) == 1.5
 
 
 @pytest.mark.skipif(not kernels.enabled(), reason="the fused kernels are not built")
@@ -127,7 +149,8 @@ def test_della_through_files_equals_the_reference(demo: Path, tmp_path: Path) ->
             continue
         case = {"taus": [t[name].float() for t in taus], "weights": weights, "seed": 3,
                 "own": [{**o, "rescale": True} for o in own]}
-        expected = base[name].double() + ties_combine(reference(case, name), weights, "sum", True, 1.0)
+        expected = base[name].double() + ties_combine(reference(case, name), weights, "sum", True, 1.0,
+                                                      vote_dtype=torch.float32)
         torch.testing.assert_close(tensor.double(), expected, atol=1e-5, rtol=1e-5, msg=name)
 
 

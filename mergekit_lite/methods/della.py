@@ -23,7 +23,9 @@ from .sparsifying import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_spac
 class MagPrune(Sparsifier):
     """DELLA's MagPrune: within each row, the entry of magnitude rank d (0 = largest; equal magnitudes: lower flat
     index first) of n is kept with probability qᵢ(d) = densityᵢ + εᵢ − 2εᵢ·d/(n − 1) (densityᵢ for n = 1), when
-    its uniform u < q; kept entries × 1/q (`rescale`). Rows are whole in every chunk, so no selection pass."""
+    its uniform u < q; kept entries × 1/q (`rescale`). Rows are whole in every chunk, so no selection pass.
+    q and τ/q are float64, rounded once into the chunk's dtype (SEMANTICS §3 fixes the precision: TIES' vote
+    can be exactly 0 in float32 where float64 would tip it)."""
 
     name = "magprune"
     whole_rows = True
@@ -53,7 +55,8 @@ class MagPrune(Sparsifier):
 
 def keep_probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """qᵢ per entry (float64, rows' shape): linear in the magnitude rank within the row, from density + ε (the
-    largest) down to density − ε (the smallest); a stable sort gives equal magnitudes lower flat index first."""
+    largest) down to density − ε (the smallest); a stable sort gives equal magnitudes lower flat index first.
+    Evaluated as (density + ε) − (2ε/(n − 1))·d, the order SEMANTICS §3 fixes (the reference uses it too)."""
     length = rows.shape[1]
     if length == 1 or epsilon == 0.0:
         return torch.full(rows.shape, float(density), dtype=torch.float64, device=rows.device)
