@@ -414,8 +414,92 @@ def test_quantized_rows_patches_the_loader_only_while_open(monkeypatch):
     assert lm_eval_runner.load_lm is loader
     assert layer.weight.detach().numpy().tobytes() == _library_roundtrip("q8_0", original_weight).numpy().tobytes()
     assert notes == ["row: 1 Linear weight(s) quantized to q8_0 in memory"]
-    with QuantizedRows(None):
-        assert lm_eval_runner.load_lm is loader
+    with QuantizedRows(None) as nothing:
+        assert lm_eval_runner.load_lm is loader and nothing is None
+    assert QuantizedRows(None).record() is None
+
+
+def test_quantized_rows_record_what_each_row_was_scored_as(monkeypatch):
+    from importlib import metadata
+    from types import SimpleNamespace
+
+    from mergekit_lite.evaluation import lm_eval_runner
+    from mergekit_lite.quantize.model import SCOPE, QuantizedRows
+
+    layers = {"base": torch.nn.Linear(64, 4), "odd": torch.nn.Sequential(torch.nn.Linear(64, 4), torch.nn.Linear(4, 2))}
+    monkeypatch.setattr(lm_eval_runner, "load_lm", lambda model, options: SimpleNamespace(model=layers[model.name]))
+    rows = QuantizedRows("q4_0", note=lambda line: None)
+    with rows:
+        for name in layers:
+            lm_eval_runner.load_lm(SimpleNamespace(name=name), None)
+    assert rows.record() == {
+        "format": "q4_0", "library": "gguf", "version": metadata.version("gguf"), "scope": SCOPE,
+        "rows": {"base": {"quantized": 1, "left": []},
+                 "odd": {"quantized": 1, "left": [{"module": "1", "why": "row length 4 is not a multiple of q4_0's block of 32"}]}}}
+
+
+def _report(tmp_path, quantize):
+    from mergekit_lite.evaluation.report import EvalReport
+    from mergekit_lite.evaluation.rows import ModelSpec
+
+    models = [ModelSpec("base", "base", tmp_path), ModelSpec("ties", "merge", tmp_path)]
+    return EvalReport(out_dir=tmp_path, tasks=["add"], models=models,
+                      scores={m.name: {"add": {"acc": 0.5}} for m in models}, retention={}, limit=4,
+                      metrics=["acc"], lm_eval_version="test", quantize=quantize)
+
+
+def test_the_eval_report_says_which_format_every_row_was_scored_as(tmp_path, monkeypatch):
+    """scores.json's "quantize" (format, library, version, per row), one line of report.md, the chart's title,
+    the console's last line; an unquantized report says nothing of it ("quantize": null)."""
+    from mergekit_lite.evaluation import report as report_module
+
+    monkeypatch.setattr(report_module, "write_chart", lambda report, path: path.write_bytes(b"png"))
+    record = {"format": "q4_0", "library": "gguf", "version": "9.9", "scope": "what was quantized",
+              "rows": {"base": {"quantized": 28, "left": []},
+                       "ties": {"quantized": 27, "left": [{"module": "m.up", "why": "row length 4 is odd"}]}}}
+    (tmp_path / "q").mkdir()
+    report = _report(tmp_path / "q", record)
+    report_module.write_report(report)
+    assert json.loads((tmp_path / "q" / "scores.json").read_text())["quantize"] == record
+    text = (tmp_path / "q" / "report.md").read_text()
+    assert ("**Quantized: every row is scored as its `q4_0` model (gguf 9.9)**: what was quantized. Linear weights "
+            "quantized per row: base 28, ties 27. Left as they were: 1 (e.g. ties: m.up, row length 4 is odd); "
+            "scores.json lists them.") in text.splitlines()
+    assert report_module.chart_title(report) == "lm-eval (limit 4), every row quantized to q4_0"
+    assert "every row scored as its q4_0 model; report:" in report.summary()
+
+    (tmp_path / "plain").mkdir()
+    plain = _report(tmp_path / "plain", None)
+    report_module.write_report(plain)
+    assert json.loads((tmp_path / "plain" / "scores.json").read_text())["quantize"] is None
+    assert "Quantized" not in (tmp_path / "plain" / "report.md").read_text()
+    assert report_module.chart_title(plain) == "lm-eval (limit 4)" and "scored as" not in plain.summary()
+
+
+@pytest.mark.slow  # about 2 s: the CLI resolves the suite's tasks
+def test_merge_eval_quantize_passes_its_record_to_the_report(demo, tmp_path, monkeypatch):
+    """The CLI wiring, lm-eval stood in for: each row loads through the quantizing loader, and the report the
+    runner builds gets QuantizedRows.record, read after every row has loaded."""
+    from types import SimpleNamespace
+
+    from mergekit_lite.evaluation import lm_eval_runner
+
+    seen = {}
+    monkeypatch.setattr(lm_eval_runner, "load_lm", lambda model, options: SimpleNamespace(model=torch.nn.Linear(64, 4)))
+
+    def fake_evaluate(models, out_dir, *, quantize=None, **_):
+        for model in models:
+            lm_eval_runner.load_lm(model, None)
+        seen["record"] = quantize()
+        (Path(out_dir) / "report.md").write_text("# lm-eval report\n")
+        return SimpleNamespace(move_to=lambda folder: None, summary=lambda: "done")
+
+    monkeypatch.setattr(lm_eval_runner, "evaluate_models", fake_evaluate)
+    result = _cli("eval", demo / "base", "--quantize", "q8_0", "--tasks", "add", "--out", tmp_path / "report",
+                  "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert seen["record"]["format"] == "q8_0" and seen["record"]["library"] == "gguf"
+    assert seen["record"]["rows"] == {"base": {"quantized": 1, "left": []}}
 
 
 def test_eval_quantize_refuses_a_format_before_any_work(tmp_path):
@@ -496,7 +580,10 @@ def test_merge_eval_quantize_scores_the_quantized_model(suite_ties, tmp_path):
                   tmp_path / "report", "--no-progress", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "ties: 28 Linear weight(s) quantized to q4_0 in memory" in result.output
-    assert (tmp_path / "report" / "report.md").is_file()
+    recorded = json.loads((tmp_path / "report" / "scores.json").read_text())["quantize"]
+    assert (recorded["format"], recorded["library"]) == ("q4_0", "gguf") and recorded["version"]
+    assert recorded["rows"] == {"ties": {"quantized": 28, "left": []}}
+    assert "**Quantized: every row is scored as its `q4_0` model (gguf " in (tmp_path / "report" / "report.md").read_text()
 
 
 def _result_of(tensors):

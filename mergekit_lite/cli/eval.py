@@ -139,7 +139,7 @@ def eval_command(targets: tuple[str, ...], tasks: tuple[str, ...], limit: int | 
     models, references = plan_models(configs, merged_dirs, model_dirs)
     with owned_folder(report_dir, "eval") as staging, quantized:  # the whole report or none, like a merge output
         report = evaluate_models(models, staging, tasks=selection, options=options, references=references,
-                                 progress=not no_progress)
+                                 progress=not no_progress, quantize=quantized.record)
     report.move_to(report_dir)
     click.echo(report.summary())
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -82,11 +82,14 @@ def evaluate_models(
     references: dict[str, RetentionRef] | None = None,
     progress: bool = True,
     note: Any = None,
+    quantize: Callable[[], dict[str, Any] | None] | None = None,
 ) -> EvalReport:
     """Run lm-eval on every model over the same tasks and write the report folder; return the report.
 
     `tasks` are names/files (resolved and built here first: a bad name or a missing dataset fails before anything
     is loaded or written) or a TaskSelection built already; then each model is loaded, evaluated and released.
+    `quantize` (merge eval --quantize: QuantizedRows.record) says, once every row has loaded, what the rows were
+    scored as; the report records it.
     """
     from tqdm.auto import tqdm
 
@@ -128,6 +131,7 @@ def evaluate_models(
         retention=compute_retention(scores, table_tasks, metrics, references or {}, headlines),
         limit=options.limit, metrics=metrics, lm_eval_version=lm_eval_version(), files=files,
         headlines=headlines, options=options, origins=selection.describe(),
+        quantize=quantize() if quantize is not None else None,
     )
     write_report(report)
     return report

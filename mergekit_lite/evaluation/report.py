@@ -53,6 +53,8 @@ class EvalReport:
     headlines: dict[str, dict[str, Any]] = field(default_factory=dict)
     options: EvalOptions | None = None
     origins: list[str] = field(default_factory=list)
+    #: `merge eval --quantize`: what every row was scored as (quantize.model.QuantizedRows.record), else None
+    quantize: dict[str, Any] | None = None
 
     def metric_title(self, metric: str) -> tuple[str, str]:
         """A table's title and note: `acc` is each task's headline metric (accuracy for the suite's tasks)."""
@@ -72,6 +74,8 @@ class EvalReport:
             ),
             "",
         ]
+        if self.quantize:
+            parts += [describe_quantize(self.quantize), ""]
         if self.origins:
             parts += ["Tasks from files: " + "; ".join(self.origins) + ".", ""]
         for metric in self.metrics:
@@ -89,6 +93,8 @@ class EvalReport:
         """What `merge eval` prints: the tables and where the files are."""
         lines = [markdown_table(self, metric) for metric in self.metrics]
         where = f"report: {self.out_dir / REPORT_MD}"
+        if self.quantize:
+            where = f"every row scored as its {self.quantize['format']} model; " + where
         if self.chart_note:
             where += f" ({self.chart_note})"
         return "\n\n".join([*lines, where])
@@ -123,6 +129,22 @@ def describe_headline(headline: dict[str, Any]) -> str:
     return headline["metric"] + (f" ({', '.join(notes)})" if notes else "")
 
 
+def describe_quantize(quantize: dict[str, Any]) -> str:
+    """report.md's line on `merge eval --quantize`: the format, its library and version, what was quantized, and
+    how many Linear weights each row had quantized (and any left as they were, with why)."""
+    library = quantize["library"] + (f" {quantize['version']}" if quantize.get("version") else "")
+    rows = quantize.get("rows") or {}
+    counts = ", ".join(f"{name} {row['quantized']}" for name, row in rows.items())
+    line = (f"**Quantized: every row is scored as its `{quantize['format']}` model ({library})**: "
+            f"{quantize['scope']}. Linear weights quantized per row: {counts or 'none loaded'}.")
+    left = [(name, entry) for name, row in rows.items() for entry in row.get("left", [])]
+    if left:
+        name, entry = left[0]
+        line += (f" Left as they were: {len(left)} (e.g. {name}: {entry['module']}, {entry['why']}); "
+                 f"scores.json lists them.")
+    return line
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -145,6 +167,7 @@ def write_report(report: EvalReport) -> None:
         "models": [m.to_dict() for m in report.models],
         "scores": report.scores,
         "retention": report.retention,
+        "quantize": report.quantize,
     }
     (report.out_dir / SCORES_JSON).write_text(json.dumps(data, indent=2) + "\n")
     report.files += [report.out_dir / REPORT_MD, report.out_dir / SCORES_JSON]
@@ -195,6 +218,12 @@ _KIND_COLORS = {"base": ["#8c8c8c"], "adapter": ["#9ecae1", "#6baed6", "#4292c6"
                 "model": ["#bcbddc", "#9e9ac8", "#807dba", "#6a51a3"]}
 
 
+def chart_title(report: EvalReport) -> str:
+    """The chart's title: lm-eval, the limit, and the format every row was quantized to (--quantize)."""
+    quantized = f", every row quantized to {report.quantize['format']}" if report.quantize else ""
+    return "lm-eval" + (f" (limit {report.limit})" if report.limit else "") + quantized
+
+
 def write_chart(report: EvalReport, path: Path) -> Path:
     """Grouped bars: one panel per metric, tasks on the x axis, one bar per model (greys/blues/oranges by kind)."""
     import matplotlib
@@ -230,7 +259,7 @@ def write_chart(report: EvalReport, path: Path) -> Path:
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    fig.suptitle("lm-eval" + (f" (limit {report.limit})" if report.limit else ""), fontsize=10)
+    fig.suptitle(chart_title(report), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

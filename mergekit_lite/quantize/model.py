@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from importlib import metadata
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 _SKIP = ("lm_head", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 #: rows quantized at a time (bounded temporaries on large weights)
 _ROWS = 4096
+#: what --quantize does to each row, in the report's words
+SCOPE = ("every Linear weight but the output head quantized and dequantized in memory after loading; adapter "
+         "rows keep their LoRA factors unquantized (the adapter served unmerged on a quantized base)")
 
 
 @dataclass(frozen=True)
@@ -53,17 +57,36 @@ def quantize_weights(model: torch.nn.Module, fmt: QuantFormat) -> QuantizedWeigh
     return QuantizedWeights(quantized, left)
 
 
+def library_version(library: str) -> str | None:
+    """The installed version of a format's library (gguf, bitsandbytes), None when its metadata is missing."""
+    try:
+        return metadata.version(library)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 class QuantizedRows:
     """While entered, every model `merge eval` loads is quantized to format `name` right after loading.
 
     The format is resolved when this is made (None: a no-op), so an unknown or unavailable one fails before
-    anything is merged or loaded.
+    anything is merged or loaded. What each row's load did is kept for the report (`record`).
     """
 
     def __init__(self, name: str | None, note: Callable[[str], object] | None = None) -> None:
         self.format = format_of(name) if name is not None else None
         self.note = note or logger.info
         self._original: Any = None
+        #: per row (model name): Linear weights quantized, and those left as they were with why
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def record(self) -> dict[str, Any] | None:
+        """What the report must say was measured (scores.json's "quantize", a line of report.md): the format,
+        its library and version, what was quantized, and per row what its load did. None without a format."""
+        if self.format is None:
+            return None
+        return {"format": self.format.name, "library": self.format.library,
+                "version": library_version(self.format.library), "scope": SCOPE,
+                "rows": {name: dict(row) for name, row in self.rows.items()}}
 
     def __enter__(self) -> QuantFormat | None:
         if self.format is None:
@@ -71,11 +94,13 @@ class QuantizedRows:
         from ..evaluation import lm_eval_runner
 
         original = self._original = lm_eval_runner.load_lm
-        fmt, note = self.format, self.note
+        fmt, note, rows = self.format, self.note, self.rows
 
         def load_quantized(model: Any, options: Any) -> Any:
             lm = original(model, options)
             done = quantize_weights(lm.model, fmt)
+            rows[model.name] = {"quantized": done.quantized,
+                                "left": [{"module": name, "why": why} for name, why in done.left]}
             message = f"{model.name}: {done.quantized} Linear weight(s) quantized to {fmt.name} in memory"
             if done.left:
                 message += f", {len(done.left)} left as they are ({done.left[0][0]}: {done.left[0][1]})"
