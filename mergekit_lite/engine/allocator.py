@@ -71,7 +71,7 @@ def _mallopt() -> Callable[[int, int], int]:
 
 
 #: resident bytes a heap may hold above its high-water mark before release_free_memory trims it
-TRIM_SLACK = 64 * 2**20
+TRIM_SLACK = 16 * 2**20
 _high_water = 0
 
 
