@@ -2,7 +2,7 @@
 
 Exit 2 when what was asked cannot be done as given (config, inputs, output path, a missing extra, a folder
 that cannot be published); exit 1 when a run, a check or the Hub failed. Modules that used to define some of
-these (formats.integrity, evaluation.logit_check, evaluation.lm_eval_runner, hub.publish) import them from here,
+these (formats.integrity, evaluation.logit_check, evaluation.harness, hub.publish) import them from here,
 so the old import paths keep working.
 """
 

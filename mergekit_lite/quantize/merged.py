@@ -18,12 +18,11 @@ from ..errors import CheckpointError, InputError, NotACheckpointError
 from ..progress import byte_progress
 from ..sources.adapter import CONFIG_FILE as ADAPTER_CONFIG
 from ..sources.adapter import PeftAdapter
+from ..writers.output_files import CONFIG_COPY
 from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
 from .formats import QuantFormat
 from .measure import MAX_MEMORY, Figures, aligned_chunk_rows, measure_tensor
 
-#: the config copy every merge output holds (writers.kinds.CONFIG_COPY)
-CONFIG_COPY = "mergekit_lite_config.yaml"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OutputPathError
 from .atomic import atomic_directory
 from .failures import nearest_existing
+from .output_files import CONFIG_COPY as _CONFIG_COPY
 from .preflight import check_apart, check_output_path, resolve_output
 from .staging import remove_stale, staging_prefix
 
@@ -39,8 +40,6 @@ FORMAT = 1
 #: the commands whose folders carry the marker; "run" stands for a merge output (recognised by provenance)
 COMMANDS = ("inspect", "sweep", "eval")
 MERGE = "run"
-#: the config copy a merge output holds (writers.kinds.CONFIG_COPY, repeated here to keep this module light)
-_CONFIG_COPY = "mergekit_lite_config.yaml"
 #: the weights a merge output holds, one of them at least (checkpoint, sharded checkpoint, PEFT-format adapter)
 _MERGE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 #: what a merge writes at the top of its output: weights (one file or shards), configs and indexes, the base's
