@@ -33,6 +33,12 @@ Interface (stable; other data-aware methods build on it):
     ...
     calibration.close()
 
+    # 3. `merge sweep` calls `refuse_scored_calibration(point_config)` for data-aware points (no calibration on
+    #    what the sweep scores), and its in-memory merge runs `calibrate` before streaming a point.
+
+Modules: prompts.py (sources, the seeded draw), batches.py (tokenize, cut, pad), model.py (BranchedModel),
+teachers.py (greedy targets, the disk cache), fit.py (`learned`'s coefficient fit).
+
 Everything that can be refused is refused before any output is written: an adapter without calibration data, an
 unreadable or empty file, rows without a usable field, a task with only a test split, full fine-tunes, DoRA and
 saved whole tensors (`model.BranchedModel` says why, naming adapter and tensor).
