@@ -106,7 +106,7 @@ def test_eval_results_become_model_index_results_and_a_table(tmp_path: Path) -> 
     results = {(r["task"]["name"], m["type"]): m["value"] for r in index["results"] for m in r["metrics"]}
     assert results == {("capitals", "acc"): 0.75, ("capitals", "acc_norm"): 0.5, ("arith", "exact_match"): 1.0}
     assert all(r["dataset"]["name"] in ("capitals", "arith") for r in index["results"])
-    assert "## Evaluation" in body and "| capitals | acc | 0.75 |" in body and "| arith | exact_match | 1 |" in body
+    assert "## Scores" in body and "## Evaluation" not in body and "| capitals | acc | 0.75 |" in body and "| arith | exact_match | 1 |" in body
     parsed = ModelCard(card).data  # the client reads it back as eval results
     assert len(parsed.eval_results) == 3 and parsed.model_name == "my-merge"
     assert "model-index" not in split(render_card(config))[0]

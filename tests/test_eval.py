@@ -196,6 +196,7 @@ def test_merge_run_with_an_eval_section_puts_the_table_in_the_model_card(lm_eval
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "| sentiment | adapter |" in card and "sentiment ret." in card
     assert card.index("## Evaluation") < card.index("## Reproduce")
+    assert card.count("## Evaluation") == 1 and card.count("## Scores") == 1
     for name in ("report.md", "scores.json", "chart.png", "results/base.json", "results/sentiment.json",
                  "results/linear.json"):
         assert (out / "eval" / name).is_file(), name

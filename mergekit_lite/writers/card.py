@@ -282,10 +282,11 @@ def _eval_results(results: Mapping[str, Mapping[str, float]]) -> list[EvalResult
 
 
 def _eval_table(results: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """The merged model's scores as a markdown table."""
+    """The merged model's scores as a markdown table (the model-index metadata's rows), headed apart from the
+    `## Evaluation` section that `merge run`'s eval: step adds, so a card has one heading of each."""
     rows = [f"| {task} | {metric} | {float(value):.4g} |" for task, metrics in results.items() for metric, value in
             metrics.items()]
-    return ["## Evaluation", "", "| task | metric | value |", "|---|---|---|", *rows, ""]
+    return ["## Scores", "", "| task | metric | value |", "|---|---|---|", *rows, ""]
 
 
 def _base_metadata(config: MergeConfig) -> dict[str, Any]:
