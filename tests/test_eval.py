@@ -48,10 +48,11 @@ def _suite_config(folder: Path, method: str, adapters: tuple[str, ...] = SUITE_T
 
 @pytest.fixture(scope="module")
 def lm_eval_ready() -> Iterator[None]:
-    """lm-eval installed (else skip), the suite built, and one torch thread (tiny models; shared CI cores)."""
+    """lm-eval installed (else skip: the `eval` extra is optional), the suite present, and one torch thread (tiny
+    models; shared CI cores). The suite ships as package data: a missing one is a broken install, so it fails."""
     pytest.importorskip("lm_eval")
     if not (SUITE / "base" / "model.safetensors").is_file():
-        pytest.skip("the eval suite is not built: python evals/build_suite.py")
+        pytest.fail(f"the eval suite is missing from {SUITE} (it ships with the package; rebuild: python evals/build_suite.py)")
     import torch
 
     threads = torch.get_num_threads()
