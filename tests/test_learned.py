@@ -250,6 +250,27 @@ def test_dry_run_plans_the_linear_stream_without_calibrating(demo: Path, tmp_pat
 
 
 @pytest.mark.slow
+def test_no_progress_keeps_stderr_to_our_lines(demo: Path, tmp_path: Path) -> None:
+    """`--no-progress`: the calibration's model load shows no transformers bar ("Loading weights"); stdout is the
+    summary line alone, and transformers' bar switch is as it was afterwards."""
+    import yaml
+    from click.testing import CliRunner
+    from transformers.utils import logging as hf_logging
+
+    from mergekit_lite.cli import main
+
+    data = learned_config(demo, tmp_path, tmp_path / "m", steps=1)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    before = hf_logging.is_progress_bar_enabled()
+    result = CliRunner().invoke(main, ["run", str(config), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert hf_logging.is_progress_bar_enabled() == before
+    assert "Loading" not in result.stderr and "it/s" not in result.stderr and "%|" not in result.stderr, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1 and "learned" in result.stdout, result.stdout
+
+
+@pytest.mark.slow
 def test_a_non_finite_loss_names_the_adapter_and_the_step(demo: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from mergekit_lite.calibration import fit as fit_module

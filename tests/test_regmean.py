@@ -674,3 +674,44 @@ def test_bias_shifts_and_lora_embeddings_take_the_average_over_every_adapter(bas
         expected = w0[name].double() + weights[0] * tau / sum(weights)
         assert torch.max(torch.abs(merged[name].double() - expected)) <= 1e-6 * torch.max(torch.abs(tau)), variant
         assert not torch.equal(merged["model.layers.0.self_attn.k_proj.weight"], w0["model.layers.0.self_attn.k_proj.weight"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the output layout before the calibration: a declared rank, never placeholder factors
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_the_uncalibrated_phase_declares_its_rank_and_refuses_factors() -> None:
+    phase = get_method("regmean").phase
+    assert phase.rank is not None and phase.rank([2, 3, 1]) == 6
+    _, adapters, _ = random_case(0)
+    factors = [LowRankFactors(torch.from_numpy(b), torch.from_numpy(a), s) for b, a, s in adapters]
+    with pytest.raises(AssertionError, match="before the calibration"):
+        phase.factors(factors, [1.0, 1.0, 1.0], {}, context_for("layers.0.q.weight", (11, 9), [0, 1, 2], [1.0] * 3))
+
+
+@pytest.mark.slow
+def test_a_peft_regmean_merge_is_planned_from_declared_ranks(demo: Path, tmp_path: Path) -> None:
+    """The adapter's layout is planned before the calibration from Σ rᵢ; every factor written is finite and as
+    wide as the layout said (the uncalibrated phase would have raised had the writer asked it for factors)."""
+    prompts = write_prompts(tmp_path / "prompts", PROMPTS + [PROMPTS[0]])
+    adapters = [{"path": demo / "adapters" / name, "calibration": str(p)} for name, p in zip(DEMO_ADAPTERS, prompts)]
+    out = tmp_path / "peft"
+    result = merge(merge_config(demo / "base", adapters, out, "regmean", output={"format": "peft"}), device="cpu",
+                   progress=False)
+    assert result.output_format == "peft" and result.tensors_merged > 0
+    written = load_file(out / "adapter_model.safetensors")
+    config = json.loads((out / "adapter_config.json").read_text())
+    ranks = {}
+    for name in DEMO_ADAPTERS:
+        own = load_file(demo / "adapters" / name / "adapter_model.safetensors")
+        for key, a in own.items():
+            if key.endswith("lora_A.weight"):
+                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                ranks[module] = ranks.get(module, 0) + a.shape[0]
+    assert written and all(torch.isfinite(t).all() for t in written.values())
+    for key, a in written.items():
+        if key.endswith("lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            assert a.shape[0] == ranks[module], module
+            assert (config.get("rank_pattern") or {}).get(module, config["r"]) == ranks[module], module

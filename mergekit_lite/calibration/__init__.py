@@ -18,7 +18,7 @@ Interface (stable; other data-aware methods build on it):
     # and checks them at config time with `check_calibration(adapter_params)` from its `validate`.
 
     # 2. in its CalibratedPhase.calibrate(prepared, run):
-    calibration = load_calibration(prepared, device=run.device, seed=prepared.config.seed)
+    calibration = load_calibration(prepared, device=run.device, seed=prepared.config.seed, progress=run.progress)
     model = calibration.model            # BranchedModel: the base loaded once (transformers), every adapter a
                                          # frozen low-rank branch; model.tensors: changed base tensors (checkpoint
                                          # names, in order); model.coefficients: adapters × tensors, read at each
@@ -125,15 +125,17 @@ class Calibration:
 
 
 def load_calibration(prepared: Any, *, device: torch.device | str = "cpu", seed: int = 0, room: int = 16,
-                     dtype: torch.dtype | None = None, cache_dir: Path | None = None) -> Calibration:
+                     dtype: torch.dtype | None = None, cache_dir: Path | None = None,
+                     progress: bool = False) -> Calibration:
     """Read every adapter's prompts (checked before the model loads), load the base once with the branches, and
-    tokenize the prompts, leaving `room` tokens of the context for generated continuations."""
+    tokenize the prompts, leaving `room` tokens of the context for generated continuations. The loader's own
+    progress bar shows only with `progress` (a command's `--no-progress` keeps stderr to our lines)."""
     from .model import BranchedModel
 
     config = prepared.config
     sources = calibration_sources(config)
     texts = [load_prompts(source, seed) for source in sources]
-    model = BranchedModel(prepared, device=device, dtype=dtype)
+    model = BranchedModel(prepared, device=device, dtype=dtype, progress=progress)
     try:
         prompts = [encode(model.tokenizer, t, model.context_length, s.where, room) for t, s in zip(texts, sources)]
     except BaseException:

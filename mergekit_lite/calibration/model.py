@@ -37,6 +37,24 @@ logger = logging.getLogger(__name__)
 LINEAR, CONV1D, EMBEDDING, BIAS = "linear", "conv1d", "embedding", "bias"
 
 
+@contextmanager
+def loader_bars(shown: bool) -> Iterator[None]:
+    """transformers' own "Loading weights" bar only while progress is shown: with `--no-progress` a command's
+    stderr holds our lines alone (one line on error). Scoped: the switch is transformers' global, put back after."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    if shown and before:
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            hf_logging.enable_progress_bar()
+
+
 @dataclass
 class Branch:
     """Every adapter's change of one base tensor, as concatenated factors (or bias vectors) in the tensor's layout."""
@@ -64,7 +82,8 @@ class BranchedModel:
     tensors[t] in every forward. Use `teacher(i)` for adapter i alone, `student(c)` to run with coefficients c.
     """
 
-    def __init__(self, prepared: Any, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
+    def __init__(self, prepared: Any, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 progress: bool = False) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .. import methods  # noqa: F401  (registry import order)
@@ -80,7 +99,8 @@ class BranchedModel:
                 raise MergeConfigError(f"{config.input_where[index]} ('{spec.label}'): a full fine-tune has no "
                                        "low-rank factors to calibrate; data-aware methods merge LoRA adapters only")
         folder = prepared.base.folder
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype).to(self.device)
+        with loader_bars(progress):
+            self.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))

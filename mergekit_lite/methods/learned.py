@@ -80,7 +80,8 @@ def calibrate(prepared: Any, run: CalibrationRun) -> Calibrated:
     started = time.perf_counter()
     with single_threaded_torch():  # measured on the shared 2-core machine: 1 thread ~9x faster than 2 under load
         calibration = load_calibration(prepared, device=run.device, seed=config.seed,
-                                       room=params["max_new_tokens"], cache_dir=run.cache_dir)
+                                       room=params["max_new_tokens"], cache_dir=run.cache_dir,
+                                       progress=run.progress)
         try:
             model = calibration.model
             loaded = time.perf_counter()

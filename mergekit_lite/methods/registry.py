@@ -151,6 +151,10 @@ class FactoredPhase:
     #: for 1-D changes (lora_bias shifts), which have no factors: ([τᵢ], [wᵢ], params, context) -> merged delta
     #: (the method applies the weights itself, as `factors` does); None refuses them
     vectors: Callable[[Sequence[Any], Sequence[float], Mapping[str, Any], FactoredContext], Any] | None = None
+    #: the width of L from the adapters' ranks rᵢ alone, when the method knows it without computing the factors
+    #: (RegMean: Σ rᵢ); an output's layout (a PEFT adapter's ranks) is then planned before any factor exists, as
+    #: a data-aware method's must be (its factors need the calibration). None: the factors are computed for it
+    rank: Callable[[Sequence[int]], int] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ base, see `JITTER`). The statistics S (one d_in² sum per distinct module input)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -169,7 +168,7 @@ def averaged_vectors(taus: Sequence[torch.Tensor], weights: Sequence[float], par
 
 def factored_phase(statistics: RegMeanStatistics) -> FactoredPhase:
     """The factored phase that writes a merge once its statistics are gathered."""
-    return FactoredPhase(partial(regmean_factors, statistics=statistics), vectors=averaged_vectors)
+    return FactoredPhase(partial(regmean_factors, statistics=statistics), vectors=averaged_vectors, rank=merged_rank)
 
 
 def check_weights(weights: Sequence[float], params: Mapping[str, Any], _own: Sequence[Mapping[str, Any]]) -> None:
@@ -186,14 +185,17 @@ def check_weights(weights: Sequence[float], params: Mapping[str, Any], _own: Seq
 STATISTICS_MEMORY = "8GB"
 
 
-def planned_factors(factors: Sequence[LowRankFactors], weights: Sequence[float], params: Mapping[str, Any],
-                    context: FactoredContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Before the calibration: factors of the merged delta's shape (m × Σrᵢ, Σrᵢ × n), every entry NaN. An
-    output's layout may be planned from them (a PEFT adapter's ranks); streamed, they fail as non-finite."""
-    m, n = context.shape
-    rank = sum(int(f.left.shape[1]) for f in factors)
-    nan = float("nan")
-    return torch.full((m, rank), nan, dtype=CORE_DTYPE), torch.full((rank, n), nan, dtype=CORE_DTYPE)
+def uncalibrated_factors(factors: Sequence[LowRankFactors], weights: Sequence[float], params: Mapping[str, Any],
+                         context: FactoredContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before the calibration there are no factors to give: the Gram statistics close the phase that has them
+    (`factored_phase`). An output's layout reads the declared rank Σrᵢ instead."""
+    raise AssertionError(f"regmean: tensor '{context.tensor}' asked for factors before the calibration; the engine "
+                         "streams the phase `calibrate` returns")
+
+
+def merged_rank(ranks: Sequence[int]) -> int:
+    """ΔW*'s factors are as wide as the adapters' stacked factors, before and after the calibration: Σ rᵢ."""
+    return sum(int(r) for r in ranks)
 
 
 def _validate(weights: Sequence[Any], params: Mapping[str, Any], per_adapter: Sequence[Mapping[str, Any]]) -> None:
@@ -231,9 +233,8 @@ def calibrate(prepared: Any, run: Any) -> Any:
                                "apply; give plain numbers")
     _validate(config.weights, params, config.adapter_params)
     with single_threaded_torch():
-        with _transformers_bars(run.progress):
-            calibration = load_calibration(prepared, device=run.device, seed=config.seed, room=0,
-                                           cache_dir=run.cache_dir)
+        calibration = load_calibration(prepared, device=run.device, seed=config.seed, room=0,
+                                       cache_dir=run.cache_dir, progress=run.progress)
         try:
             statistics = regmean_statistics(calibration, prepared, params["alpha"], params["normalize"],
                                             parse_size(params["statistics_memory"]))
@@ -255,21 +256,6 @@ def calibrate(prepared: Any, run: Any) -> Any:
                       card_section=card, summary=summary)
 
 
-@contextmanager
-def _transformers_bars(shown: bool) -> Iterator[None]:
-    """transformers' own "Loading weights" bar only when progress is shown (`--no-progress`: one line on error)."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.is_progress_bar_enabled()
-    if not shown:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if before:
-            hf_logging.enable_progress_bar()
-
-
 def _calibration_params() -> tuple[Param, ...]:
     from ..calibration import CALIBRATION_PARAMS
 
@@ -289,7 +275,7 @@ def _register() -> Any:
                 Param("statistics_memory", STATISTICS_MEMORY, str, "float64 Gram sums held at once; more are "
                       "gathered in further rounds of the adapters' passes"),
                 *_calibration_params()),
-        phase=FactoredPhase(planned_factors, vectors=averaged_vectors),
+        phase=FactoredPhase(uncalibrated_factors, vectors=averaged_vectors, rank=merged_rank),
         validate=_validate,
         calibrated=CalibratedPhase(calibrate),
     ))

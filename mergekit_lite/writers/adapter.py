@@ -79,8 +79,8 @@ class PeftAdapterOutput:
     card_relation: str = "adapter"
     tensors: list[AdapterTensor] = field(default_factory=list)
     compression: list[Compression] = field(default_factory=list)
-    #: a factored method's factors, computed by `layout` for their rank and taken (once) by `produce` when it
-    #: runs the same engine (a data-aware merge rebuilds its engine after calibrating: its factors are new)
+    #: a factored method's factors, computed by `layout` for their rank (unless its phase declares the rank) and
+    #: taken (once) by `produce` when it runs the same engine
     _computed: dict[str, LowRankFactors | None] = field(default_factory=dict, repr=False, compare=False)
     _computed_by: Any = field(default=None, repr=False, compare=False)
 
@@ -138,6 +138,11 @@ class PeftAdapterOutput:
             exact = min(rows, cols)
         elif engine.method.is_linear:
             exact = sum(item.module.rank for item in low)
+        elif engine.method.phase.rank is not None:  # declared (a data-aware method's factors need its calibration)
+            exact = engine.method.phase.rank([item.module.rank for item in low])
+        elif engine.method.calibrated is not None:
+            raise AssertionError(f"method '{engine.method.name}': a calibrated factored phase must declare its rank "
+                                 "(FactoredPhase.rank): its factors do not exist before the calibration")
         else:
             factors = self._computed[schedule.name] = engine.tensor_delta(schedule).factors
             exact = 0 if factors is None else factors.left.shape[1]
@@ -188,6 +193,9 @@ class PeftAdapterOutput:
         if factors is None:
             return torch.zeros(m, 1), torch.zeros(1, n)
         left, right = factors.left, factors.right
+        if engine.method.is_factored and engine.method.phase.rank is not None and left.shape[1] != t.exact_rank:
+            raise AssertionError(f"method '{engine.method.name}' declared rank {t.exact_rank} for tensor "
+                                 f"'{t.schedule.name}' but returned factors of rank {left.shape[1]}")
         if self.rank is None:
             return left, right
         return self._truncated(t, left, right)
