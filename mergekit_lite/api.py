@@ -250,7 +250,9 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
     method = config.merge_method
     if options.device.type == "cpu" and method.is_elementwise:
         lines.append(f"  cpu kernels: {kernels.describe() if method.phase.kernel else 'torch'}")
-    if method.is_factored:
+    if method.calibrated is not None and method.calibrated.describe is not None:  # its own work, said by itself
+        lines += method.calibrated.describe(prepared)
+    elif method.is_factored:
         lines += _core_lines(engine)
     lines.append("  dry run: nothing written")
     return "\n".join(lines)

@@ -247,6 +247,18 @@ def test_dry_run_plans_the_linear_stream_without_calibrating(demo: Path, tmp_pat
     text = describe_plan(config, device="cpu")
     assert "Learned coefficients (learned)" in text and "dry run: nothing written" in text
     assert not (tmp_path / "cache").exists()
+    # what the calibration will do, said by the method: prompts per adapter, the teacher pass, the training
+    for name in ADAPTERS:
+        assert f"    '{name}': up to 64 prompt(s) from {tmp_path / 'calibration' / name}.jsonl (seed 0, 10% held out)" in text
+    assert "teacher pass: each adapter alone answers its prompts greedily, ≤ 4 new token(s) each" in text
+    with prepare(config) as prepared:
+        tensors = len(prepared.plan.touched_by[0])  # every demo adapter touches the same 14 tensors
+    assert (f"training: 4 Adam step(s) of 4 prompt(s) (lr 0.02, loss ce) on {3 * tensors} λ (3 adapter(s) × "
+            f"{tensors}, granularity tensor) from λ⁰ = 0.5·wᵢ") in text
+    layer = describe_plan(MergeConfig.from_dict(learned_config(demo, tmp_path, tmp_path / "m", granularity="layer",
+                                                               init_method="task_arithmetic"), tmp_path), device="cpu")
+    assert "on 6 λ (3 adapter(s) × 2, granularity layer) from task_arithmetic's coefficients" in layer
+    assert "QR" not in text and "SVD" not in text
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from evals.fixtures import build_adapter
 from mergekit_lite import describe_plan, merge
+from mergekit_lite.api import prepare
 from mergekit_lite.calibration import calibration_sources
 from mergekit_lite.calibration.gram import Batch, GramTarget, gather
 from mergekit_lite.cli import main
@@ -715,3 +716,30 @@ def test_a_peft_regmean_merge_is_planned_from_declared_ranks(demo: Path, tmp_pat
             module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             assert a.shape[0] == ranks[module], module
             assert (config.get("rank_pattern") or {}).get(module, config["r"]) == ranks[module], module
+
+
+def test_the_dry_run_says_what_the_calibration_will_do(demo: Path, tmp_path: Path) -> None:
+    """No QR/SVD lines: the prompts per adapter, one pass each with hooks (no teachers, no training), the float64
+    statistics' size from the definition (per module d_in² + Σrᵢ·d_in, 8 bytes: an upper bound) and the solve."""
+    prompts = write_prompts(tmp_path / "prompts", PROMPTS + [PROMPTS[0]])
+    adapters = [{"path": demo / "adapters" / name, "calibration": str(p)} for name, p in zip(DEMO_ADAPTERS, prompts)]
+    config = merge_config(demo / "base", adapters, tmp_path / "m", "regmean", parameters={"statistics_memory": "300kB"})
+    text = describe_plan(config, device="cpu")
+    assert "QR" not in text and "SVD" not in text and "dry run: nothing written" in text
+    for name, p in zip(DEMO_ADAPTERS, prompts):
+        assert f"    '{name}': up to 64 prompt(s) from {p} (seed 0)" in text
+    assert "no teacher pass, no training), hooks on the inputs of 14 module(s)" in text
+    from mergekit_lite.units import format_size
+
+    nbytes = 0
+    with prepare(config) as prepared:
+        for tensor in prepared.plan.tensors:
+            if tensor.touched:
+                rows, cols = tensor.info.shape
+                rank = sum(item.module.rank for items in tensor.by_adapter for item in items)
+                nbytes += (cols * cols + rank * cols) * 8  # Linear: d_in = columns
+                assert f"{tensor.name} [{rows}x{cols}]: Gram {cols}x{cols}, rank {rank} (3 adapter(s))" in text
+    # checkpoint order, per layer down 143360 B, gate/up/k/o/q/v 38912 B each, packed into 300 kB:
+    # [down0 gate0 up0 k0 o0] [q0 v0 down1 gate1 up1] [k1 o1 q1 v1]
+    assert f"float64 Gram sums up to {format_size(nbytes)}" in text and "budget 300kB: about 3 round(s)" in text
+    assert "one Cholesky per distinct input (float64), then per tensor ΔW* as factors of rank Σrᵢ" in text

@@ -252,6 +252,30 @@ def _png(figure: Any, plt: Any) -> bytes:
     return buffer.getvalue()
 
 
+def describe(prepared: Any) -> list[str]:
+    """The dry run's account of the calibration: the prompts, the teacher pass, the training and how many λ."""
+    from ..calibration.dry_run import model_line, source_lines
+    from .gradients import LAYER_INDEX
+
+    config = prepared.config
+    params = config.global_params
+    tensors = [t.name for t in prepared.plan.tensors if t.touched]
+    per_adapter = {"tensor": len(tensors), "adapter": 1 if tensors else 0,
+                   "layer": len({(m.group(1) if (m := LAYER_INDEX.search(n)) else "outside") for n in tensors})}
+    count = len(config.inputs) * per_adapter[params["granularity"]]
+    start = (f"{params['init_method']}'s coefficients" if params.get("init_method") else
+             f"λ⁰ = {params['init']:g}·wᵢ")
+    targets = "greedy answers" if params["loss"] == "ce" else "greedy answers and their distributions"
+    return [model_line(), *source_lines(config, params["holdout"]),
+            f"  teacher pass: each adapter alone answers its prompts greedily, ≤ {params['max_new_tokens']} new "
+            f"token(s) each ({targets}; cached by content, reused by the next run)",
+            f"  training: {params['steps']} Adam step(s) of {params['batch_size']} prompt(s) (lr {params['lr']:g}, "
+            f"loss {params['loss']}) on {count} λ ({len(config.inputs)} adapter(s) × {count // max(len(config.inputs), 1)}"
+            f", granularity {params['granularity']}) from {start}; only λ moves",
+            f"  then: the linear stream of task arithmetic with the learned λ as per-tensor weights "
+            f"({len(tensors)} tensor(s)); λ in {COEFFICIENTS_FILE}"]
+
+
 LEARNED = register(
     MergeMethod(
         name="learned",
@@ -275,6 +299,6 @@ LEARNED = register(
         ),
         phase=LinearPhase(per_tensor_coefficients),
         validate=_validate,
-        calibrated=CalibratedPhase(calibrate),
+        calibrated=CalibratedPhase(calibrate, describe=describe),
     )
 )

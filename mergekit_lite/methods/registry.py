@@ -234,6 +234,9 @@ class CalibratedPhase:
     prompts, batches, branches and teachers."""
 
     calibrate: Callable[[Any, CalibrationRun], Calibrated]
+    #: the dry run's lines for what `calibrate` will do (prompts, passes, training or statistics), read from the
+    #: prepared merge without loading a model; they replace the factored methods' QR/SVD lines
+    describe: Callable[[Any], list[str]] | None = None
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,50 @@ def calibrate(prepared: Any, run: Any) -> Any:
                       card_section=card, summary=summary)
 
 
+def describe(prepared: Any) -> list[str]:
+    """The dry run's account of the calibration: the prompts, one pass per adapter with hooks (no teachers, no
+    training), the float64 statistics and their rounds, then the solve; per tensor the Gram width and rank Σrᵢ.
+    Without the model it cannot see which modules read one input (q/k/v): the size is an upper bound."""
+    from ..calibration.dry_run import model_line, source_lines
+    from ..calibration.gram import BATCH_SIZE
+    from ..engine.plan import LowRank
+    from ..units import format_size, parse_size
+
+    config = prepared.config
+    params = config.global_params
+    budget = parse_size(params["statistics_memory"])
+    rows, sizes, averaged = [], [], 0
+    for tensor in prepared.plan.tensors:
+        if not tensor.touched:
+            continue
+        low = [item for items in tensor.by_adapter for item in items if isinstance(item, LowRank)]
+        shape = "x".join(map(str, tensor.info.shape))
+        if not low:
+            rows.append(f"    {tensor.name} [{shape}]: 1-D: mean of the adapters' shifts")
+        elif low[0].module.embedding:
+            averaged += 1
+            rows.append(f"    {tensor.name} [{shape}]: embedding, averaged (no Gram)")
+        else:
+            width = tensor.info.rows if low[0].transposed else tensor.info.cols
+            rank = merged_rank([item.module.rank for item in low])
+            sizes.append(width * width * 8 + rank * width * 8)
+            rows.append(f"    {tensor.name} [{shape}]: Gram {width}x{width}, rank {rank} ({len(low)} adapter(s))")
+    rounds, used = 0, 0
+    for size in sizes:  # as calibration.gram.plan_groups packs them, each module's input counted apart
+        if not rounds or used + size > budget:
+            rounds, used = rounds + 1, 0
+        used += size
+    return [model_line(), *source_lines(config),
+            f"  passes: each adapter's model reads its prompts once (batches of {BATCH_SIZE}; no teacher pass, no "
+            f"training), hooks on the inputs of {len(sizes)} module(s)",
+            f"  statistics: float64 Gram sums up to {format_size(sum(sizes))} (d_in² per module input, q/k/v reading "
+            f"one input share it, + rᵢ×d_in per adapter; budget {params['statistics_memory']}: about "
+            f"{max(rounds, 1)} round(s) of passes)",
+            f"  solve: one Cholesky per distinct input (float64), then per tensor ΔW* as factors of rank Σrᵢ, streamed "
+            f"like task arithmetic; {averaged} embedding tensor(s) averaged",
+            *rows]
+
+
 def _calibration_params() -> tuple[Param, ...]:
     from ..calibration import CALIBRATION_PARAMS
 
@@ -277,7 +321,7 @@ def _register() -> Any:
                 *_calibration_params()),
         phase=FactoredPhase(uncalibrated_factors, vectors=averaged_vectors, rank=merged_rank),
         validate=_validate,
-        calibrated=CalibratedPhase(calibrate),
+        calibrated=CalibratedPhase(calibrate, describe=describe),
     ))
 
 
