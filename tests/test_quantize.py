@@ -713,8 +713,8 @@ def test_verify_report_and_quantize_go_together_and_apart_from_the_logit_check(m
     result = _cli("verify", merged[0], "--report", tmp_path / "r")
     assert result.exit_code == 2 and "--report goes with --quantize" in result.output
     result = _cli("verify", merged[0], "--quantize", "q8_0", "--base", demo / "base", "--adapter",
-                  demo / "adapters" / "math")
-    assert result.exit_code == 2 and "run the logit check separately" in result.output
+                  demo / "adapters" / "math", "--report", tmp_path / "r")  # the logit check's column: no --report
+    assert result.exit_code == 2 and "--report goes with --quantize and --base alone" in result.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -239,3 +239,89 @@ def test_without_peft_the_logit_check_says_how_to_install_it(
     result = verify(merged, "--base", str(demo / "base"), "--adapter", str(demo / "adapters" / "style"))
     assert result.exit_code == 2, result.output
     assert "pip install 'mergekit_lite[verify]'" in result.output
+
+
+# ------------------------------------------------------------------- the logit check's quantized column (#26)
+_ROW = re.compile(r"^  (\S+) +(\S+) / (\S+) +(\S+) / (\S+) +(\S+)x +(\S+)% +(\S+) / (\S+) \((\S+)x\)$", re.M)
+
+
+def _quantized_rows(output: str) -> dict[str, dict[str, float]]:
+    """{format: figures} from the quantized logit table."""
+    keys = ("merged_max", "merged_mean", "base_max", "base_mean", "ratio", "of_adapter", "served_max", "served_mean",
+            "served_ratio")
+    return {m.group(1): dict(zip(keys, map(float, m.groups()[1:]))) for m in _ROW.finditer(output)}
+
+
+def test_quantize_with_the_logit_check_adds_one_table_and_one_verdict(merged: Path, demo: Path) -> None:
+    pytest.importorskip("gguf")
+    result = verify(merged, "--base", str(demo / "base"), "--adapter", str(demo / "adapters" / "style"),
+                    "--quantize", "q8_0,q4_0")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^logits +ok: merged vs PEFT base\+adapter", result.output, re.M), result.output
+    rows = _quantized_rows(result.output)
+    assert list(rows) == ["q8_0", "q4_0"], result.output
+    for figures in rows.values():
+        assert all(0 < value < float("inf") for value in figures.values()), figures
+        assert figures["merged_mean"] <= figures["merged_max"] and figures["base_mean"] <= figures["base_max"]
+    q8, q4 = rows["q8_0"], rows["q4_0"]
+    assert q8["base_mean"] * 4 < q4["base_mean"] and q8["merged_mean"] * 4 < q4["merged_mean"]
+    assert q8["ratio"] == pytest.approx(q8["merged_mean"] / q8["base_mean"], rel=0.02)
+    assert len(re.findall(r"^verdict: ", result.output, re.M)) == 1
+    assert result.output.rstrip().endswith("all 4 checks ok")
+
+
+def test_the_quantized_column_matches_a_direct_computation(merged: Path, demo: Path) -> None:
+    """(b) from the base loaded on its own and quantized by quantize_weights; an identity format gives (a) the
+    unquantized logit check's figure, (b) and (c) exactly zero, and leaves the loaded weights as they were."""
+    pytest.importorskip("gguf")
+    import transformers
+
+    from mergekit_lite.evaluation.logit_check import quantized_logits
+    from mergekit_lite.quantize.formats import QuantFormat, format_of
+    from mergekit_lite.quantize.model import quantize_weights
+
+    q4 = format_of("q4_0")
+    identity = QuantFormat("identity", "none", 1, False, 1.0, lambda rows: rows.float().clone())
+    check = quantized_logits(merged, str(demo / "base"), str(demo / "adapters" / "style"), [q4, identity, q4])
+    first, same, again = check.rows
+    assert first == again  # the first format's weights were put back before the next ran
+    assert same.base.max == same.unmerged.max == 0.0 and 0 <= same.merged.max < 1e-5
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(demo / "base"), dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        assert quantize_weights(model, q4).quantized == first.quantized > 0
+        drift = (model(input_ids=ids).logits - plain).abs()
+    assert first.base.max == pytest.approx(float(drift.max()), rel=1e-4)
+    assert first.base.mean == pytest.approx(float(drift.mean()), rel=1e-4)
+
+
+def test_quantize_with_the_logit_check_of_an_adapter_output(demo: Path, merged: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    config = MergeConfig.from_dict({
+        "base_model": str(demo / "base"), "method": "linear",
+        "adapters": [{"path": str(demo / "adapters" / "style"), "weight": 1.0}],
+        "output": {"path": str(tmp_path / "adapter_out"), "format": "peft"},
+    })
+    out = Path(merge(config, device="cpu", progress=False).output_dir)
+    result = verify(out, "--base", str(demo / "base"), "--checkpoint", str(merged), "--quantize", "q4_0")
+    assert result.exit_code == 0, result.output
+    assert list(_quantized_rows(result.output)) == ["q4_0"], result.output
+    result = verify(out, "--base", str(demo / "base"), "--adapter", str(demo / "adapters" / "style"),
+                    "--quantize", "q4_0")
+    assert result.exit_code == 2 and "needs --base and --adapter" in result.output, result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "q9_0"], "--quantize q9_0: unknown format (did you mean 'q8_0'"),
+    (["--quantize", "q4_k"], "--quantize q4_k: the gguf package has no reference quantizer"),
+    (["--quantize", "q8_0", "--report", "REPORT"], "--report goes with --quantize and --base alone"),
+])
+def test_the_quantized_logit_check_refuses_bad_options_in_one_line_before_any_check(
+    merged: Path, demo: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    args = [str(tmp_path / "r") if arg == "REPORT" else arg for arg in args]
+    result = verify(merged, "--base", str(demo / "base"), "--adapter", str(demo / "adapters" / "style"), *args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0 and message in result.output, result.output
+    assert list(tmp_path.iterdir()) == []

@@ -38,8 +38,10 @@ def _finite(ctx: Any, param: Any, value: float | None) -> float | None:
 @click.option("--quantize", "quantize", default=None, metavar="FORMATS",
               help="Measure what of the merge survives quantization instead: comma-separated formats as their "
                    "libraries name them (q8_0, q5_1, q5_0, q4_1, q4_0 from gguf; nf4, fp4, int8 from bitsandbytes). "
-                   "W comes from --base (default: the base the merge's config names). Needs "
-                   "`pip install 'mergekit_lite[quantize]'`.")
+                   "W comes from --base (default: the base the merge's config names). With the logit check "
+                   "(--adapter, --against-inputs or --checkpoint), adds a quantized column to it instead: the merged "
+                   "model's Linear weights quantized against base+adapter unmerged, beside the base's own drift. "
+                   "Needs `pip install 'mergekit_lite[quantize]'`.")
 @click.option("--report", default=None, type=click.Path(file_okay=False),
               help="With --quantize: write quantize.md, quantize.json and quantize.png into this new or empty folder.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar of the NaN/Inf scan.")
@@ -59,16 +61,28 @@ def verify_command(out_dir: str, base: str | None, adapter: str | None, against_
 
     With --quantize FORMATS, measures instead, tensor by tensor, how much of the merge's change ΔW survives
     quantization of the merged weight (share, cosine, rounding error), per layer and module, with a verdict.
+    With --quantize and the logit check, runs the logit check, then per format the merged model with its
+    Linear weights quantized, Q(W+ΔW), against base + adapter unmerged, the base's own drift Q(W) vs W as the
+    reference, and the adapter served unmerged on the quantized base: one table, one verdict line.
     """
     from ..errors import InputError
     from ..evaluation.verify import verify_checkpoint
 
     folder = Path(out_dir)
-    if quantize is not None or report is not None:
+    logit_check = bool(adapter or against_inputs or checkpoint)
+    formats = None
+    if quantize is not None and logit_check:
+        if report is not None:
+            raise InputError("--report goes with --quantize and --base alone (the tensor survival report); "
+                             "the quantized logit check prints its table")
+        from ..quantize.formats import resolve
+
+        formats = resolve(quantize)  # an unknown or unavailable format is refused before any model loads
+    elif quantize is not None or report is not None:
         if quantize is None:
             raise InputError("--report goes with --quantize FORMATS")
-        if adapter or against_inputs or checkpoint or atol is not None:
-            raise InputError("--quantize measures OUT_DIR against --base alone; run the logit check separately")
+        if atol is not None:
+            raise InputError("--atol goes with the logit check (--adapter, --against-inputs or --checkpoint)")
         from ..quantize.command import quantize_report
 
         for line in quantize_report(folder, quantize, base, report, progress=not no_progress):
@@ -80,9 +94,31 @@ def verify_command(out_dir: str, base: str | None, adapter: str | None, against_
         from ..evaluation.logit_check import recorded_inputs
 
         base, adapter = recorded_inputs(folder)
+    pair = _quantized_pair(folder, base, adapter, checkpoint) if formats is not None else None
     report = verify_checkpoint(folder, base=base, adapter=adapter, atol=atol, progress=not no_progress,
                                checkpoint=checkpoint)
     for line in report.lines():
         click.echo(line)
     report.raise_for_faults()
+    if formats is not None and pair is not None:
+        from ..evaluation.logit_check import quantized_logits
+
+        for line in quantized_logits(pair[0], base or "", pair[1], formats).lines():
+            click.echo(line)
     click.echo(f"{folder}: all {len(report.checks)} checks ok")
+
+
+def _quantized_pair(folder: Path, base: str | None, adapter: str | None,
+                    checkpoint: str | None) -> tuple[Path, str]:
+    """(merged checkpoint, adapter) for the quantized logit check, refused before any check runs when incomplete."""
+    from ..errors import InputError
+    from ..formats.peft import is_adapter_folder
+
+    if folder.is_dir() and is_adapter_folder(folder):
+        merged, one = (Path(checkpoint) if checkpoint else None), str(folder)
+    else:
+        merged, one = folder, adapter
+    if base is None or merged is None or one is None:
+        raise InputError("--quantize with the logit check needs --base and --adapter (or --against-inputs; for "
+                         "an adapter output, --base and --checkpoint)")
+    return merged, one

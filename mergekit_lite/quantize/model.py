@@ -9,7 +9,8 @@ adapter served unmerged on a quantized base, the alternative a merge-then-quanti
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +38,17 @@ class QuantizedWeights:
     left: list[tuple[str, str]]
 
 
+def _eligible(name: str, module: torch.nn.Module) -> bool:
+    """A Linear module that --quantize rounds: not the output head, not a LoRA factor."""
+    return isinstance(module, torch.nn.Linear) and not any(part in _SKIP for part in name.split("."))
+
+
 def quantize_weights(model: torch.nn.Module, fmt: QuantFormat) -> QuantizedWeights:
     """Replace every eligible Linear weight of `model` by its quantized-dequantized value, in place."""
     quantized = 0
     left: list[tuple[str, str]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or any(part in _SKIP for part in name.split(".")):
+        if not _eligible(name, module):
             continue
         weight = module.weight
         why = fmt.unfit(tuple(weight.shape))
@@ -55,6 +61,20 @@ def quantize_weights(model: torch.nn.Module, fmt: QuantFormat) -> QuantizedWeigh
                 rows.copy_(fmt.roundtrip(rows.to("cpu")).to(rows.device, rows.dtype))
         quantized += 1
     return QuantizedWeights(quantized, left)
+
+
+@contextmanager
+def quantized(model: torch.nn.Module, fmt: QuantFormat) -> Iterator[QuantizedWeights]:
+    """`quantize_weights` for the length of a block, the original weights put back after it (the quantized
+    logit check runs one loaded model under several formats without reloading it; holds a copy of them)."""
+    saved = {name: module.weight.detach().clone() for name, module in model.named_modules() if _eligible(name, module)}
+    modules = dict(model.named_modules())
+    try:
+        yield quantize_weights(model, fmt)
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                modules[name].weight.data.copy_(weight)
 
 
 def library_version(library: str) -> str | None:
