@@ -253,7 +253,7 @@ def test_dry_run_plans_the_linear_stream_without_calibrating(demo: Path, tmp_pat
     assert "teacher pass: each adapter alone answers its prompts greedily, ≤ 4 new token(s) each" in text
     with prepare(config) as prepared:
         tensors = len(prepared.plan.touched_by[0])  # every demo adapter touches the same 14 tensors
-    assert (f"training: 4 Adam step(s) of 4 prompt(s) (lr 0.02, loss ce) on {3 * tensors} λ (3 adapter(s) × "
+    assert (f"training: 4 Adam step(s) of 4 prompt(s) per adapter (lr 0.02, loss ce) on {3 * tensors} λ (3 adapter(s) × "
             f"{tensors}, granularity tensor) from λ⁰ = 0.5·wᵢ") in text
     layer = describe_plan(MergeConfig.from_dict(learned_config(demo, tmp_path, tmp_path / "m", granularity="layer",
                                                                init_method="task_arithmetic"), tmp_path), device="cpu")

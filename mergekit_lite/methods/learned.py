@@ -269,9 +269,9 @@ def describe(prepared: Any) -> list[str]:
     return [model_line(), *source_lines(config, params["holdout"]),
             f"  teacher pass: each adapter alone answers its prompts greedily, ≤ {params['max_new_tokens']} new "
             f"token(s) each ({targets}; cached by content, reused by the next run)",
-            f"  training: {params['steps']} Adam step(s) of {params['batch_size']} prompt(s) (lr {params['lr']:g}, "
-            f"loss {params['loss']}) on {count} λ ({len(config.inputs)} adapter(s) × {count // max(len(config.inputs), 1)}"
-            f", granularity {params['granularity']}) from {start}; only λ moves",
+            f"  training: {params['steps']} Adam step(s) of {params['batch_size']} prompt(s) per adapter "
+            f"(lr {params['lr']:g}, loss {params['loss']}) on {count} λ ({len(config.inputs)} adapter(s) × "
+            f"{per_adapter[params['granularity']]}, granularity {params['granularity']}) from {start}; only λ moves",
             f"  then: the linear stream of task arithmetic with the learned λ as per-tensor weights "
             f"({len(tensors)} tensor(s)); λ in {COEFFICIENTS_FILE}"]
 
