@@ -6,7 +6,9 @@ input's weight is the mean of its squared entries, normalised to sum 1 (1/n each
 W + Σ aᵢMᵢuᵢ / max(Σ aᵢMᵢ, 10⁻⁶). The weights need every entry of the tensor, so a statistics pass (per-row float64
 sums of squares, added in row order) comes first; the erase is per entry. *select* (`select_topk` < 1: keep only
 the entries of highest variance across the inputs) needs an exact top-k over a quantity of all inputs together
-and is refused, naming it.
+and is refused, naming it: mergekit computes aᵢ and the election from the masked τᵢ, so it takes three passes per
+tensor (that top-k, the masked sums of squares, the erase), where the engine's selection passes rank one input's
+|τᵢ| and an InterpolationPhase has one statistics pass (SEMANTICS §3).
 """
 
 from __future__ import annotations
