@@ -25,7 +25,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import RESULTS, WORK, machine, timed  # noqa: E402
+from run import RESULTS, WORK, machine, paired_summary, print_run, timed  # noqa: E402
 from synthetic import Shape, build  # noqa: E402
 
 BASELINE = "merge run task_arithmetic"
@@ -80,17 +80,9 @@ def main() -> None:
                 result["conflict_share"] = timings["conflicts_s"] / parts if parts else None
                 result["conflict_rate"] = report["conflicts"]["rate"]
             runs[label].append(result)
-            print(f"[{round_}] {label}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, "
-                  f"{result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
-    baseline = {r["round"]: r for r in runs[BASELINE]}
-    summary = {}
+            print_run(round_, label, result)
+    summary = paired_summary(runs, BASELINE, "task_arithmetic")
     for label, results in runs.items():
-        summary[label] = {
-            "median_wall_s": statistics.median(r["wall_s"] for r in results),
-            "median_cpu_s": statistics.median(r["cpu_s"] for r in results),
-            "vs_task_arithmetic": statistics.median(r["wall_s"] / baseline[r["round"]]["wall_s"] for r in results),
-            "cpu_vs_task_arithmetic": statistics.median(r["cpu_s"] / baseline[r["round"]]["cpu_s"] for r in results),
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results}
         shares = [r["conflict_share"] for r in results if r.get("conflict_share") is not None]
         if shares:
             summary[label]["conflict_share"] = statistics.median(shares)

@@ -29,7 +29,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from run import RESULTS, WORK, machine, timed  # noqa: E402
+from run import RESULTS, WORK, machine, paired_summary, print_run, timed  # noqa: E402
 
 BASELINE = "merge eval (one merge)"
 CONFIG = REPO / "merge_configs" / "inspect_calibrated_suite.yaml"
@@ -103,17 +103,9 @@ def main() -> None:
                 block = json.loads((out / cache / "inspect.json").read_text())["interference"]
                 result["timings"] = block["timings"]
             runs[label].append(result)
-            print(f"[{round_}] {label}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, "
-                  f"{result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
-    baseline = {r["round"]: r for r in runs[BASELINE]}
-    summary = {}
+            print_run(round_, label, result)
+    summary = paired_summary(runs, BASELINE, "merge_eval")
     for label, results in runs.items():
-        summary[label] = {
-            "median_wall_s": statistics.median(r["wall_s"] for r in results),
-            "median_cpu_s": statistics.median(r["cpu_s"] for r in results),
-            "vs_merge_eval": statistics.median(r["wall_s"] / baseline[r["round"]]["wall_s"] for r in results),
-            "cpu_vs_merge_eval": statistics.median(r["cpu_s"] / baseline[r["round"]]["cpu_s"] for r in results),
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results}
         timings = [r["timings"] for r in results if "timings" in r]
         if timings:
             summary[label]["timings"] = {k: statistics.median(t[k] for t in timings) for k in timings[0]}

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import RESULTS, WORK, machine, timed  # noqa: E402
+from run import RESULTS, WORK, machine, paired_summary, print_run, timed  # noqa: E402
 from synthetic import Shape, build  # noqa: E402
 
 BASELINE = "merge run task_arithmetic"
@@ -64,19 +63,10 @@ def main() -> None:
             result = timed(command, log)
             result["round"] = round_
             runs[label].append(result)
-            print(f"[{round_}] {label}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, "
-                  f"{result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+            print_run(round_, label, result)
         if round_ == 0:
             print(log.read_text(), flush=True)
-    baseline = {r["round"]: r for r in runs[BASELINE]}
-    summary = {}
-    for label, results in runs.items():
-        summary[label] = {
-            "median_wall_s": statistics.median(r["wall_s"] for r in results),
-            "median_cpu_s": statistics.median(r["cpu_s"] for r in results),
-            "vs_task_arithmetic": statistics.median(r["wall_s"] / baseline[r["round"]]["wall_s"] for r in results),
-            "cpu_vs_task_arithmetic": statistics.median(r["cpu_s"] / baseline[r["round"]]["cpu_s"] for r in results),
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results}
+    summary = paired_summary(runs, BASELINE, "task_arithmetic")
     report = {"shape": vars(shape) | {"parameters": shape.parameters()}, "adapters": 3, "rank": 16,
               "formats": args.formats, "rounds": args.rounds, "machine": machine(),
               "load_average": os.getloadavg(), "results": summary,

@@ -85,6 +85,27 @@ def timed(command: list[str], log: Path, timeout: float | None = None, env: dict
     return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_bytes": int(rss_kb) * 1024}
 
 
+def print_run(round_: int, label: str, result: dict) -> None:
+    """One line per timed run, as every benchmark prints it."""
+    print(f"[{round_}] {label}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, "
+          f"{result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+
+
+def paired_summary(runs: dict[str, list[dict]], baseline: str, name: str) -> dict[str, dict]:
+    """Medians per label, and each run's wall and CPU over the baseline's run of the same round (paired ratios:
+    the only comparison that means anything on a shared machine), as `vs_<name>` and `cpu_vs_<name>`."""
+    by_round = {r["round"]: r for r in runs[baseline]}
+    return {
+        label: {
+            "median_wall_s": statistics.median(r["wall_s"] for r in results),
+            "median_cpu_s": statistics.median(r["cpu_s"] for r in results),
+            f"vs_{name}": statistics.median(r["wall_s"] / by_round[r["round"]]["wall_s"] for r in results),
+            f"cpu_vs_{name}": statistics.median(r["cpu_s"] / by_round[r["round"]]["cpu_s"] for r in results),
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results), "runs": results}
+        for label, results in runs.items()
+    }
+
+
 def our_config(root: Path, case: str, out: Path, adapters: int) -> Path:
     method, parameters, output = OUR_METHODS[case]
     data = {
