@@ -167,3 +167,87 @@ def test_the_test_figure_never_prints_task_names_on_top_of_each_other(tmp_path: 
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
         assert all(box.x0 >= 0 for box in boxes)  # inside the picture
     plt.plt.close(fig)
+
+
+def _calibrated(names: tuple[str, ...] = ("capitals", "add"), split: str = "train") -> list[dict[str, Any]]:
+    """Adapter entries carrying learned's calibration keys (each task's own train file, rendered as it renders)."""
+    return [{"path": str(SUITE_DIR / "adapters" / name),
+             "calibration": str(SUITE_DIR / "data" / name / f"{split}.jsonl"),
+             "calibration_template": "Q: {{question}}\nA:", "calibration_size": 8} for name in names]
+
+
+def test_a_mixed_sweep_gives_the_calibration_keys_only_to_the_calibrated_points() -> None:
+    """#24: learned is one method among the others; its adapter keys and parameters reach only its own points."""
+    from mergekit_lite.methods import get_method
+    from mergekit_lite.sweep.result import point_config
+
+    data = _config({"method": ["task_arithmetic", "ties", "learned"],
+                    "parameters": {"lambda": [0.5, 1.0], "density": [0.5], "steps": [0, 2], "calibration_size": [4]},
+                    "weights": {"add": [1.0, 0.5]}}, eval={"tasks": ["capitals", "add"]})
+    data["adapters"] = _calibrated()
+    sweep = sweep_config_from_dict(data, REPO)
+    points = grid_points(sweep.spec)
+    assert [sum(p.method == m for p in points) for m in sweep.spec.methods] == [2 * 2, 2 * 2, 2 * 2]
+    for point in points:
+        config = point_config(sweep, point)
+        calibrated = get_method(point.method).calibrated is not None
+        assert (point.method == "learned") == calibrated
+        for params in config.adapter_params:
+            assert ({"calibration", "calibration_template"} <= set(params)) == calibrated, point.label
+            assert ("calibration_size" in params) == calibrated
+        assert config.weights == [1.0, point.weights["add"]]
+        if calibrated:
+            assert [p["calibration_size"] for p in config.adapter_params] == [8, 8]  # the entry's own value wins
+            assert config.global_params["steps"] == point.parameters["steps"] and "lambda" not in point.parameters
+        else:
+            assert "steps" not in config.global_params and "calibration_size" not in config.global_params
+            assert config.global_params["lambda"] == point.parameters["lambda"]
+
+
+def test_an_adapter_key_of_one_method_applies_only_to_that_methods_points() -> None:
+    data = _config({"method": ["task_arithmetic", "ties"], "parameters": {"lambda": [1.0]}})
+    data["adapters"][0]["density"] = 0.3
+    sweep = sweep_config_from_dict(data, REPO)
+    configs = {p.method: sweep.config_for(p.method, p.merge_parameters(), p.weights) for p in grid_points(sweep.spec)}
+    assert [p["density"] for p in configs["ties"].adapter_params] == [0.3, 0.5]
+    assert all("density" not in p for p in configs["task_arithmetic"].adapter_params)
+
+
+@pytest.mark.parametrize("methods, split, words", [
+    (["task_arithmetic", "ties"], "train", "unknown key 'calibration' for method 'task_arithmetic'"),
+    (["task_arithmetic", "learned"], "validation", "is also the data the sweep scores"),
+    (["ties", "learned"], "test", "is also the data the sweep scores"),
+])
+def test_calibration_keys_need_a_calibrated_method_and_never_read_what_the_sweep_scores(
+        methods: list[str], split: str, words: str) -> None:
+    """A key no chosen method takes is still refused; a mixed sweep still refuses calibration on scored data."""
+    data = _config({"method": methods}, eval={"tasks": ["capitals", "add"]})
+    data["adapters"] = _calibrated(split=split)
+    with pytest.raises(MergeConfigError, match=words) as caught:
+        sweep_config_from_dict(data, REPO)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_mixed_sweep_with_learned_runs_in_memory_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """#24 end to end: data-free points and learned points (calibrated first, `steps: 2`) in one sweep, each
+    scored on validation; the test split's rows include each method's default."""
+    pytest.importorskip("lm_eval")
+    from mergekit_lite import load_config
+    from mergekit_lite.sweep import load_sweep_config, run_sweep
+
+    monkeypatch.setenv("MERGEKIT_LITE_CACHE", str(tmp_path / "cache"))
+    data = _config({"method": ["task_arithmetic", "learned"], "parameters": {"lambda": [1.0], "steps": [0, 2]}},
+                   eval={"tasks": ["capitals", "add"], "limit": 8, "batch_size": 16})
+    data["adapters"] = _calibrated()
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = run_sweep(load_sweep_config(path), tmp_path / "report", progress=False, device="cpu")
+    assert sorted(row.name for row in result.rows) == ["learned steps=0", "learned steps=2", "task_arithmetic lambda=1"]
+    assert all(row.error is None and row.summary.get("answer_ll_retention") is not None for row in result.rows)
+    names = [row.name for row in result.test_rows]
+    assert any(name.startswith("chosen: ") for name in names)
+    assert {"default: task_arithmetic", "default: learned"} <= set(names) | {f"default: {result.best.point.method}"}
+    best = load_config(tmp_path / "report" / "best.yaml")
+    assert best.method == result.best.point.method
+    assert all(("calibration" in p) == (best.method == "learned") for p in best.adapter_params)

@@ -64,6 +64,12 @@ class SweepSpec:
         declared = {p.name for p in get_method(method).params}
         return [name for name in self.parameters if name in declared]
 
+    def foreign_entry_keys(self, method: str) -> set[str]:
+        """Adapter-entry keys that another chosen method takes and `method` does not (learned's `calibration:` at
+        a ties point): the same rule as `takes`, so they are left out of `method`'s points. A key no chosen method
+        takes is not in the set: it stays, and the merge config refuses it by name."""
+        return {name for other in self.methods for name in _entry_keys(other)} - _entry_keys(method)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for the leaderboard's header and the cache key."""
         def plain(values: Values) -> Any:
@@ -98,18 +104,30 @@ class SweepConfig:
         data = dict(self.base)
         data["method"] = method
         data["parameters"] = dict(parameters)
-        if weights:
-            for section in ("adapters", "models"):
-                listed = []
-                for entry in data.get(section) or []:
-                    entry = {"path": entry} if isinstance(entry, str) else dict(entry)
-                    label = entry.get("name") or Path(str(entry["path"]).rstrip("/")).name
-                    if label in weights:
-                        entry["weight"] = weights[label]
-                    listed.append(entry)
-                if section in data:
-                    data[section] = listed
+        foreign = self.spec.foreign_entry_keys(method)
+        for section in ("adapters", "models"):
+            if isinstance(data.get(section), list):
+                data[section] = [_point_entry(entry, foreign, weights) for entry in data[section]]
         return MergeConfig.from_dict(data, self.config_dir)
+
+
+def _point_entry(entry: Any, foreign: set[str], weights: Mapping[str, float]) -> Any:
+    """An adapter or model entry at one point: without the keys only other methods take, with its swept weight.
+    An entry that is not a mapping with a path is left for the merge config's own message."""
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, Mapping) or "path" not in entry:
+        return entry
+    entry = {key: value for key, value in entry.items() if key not in foreign}
+    label = entry.get("name") or Path(str(entry["path"]).rstrip("/")).name
+    if label in weights:
+        entry["weight"] = weights[label]
+    return entry
+
+
+def _entry_keys(method: str) -> set[str]:
+    """The parameters an adapter entry may set for `method` (its per-adapter ones)."""
+    return {p.name for p in get_method(method).params if p.per_adapter}
 
 
 def method_defaults(method: str) -> dict[str, Any]:
