@@ -299,7 +299,10 @@ def test_sce_is_mergekits_without_selection(demo: Path, models: dict[str, Path],
     assert all(torch.equal(merged[k], other[k]) for k in merged)
 
 
-def test_sce_refuses_variance_selection() -> None:
-    with pytest.raises(MergeConfigError, match=r"sce with select_topk 0.5 < 1 .* is not implemented"):
-        MergeConfig.from_dict({"base_model": "b", "method": "sce", "parameters": {"select_topk": 0.5},
-                               "models": [{"path": "m"}], "output": "o"})
+def test_sce_variance_selection_on_noisy_fine_tunes(demo: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    """select_topk 0.5 on untied variances (the tie rule: tests/test_sce.py) is the dense float64 reference."""
+    from .test_sce import ref_sce as ref_sce_selected
+    base, a, b, c = _load(models, demo)
+    entries = [(models["a"], 1.0), (models["b"], 1.0), (models["c"], 1.0)]
+    merged = _merge(demo, tmp_path / "s", "sce", entries, {"select_topk": 0.5}, chunk_rows=5)
+    _close(merged, lambda n: ref_sce_selected(base[n], [a[n], b[n], c[n]], 0.5), base)

@@ -32,7 +32,7 @@ from .finite import all_finite
 from .plan import MergePlan, TensorPlan
 from .prefetch import Prefetcher
 from .schedule import CAST, COPY, MERGE, EngineOptions, TensorSchedule, schedule_tensor
-from .select import Lazy
+from .select import Lazy, Trimmer, kth_largest_magnitude
 from .sink import FileSink, TensorSink
 
 
@@ -445,15 +445,21 @@ class MergeEngine:
         params = self.params_of(schedule.name)
         device, dtype = self.options.device, self.options.compute_dtype
 
-        def updates(wide: torch.Tensor, start: int, stop: int) -> list[torch.Tensor | None]:
+        def weighted(wide: torch.Tensor, start: int, stop: int) -> list[torch.Tensor | None]:
             taus = self._taus(deltas, list(schedule.active), wide, start, stop)
             return [taus[i] * params.weights[i] if i in taus else None for i in range(len(params.weights))]
+
+        starts, stops = zip(*schedule.ranges)
+        keep = self._selection(schedule, weighted, phase, params.params)
+
+        def updates(wide: torch.Tensor, start: int, stop: int) -> list[torch.Tensor | None]:
+            raw = weighted(wide, start, stop)
+            return raw if keep is None else keep(wide, raw, start)
 
         def statistics(start: int, stop: int) -> torch.Tensor:
             wide = self._wide_rows(schedule.plan, start, stop)
             return phase.statistics(wide, updates(wide, start, stop), params.params)
 
-        starts, stops = zip(*schedule.ranges)
         parts = list((self._pool.map if self._pool is not None else map)(statistics, starts, stops))
         state = phase.finish(torch.cat(parts).sum(dim=0), params.params)
 
@@ -461,6 +467,43 @@ class MergeEngine:
             wide = base_rows.to(device, dtype)
             return phase.combine(wide, updates(wide, start, stop), state, params.params)
         return merged
+
+    def _selection(self, schedule: TensorSchedule, weighted: Callable[..., list[torch.Tensor | None]],
+                   phase: InterpolationPhase, params: dict[str, Any]
+                   ) -> Callable[..., list[torch.Tensor | None]] | None:
+        """An interpolating method's selection (SCE's select), or None when it selects nothing for this tensor:
+        a pass counts the nonzero scores, the exact k-th selection (engine/select.py) ranks the scores, rebuilt
+        from every uᵢ chunk by chunk, and the function returned zeroes, in a chunk's uᵢ, the entries outside
+        the kept set (k largest scores, lower flat index first on ties: the same set for any chunking)."""
+        share = phase.select_share(params) if phase.select_share is not None else None
+        if share is None:
+            return None
+        assert phase.score is not None
+        row_elems = max(schedule.plan.info.cols, 1)
+        ranges = list(schedule.ranges)
+
+        def score(start: int, stop: int) -> torch.Tensor:
+            wide = self._wide_rows(schedule.plan, start, stop)
+            return phase.score(weighted(wide, start, stop), params).reshape(-1).to(torch.float32)
+
+        def nonzero(bounds: tuple[int, int]) -> int:
+            return int(torch.count_nonzero(score(*bounds)).item())
+
+        def chunks() -> Iterator[Lazy]:
+            return (Lazy(functools.partial(score, start, stop), (stop - start) * row_elems) for start, stop in ranges)
+
+        k = int(sum(self._bounded_map(nonzero, ranges)) * share) if share > 0 else 0
+        trimmer = None
+        if k > 0:
+            numel = schedule.plan.info.rows * row_elems
+            trimmer = Trimmer(kth_largest_magnitude(chunks, k, numel=numel, mapper=self._bounded_map), chunks)
+
+        def keep(wide: torch.Tensor, raw: list[torch.Tensor | None], start: int) -> list[torch.Tensor | None]:
+            if trimmer is None:
+                return [None if u is None else torch.zeros_like(u) for u in raw]
+            kept = trimmer.trim(phase.score(raw, params).reshape(-1).to(torch.float32), start * row_elems) != 0
+            return [None if u is None else u.masked_fill_(~kept.view(u.shape), 0.0) for u in raw]  # u: fresh copies
+        return keep
 
     def _cached_taus(self, deltas: TensorDeltas, active: list[int], ranges: list[tuple[int, int]]
                      ) -> dict[int, torch.Tensor]:

@@ -174,6 +174,12 @@ class InterpolationPhase:
     #: True when the weights are not a scale of τᵢ but the method's own (NuSLERP's t = w₂/(w₁+w₂), Multi-SLERP's
     #: barycentric weights): the rows given are then τᵢ themselves and each tensor's wᵢ is params["weight.i"]
     weights_apart: bool = False
+    #: optional selection before the statistics (SCE's select): (params) -> the share s of the entries with a
+    #: nonzero score to keep, or None for no selection; the engine keeps the k = ⌊s · #nonzero⌋ entries of largest
+    #: score (exact, lower flat index first on ties) and zeroes the others in every uᵢ given to both passes
+    select_share: Callable[[Mapping[str, Any]], float | None] | None = None
+    #: ([uᵢ rows or None], params) -> the per-entry score (flat, float32, ≥ 0, a pure function of each entry)
+    score: Callable[[Sequence[Any], Mapping[str, Any]], Any] | None = None
 
 
 def weights_apart(weights: Sequence[Any], params: Mapping[str, Any]) -> tuple[list[float], dict[str, Any]]:

@@ -1,14 +1,14 @@
-"""sce: mergekit's SCE (FuseChat's select, calculate, erase), without its variance selection (SEMANTICS §3b).
+"""sce: mergekit's SCE (FuseChat's select, calculate, erase) (SEMANTICS §3b).
 
-Per tensor, over the inputs' uᵢ = wᵢτᵢ (wᵢ = 1 by default; mergekit's SCE has no weights): *calculate* — each
-input's weight is the mean of its squared entries, normalised to sum 1 (1/n each when they sum below 10⁻⁶);
-*erase* — TIES' sign election on the unweighted sum (γ = +1 where Σuᵢ ≥ 0), Mᵢ = [sign(uᵢ) = γ]; the result is
-W + Σ aᵢMᵢuᵢ / max(Σ aᵢMᵢ, 10⁻⁶). The weights need every entry of the tensor, so a statistics pass (per-row float64
-sums of squares, added in row order) comes first; the erase is per entry. *select* (`select_topk` < 1: keep only
-the entries of highest variance across the inputs) needs an exact top-k over a quantity of all inputs together
-and is refused, naming it: mergekit computes aᵢ and the election from the masked τᵢ, so it takes three passes per
-tensor (that top-k, the masked sums of squares, the erase), where the engine's selection passes rank one input's
-|τᵢ| and an InterpolationPhase has one statistics pass (SEMANTICS §3).
+Per tensor, over the inputs' uᵢ = wᵢτᵢ (wᵢ = 1 by default; mergekit's SCE has no weights): *select* (`select_topk`
+s < 1) — the per-entry population variance of the uᵢ across the inputs ranks the entries; the k = ⌊s · #{nonzero
+variance}⌋ largest are kept and every uᵢ is zeroed elsewhere (exact, streamed: the engine's k-th selection over
+the score, lower flat index first on ties); *calculate* — each input's weight is the mean of its (selected)
+squared entries, normalised to sum 1 (1/n each when they sum below 10⁻⁶); *erase* — TIES' sign election on the
+unweighted sum (γ = +1 where Σuᵢ ≥ 0), Mᵢ = [sign(uᵢ) = γ]; the result is W + Σ aᵢMᵢuᵢ / max(Σ aᵢMᵢ, 10⁻⁶). The
+weights need every entry of the tensor, so a statistics pass (per-row float64 sums of squares, added in row
+order) comes first; the erase is per entry. The variance is computed per entry in float64 (inputs summed in
+config order) and rounded to float32 for the ranking: a pure function of the entry, so any chunking ranks alike.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from ..errors import MergeConfigError
 from ._spherical import rows_of
 from .registry import InterpolationPhase, MergeMethod, Param, register
 
@@ -47,7 +46,6 @@ def sce_weights(squares: Sequence[float], numel: float) -> list[float]:
 
 
 def _finish(totals: torch.Tensor, params: Mapping[str, Any]) -> list[float]:
-    _validate((), params, ())  # a per-layer select_topk skips the config-time check
     values = totals.tolist()
     return sce_weights(values[:-1], values[-1])
 
@@ -70,11 +68,26 @@ def _combine(base_rows: torch.Tensor, updates: Sequence[torch.Tensor | None], we
     return merged.reshape(base_rows.shape)
 
 
-def _validate(_weights: Sequence[Any], params: Mapping[str, Any], _per_input: Sequence[Mapping[str, Any]]) -> None:
-    if params["select_topk"] < 1.0:
-        raise MergeConfigError(f"sce with select_topk {params['select_topk']:g} < 1 (keeping only the entries of "
-                               "highest variance across the inputs) is not implemented in mergekit_lite; "
-                               "select_topk: 1 runs SCE's calculate and erase steps")
+def variance_score(updates: Sequence[torch.Tensor | None], _params: Mapping[str, Any]) -> torch.Tensor:
+    """Per entry, the population variance of the uᵢ across all inputs (an input that does not touch the tensor
+    counts as 0), in float64 summed in input order, rounded to float32: the selection's score."""
+    present = [u for u in updates if u is not None]
+    if not present:
+        raise ValueError("sce's score needs at least one input touching the tensor")
+    mean = torch.zeros(present[0].shape, dtype=torch.float64, device=present[0].device)
+    for u in present:  # one float64 copy at a time: mean, spread and one temporary held
+        mean += u.to(torch.float64)
+    mean /= len(updates)
+    spread = mean.square() * (len(updates) - len(present))  # the inputs that do not touch the tensor: uᵢ = 0
+    for u in present:
+        spread += (u.to(torch.float64) - mean).square()
+    return (spread / len(updates)).to(torch.float32)
+
+
+def _select_share(params: Mapping[str, Any]) -> float | None:
+    """select_topk below 1 selects (the share of the nonzero-variance entries kept); 1 selects nothing."""
+    share = float(params["select_topk"])
+    return share if share < 1.0 else None
 
 
 SCE = register(
@@ -83,10 +96,10 @@ SCE = register(
         display_name="SCE",
         paper_url="https://arxiv.org/abs/2408.07990",
         summary="mergekit's SCE: per-tensor weights from the inputs' mean squares, TIES' sign election, weighted "
-                "mean of the agreeing task vectors (select_topk 1 only)",
-        params=(Param("select_topk", 1.0, float, "share of entries kept by variance across the inputs (only 1)",
-                      interval=(0.0, 1.0)),),
-        phase=InterpolationPhase(_statistics, _finish, _combine),
-        validate=_validate,
+                "mean of the agreeing task vectors, after keeping the entries of highest variance (select_topk)",
+        params=(Param("select_topk", 1.0, float, "share of the nonzero-variance entries kept, by variance across "
+                      "the inputs", interval=(0.0, 1.0)),),
+        phase=InterpolationPhase(_statistics, _finish, _combine, select_share=_select_share,
+                                 score=variance_score),
     )
 )
