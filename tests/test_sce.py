@@ -44,7 +44,7 @@ def ref_sce(base: torch.Tensor, tensors: list[torch.Tensor], share: float) -> to
 @pytest.fixture(scope="module")
 def tied(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A base on a 2⁻¹⁰ grid and three fine-tunes adding multiples of 2⁻⁴ in {−2..2}: every τᵢ exact in float32,
-    the variances few distinct values (the threshold splits a tie in every tensor)."""
+    the variances few distinct values (the threshold splits a tie in every matrix)."""
     root = tmp_path_factory.mktemp("sce")
     base = load_checkpoint(demo / "base")
     grid = {name: (t.float() * 1024).round() / 1024 for name, t in base.items()}
@@ -82,14 +82,14 @@ def test_sce_selection_is_the_dense_reference_for_any_chunking(tied: dict[str, P
 
 
 def test_sce_selection_splits_a_tie(tied: dict[str, Path]) -> None:
-    """The fixture does test the tie rule: the k-th variance is shared by kept and dropped entries."""
+    """The fixture does test the tie rule: in every matrix the k-th variance is shared by kept and dropped entries."""
     base, a, b, c = (load_checkpoint(tied[n]) for n in ("base", "a", "b", "c"))
-    name = "model.layers.0.mlp.up_proj.weight"
-    taus = torch.stack([(t[name] - base[name]).double() for t in (a, b, c)])
-    variance = taus.var(dim=0, unbiased=False).to(torch.float32)
-    mask = ref_mask(taus, 0.3)
-    threshold = variance[mask].min()
-    assert bool((variance[~mask] == threshold).any())
+    for name in (n for n, t in base.items() if t.dim() == 2):
+        taus = torch.stack([(t[name] - base[name]).double() for t in (a, b, c)])
+        variance = taus.var(dim=0, unbiased=False).to(torch.float32)
+        for share in (0.3, 0.77):
+            mask = ref_mask(taus, share)
+            assert bool((variance[~mask] == variance[mask].min()).any()), (name, share)
 
 
 def test_sce_with_one_input_keeps_the_base(tied: dict[str, Path], tmp_path: Path) -> None:
@@ -106,3 +106,14 @@ def test_sce_select_topk_must_be_positive() -> None:
     with pytest.raises(MergeConfigError, match="select_topk"):
         MergeConfig.from_dict({"base_model": "b", "method": "sce", "parameters": {"select_topk": 0.0},
                                "models": [{"path": "m"}], "output": "o"})
+
+
+def test_sce_selection_through_the_radix_fallback_is_the_same(tied: dict[str, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact fallback (radix select, taken on CUDA or when the sampled band misses) keeps the same entries."""
+    from mergekit_lite.engine import select
+
+    sampled = _merge(tied, tmp_path / "band", 0.3, chunk_rows=5)
+    monkeypatch.setattr(select, "_sampled_band", lambda *args, **kwargs: None)
+    radix = _merge(tied, tmp_path / "radix", 0.3, chunk_rows=5)
+    assert all(torch.equal(sampled[k], radix[k]) for k in sampled)
