@@ -35,7 +35,7 @@ MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 DEFAULT = ("linear.yml", "linear_with_base.yml", "task_arithmetic.yml", "ties.yml", "ties_bf16.yml",
            "ties_gradient.yml", "ties_lora.yml", "slerp.yml", "slerp_scalar.yml", "dare_linear.yml", "dare_ties.yml",
            "gradient-slerp.yml", "slerp_two_slices.yml", "mega.yml", "nuslerp.yml", "nuslerp_base.yml",
-           "multislerp.yml", "karcher.yml", "sce.yml", "nearswap.yml", "ram.yml", "ramplus_tl.yml")
+           "multislerp.yml", "karcher.yml", "sce.yml", "sce_select.yml", "nearswap.yml", "ram.yml", "ramplus_tl.yml")
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
