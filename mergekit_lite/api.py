@@ -248,11 +248,11 @@ def _describe(prepared: PreparedMerge, device: str | torch.device, chunk_rows: i
         f"(budget {format_size(options.max_memory)}{', forced ' + str(chunk_rows) + ' rows' if chunk_rows else ''})",
     ]
     method = config.merge_method
-    if options.device.type == "cpu" and method.is_elementwise:
+    if options.device.type == "cpu" and method.phase.combines_chunks:
         lines.append(f"  cpu kernels: {kernels.describe() if method.phase.kernel else 'torch'}")
     if method.calibrated is not None and method.calibrated.describe is not None:  # its own work, said by itself
         lines += method.calibrated.describe(prepared)
-    elif method.is_factored:
+    elif method.phase.factors_from_inputs:
         lines += _core_lines(engine)
     lines.append("  dry run: nothing written")
     return "\n".join(lines)
@@ -272,7 +272,7 @@ def _format_line(config: MergeConfig) -> str:
     method = config.merge_method
     if config.output.rank is None:
         return " as one PEFT adapter, exact factors"
-    if method.is_elementwise:
+    if method.phase.combines_chunks:  # a full-rank delta
         return (f" as one PEFT adapter at rank {config.output.rank}: a seeded randomized SVD of each tensor's whole "
                 "delta (one tensor's delta held at a time)")
     return f" as one PEFT adapter at rank {config.output.rank}: the Eckart–Young cut of each factored delta's core"

@@ -199,7 +199,7 @@ class MergeConfig(BaseModel):
             low, high = method.input_count
             raise MergeConfigError(f"method '{self.method}' merges {low} to {high} inputs (adapters and models), "
                                    f"got {len(self.inputs)}")
-        if method.is_interpolation and self.output.format == "peft":
+        if not method.phase.peft_output and self.output.format == "peft":
             raise MergeConfigError(f"method '{self.method}' writes full checkpoints only; drop output.format: peft")
         self._check_distinct_labels()
         self._resolved = method.resolve_params(

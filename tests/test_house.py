@@ -336,3 +336,28 @@ def test_the_engine_writes_to_a_sink_and_imports_no_writer() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert "writers" not in (node.module or ""), f"{path.name} imports {node.module}"
+
+
+def test_the_engine_api_and_writers_ask_a_phase_what_it_needs_never_its_type() -> None:
+    """Phases declare what they need (methods/registry.PhaseNeeds: a statistics pass, factors, chunk combines,
+    their sparsifier and kernel, a memory multiplier, PEFT output): no branch of the engine, the api, the config or
+    the writers tests a phase's type or `MergeMethod.is_*`. `assert isinstance(..., SomePhase)` (type narrowing
+    inside the one code path a declaration selected) is the allowed exception."""
+    import ast
+
+    package = REPO / "mergekit_lite"
+    paths = [*(package / "engine").glob("*.py"), *(package / "writers").glob("*.py"), package / "api.py",
+             package / "config.py"]
+    asked = {"is_linear", "is_elementwise", "is_interpolation", "is_factored"}
+    found = []
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        narrowing = {id(node.test) for node in ast.walk(tree) if isinstance(node, ast.Assert)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in asked:
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+                    and id(node) not in narrowing and len(node.args) == 2
+                    and "Phase" in ast.unparse(node.args[1])):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    assert found == [], "branch on a phase's declarations (PhaseNeeds) instead: " + ", ".join(found)

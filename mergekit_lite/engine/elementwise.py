@@ -28,7 +28,7 @@ KERNELS = {"sum": kernels.SUM, "ties": kernels.TIES}
 
 def check_densities(plan: MergePlan, method: MergeMethod, adapter_params: Sequence[Mapping[str, Any]]) -> None:
     """A density that keeps 0 entries of a tensor an adapter touches is a config error naming the tensor."""
-    if not isinstance(method.phase, ElementwisePhase) or method.phase.sparsifier is None:
+    if method.phase.sparsifier is None:
         return
     n_layers = layer_count(t.name for t in plan.tensors)
     for tensor in plan.tensors:

@@ -144,12 +144,12 @@ class MergeEngine:
         if side_by_side:
             self._pool = ThreadPoolExecutor(self.options.merge_threads, thread_name_prefix="merge", initializer=single)
             torch.set_num_threads(1)
-        if self.method.is_factored:  # each tensor's core math runs while the previous tensor streams
+        if self.method.phase.factors_from_inputs:  # each tensor's core math runs while the previous one streams
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="core", initializer=single)
             self._queue_factored(iter(s for s in self.schedules if s.action == MERGE))
         scoped = contextlib.ExitStack()
         try:
-            if self.method.is_interpolation:  # chunk-sized temporaries mapped: a flat, repeatable peak RSS
+            if self.method.phase.statistics_pass:  # chunk-sized temporaries mapped: a flat, repeatable peak RSS
                 scoped.enter_context(mapped_chunks(self.options.cpu_chunk_elements * 4))
             for schedule in self.schedules:
                 writer.begin(schedule.name)
@@ -220,9 +220,9 @@ class MergeEngine:
         row_elems = max(tensor.info.cols, 1)
         sparse, cached, streamed, interpolation = None, None, None, None
         coefficients = self._coefficients(tensor.name)
-        if self.method.is_interpolation:
+        if self.method.phase.statistics_pass:
             interpolation = self._interpolation_state(schedule, deltas)
-        elif self.method.is_elementwise:
+        elif self.method.phase.combines_chunks:
             sparse, cached = self._prepare_sparse(schedule, deltas)
         elif coefficients is not None:
             streamed = deltas.linear_delta(coefficients)
@@ -285,7 +285,7 @@ class MergeEngine:
         rows, cols = tensor.info.rows, max(tensor.info.cols, 1)
         deltas = TensorDeltas(tensor, self.plan.adapters, device, dtype)
         out = torch.empty(rows, cols, device=device, dtype=dtype)
-        if not self.method.is_elementwise:
+        if not self.method.phase.combines_chunks:
             streamed = self.tensor_delta(schedule)
             for start, stop in schedule.ranges:
                 base_rows = self._wide_rows(tensor, start, stop) if streamed.dense else None

@@ -15,17 +15,13 @@ import torch
 
 from ..errors import MergeConfigError
 from ..formats.safetensors import TORCH_DTYPES
-from ..methods import ElementwisePhase, MergeMethod
+from ..methods import MergeMethod
 from . import kernels
 from .plan import BiasShift, LowRank, SavedTensor, TensorPlan
 
 DEFAULT_MAX_MEMORY = 512 * 2**20
 #: float32 buffers alive per element of a chunk besides the τᵢ: W, the merged delta, W + delta
 WORKING_BUFFERS = 3
-#: extra float32 buffers of an elementwise method on the torch path, per element: the sign vote, the sum, the divisor
-SPARSE_BUFFERS = 3
-#: float32-sized buffers of an interpolating method's statistics pass besides its τᵢ (see schedule_tensor)
-INTERPOLATION_BUFFERS = 7
 
 #: what the engine does with a tensor
 COPY, CAST, MERGE = "copy", "cast", "merge"
@@ -150,8 +146,8 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
         return TensorSchedule(plan, CAST, ranges=chunk_ranges(plan.info.rows, rows_per_chunk(plan, 0, options)))
     cpu_f32 = options.device.type == "cpu" and options.compute_dtype == torch.float32 and kernels.enabled()
     kernel = TORCH
-    if method.is_elementwise:
-        declared = _ELEMENTWISE_KERNELS.get(method.phase.kernel)  # type: ignore[union-attr, arg-type]
+    if method.phase.combines_chunks:  # its own C kernel, when it declares one
+        declared = _ELEMENTWISE_KERNELS.get(method.phase.kernel)  # type: ignore[arg-type]
         if declared is not None and cpu_f32 and len(active) <= kernels.MAX_TAUS:
             kernel = declared
     elif cpu_f32 and only_low_rank(plan, active):
@@ -160,15 +156,9 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
           and method.coefficients(weights, params) is not None):
         kernel = C_SUM  # a linear merge of full fine-tunes: each τᵢ one subtraction, then the fused sum kernel
     elementwise_c = kernel in (C_SUM, C_TIES)
-    materialized = len(active) + (0 if elementwise_c else SPARSE_BUFFERS) if method.is_elementwise else 0
-    if kernel == C_SUM and not method.is_elementwise:  # the τᵢ of a chunk, in each merge thread's buffers
-        materialized = len(active)
-    if method.is_interpolation:
-        # per element of a chunk, besides W: each τᵢ and its weighted copy, one new endpoint, the two endpoints in
-        # float64 (four float32's worth) and one float64 product (two) in the statistics pass
-        materialized = 2 * len(active) + INTERPOLATION_BUFFERS
+    materialized = method.phase.buffers(len(active), elementwise_c)  # the phase's own memory multiplier
     ranges = chunk_ranges(plan.info.rows, rows_per_chunk(plan, materialized, options, elementwise_c))
-    if (isinstance(method.phase, ElementwisePhase) and method.phase.sparsifier is not None
+    if (method.phase.sparsifier is not None
             and method.phase.sparsifier.whole_rows and len(plan.info.shape) < 2):
         ranges = ((0, plan.info.rows),)  # a 1-D tensor is one row for per-row ranks: one chunk
     raw_rows = (kernel != TORCH and TORCH_DTYPES[plan.info.dtype] in kernels.ROW_TYPES
@@ -178,7 +168,7 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
     # saved full tensors (full fine-tunes) are rebuilt per pass by a read and a subtraction, about what reading a
     # cache costs: only τᵢ that need computing (low-rank products, DoRA) are worth holding whole
     computed = not only_saved(plan, active)
-    sparsifier = method.phase.sparsifier if isinstance(method.phase, ElementwisePhase) else None
+    sparsifier = method.phase.sparsifier
     selects = sparsifier is not None and any(sparsifier.ranks(adapter_params[i], numel) for i in active)
     caches = selects and computed and numel * 4 * len(active) <= options.max_memory // 2
     cols = max(plan.info.cols, 1)
@@ -191,12 +181,12 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
 def check_phase(tensors: Sequence[TensorPlan], method: MergeMethod, labels: Sequence[str]) -> None:
     """A factored method merges low-rank products (and 1-D bias shifts when it says how): anything else is a
     config error naming the tensor, the adapter and the methods that can merge it, before any work."""
-    if not method.is_factored:
+    if not method.phase.factors_from_inputs:
         return
     for tensor in tensors:
         for index, items in enumerate(tensor.by_adapter):
             for item in items:
-                if isinstance(item, LowRank) or (isinstance(item, BiasShift) and method.phase.vectors is not None):  # type: ignore[union-attr]
+                if isinstance(item, LowRank) or (isinstance(item, BiasShift) and method.phase.takes_bias_shifts):
                     continue
                 what = {"BiasShift": "a lora_bias shift", "Dora": "a DoRA magnitude",
                         "SavedTensor": "a saved full tensor"}.get(type(item).__name__, type(item).__name__)

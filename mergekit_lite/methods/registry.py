@@ -11,13 +11,18 @@ the engine runs it is the method's *phase*, declared, never inferred:
 - `FactoredPhase`: given every adapter's low-rank factors of one tensor, return factors (L, R) of the merged
   delta; the engine then streams W + L·R in row chunks through the same path as the linear methods. This is
   where methods computed in the low-rank core of the stacked factors attach.
+- `InterpolationPhase`: a statistics pass over the chunks first, then the chunks written from them (SLERP).
+
+Each phase declares what the engine, the dry run and the writers need to know (`PhaseNeeds`: a statistics pass,
+factors from the inputs, chunk combines, its sparsifier and kernel, the Σ cᵢτᵢ coefficients, the exact rank of its
+factors, its memory multiplier, whether a PEFT output is possible); they ask those declarations, never its type.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import MergeConfigError
 from ..suggest import did_you_mean
@@ -103,15 +108,80 @@ class LowRankFactors:
     scale: float
 
 
+#: extra float32 buffers of an elementwise method on the torch path, per element: the sign vote, the sum, the divisor
+SPARSE_BUFFERS = 3
+#: float32-sized buffers of an interpolating method's statistics pass besides its τᵢ: one new endpoint, the two
+#: endpoints in float64 (four float32's worth) and one float64 product (two)
+INTERPOLATION_BUFFERS = 7
+
+
+class PhaseNeeds:
+    """What a phase declares to the engine, the dry run and the writers, so that none of them tests its type.
+
+    Each phase class overrides what differs; the defaults describe a phase that streams its delta as factors
+    (W + L·R in row chunks) with nothing to prepare."""
+
+    #: the delta is Σ cᵢ τᵢ with constants cᵢ (`linear_coefficients` gives them): fusable, one pass
+    sums_coefficients: ClassVar[bool] = False
+    #: each chunk is combined from the materialized τᵢ of the chunk (thinned by `sparsifier`, then `kernel` or
+    #: torch): the merged delta is full rank, held whole only to write it as factors (a randomized SVD)
+    combines_chunks: ClassVar[bool] = False
+    #: the delta's factors are computed per tensor from every input's low-rank factors (the engine runs that one
+    #: tensor ahead; inputs must be low-rank products, 1-D bias shifts only when `takes_bias_shifts`)
+    factors_from_inputs: ClassVar[bool] = False
+    #: a first pass over the chunks gathers whole-tensor statistics before any chunk is written
+    statistics_pass: ClassVar[bool] = False
+    #: the output may be a PEFT adapter (False: checkpoints only)
+    peft_output: ClassVar[bool] = True
+    #: the selection strategy thinning each τᵢ first (sparsifiers.py), None: none
+    sparsifier: Sparsifier | None = None
+    #: the fused C kernel reproducing the chunk combine bit for bit ("sum", "ties"), None: torch only
+    kernel: str | None = None
+
+    def linear_coefficients(self, weights: Sequence[float], params: Mapping[str, Any]) -> list[float] | None:
+        """The cᵢ of a delta Σ cᵢ τᵢ, None for a phase whose delta is not one."""
+        return None
+
+    def exact_rank(self, ranks: Sequence[int]) -> int | None:
+        """The width of the delta's factors from the inputs' ranks rᵢ alone (a PEFT output's exact rank), None
+        when only computing the factors tells."""
+        return None
+
+    @property
+    def rank_declared(self) -> bool:
+        """True when `exact_rank` is the method's own promise, checked against the factors it returns."""
+        return False
+
+    @property
+    def takes_bias_shifts(self) -> bool:
+        """True when 1-D bias shifts are merged too (a phase working on factors must say how)."""
+        return True
+
+    def buffers(self, inputs: int, fused: bool) -> int:
+        """float32 buffers per element of a chunk held besides the working ones, for chunk sizing: `inputs` τᵢ
+        merged, `fused` when a C kernel combines the materialized τᵢ of a chunk."""
+        return inputs if fused else 0  # the τᵢ of a chunk, in each merge thread's buffers
+
+
 @dataclass(frozen=True)
-class LinearPhase:
+class LinearPhase(PhaseNeeds):
     """The merged delta is Σ cᵢ τᵢ with constants cᵢ = coefficients(weights, params)."""
 
     coefficients: Callable[[Sequence[float], Mapping[str, Any]], list[float]]
 
+    sums_coefficients: ClassVar[bool] = True
+
+    def linear_coefficients(self, weights: Sequence[float], params: Mapping[str, Any]) -> list[float] | None:
+        """cᵢ = coefficients(weights, params)."""
+        return self.coefficients(weights, params)
+
+    def exact_rank(self, ranks: Sequence[int]) -> int | None:
+        """Σ rᵢ: the concatenated factors."""
+        return sum(ranks)
+
 
 @dataclass(frozen=True)
-class ElementwisePhase:
+class ElementwisePhase(PhaseNeeds):
     """Per-tensor preparation, then a pure per-chunk combine of uᵢ = wᵢ tᵢ (tᵢ: τᵢ thinned as declared)."""
 
     #: (uᵢ of the adapters touching a tensor, their wᵢ, params) -> the merged delta of the chunk
@@ -120,6 +190,12 @@ class ElementwisePhase:
     sparsifier: Sparsifier | None = None
     #: the fused C kernel that computes `combine` bit for bit ("sum" or "ties"); None: torch only
     kernel: str | None = None
+
+    combines_chunks: ClassVar[bool] = True
+
+    def buffers(self, inputs: int, fused: bool) -> int:
+        """Each τᵢ of a chunk, plus the torch path's own (SPARSE_BUFFERS)."""
+        return inputs + (0 if fused else SPARSE_BUFFERS)
 
 
 @dataclass(frozen=True)
@@ -141,7 +217,7 @@ class FactoredContext:
 
 
 @dataclass(frozen=True)
-class FactoredPhase:
+class FactoredPhase(PhaseNeeds):
     """The merged delta of a tensor as factors (L, R) computed from every adapter's low-rank factors."""
 
     #: ([LowRankFactors of the adapters touching the tensor], their wᵢ, params, context) -> (L m×k, R k×n),
@@ -156,9 +232,25 @@ class FactoredPhase:
     #: a data-aware method's must be (its factors need the calibration). None: the factors are computed for it
     rank: Callable[[Sequence[int]], int] | None = None
 
+    factors_from_inputs: ClassVar[bool] = True
+
+    def exact_rank(self, ranks: Sequence[int]) -> int | None:
+        """`rank(ranks)` when declared."""
+        return None if self.rank is None else self.rank(ranks)
+
+    @property
+    def rank_declared(self) -> bool:
+        """True when the method declares `rank`."""
+        return self.rank is not None
+
+    @property
+    def takes_bias_shifts(self) -> bool:
+        """True when the method says how (`vectors`)."""
+        return self.vectors is not None
+
 
 @dataclass(frozen=True)
-class InterpolationPhase:
+class InterpolationPhase(PhaseNeeds):
     """Methods that need whole-tensor statistics of the inputs before any chunk can be written (SLERP's angle):
     a first pass over the chunks gathers per-row statistics, then a second pass writes W' = combine(...).
 
@@ -180,6 +272,13 @@ class InterpolationPhase:
     select_share: Callable[[Mapping[str, Any]], float | None] | None = None
     #: ([uᵢ rows or None], params) -> the per-entry score (flat, float32, ≥ 0, a pure function of each entry)
     score: Callable[[Sequence[Any], Mapping[str, Any]], Any] | None = None
+
+    statistics_pass: ClassVar[bool] = True
+    peft_output: ClassVar[bool] = False
+
+    def buffers(self, inputs: int, fused: bool) -> int:
+        """Per element of a chunk, besides W: each τᵢ and its weighted copy, and INTERPOLATION_BUFFERS."""
+        return 2 * inputs + INTERPOLATION_BUFFERS
 
 
 def weights_apart(weights: Sequence[Any], params: Mapping[str, Any]) -> tuple[list[float], dict[str, Any]]:
@@ -278,33 +377,33 @@ class MergeMethod:
     @property
     def is_linear(self) -> bool:
         """True when the merged delta is Σ cᵢ τᵢ with constants cᵢ (fusable, single pass)."""
-        return isinstance(self.phase, LinearPhase)
+        return self.phase.sums_coefficients
 
     @property
     def is_elementwise(self) -> bool:
         """True when the method combines τᵢ entry by entry, chunk by chunk."""
-        return isinstance(self.phase, ElementwisePhase)
+        return self.phase.combines_chunks
 
     @property
     def is_interpolation(self) -> bool:
         """True when the method gathers whole-tensor statistics first, then writes W' chunk by chunk."""
-        return isinstance(self.phase, InterpolationPhase)
+        return self.phase.statistics_pass
 
     @property
     def is_factored(self) -> bool:
         """True when the method returns factors of the merged delta from the adapters' factors."""
-        return isinstance(self.phase, FactoredPhase)
+        return self.phase.factors_from_inputs
 
     @property
     def sparsification(self) -> str | None:
         """The name of how an elementwise method thins each τᵢ ("magnitude", "dare", …), else None (for display:
         the engine asks the phase's sparsifier itself)."""
-        sparsifier = self.phase.sparsifier if isinstance(self.phase, ElementwisePhase) else None
+        sparsifier = self.phase.sparsifier
         return None if sparsifier is None else sparsifier.name
 
     def coefficients(self, weights: Sequence[float], params: Mapping[str, Any]) -> list[float] | None:
         """The cᵢ of a linear method, None for the other phases."""
-        return self.phase.coefficients(weights, params) if isinstance(self.phase, LinearPhase) else None
+        return self.phase.linear_coefficients(weights, params)
 
     def param(self, name: str) -> Param:
         """Return the parameter called `name`."""

@@ -128,7 +128,9 @@ class PeftAdapterOutput:
         module = low[0].module
         layout = "embedding" if module.embedding else ("conv1d" if low[0].transposed else "linear")
         rows, cols = schedule.plan.info.rows, schedule.plan.info.cols
-        if engine.method.is_elementwise:
+        phase = engine.method.phase
+        ranks = [item.module.rank for item in low]
+        if phase.combines_chunks:  # a full-rank delta
             if self.rank is None:
                 raise MergeConfigError(
                     f"output.format peft with method '{engine.method.name}': its merged deltas are full rank, so "
@@ -136,10 +138,8 @@ class PeftAdapterOutput:
                     "checkpoint"
                 )
             exact = min(rows, cols)
-        elif engine.method.is_linear:
-            exact = sum(item.module.rank for item in low)
-        elif engine.method.phase.rank is not None:  # declared (a data-aware method's factors need its calibration)
-            exact = engine.method.phase.rank([item.module.rank for item in low])
+        elif (declared := phase.exact_rank(ranks)) is not None:  # known from the ranks (a data-aware method's
+            exact = declared  # factors need its calibration: it must declare them)
         elif engine.method.calibrated is not None:
             raise AssertionError(f"method '{engine.method.name}': a calibrated factored phase must declare its rank "
                                  "(FactoredPhase.rank): its factors do not exist before the calibration")
@@ -183,7 +183,7 @@ class PeftAdapterOutput:
 
     def _factors(self, engine: MergeEngine, t: AdapterTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L m×k, R k×n) of the tensor's merged delta at the rank written."""
-        if engine.method.is_elementwise:
+        if engine.method.phase.combines_chunks:  # a full-rank delta
             return self._randomized(engine, t)
         if engine is self._computed_by and t.schedule.name in self._computed:
             factors = self._computed.pop(t.schedule.name)  # computed once, by layout; held until written
@@ -193,7 +193,7 @@ class PeftAdapterOutput:
         if factors is None:
             return torch.zeros(m, 1), torch.zeros(1, n)
         left, right = factors.left, factors.right
-        if engine.method.is_factored and engine.method.phase.rank is not None and left.shape[1] != t.exact_rank:
+        if engine.method.phase.rank_declared and left.shape[1] != t.exact_rank:
             raise AssertionError(f"method '{engine.method.name}' declared rank {t.exact_rank} for tensor "
                                  f"'{t.schedule.name}' but returned factors of rank {left.shape[1]}")
         if self.rank is None:
