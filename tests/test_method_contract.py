@@ -75,6 +75,27 @@ def test_every_registered_method_declares_exactly_one_phase() -> None:
         assert [method.is_linear, method.is_elementwise, method.is_factored, method.is_interpolation].count(True) == 1
 
 
+def test_every_phase_declares_what_the_engine_and_the_writers_need() -> None:
+    """The declarations the engine, the dry run and the writers ask (registry.PhaseNeeds), checked per method:
+    a sparsifier or kernel only where chunks are combined, coefficients only for Σ cᵢτᵢ, a PEFT output wherever
+    there is no statistics pass, and the memory multiplier of each pass structure."""
+    for method in REGISTRY.values():
+        phase = method.phase
+        assert phase.combines_chunks or (phase.sparsifier is None and phase.kernel is None), method.name
+        assert (phase.linear_coefficients([1.0, 1.0], {p.name: p.default for p in method.params}) is not None
+                ) == phase.sums_coefficients, method.name
+        assert phase.peft_output == (not phase.statistics_pass), method.name
+        assert phase.rank_declared == (phase.factors_from_inputs and phase.exact_rank([2, 3]) is not None)
+        if phase.sums_coefficients:
+            assert phase.exact_rank([2, 3]) == 5
+        if phase.combines_chunks:
+            assert (phase.buffers(2, True), phase.buffers(2, False)) == (2, 5), method.name
+        elif phase.statistics_pass:
+            assert (phase.buffers(2, True), phase.buffers(2, False)) == (11, 11), method.name
+        else:
+            assert (phase.buffers(2, True), phase.buffers(2, False)) == (2, 0), method.name
+
+
 def test_elementwise_methods_declare_their_kernel_and_sparsification() -> None:
     assert get_method("ties").phase.kernel == "ties" and get_method("ties").sparsification == "magnitude"
     assert get_method("dare_linear").phase.kernel == "sum" and get_method("dare_linear").sparsification == "dare"
