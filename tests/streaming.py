@@ -29,23 +29,26 @@ def merger(method: str, taus: list[torch.Tensor], weights: list[float], params: 
     return sparse
 
 
-def stream(method: str, taus: list[torch.Tensor], weights: list[float], params: dict, per_adapter: list[dict],
-           chunk_rows: int, seed: int = 0, name: str = "t") -> torch.Tensor:
-    """The merged delta through the torch path (`merge_chunk`), chunks in row order."""
+def _prepared(method: str, taus: list[torch.Tensor], weights: list[float], params: dict, per_adapter: list[dict],
+              chunk_rows: int, seed: int, name: str) -> tuple[list[tuple[int, int]], int, SparseTensorMerge]:
+    """The row chunks (as the method's sparsifier cuts them), elements per row, and the prepared merger."""
     whole_rows = get_method(method).phase.sparsifier.whole_rows  # type: ignore[union-attr]
     ranges = row_ranges(taus, chunk_rows, whole_rows)
     row_elems = math.prod(taus[0].shape[1:]) if taus[0].dim() > 1 else 1
-    sparse = merger(method, taus, weights, params, per_adapter, ranges, seed, name)
+    return ranges, row_elems, merger(method, taus, weights, params, per_adapter, ranges, seed, name)
+
+
+def stream(method: str, taus: list[torch.Tensor], weights: list[float], params: dict, per_adapter: list[dict],
+           chunk_rows: int, seed: int = 0, name: str = "t") -> torch.Tensor:
+    """The merged delta through the torch path (`merge_chunk`), chunks in row order."""
+    ranges, row_elems, sparse = _prepared(method, taus, weights, params, per_adapter, chunk_rows, seed, name)
     return torch.cat([sparse.merge_chunk({i: t[a:b] for i, t in enumerate(taus)}, a * row_elems) for a, b in ranges])
 
 
 def stream_fused(method: str, taus: list[torch.Tensor], weights: list[float], params: dict, per_adapter: list[dict],
                  chunk_rows: int, seed: int = 0, name: str = "t") -> torch.Tensor:
     """0 + the merged delta through `merged_rows` (the fused kernels when built and on), chunks out of order."""
-    whole_rows = get_method(method).phase.sparsifier.whole_rows  # type: ignore[union-attr]
-    ranges = row_ranges(taus, chunk_rows, whole_rows)
-    row_elems = math.prod(taus[0].shape[1:]) if taus[0].dim() > 1 else 1
-    sparse = merger(method, taus, weights, params, per_adapter, ranges, seed, name)
+    ranges, row_elems, sparse = _prepared(method, taus, weights, params, per_adapter, chunk_rows, seed, name)
     out = torch.zeros_like(taus[0])
     for a, b in reversed(ranges):  # out of order: the tie counts were taken up front
         merged, finite = sparse.merged_rows(torch.zeros_like(taus[0][a:b]), {i: t[a:b].clone() for i, t in enumerate(taus)},
