@@ -221,7 +221,7 @@ def _run(sweep: SweepConfig, out: Path, fixed: list[Point] | None, cache: Result
 def check_outputs(sweep: SweepConfig, out: Path, overwrite: bool) -> bool:
     """Before any work: `out` and `output:` apart from each other and from every input, writable, and each
     either new, empty or ours (`output:` replaced only with `overwrite`); True when `out` holds an earlier sweep."""
-    from ..writers.ownership import MERGE, check_output_folder, check_writable, is_empty, local_inputs, owner
+    from ..writers.ownership import check_output_folder, local_inputs
     from ..writers.preflight import preflight_output
 
     template = sweep.template()
@@ -232,12 +232,7 @@ def check_outputs(sweep: SweepConfig, out: Path, overwrite: bool) -> bool:
             raise OutputPathError(f"--out {out} and the config's output: {target} overlap (the same folder, or one "
                                   "inside the other): the best merge and the report would replace each other; "
                                   "give them separate folders")
-        preflight_output(target, overwrite, inputs)
-        if target.is_dir() and not is_empty(target) and owner(target) != MERGE:
-            raise OutputPathError(f"output: {target} is not empty and is not a merge output (no "
-                                  "mergekit_lite_config.yaml of a merge), so even --overwrite does not replace it; "
-                                  "point output.path elsewhere or empty the folder")
-        check_writable(target, "output:")
+        preflight_output(target, overwrite, inputs)  # also: replaced only when empty or a merge output; writable
     return check_output_folder(out, "sweep", inputs)
 
 
