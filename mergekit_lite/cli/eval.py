@@ -188,17 +188,10 @@ def _merged_output(config: Any, device: str, remerge: bool, progress: bool) -> P
 def _check_merge_target(config: Any, remerge: bool) -> None:
     """--remerge replaces a config's output folder only when it is a merge output (or empty): a user's folder
     at that path is refused before anything is merged."""
-    from ..errors import EvalError
-    from ..writers.ownership import MERGE, is_empty, owner
-
     from ..writers.ownership import check_replaceable
 
-    target = config.output_path
-    if remerge and target.is_dir() and not is_empty(target) and owner(target) != MERGE:
-        raise EvalError(f"{target} is not a merge output (no mergekit_lite_config.yaml of a merge), so --remerge "
-                        "does not replace it: point output.path elsewhere or empty the folder")
-    if remerge:  # a merge output holding a user's files is not replaced either
-        check_replaceable(target, "output")
+    if remerge:  # refuses a user's folder, and a merge output holding a user's files
+        check_replaceable(config.output_path, "output")
 
 
 def _made_from(config_copy: Path, config: Any) -> bool:
