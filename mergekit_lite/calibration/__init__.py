@@ -126,15 +126,17 @@ class Calibration:
 
 def load_calibration(prepared: Any, *, device: torch.device | str = "cpu", seed: int = 0, room: int = 16,
                      dtype: torch.dtype | None = None, cache_dir: Path | None = None,
-                     progress: bool = False) -> Calibration:
+                     progress: bool = False, sources: Sequence[CalibrationSource] | None = None,
+                     texts: Sequence[Sequence[str]] | None = None) -> Calibration:
     """Read every adapter's prompts (checked before the model loads), load the base once with the branches, and
     tokenize the prompts, leaving `room` tokens of the context for generated continuations. The loader's own
-    progress bar shows only with `progress` (a command's `--no-progress` keeps stderr to our lines)."""
+    progress bar shows only with `progress` (a command's `--no-progress` keeps stderr to our lines). `sources`
+    (default: the config's) and `texts` (their prompts, already read) let `merge inspect` pass its own."""
     from .model import BranchedModel
 
-    config = prepared.config
-    sources = calibration_sources(config)
-    texts = [load_prompts(source, seed) for source in sources]
+    sources = list(sources) if sources is not None else calibration_sources(prepared.config)
+    if texts is None:
+        texts = [load_prompts(source, seed) for source in sources]
     model = BranchedModel(prepared, device=device, dtype=dtype, progress=progress)
     try:
         prompts = [encode(model.tokenizer, t, model.context_length, s.where, room) for t, s in zip(texts, sources)]

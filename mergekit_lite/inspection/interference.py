@@ -227,19 +227,13 @@ def measure(prepared: Any, sources: Sequence[Any], *, device: torch.device | str
             texts: Sequence[Sequence[str]] | None = None) -> Interference:
     """Load the base once with the adapters as branches, build the teachers, measure the matrix (and the grid and
     the suggested weights when `weights`). `texts`: the prompts `read_prompts` already read."""
-    from ..calibration import Calibration
-    from ..calibration.batches import encode
-    from ..calibration.model import BranchedModel
+    from ..calibration import load_calibration
 
     started = time.perf_counter()
-    if texts is None:
-        texts = read_prompts(sources, seed)  # every file read before the model loads
-    model = BranchedModel(prepared, device=device, dtype=dtype)
+    calibration = load_calibration(prepared, device=device, seed=seed, room=max_new_tokens, dtype=dtype,
+                                   sources=sources, texts=texts)
+    model = calibration.model
     try:
-        prompts = [encode(model.tokenizer, t, model.context_length, s.where, max_new_tokens)
-                   for t, s in zip(texts, sources)]
-        calibration = Calibration(model, list(sources), prompts, [a.folder for a in prepared.adapters],
-                                  prepared.base.folder)
         loaded = time.perf_counter()
         # the teachers in fixed batches (the scoring batch size must change no number, not even a greedy tie)
         examples = calibration.teachers(max_new_tokens=max_new_tokens, batch_size=TEACHER_BATCH)
