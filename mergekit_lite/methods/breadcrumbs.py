@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from .registry import ElementwisePhase, MergeMethod, Param, register
+from .registry import Param
 from .sparsifiers import Cut, Sparsifier, kept_count
-from .sparsifying import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
+from .sparsifying import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, register_sparse
 
 
 def dropped_count(gamma: float, density: float, numel: int) -> int:
@@ -72,28 +72,20 @@ def _validate(_weights: Sequence[float], _params: Mapping[str, Any], own: Sequen
                                    f"(the outliers dropped and the entries kept are disjoint), got {gamma!r}")
 
 
-BREADCRUMBS_LINEAR = register(
-    MergeMethod(
-        name="breadcrumbs",
-        core_phase=core_space_phase("breadcrumbs"),
-        display_name="Model Breadcrumbs",
-        paper_url=PAPER,
-        summary="drop each τᵢ's ⌊gamma·numel⌋ largest magnitudes, keep the next ⌊density·numel⌋; τ = λ · Σ wᵢtᵢ",
-        params=(DENSITY, GAMMA, LAMBDA, SPACE),
-        phase=ElementwisePhase(sum_consensus, sparsifier=BREADCRUMBS, kernel="sum"),
-        validate=_validate,
-    )
+BREADCRUMBS_LINEAR = register_sparse(
+    "breadcrumbs", sparsifier=BREADCRUMBS, ties=False,
+    display_name="Model Breadcrumbs",
+    paper_url=PAPER,
+    summary="drop each τᵢ's ⌊gamma·numel⌋ largest magnitudes, keep the next ⌊density·numel⌋; τ = λ · Σ wᵢtᵢ",
+    params=(DENSITY, GAMMA, LAMBDA, SPACE),
+    validate=_validate,
 )
 
-BREADCRUMBS_TIES = register(
-    MergeMethod(
-        name="breadcrumbs_ties",
-        core_phase=core_space_phase("breadcrumbs_ties"),
-        display_name="Model Breadcrumbs + TIES",
-        paper_url=PAPER,
-        summary="the Breadcrumbs tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
-        params=(DENSITY, GAMMA, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
-        phase=ElementwisePhase(ties_consensus, sparsifier=BREADCRUMBS, kernel="ties"),
-        validate=_validate,
-    )
+BREADCRUMBS_TIES = register_sparse(
+    "breadcrumbs_ties", sparsifier=BREADCRUMBS, ties=True,
+    display_name="Model Breadcrumbs + TIES",
+    paper_url=PAPER,
+    summary="the Breadcrumbs tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
+    params=(DENSITY, GAMMA, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
+    validate=_validate,
 )

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from .registry import ElementwisePhase, MergeMethod, Param, register
+from .registry import Param
 from .sparsifiers import Cut, Sparsifier
-from .sparsifying import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, core_space_phase, sum_consensus, ties_consensus
+from .sparsifying import DENSITY, LAMBDA, NORMALIZE_TIES, SIGN, SPACE, register_sparse
 
 
 class MagPrune(Sparsifier):
@@ -86,29 +86,21 @@ def _validate(_weights: Sequence[float], _params: Mapping[str, Any], own: Sequen
                                    f"[0, {high:g}] so that density ± epsilon are probabilities, got {epsilon!r}")
 
 
-DELLA_LINEAR = register(
-    MergeMethod(
-        name="della_linear",
-        core_phase=core_space_phase("della_linear"),
-        display_name="DELLA (linear)",
-        paper_url=PAPER,
-        summary="tᵢ = MagPrune(τᵢ): keep-prob density ± epsilon by magnitude rank within each row, kept entries / "
-                "their keep-prob; τ = λ · Σ wᵢtᵢ",
-        params=(DENSITY, EPSILON, RESCALE_Q, LAMBDA, SPACE),
-        phase=ElementwisePhase(sum_consensus, sparsifier=MAGPRUNE, kernel="sum"),
-        validate=_validate,
-    )
+DELLA_LINEAR = register_sparse(
+    "della_linear", sparsifier=MAGPRUNE, ties=False,
+    display_name="DELLA (linear)",
+    paper_url=PAPER,
+    summary="tᵢ = MagPrune(τᵢ): keep-prob density ± epsilon by magnitude rank within each row, kept entries / "
+            "their keep-prob; τ = λ · Σ wᵢtᵢ",
+    params=(DENSITY, EPSILON, RESCALE_Q, LAMBDA, SPACE),
+    validate=_validate,
 )
 
-DELLA = register(
-    MergeMethod(
-        name="della",
-        core_phase=core_space_phase("della"),
-        display_name="DELLA",
-        paper_url=PAPER,
-        summary="the MagPrune tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
-        params=(DENSITY, EPSILON, RESCALE_Q, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
-        phase=ElementwisePhase(ties_consensus, sparsifier=MAGPRUNE, kernel="ties"),
-        validate=_validate,
-    )
+DELLA = register_sparse(
+    "della", sparsifier=MAGPRUNE, ties=True,
+    display_name="DELLA",
+    paper_url=PAPER,
+    summary="the MagPrune tᵢ, then TIES sign election and disjoint mean of agreeing wᵢtᵢ",
+    params=(DENSITY, EPSILON, RESCALE_Q, SIGN, NORMALIZE_TIES, LAMBDA, SPACE),
+    validate=_validate,
 )

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from .lowrank_core import core_space_factors
-from .registry import FactoredContext, FactoredPhase, Param, get_method
-from .sparsifiers import kept_count
+from .registry import ElementwisePhase, FactoredContext, FactoredPhase, MergeMethod, Param, get_method, register
+from .sparsifiers import Sparsifier, kept_count
 from .subspace import mean_of_vectors
 
 __all__ = ["DENSITY", "LAMBDA", "NORMALIZE_TIES", "RESCALE", "SIGN", "SPACE", "core_space_phase", "kept_count",
-           "sum_consensus", "ties_consensus"]
+           "register_sparse", "sum_consensus", "ties_consensus"]
 
 DENSITY = Param(
     "density", None, float, "fraction of each task vector's entries kept, in (0, 1]", per_adapter=True,
@@ -76,3 +76,11 @@ def core_space_phase(name: str) -> FactoredPhase:
         return core_space_factors(get_method(name), factors, weights, params, context)
 
     return FactoredPhase(factors, vectors=mean_of_vectors)
+
+
+def register_sparse(name: str, *, sparsifier: Sparsifier, ties: bool, **fields: Any) -> MergeMethod:
+    """Register a sparsifying method: `sparsifier` thins each τᵢ, then the sum (linear) or TIES consensus combines
+    them, with its `space: core` form; one place pairs each consensus with its C kernel."""
+    consensus, kernel = (ties_consensus, "ties") if ties else (sum_consensus, "sum")
+    return register(MergeMethod(name=name, core_phase=core_space_phase(name),
+                                phase=ElementwisePhase(consensus, sparsifier=sparsifier, kernel=kernel), **fields))
