@@ -80,12 +80,15 @@ def check_calibration(adapter_params: Sequence[Mapping[str, Any]], where: Sequen
                   Path.cwd(), name)
 
 
-def calibration_sources(config: Any) -> list[CalibrationSource]:
-    """Every input's calibration source, paths resolved against the config's folder."""
+def calibration_sources(config: Any, specs: Sequence[Mapping[str, Any]] | None = None,
+                        size: int | None = None) -> list[CalibrationSource]:
+    """Every input's calibration source, paths resolved against the config's folder: from `specs` (default: the
+    method's per-adapter parameters), `size` overriding calibration_size."""
     sources = []
-    for own, name in zip(config.adapter_params, config.input_where):
-        sources.append(source_of(own.get("calibration"), own.get("calibration_size", DEFAULT_SIZE),
-                                 own.get("calibration_template"), config.config_dir, name))
+    for own, name in zip(config.adapter_params if specs is None else specs, config.input_where):
+        count = size if size is not None else own.get("calibration_size", DEFAULT_SIZE)
+        sources.append(source_of(own.get("calibration"), count, own.get("calibration_template"), config.config_dir,
+                                 name))
     return sources
 
 

@@ -104,14 +104,9 @@ def calibration_specs(config: Any, extra: Sequence[Mapping[str, Any]] | None) ->
 
 def sources_of(config: Any, specs: Sequence[Mapping[str, Any]], size: int | None) -> list[Any]:
     """Every input's CalibrationSource (checked: one line naming the entry), `size` overriding calibration_size."""
-    from ..calibration.prompts import DEFAULT_SIZE, source_of
+    from ..calibration import calibration_sources
 
-    sources = []
-    for spec, where in zip(specs, config.input_where):
-        count = size if size is not None else spec.get("calibration_size", DEFAULT_SIZE)
-        sources.append(source_of(spec.get("calibration"), count, spec.get("calibration_template"),
-                                 config.config_dir, where))
-    return sources
+    return calibration_sources(config, specs, size)
 
 
 def source_names(config: Any, sources: Sequence[Any]) -> list[str]:
