@@ -110,9 +110,8 @@ def build_plan(base: BaseCheckpoint, adapters: list[PeftAdapter], out_dtype: str
                 touched.append(name)
 
         for module in adapter.modules.values():
-            name = _base_name(base, adapter, f"{module.module}.weight")
-            info = base.info(name)
-            transposed = _layout(info, adapter, module, conv1d_model)
+            info, transposed = lora_target(base, adapter, module, conv1d_model)
+            name = info.name
             if module.magnitude_key is not None:
                 if transposed:
                     raise AdapterError(
@@ -164,6 +163,14 @@ def check_filters(plan: MergePlan, config: MergeConfig) -> None:
         check_filters_apply(spec.weight, names, f"{where}.weight", scope)
         for key in spec.parameters:
             check_filters_apply(per_input[index].get(key), names, f"{where}.{key}", scope)
+
+
+def lora_target(base: BaseCheckpoint, adapter: PeftAdapter, module: LoraModule, conv1d_model: bool
+                ) -> tuple[TensorInfo, bool]:
+    """The base tensor a LoRA module changes, and whether τ = s·(B·A)ᵀ there: the merge's one mapping rule, also
+    used by `merge verify --quantize` to rebuild ΔW of a PEFT output."""
+    info = base.info(_base_name(base, adapter, f"{module.module}.weight"))
+    return info, _layout(info, adapter, module, conv1d_model)
 
 
 def _base_name(base: BaseCheckpoint, adapter: PeftAdapter, param_path: str, purpose: str = "") -> str:

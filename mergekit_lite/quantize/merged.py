@@ -190,7 +190,7 @@ def _identical(base: BaseCheckpoint, merged: BaseCheckpoint, name: str) -> bool:
 
 def _measure_adapter(output: Path, base: BaseCheckpoint, result: MergeQuantization, max_memory: int,
                      progress: bool) -> None:
-    from ..engine.plan import CONV1D_MODEL_TYPES, _base_name, _layout  # the merge's own mapping rule, reused
+    from ..engine.plan import CONV1D_MODEL_TYPES, lora_target  # the merge's own mapping rule, reused
 
     conv1d_model = str((base.read_json("config.json") or {}).get("model_type", "")) in CONV1D_MODEL_TYPES
     with PeftAdapter(output, output.name) as adapter:
@@ -202,14 +202,14 @@ def _measure_adapter(output: Path, base: BaseCheckpoint, result: MergeQuantizati
             for module in modules:
                 bar.update(1)
                 try:
-                    name = _base_name(base, adapter, f"{module.module}.weight")
-                    transposed = _layout(base.info(name), adapter, module, conv1d_model)
+                    info, transposed = lora_target(base, adapter, module, conv1d_model)
                 except InputError as error:
                     raise InputError(f"{output}: {error}") from None
+                name = info.name
                 if module.magnitude_key is not None:
                     result.skipped.append((name, "a DoRA module: its merged weight is not W + s·B·A; not measured"))
                     continue
-                shape = tuple(base.info(name).shape)
+                shape = tuple(info.shape)
                 fitting = _fitting(name, shape, result.formats, result.skipped)
                 if not fitting:
                     continue
