@@ -146,3 +146,32 @@ def reference_slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tenso
         return ((1 - t) * a + t * b).reshape(v0.shape)
     theta = math.acos(cos)
     return ((math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)).reshape(v0.shape)
+
+
+def sce_combine(base: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """mergekit 0.1.5's sce_merge after selection, in float64: the majority sign by sum, then the mean-square weights
+    of the adapters that agree with it, entry by entry (`taus` stacked, float64)."""
+    majority = (taus.sum(dim=0) >= 0).double() * 2 - 1
+    erase = (taus.sign() == majority).double()
+    weights = taus.square().reshape(taus.shape[0], -1).mean(dim=1)
+    weights = torch.ones_like(weights) / len(weights) if abs(float(weights.sum())) < 1e-6 else weights / weights.sum()
+    erased = weights.view(-1, *[1] * (taus.dim() - 1)) * erase
+    return base.double() + (taus * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+
+
+def ref_mask(taus: torch.Tensor, share: float) -> torch.Tensor:
+    """The kept entries: float32-rounded float64 population variance across dim 0, the ⌊share · #nonzero⌋ largest,
+    ties to the lower flat index (a stable descending sort)."""
+    variance = taus.double().var(dim=0, unbiased=False).to(torch.float32).reshape(-1)
+    k = int(int(torch.count_nonzero(variance)) * share)
+    order = torch.sort(variance, descending=True, stable=True).indices
+    mask = torch.zeros(variance.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(taus.shape[1:])
+
+
+def ref_sce(base: torch.Tensor, tensors: list[torch.Tensor], share: float) -> torch.Tensor:
+    """mergekit 0.1.5's sce_merge in float64, with the selection of `ref_mask`."""
+    taus = torch.stack([(t.float() - base.float()).double() for t in tensors])
+    taus = taus * ref_mask(taus, share)
+    return sce_combine(base, taus)

@@ -16,7 +16,8 @@ from mergekit_lite import MergeConfig, merge
 from mergekit_lite.errors import MergeConfigError
 from mergekit_lite.methods.multislerp import multislerp_coefficients
 
-from .reference import load_checkpoint
+from .reference import load_checkpoint, sce_combine
+from .reference import ref_sce as ref_sce_selected
 
 
 # -- mergekit's definitions, whole tensors in float64 -------------------------------------------------------------
@@ -282,12 +283,7 @@ def test_lora_adapters_as_points(demo: Path, tmp_path: Path) -> None:
 def ref_sce(base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     """mergekit 0.1.5's sce_merge with select_topk 1, in float64."""
     taus = torch.stack([t.double() - base.double() for t in tensors])
-    majority = (taus.sum(dim=0) >= 0).double() * 2 - 1
-    erase = (taus.sign() == majority).double()
-    weights = taus.square().reshape(taus.shape[0], -1).mean(dim=1)
-    weights = torch.ones_like(weights) / len(weights) if abs(float(weights.sum())) < 1e-6 else weights / weights.sum()
-    erased = weights.view(-1, *[1] * (taus.dim() - 1)) * erase
-    return base.double() + (taus * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+    return sce_combine(base, taus)
 
 
 def test_sce_is_mergekits_without_selection(demo: Path, models: dict[str, Path], tmp_path: Path) -> None:
@@ -301,7 +297,6 @@ def test_sce_is_mergekits_without_selection(demo: Path, models: dict[str, Path],
 
 def test_sce_variance_selection_on_noisy_fine_tunes(demo: Path, models: dict[str, Path], tmp_path: Path) -> None:
     """select_topk 0.5 on untied variances (the tie rule: tests/test_sce.py) is the dense float64 reference."""
-    from .test_sce import ref_sce as ref_sce_selected
     base, a, b, c = _load(models, demo)
     entries = [(models["a"], 1.0), (models["b"], 1.0), (models["c"], 1.0)]
     merged = _merge(demo, tmp_path / "s", "sce", entries, {"select_topk": 0.5}, chunk_rows=5)
