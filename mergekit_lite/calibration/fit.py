@@ -162,10 +162,12 @@ def _batch_loss(model: BranchedModel, sets: Sequence[TeacherSet], picked: Sequen
         owners += [a] * len(rows)
     vocab = merged.log_probs[0].shape[-1] if merged.log_probs else 1
     batch = training_batch(merged, range(len(merged)), model.pad_id, vocab)
-    return _rows_loss(model, batch, loss), owners
+    return rows_loss(model, batch, loss), owners
 
 
-def _rows_loss(model: BranchedModel, batch: Any, loss: str) -> torch.Tensor:
+def rows_loss(model: BranchedModel, batch: Any, loss: str) -> torch.Tensor:
+    """Each row's summed loss over its continuation tokens (`ce`: −log q; `kl`: KL(teacher ‖ model)); also what
+    `merge inspect` scores its log-likelihoods with."""
     logits = model.logits(batch.tokens)
     targets = batch.targets.to(model.device)
     mask = targets >= 0

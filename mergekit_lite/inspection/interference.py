@@ -189,15 +189,12 @@ class Scorer:
 
     def ll(self, index: int, coefficients: torch.Tensor) -> float:
         """Mean log-probability per continuation token (nats) of adapter `index`'s examples."""
+        from ..calibration.fit import rows_loss
+
         total = 0.0
         with torch.no_grad(), self.model.using(coefficients):
             for batch in self.batches[index]:
-                logits = self.model.logits(batch.tokens)
-                targets = batch.targets.to(logits.device)
-                keep = targets != -100
-                log_p = torch.log_softmax(logits, dim=-1)
-                picked = log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-                total += float(picked[keep].double().sum())
+                total -= float(rows_loss(self.model, batch, "ce").double().sum())
         return total / max(1, self.tokens[index])
 
     def coefficients(self, weights: Mapping[int, float]) -> torch.Tensor:
