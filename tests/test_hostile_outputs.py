@@ -66,6 +66,7 @@ from mergekit_lite.writers.preflight import check_apart, preflight_output
 from mergekit_lite.writers.staging import remove_stale
 
 from .hub_fixtures import hub  # noqa: F401
+from .refusals import one_line as _one_line
 
 
 def _tree(folder: Path) -> dict[str, Any]:
@@ -89,14 +90,6 @@ def _config(work: Path, demo: Path, output: str, name: str = "config.yaml") -> P
 
 def _invoke(*args: str) -> Any:
     return CliRunner().invoke(main, list(args))
-
-
-def _one_line(result: Any, *words: str) -> str:
-    lines = [line for line in result.output.splitlines() if not line.startswith("sweep: ")]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

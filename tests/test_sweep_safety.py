@@ -30,6 +30,8 @@ from mergekit_lite.sweep.run import CACHE_DIR, Row, SweepResult
 from mergekit_lite.sweep.spec import MODELS_DEFAULT_METRIC, sweep_config_from_dict
 from mergekit_lite.writers.ownership import MARKER, read_marker, write_marker
 
+from .refusals import one_line as _refused
+
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = ("capitals", "add")
 
@@ -55,14 +57,6 @@ def _sweep(config: Path, out: Path, *extra: str) -> Any:
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _refused(result: Any, *words: str) -> str:
-    lines = [line for line in result.output.splitlines() if not line.startswith("sweep: ")]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------- the folders
