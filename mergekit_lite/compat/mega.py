@@ -254,7 +254,6 @@ def run_if_mega(config_path: str, out: str | None, dry_run: bool, echo: Callable
             if dry_run:
                 base = str(data["base_model"])
                 stand_ins[document.output] = stand_ins.get(base, config.resolve_path(base))
-            if dry_run:
                 echo(f"{document.label} of {len(planned)}:")
                 if document.needs and any(not config.resolve_path(outputs[n]).exists() for n in document.needs):
                     echo(f"  reads {', '.join(document.needs)} (written by the documents before it)")
