@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
+from ._spherical import points
 from .registry import InterpolationPhase, MergeMethod, Param, register
 
 #: mergekit's threshold: |cos θ| above it interpolates linearly (nearly colinear or antipodal endpoints)
@@ -39,14 +40,8 @@ def slerp_coefficients(norm0_sq: float, norm1_sq: float, dot: float, t: float) -
 
 def _endpoints(base_rows: torch.Tensor, updates: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """(v₀, v₁) rows, flattened per row: W and W + u₁ for one input, u₀ and u₁ for two (absent: zeros)."""
-    flat = base_rows.reshape(base_rows.shape[0] if base_rows.dim() else 1, -1)
-
-    def rows(update: torch.Tensor | None) -> torch.Tensor:
-        return torch.zeros_like(flat) if update is None else update.reshape(flat.shape)
-
-    if len(updates) == 1:
-        return flat, flat + rows(updates[0])
-    return rows(updates[0]), rows(updates[1])
+    v0, v1 = points(base_rows, updates, with_base=len(updates) == 1)
+    return v0, v1
 
 
 def _statistics(base_rows: torch.Tensor, updates: Sequence[torch.Tensor | None], _params: Mapping[str, Any]
