@@ -168,7 +168,7 @@ def check_adapter_config(folder: Path, tensors: dict[str, TensorInfo]) -> str:
                              if isinstance(config, dict) else f"{path}: not a JSON object")
     pairs = 0
     for name, a in tensors.items():
-        for a_suffix, b_suffix in ((f".{a}", f".{b}") for a, b in peft.FACTOR_PARTS):
+        for a_suffix, b_suffix in ((f".{a_part}", f".{b_part}") for a_part, b_part in peft.FACTOR_PARTS):
             if name.endswith(a_suffix):
                 b = tensors.get(name[: -len(a_suffix)] + b_suffix)
                 if b is None:
