@@ -3,11 +3,15 @@ and inputs, `demo_config` for the demo (base + three adapters). Test modules bin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mergekit_lite import MergeConfig
+import torch
+
+from mergekit_lite import MergeConfig, merge
+
+from .reference import load_checkpoint, plain_lora_task_vectors
 
 DEMO_ADAPTERS = ("style", "math", "facts")
 
@@ -38,3 +42,18 @@ def demo_config(demo: Path, out: Path, method: str, weights: Sequence[float] = (
                 per_adapter: list[dict[str, Any]] | None = None, **extra: Any) -> MergeConfig:
     """A config merging the three demo adapters (weights in order) into `out`; `extra` as for `config_data`."""
     return merge_config(demo / "base", demo_adapters(demo, weights, per_adapter=per_adapter), out, method, **extra)
+
+
+def assert_demo_merge(demo: Path, config: MergeConfig, delta: Callable[[str, list[torch.Tensor]], torch.Tensor],
+                      chunk_rows: int | None = 7) -> None:
+    """Merge `config` (demo adapters) on the CPU: each adapted tensor is base + `delta(name, float32 τs)` in float64
+    (to 1e-5), every other tensor the base's bytes."""
+    merged = load_checkpoint(merge(config, device="cpu", chunk_rows=chunk_rows, progress=False).output_dir)
+    base = load_checkpoint(demo / "base")
+    taus = [plain_lora_task_vectors(demo / "adapters" / name) for name in DEMO_ADAPTERS]
+    for name, tensor in merged.items():
+        if name not in taus[0]:
+            assert torch.equal(tensor, base[name])
+            continue
+        expected = base[name].double() + delta(name, [t[name].float() for t in taus])
+        torch.testing.assert_close(tensor.double(), expected, atol=1e-5, rtol=1e-5, msg=name)

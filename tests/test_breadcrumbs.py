@@ -14,8 +14,8 @@ from mergekit_lite import MergeConfigError, merge
 from mergekit_lite.engine import kernels
 from mergekit_lite.methods import get_method
 
-from .configs import DEMO_ADAPTERS, demo_config
-from .reference import breadcrumbs, load_checkpoint, plain_lora_task_vectors, ties_combine
+from .configs import assert_demo_merge, demo_config
+from .reference import breadcrumbs, ties_combine
 from .streaming import stream, stream_fused
 
 tied_values = st.integers(-4, 4).map(lambda v: v / 2)  # few distinct magnitudes: both cuts split ties
@@ -104,17 +104,13 @@ def test_gamma_outside_the_band_is_a_config_error(own: dict, message: str) -> No
 def test_breadcrumbs_through_files_equals_the_reference(demo: Path, tmp_path: Path) -> None:
     own = [{"density": 0.4, "gamma": 0.05}, {"density": 0.2, "gamma": 0.0}, {"density": 0.6, "gamma": 0.1}]
     config = demo_config(demo, tmp_path / "out", "breadcrumbs_ties", per_adapter=own, parameters={"density": 0.5})
-    merged = load_checkpoint(merge(config, device="cpu", chunk_rows=7, progress=False).output_dir)
-    base = load_checkpoint(demo / "base")
-    taus = [plain_lora_task_vectors(demo / "adapters" / name) for name in DEMO_ADAPTERS]
     weights = [1.0, -0.5, 2.0]
-    for name, tensor in merged.items():
-        if name not in taus[0]:
-            assert torch.equal(tensor, base[name])
-            continue
-        updates = [w * breadcrumbs(t[name].float().double(), o["density"], o["gamma"]) for t, w, o in zip(taus, weights, own)]
-        expected = base[name].double() + ties_combine(updates, weights, "sum", True, 1.0)
-        torch.testing.assert_close(tensor.double(), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+    def delta(name: str, taus: list[torch.Tensor]) -> torch.Tensor:
+        updates = [w * breadcrumbs(t.double(), o["density"], o["gamma"]) for t, w, o in zip(taus, weights, own)]
+        return ties_combine(updates, weights, "sum", True, 1.0)
+
+    assert_demo_merge(demo, config, delta)
 
 
 @pytest.mark.slow  # six whole merges

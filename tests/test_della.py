@@ -15,8 +15,8 @@ from mergekit_lite.engine import kernels
 from mergekit_lite.methods import get_method
 from mergekit_lite.randomness import UniformStream, stream_key
 
-from .configs import DEMO_ADAPTERS, demo_config
-from .reference import load_checkpoint, magprune, plain_lora_task_vectors, ties_combine
+from .configs import assert_demo_merge, demo_config
+from .reference import load_checkpoint, magprune, ties_combine
 from .streaming import stream, stream_fused
 
 tied_values = st.integers(-4, 4).map(lambda v: v / 2)
@@ -139,19 +139,13 @@ def test_epsilon_outside_the_probabilities_is_a_config_error(own: dict, message:
 def test_della_through_files_equals_the_reference(demo: Path, tmp_path: Path) -> None:
     own = [{"density": 0.4, "epsilon": 0.1}, {"density": 0.6, "epsilon": 0.3}, {"density": 0.5, "epsilon": 0.0}]
     config = demo_config(demo, tmp_path / "out", "della", per_adapter=own, parameters={"density": 0.5}, seed=3)
-    merged = load_checkpoint(merge(config, device="cpu", chunk_rows=7, progress=False).output_dir)
-    base = load_checkpoint(demo / "base")
-    taus = [plain_lora_task_vectors(demo / "adapters" / name) for name in DEMO_ADAPTERS]
     weights = [1.0, -0.5, 2.0]
-    for name, tensor in merged.items():
-        if name not in taus[0]:
-            assert torch.equal(tensor, base[name])
-            continue
-        case = {"taus": [t[name].float() for t in taus], "weights": weights, "seed": 3,
-                "own": [{**o, "rescale": True} for o in own]}
-        expected = base[name].double() + ties_combine(reference(case, name), weights, "sum", True, 1.0,
-                                                      vote_dtype=torch.float32)
-        torch.testing.assert_close(tensor.double(), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+    def delta(name: str, taus: list[torch.Tensor]) -> torch.Tensor:
+        case = {"taus": taus, "weights": weights, "seed": 3, "own": [{**o, "rescale": True} for o in own]}
+        return ties_combine(reference(case, name), weights, "sum", True, 1.0, vote_dtype=torch.float32)
+
+    assert_demo_merge(demo, config, delta)
 
 
 @pytest.mark.slow  # six whole merges

@@ -18,8 +18,8 @@ from mergekit_lite.engine.select import Trimmer
 from mergekit_lite import MergeConfig, MergeConfigError, merge
 from mergekit_lite.methods import get_method
 
-from .reference import load_checkpoint, plain_lora_task_vectors, ties_combine, trim
-from .configs import demo_config
+from .reference import load_checkpoint, ties_combine, trim
+from .configs import assert_demo_merge, demo_config
 from .streaming import stream
 
 
@@ -244,24 +244,19 @@ def test_selection_memory_is_bounded_by_the_chunk_not_the_tensor() -> None:
 
 
 # -- through files: the demo adapters ------------------------------------------------------------------
-from .configs import DEMO_ADAPTERS as ADAPTERS  # noqa: E402
 
 
 @pytest.mark.slow  # three whole merges, about a second each (the dense-reference properties above stay fast)
 @pytest.mark.parametrize("chunk_rows", [None, 1, 13])
 def test_ties_through_files_equals_the_reference(demo: Path, tmp_path: Path, chunk_rows: int | None) -> None:
     config = demo_config(demo, tmp_path / "out", "ties", parameters={"density": 0.4}, per_adapter=densities([0.4, 0.2, 0.7]))
-    merged = load_checkpoint(merge(config, device="cpu", chunk_rows=chunk_rows, progress=False).output_dir)
-    base = load_checkpoint(demo / "base")
-    taus = [plain_lora_task_vectors(demo / "adapters" / name) for name in ADAPTERS]
     weights = [1.0, -0.5, 2.0]
-    for name, tensor in merged.items():
-        if name not in taus[0]:
-            assert torch.equal(tensor, base[name])
-            continue
-        updates = [w * trim(t[name].float().double(), d) for t, w, d in zip(taus, weights, [0.4, 0.2, 0.7])]
-        expected = base[name].double() + ties_combine(updates, weights, "sum", True, 1.0)
-        torch.testing.assert_close(tensor.double(), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+    def delta(name: str, taus: list[torch.Tensor]) -> torch.Tensor:
+        updates = [w * trim(t.double(), d) for t, w, d in zip(taus, weights, [0.4, 0.2, 0.7])]
+        return ties_combine(updates, weights, "sum", True, 1.0)
+
+    assert_demo_merge(demo, config, delta, chunk_rows)
 
 
 def test_dare_ties_is_reproducible_and_seed_dependent(demo: Path, tmp_path: Path) -> None:
