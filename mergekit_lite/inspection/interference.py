@@ -31,12 +31,13 @@ from typing import Any
 
 import torch
 
+from ..calibration import CALIBRATION_PARAMS
 from ..errors import MergeConfigError
 
 logger = logging.getLogger(__name__)
 
-#: the per-adapter keys that carry calibration data (the calibration package's CALIBRATION_PARAMS)
-CALIBRATION_KEYS = ("calibration", "calibration_size", "calibration_template")
+#: the per-adapter keys that carry calibration data
+CALIBRATION_KEYS = tuple(p.name for p in CALIBRATION_PARAMS)
 #: weights tried per adapter in each pairwise merge when choosing starting weights (1.0: the matrix itself)
 WEIGHT_GRID = (0.25, 0.5, 0.75, 1.0)
 #: a gain (nats per token) at or below this is no gain: the share is undefined (null)
