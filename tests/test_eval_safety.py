@@ -17,6 +17,8 @@ from mergekit_lite.evaluation.options import EvalOptions, check_eval_section, pa
 from mergekit_lite.evaluation.tasks import SUITE_DIR
 from mergekit_lite.writers.ownership import write_marker
 
+from .refusals import one_line as _one_line
+
 BASE = SUITE_DIR / "base"
 
 
@@ -36,14 +38,6 @@ def _eval(*args: str) -> Any:
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _one_line(result: Any, *words: str) -> str:
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def test_a_non_empty_out_that_is_not_an_eval_report_is_left_alone(tmp_path: Path) -> None:
