@@ -144,6 +144,14 @@ class TensorDeltas:
         items = self.plan.by_adapter[index]
         return len(items) == 1 and isinstance(items[0], SavedTensor)
 
+    def row_factors(self, index: int) -> _Factors | None:
+        """τᵢ in row form (left @ right, the scale folded in) when adapter `index` changes this tensor by one plain
+        low-rank product alone, else None: what the fused kernels compute τᵢ tiles from without materialising τᵢ."""
+        items = self.plan.by_adapter[index]
+        if len(items) != 1 or not isinstance(items[0], LowRank):
+            return None
+        return self._cache(index)[0].scaled  # type: ignore[attr-defined]
+
     def needs_base(self, index: int) -> bool:
         """True when τᵢ depends on the base rows (DoRA, saved full tensors)."""
         return any(isinstance(item, (Dora, SavedTensor)) for item in self.plan.by_adapter[index])
