@@ -11,4 +11,6 @@ from setuptools import Extension, setup
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
 
 setup(ext_modules=[Extension("mergekit_lite.engine._kernels", ["mergekit_lite/engine/_kernels.c"], extra_compile_args=FLAGS,
-                             optional=True)])
+                             optional=True),
+             Extension("mergekit_lite.engine._saved_kernels", ["mergekit_lite/engine/_saved_kernels.c"],
+                       extra_compile_args=FLAGS, optional=True)])

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats.safetensors import TORCH_DTYPES
 from ..methods import LowRankFactors
 from ..sources.adapter import PeftAdapter
 from ..sources.full_model import FullModel
-from . import kernels
+from . import kernels, saved_kernels
 from .finite import all_finite
 from .plan import BiasShift, Contribution, Dora, LowRank, SavedTensor, TensorPlan
 
@@ -265,9 +266,24 @@ class TensorDeltas:
 
     def _merged_saved_rows(self, delta: StreamedDelta, base_rows: torch.Tensor, start: int, stop: int,
                            out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-        """W + Σ cᵢ (W_savedᵢ − W) for saved full tensors only (full fine-tunes): each τᵢ in one mixed-dtype
-        subtraction, then the fused sum kernel (uᵢ = τᵢ·cᵢ, summed in order, W added once, rounded): the float32
-        operations of `add_rows` in the same order, so the same bytes, in one pass instead of ~5 per input."""
+        """W + Σ cᵢ (W_savedᵢ − W) for saved full tensors only (full fine-tunes): the float32 operations of
+        `add_rows` in the same order (τᵢ = f32(savedᵢ) − f32(W), uᵢ = τᵢ·cᵢ summed in order, W added once,
+        rounded), so the same bytes. With the saved-sum kernel built: one pass over each model's stored rows and W
+        (τᵢ inline, NaN/Inf in the inputs counted there); otherwise each τᵢ in one mixed-dtype subtraction into a
+        buffer, then the fused sum kernel."""
+        if self.device.type == "cpu" and len(delta.saved) <= saved_kernels.MAX_SAVED and \
+                saved_kernels.usable(base_rows, out_dtype):
+            stored = self._stored_saved_rows(delta.saved, start, stop)
+            if stored is not None:
+                out = kernels.output_rows(base_rows, out_dtype)
+                not_finite, bad_inputs = saved_kernels.saved_sum(base_rows, stored,
+                                                                 [coef for _, _, coef in delta.saved], out)
+                if bad_inputs:  # name the first input holding them, as the checked read does
+                    for index, key, _ in delta.saved:
+                        self.adapters[index].tensor_rows(key, start, stop)
+                    raise RuntimeError(f"the saved-sum kernel counted {bad_inputs} NaN/Inf input(s) in rows "
+                                       f"{start}-{stop} that no input's check finds")
+                return out, not_finite == 0
         wide = base_rows
         if base_rows.dtype != torch.float32:  # W widened once for every subtraction, in this thread's buffer
             wide = scratch("wide", base_rows.numel(), torch.float32).view(base_rows.shape).copy_(base_rows)
@@ -279,6 +295,30 @@ class TensorDeltas:
         not_finite = kernels.consensus_into(kernels.SUM, base_rows, taus, [-1.0] * count,
                                             [coef for _, _, coef in delta.saved], [1.0] * count, out=out)
         return out, not_finite == 0
+
+    def _stored_saved_rows(self, saved: tuple[tuple[int, str, float], ...], start: int, stop: int
+                           ) -> list[torch.Tensor] | None:
+        """Each saved tensor's rows [start, stop) as stored, for the saved-sum kernel; None when one is of a dtype it
+        does not read. Full models' rows land in this thread's reused buffers, unchecked when every input is a full
+        model (the kernel counts NaN/Inf as it reads); with any other input all are checked as read, so the first
+        bad one in order is still the one named."""
+        unchecked = all(isinstance(self.adapters[index], FullModel) for index, _, _ in saved)
+        rows = []
+        for n, (index, key, _) in enumerate(saved):
+            adapter = self.adapters[index]
+            if isinstance(adapter, FullModel):
+                info = adapter.checkpoint.info(key)
+                if TORCH_DTYPES.get(info.dtype) not in saved_kernels.ROW_TYPES:
+                    return None
+                buffer = scratch(("stored", n), (stop - start) * info.row_bytes)
+                read = adapter.stored_rows if unchecked else adapter.tensor_rows
+                rows.append(read(key, start, stop, buffer))
+            else:
+                part = adapter.tensor_rows(key, start, stop)
+                if part.dtype not in saved_kernels.ROW_TYPES or part.device.type != "cpu":
+                    return None
+                rows.append(part.contiguous())
+        return rows
 
     def _saved_rows(self, index: int, key: str, base_rows: torch.Tensor, start: int, stop: int,
                     out: torch.Tensor | None = None) -> torch.Tensor:

@@ -85,12 +85,17 @@ class FullModel:
     def tensor_rows(self, key: str, start: int, stop: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of a tensor as stored, checked finite (read into `scratch`, a reused uint8 buffer,
         when given: see BaseCheckpoint.read_rows)."""
-        rows = self.checkpoint.read_rows(key, start, stop, scratch)
+        rows = self.stored_rows(key, start, stop, scratch)
         if not all_finite(rows):
             bad = rows.numel() - int(torch.isfinite(rows).sum())
             raise CheckpointError(f"model '{self.label}' ({self.folder}): tensor '{key}' holds {bad} NaN/Inf value(s) "
                                   f"in rows {start}-{stop}")
         return rows
+
+    def stored_rows(self, key: str, start: int, stop: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) as stored, not checked: for a kernel that counts NaN/Inf as it reads them (a pass
+        saved); when it counts any, `tensor_rows` over the same rows raises the error naming them."""
+        return self.checkpoint.read_rows(key, start, stop, scratch)
 
     def tensor(self, key: str) -> torch.Tensor:
         """A whole tensor (only for small ones)."""
