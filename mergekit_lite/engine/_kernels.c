@@ -12,6 +12,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define BLOCK 128
 #define MAX_TAUS 64
@@ -78,18 +79,17 @@ __attribute__((target("avx2,popcnt"))) static int64_t band_avx2(const float *res
         int over = _mm256_movemask_ps(_mm256_cmp_ps(v, hi, _CMP_GT_OQ));
         int inside = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, lo, _CMP_GE_OQ), _mm256_cmp_ps(v, hi, _CMP_LE_OQ)));
         count_above += __builtin_popcount(over);
-        if (inside) {
-            int kept = __builtin_popcount(inside);
-            if (gathered + 8 >= cap) { /* the 8-lane store needs room: finish this chunk the portable way */
-                int64_t rest_above = 0, rest = band_portable(x + j, n - j, high, low, out + gathered,
-                                                            cap - gathered, &rest_above);
-                *above = count_above - __builtin_popcount(over) + rest_above;
-                return rest < 0 ? -1 : gathered + rest;
-            }
-            __m256i order = _mm256_loadu_si256((const __m256i *)pack[inside]);
-            _mm256_storeu_ps(out + gathered, _mm256_permutevar8x32_ps(v, order));
-            gathered += kept;
+        /* no branch on `inside`: a band of a few percent makes it a coin flip per group of 8 (every store lands,
+         * an empty mask stores lanes the next store overwrites) */
+        if (gathered + 8 >= cap) { /* the 8-lane store needs room: finish this chunk the portable way */
+            int64_t rest_above = 0, rest = band_portable(x + j, n - j, high, low, out + gathered,
+                                                        cap - gathered, &rest_above);
+            *above = count_above - __builtin_popcount(over) + rest_above;
+            return rest < 0 ? -1 : gathered + rest;
         }
+        __m256i order = _mm256_loadu_si256((const __m256i *)pack[inside]);
+        _mm256_storeu_ps(out + gathered, _mm256_permutevar8x32_ps(v, order));
+        gathered += __builtin_popcount(inside);
     }
     int64_t tail_above = 0, tail = band_portable(x + j, n - j, high, low, out + gathered, cap - gathered, &tail_above);
     *above = count_above + tail_above;
@@ -266,12 +266,11 @@ static inline int add_and_store(const void *base, int base_type, void *out, int 
  * A negative belowᵢ keeps every entry. Mirrors methods/_common.py op for op (relu keeps -0.0 as torch does),
  * then the cast to the output type. W is `base` (f32 or bf16); `out` (f32 or bf16) may be `base` itself.
  * Returns how many outputs are not finite, or -1 when an argument is out of range. */
-MKL_CLONES int64_t mkl_consensus(int kind, int n_tau, const float *const *taus, const float *below,
-                                 const float *scale, const float *absw, int sign_count, int normalize, float lam,
-                                 const void *base, int base_type, void *out, int out_type, int64_t n) {
-    if (n_tau < 1 || n_tau > MAX_TAUS || base_type < MKL_F32 || base_type > MKL_BF16 || out_type < MKL_F32 ||
-        out_type > MKL_BF16)
-        return -1;
+/* The consensus of n entries: τᵢ entries taus[i][0..n), W and out entries at [at, at + n). */
+MKL_CLONES static int64_t consensus_span(int kind, int n_tau, const float *const *taus, const float *below,
+                                         const float *scale, const float *absw, int sign_count, int normalize,
+                                         float lam, const void *base, int base_type, void *out, int out_type,
+                                         int64_t at, int64_t n) {
     float u[MAX_TAUS][BLOCK];
     float acc[BLOCK], gamma[BLOCK], merged[BLOCK], divisor[BLOCK], result[BLOCK];
     int64_t not_finite = 0;
@@ -320,9 +319,22 @@ MKL_CLONES int64_t mkl_consensus(int kind, int n_tau, const float *const *taus, 
                 for (int j = 0; j < m; j++) result[j] = (merged[j] * gamma[j]) * lam;
             }
         }
-        not_finite += add_and_store(base, base_type, out, out_type, j0, result, m);
+        not_finite += add_and_store(base, base_type, out, out_type, at + j0, result, m);
     }
     return not_finite;
+}
+
+static int valid_types(int n_tau, int base_type, int out_type) {
+    return n_tau >= 1 && n_tau <= MAX_TAUS && base_type >= MKL_F32 && base_type <= MKL_BF16 && out_type >= MKL_F32 &&
+           out_type <= MKL_BF16;
+}
+
+int64_t mkl_consensus(int kind, int n_tau, const float *const *taus, const float *below, const float *scale,
+                      const float *absw, int sign_count, int normalize, float lam, const void *base, int base_type,
+                      void *out, int out_type, int64_t n) {
+    if (!valid_types(n_tau, base_type, out_type)) return -1;
+    return consensus_span(kind, n_tau, taus, below, scale, absw, sign_count, normalize, lam, base, base_type, out,
+                          out_type, 0, n);
 }
 
 /* out[i, :] = W[i, :] + Σₖ left[i, k] · right[k, :], the task-arithmetic step: the rank sum in a fixed order
@@ -434,6 +446,130 @@ int64_t mkl_lowrank_add(const float *restrict left, int64_t rows, int64_t rank, 
         return lowrank_add_tiled(left, rows, rank, right, cols, base, base_type, out, out_type);
 #endif
     return lowrank_add(left, rows, rank, right, cols, base, base_type, out, out_type);
+}
+
+/* τ built per tile (#27): the selection band, the consensus and the sample of a τ = left·right computed from the
+ * factors block by block, τ never written whole to memory. Each entry gets exactly mkl_lowrank's operations
+ * (s = l₀·r₀, then s = s + lₖ·rₖ, each rounded), so the band, the kept set and the merged bytes are those of
+ * the path that materialises τ chunk by chunk (tests/test_kernels.py compares them). */
+#define TAU_PANEL 256 /* columns per block: rank × TAU_PANEL floats of `right` stay in L1/L2 across the rows */
+#define TAU_ROWS 6    /* rows per block (TILE_ROWS of the AVX2 tiles) */
+
+typedef void (*tau_block_fn)(const float *, int64_t, const float *, int64_t, int64_t, int, int64_t, int, float *);
+
+/* τ[i0 .. i0 + R, c0 .. c0 + w) into buf (R rows of w floats), the portable loops. */
+MKL_CLONES static void tau_block_portable(const float *restrict left, int64_t rank, const float *restrict right,
+                                          int64_t cols, int64_t i0, int R, int64_t c0, int w, float *restrict buf) {
+    for (int t = 0; t < R; t++) {
+        const float *l = left + (i0 + t) * rank;
+        float *o = buf + (int64_t)t * w;
+        const float first = l[0];
+        for (int j = 0; j < w; j++) o[j] = first * right[c0 + j];
+        for (int64_t k = 1; k < rank; k++) {
+            const float lk = l[k];
+            const float *rk = right + k * cols + c0;
+            for (int j = 0; j < w; j++) o[j] = o[j] + lk * rk[j];
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+/* The same block through the register tiles of mkl_lowrank (6 × 16, then one row at a time, then the tail). */
+__attribute__((target("avx2,fma"))) static void tau_block_avx2(const float *restrict left, int64_t rank,
+                                                               const float *restrict right, int64_t cols, int64_t i0,
+                                                               int R, int64_t c0, int w, float *restrict buf) {
+    const int wide = w - w % TILE_COLS;
+    if (R == TILE_ROWS) {
+        for (int c = 0; c < wide; c += TILE_COLS)
+            product_tile(left + i0 * rank, rank, right, cols, c0 + c, TILE_ROWS, 0, buf + c, w);
+    } else {
+        for (int t = 0; t < R; t++)
+            for (int c = 0; c < wide; c += TILE_COLS)
+                product_tile(left + (i0 + t) * rank, rank, right, cols, c0 + c, 1, 0, buf + (int64_t)t * w + c, w);
+    }
+    if (wide < w)
+        for (int t = 0; t < R; t++)
+            product_tail(left + (i0 + t) * rank, rank, right, cols, c0 + wide, w - wide, 0, buf + (int64_t)t * w + wide);
+}
+#endif
+
+static tau_block_fn tau_block(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tau_block_avx2;
+#endif
+    return tau_block_portable;
+}
+
+/* mkl_band over τ = left·right (rows × cols): the same count above `high` and the same band values, gathered
+ * block by block (callers use the band's values, never their positions). Returns as mkl_band, or -2 for a rank < 1. */
+int64_t mkl_lowrank_band(const float *restrict left, int64_t rows, int64_t rank, const float *restrict right,
+                         int64_t cols, float high, float low, float *restrict out, int64_t cap, int64_t *restrict above) {
+    if (rank < 1) return -2;
+    const tau_block_fn block = tau_block();
+    float buf[TAU_ROWS * TAU_PANEL];
+    int64_t count_above = 0, gathered = 0;
+    for (int64_t c = 0; c < cols; c += TAU_PANEL) {
+        const int w = cols - c < TAU_PANEL ? (int)(cols - c) : TAU_PANEL;
+        for (int64_t i = 0; i < rows; i += TAU_ROWS) {
+            const int R = rows - i < TAU_ROWS ? (int)(rows - i) : TAU_ROWS;
+            block(left, rank, right, cols, i, R, c, w, buf);
+            int64_t part_above = 0;
+            const int64_t part = mkl_band(buf, (int64_t)R * w, high, low, out + gathered, cap - gathered, &part_above);
+            count_above += part_above;
+            if (part < 0) {
+                *above = count_above;
+                return -1;
+            }
+            gathered += part;
+        }
+    }
+    *above = count_above;
+    return gathered;
+}
+
+/* mkl_consensus with each τᵢ = leftᵢ·rightᵢ (rows × cols, rank ranks[i]) built block by block from its factors:
+ * the same operations on the same values, so the same bytes, with τ never in memory. Returns as mkl_consensus
+ * (-1 also for a rank < 1 or a failed allocation). */
+int64_t mkl_lowrank_consensus(int kind, int n_tau, const float *const *lefts, const int64_t *ranks,
+                              const float *const *rights, int64_t rows, int64_t cols, const float *below,
+                              const float *scale, const float *absw, int sign_count, int normalize, float lam,
+                              const void *base, int base_type, void *out, int out_type) {
+    if (!valid_types(n_tau, base_type, out_type)) return -1;
+    for (int a = 0; a < n_tau; a++)
+        if (ranks[a] < 1) return -1;
+    const tau_block_fn block = tau_block();
+    const int64_t stride = (int64_t)TAU_ROWS * TAU_PANEL;
+    float *bufs = (float *)malloc(sizeof(float) * (size_t)(n_tau * stride));
+    if (bufs == NULL) return -1;
+    const float *row_taus[MAX_TAUS];
+    int64_t not_finite = 0;
+    for (int64_t c = 0; c < cols; c += TAU_PANEL) {
+        const int w = cols - c < TAU_PANEL ? (int)(cols - c) : TAU_PANEL;
+        for (int64_t i = 0; i < rows; i += TAU_ROWS) {
+            const int R = rows - i < TAU_ROWS ? (int)(rows - i) : TAU_ROWS;
+            for (int a = 0; a < n_tau; a++) block(lefts[a], ranks[a], rights[a], cols, i, R, c, w, bufs + a * stride);
+            for (int t = 0; t < R; t++) {
+                for (int a = 0; a < n_tau; a++) row_taus[a] = bufs + a * stride + (int64_t)t * w;
+                not_finite += consensus_span(kind, n_tau, row_taus, below, scale, absw, sign_count, normalize, lam,
+                                             base, base_type, out, out_type, (i + t) * cols + c, w);
+            }
+        }
+    }
+    free(bufs);
+    return not_finite;
+}
+
+/* out[j] = τ[first + j·stride] for j < n, flat indices into τ = left·right (… × cols): a strided sample of τ
+ * (the selection's bracket) for the cost of n rank-long sums instead of the whole product. */
+void mkl_lowrank_sample(const float *restrict left, int64_t rank, const float *restrict right, int64_t cols,
+                        int64_t first, int64_t stride, int64_t n, float *restrict out) {
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t at = first + j * stride, row = at / cols, col = at % cols;
+        const float *l = left + row * rank;
+        float s = l[0] * right[col];
+        for (int64_t k = 1; k < rank; k++) s = s + l[k] * right[k * cols + col];
+        out[j] = s;
+    }
 }
 
 /* DARE's keep-masks in one pass (mergekit_lite/randomness.py, through engine/kernels.dare_keep):

@@ -140,6 +140,29 @@ class SparseTensorMerge:
         )
         return out, not_finite == 0
 
+    def tiled_cuts(self, flat_start: int) -> list[float] | None:
+        """Every active adapter's kernel cut for the chunk at `flat_start` when none needs to see τ (`cut_unseen`)
+        and the method has a fused kernel: the chunk can then merge from the factors (`merged_rows_tiled`)."""
+        if KERNELS.get(self.phase.kernel) is None or len(self.active) > kernels.MAX_TAUS:  # type: ignore[arg-type]
+            return None
+        below = [self.sparsifier.cut_unseen(flat_start, self.cuts[index]) for index in self.active]
+        return None if any(cut is None for cut in below) else below  # type: ignore[return-value]
+
+    def merged_rows_tiled(self, base_rows: torch.Tensor, factors: Mapping[int, kernels.Factors], below: Sequence[float],
+                          out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+        """`merged_rows` for a chunk whose τᵢ are low-rank products (leftᵢ rows, rightᵢ), built tile by tile inside
+        the fused kernel (never in memory): the same bytes. `below` from `tiled_cuts`; `base_rows` and `out_dtype`
+        must pass kernels.rows_usable and the factors kernels.per_tile."""
+        kind = KERNELS[self.phase.kernel]  # type: ignore[index]
+        params = self.global_params
+        out = kernels.output_rows(base_rows, out_dtype)
+        not_finite = kernels.lowrank_consensus_into(
+            kind, base_rows, [factors[i] for i in self.active], below, [self._scale(i) for i in self.active],
+            [abs(self.weights[i]) for i in self.active], out=out, sign_count=params.get("sign") == "count",
+            normalize=bool(params.get("normalize", False)), lam=params["lambda"],
+        )
+        return out, not_finite == 0
+
     def merge_chunk(self, taus: Mapping[int, torch.Tensor], flat_start: int) -> torch.Tensor:
         """The merged delta for one chunk; τᵢ chunks must arrive in row order, starting at `flat_start`."""
         updates = []

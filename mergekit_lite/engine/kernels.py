@@ -47,6 +47,16 @@ def _library() -> ctypes.CDLL | None:
     library.mkl_lowrank.restype = None
     library.mkl_lowrank_add.argtypes = [pointer, size, size, pointer, size, pointer, ctypes.c_int, pointer, ctypes.c_int]
     library.mkl_lowrank_add.restype = size
+    if hasattr(library, "mkl_lowrank_band"):  # τ per tile (a library built before them lacks them)
+        library.mkl_lowrank_band.argtypes = [pointer, size, size, pointer, size, single, single, pointer, size,
+                                             ctypes.POINTER(size)]
+        library.mkl_lowrank_band.restype = size
+        library.mkl_lowrank_consensus.argtypes = [ctypes.c_int, ctypes.c_int, pointer, pointer, pointer, size, size,
+                                                  pointer, pointer, pointer, ctypes.c_int, ctypes.c_int, single,
+                                                  pointer, ctypes.c_int, pointer, ctypes.c_int]
+        library.mkl_lowrank_consensus.restype = size
+        library.mkl_lowrank_sample.argtypes = [pointer, size, pointer, size, size, size, size, pointer]
+        library.mkl_lowrank_sample.restype = None
     if hasattr(library, "mkl_dare_keep"):
         library.mkl_dare_keep.argtypes = [pointer, size, size, pointer, single]
         library.mkl_dare_keep.restype = None
@@ -186,4 +196,115 @@ def lowrank_add(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor, out
                                          ROW_TYPES[base.dtype], out.data_ptr(), ROW_TYPES[out.dtype])
     if not_finite < 0:
         raise RuntimeError("fused low-rank kernel refused its arguments")
+    return int(not_finite)
+
+
+# -- τ built per tile from its low-rank factors (never materialised whole) --------------------------------------
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def per_tile_built() -> bool:
+    """True when the per-tile kernels are built and on."""
+    library = _library() if enabled() else None
+    return library is not None and hasattr(library, "mkl_lowrank_band")
+
+
+def per_tile(*factors: Factors) -> bool:
+    """True when the per-tile kernels can take these (left rows, right) pairs: built, on, CPU float32 contiguous."""
+    return (per_tile_built()
+            and all(usable(left, right) and left.dim() == right.dim() == 2 and left.shape[1] == right.shape[0] >= 1
+                    for left, right in factors))
+
+
+def _band_buffer(capacity: int) -> np.ndarray:
+    out = getattr(_buffers, "band", None)
+    if out is None or len(out) < capacity:
+        out = _buffers.band = np.empty(max(capacity, 1 << 18), dtype=np.float32)
+    return out
+
+
+def lowrank_band(factors: Factors, high: float, low: float, limit: int) -> tuple[int, np.ndarray | None]:
+    """`band` of τ = left @ right, built tile by tile from the factors (`per_tile` must hold): the same count and
+    the same band values (not in flat order)."""
+    library = _library()
+    assert library is not None
+    left, right = factors
+    rows, rank = left.shape
+    cols = right.shape[1]
+    capacity = min(rows * cols, limit) + 1
+    out = _band_buffer(capacity)
+    above = ctypes.c_int64()
+    gathered = library.mkl_lowrank_band(left.data_ptr(), rows, rank, right.data_ptr(), cols, high, low,
+                                        out.ctypes.data, capacity, ctypes.byref(above))
+    if gathered < -1:
+        raise RuntimeError("per-tile band kernel refused its factors")
+    return above.value, (None if gathered < 0 else out[:gathered].copy())
+
+
+def lowrank_band_counts(factors: Factors, high: float, low: float) -> tuple[int, int]:
+    """`band_counts` of τ = left @ right, built tile by tile from the factors."""
+    library = _library()
+    assert library is not None
+    left, right = factors
+    rows, rank = left.shape
+    cols = right.shape[1]
+    capacity = rows * cols + 1
+    out = _band_buffer(capacity)
+    above = ctypes.c_int64()
+    gathered = library.mkl_lowrank_band(left.data_ptr(), rows, rank, right.data_ptr(), cols, high, low,
+                                        out.ctypes.data, capacity, ctypes.byref(above))
+    assert gathered >= 0
+    return above.value, int(gathered)
+
+
+def lowrank_sample(factors: Factors, first: int, stride: int) -> np.ndarray:
+    """|τ[first::stride]| of τ = left @ right (flat, row-major) from the factors: the selection's strided sample
+    without building τ (a fresh float32 array)."""
+    library = _library()
+    assert library is not None
+    left, right = factors
+    rows, rank = left.shape
+    cols = right.shape[1]
+    total = rows * cols
+    count = 0 if first >= total else (total - 1 - first) // stride + 1
+    out = np.empty(count, dtype=np.float32)
+    if count:
+        library.mkl_lowrank_sample(left.data_ptr(), rank, right.data_ptr(), cols, first, stride, count,
+                                   out.ctypes.data)
+    return np.abs(out, out=out)
+
+
+def lowrank_consensus_into(
+    kind: int,
+    base: torch.Tensor,
+    factors: Sequence[Factors],
+    below: Sequence[float],
+    scale: Sequence[float],
+    abs_weights: Sequence[float],
+    *,
+    out: torch.Tensor | None = None,
+    sign_count: bool = False,
+    normalize: bool = True,
+    lam: float = 1.0,
+) -> int:
+    """`consensus_into` with each τᵢ = leftᵢ @ rightᵢ built tile by tile from its factors (`per_tile` must hold):
+    the same bytes, without τ in memory. base: the chunk's W rows (rows × cols)."""
+    library = _library()
+    out = base if out is None else out
+    assert library is not None and 1 <= len(factors) <= MAX_TAUS
+    count = len(factors)
+    rows, cols = factors[0][0].shape[0], factors[0][1].shape[1]
+    assert all(left.shape[0] == rows and right.shape[1] == cols for left, right in factors)
+    assert base.numel() == out.numel() == rows * cols
+    floats, pointers = ctypes.c_float * count, ctypes.c_void_p * count
+    not_finite = library.mkl_lowrank_consensus(
+        kind, count, pointers(*(left.data_ptr() for left, _ in factors)),
+        (ctypes.c_int64 * count)(*(left.shape[1] for left, _ in factors)),
+        pointers(*(right.data_ptr() for _, right in factors)), rows, cols,
+        floats(*below), floats(*scale), floats(*abs_weights), int(sign_count), int(normalize), lam,
+        base.data_ptr(), ROW_TYPES[base.dtype], out.data_ptr(), ROW_TYPES[out.dtype],
+    )
+    if not_finite < 0:
+        raise RuntimeError(f"per-tile consensus kernel refused {count} task vectors")
     return int(not_finite)

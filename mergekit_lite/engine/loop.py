@@ -25,6 +25,7 @@ from ..methods import FactoredContext, FactoredPhase, InterpolationPhase, MergeM
 from ..methods.gradients import TensorParams, any_setting, layer_count, layer_position, resolve_tensor
 from ..progress import Progress
 from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
+from . import kernels
 from .allocator import mapped_chunks, release_free_memory
 from .deltas import StreamedDelta, TensorDeltas, scratch
 from .elementwise import SparseTensorMerge
@@ -218,12 +219,13 @@ class MergeEngine:
         ranges = list(schedule.ranges)
         stats.max_chunk_rows = max(stats.max_chunk_rows, schedule.chunk_rows)
         row_elems = max(tensor.info.cols, 1)
-        sparse, cached, streamed, interpolation = None, None, None, None
+        sparse, cached, streamed, interpolation, tiled = None, None, None, None, None
         coefficients = self._coefficients(tensor.name)
         if self.method.phase.statistics_pass:
             interpolation = self._interpolation_state(schedule, deltas)
         elif self.method.phase.combines_chunks:
-            sparse, cached = self._prepare_sparse(schedule, deltas)
+            tiled = self._tiled_factors(schedule, deltas)
+            sparse, cached = self._prepare_sparse(schedule, deltas, tiled)
         elif coefficients is not None:
             streamed = deltas.linear_delta(coefficients)
         else:
@@ -237,6 +239,10 @@ class MergeEngine:
             elif sparse is None:
                 assert streamed is not None
                 out, finite = deltas.merged_rows(streamed, base_rows, start, stop, out_dtype)
+            elif (tiled is not None and (below := sparse.tiled_cuts(start * row_elems)) is not None
+                  and kernels.rows_usable(base_rows, out_dtype)):  # τᵢ built tile by tile inside the kernel
+                factors = {i: (f.left[start:stop], f.right) for i, f in tiled.items()}
+                out, finite = sparse.merged_rows_tiled(base_rows, factors, below, out_dtype)
             else:
                 if cached is not None:
                     taus = {i: tau[start:stop] for i, tau in cached.items()}
@@ -383,12 +389,25 @@ class MergeEngine:
             return None
         return self._wide_rows(deltas.plan, start, stop)
 
-    def _prepare_sparse(self, schedule: TensorSchedule, deltas: TensorDeltas
+    def _tiled_factors(self, schedule: TensorSchedule, deltas: TensorDeltas) -> dict[int, Any] | None:
+        """Every active τᵢ's row factors (left @ right) when the schedule merges this tensor per tile and the
+        kernels take them, else None."""
+        if not schedule.tiled:
+            return None
+        factors = {i: deltas.row_factors(i) for i in schedule.active}
+        if any(f is None for f in factors.values()):
+            return None
+        if not kernels.per_tile(*((f.left, f.right) for f in factors.values())):  # type: ignore[union-attr]
+            return None
+        return factors
+
+    def _prepare_sparse(self, schedule: TensorSchedule, deltas: TensorDeltas, tiled: dict[int, Any] | None = None
                         ) -> tuple[SparseTensorMerge, dict[int, torch.Tensor] | None]:
         """Per-tensor method state and trim thresholds.
 
         When every τᵢ of the tensor fits in half the memory budget, they are built once (one GEMM each) and
-        the selection and merge passes slice them; otherwise each pass rebuilds τᵢ chunk by chunk.
+        the selection and merge passes slice them; otherwise each pass rebuilds τᵢ chunk by chunk, or, for
+        low-rank τᵢ (`tiled`: their factors), the passes compute its entries from the factors inside the kernels.
         """
         tensor, active, ranges = schedule.plan, list(schedule.active), list(schedule.ranges)
         numel = tensor.info.rows * max(tensor.info.cols, 1)
@@ -415,7 +434,9 @@ class MergeEngine:
                     wide = self._scratch_wide(self.base.read_rows(tensor.name, start, stop,
                                                                   scratch("base", (stop - start) * tensor.info.row_bytes)))
                 return self._taus(deltas, [index], wide, start, stop, reuse=True)[index]
-            return lambda: (Lazy(functools.partial(build, start, stop), (stop - start) * row_elems)
+            factors = None if tiled is None else tiled[index]
+            return lambda: (Lazy(functools.partial(build, start, stop), (stop - start) * row_elems,
+                                 None if factors is None else (factors.left[start:stop], factors.right))
                             for start, stop in ranges)
 
         sparse.prepare_many({index: lazy_chunks(index) for index in selecting}, self._bounded_map)

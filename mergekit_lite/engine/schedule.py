@@ -84,6 +84,9 @@ class TensorSchedule:
     kernel: str = TORCH
     #: True when every τᵢ of the tensor is built once and the selection and merge passes slice it
     caches_taus: bool = False
+    #: True when every τᵢ is a plain low-rank product and the method has its fused kernel: the selection and merge
+    #: passes compute τᵢ tile by tile from the factors inside the kernels, never whole (nor cached)
+    tiled: bool = False
     #: bytes held for this tensor at once: the chunks in flight plus any cached τᵢ
     working_set: int = 0
 
@@ -170,12 +173,13 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
     computed = not only_saved(plan, active)
     sparsifier = method.phase.sparsifier
     selects = sparsifier is not None and any(sparsifier.ranks(adapter_params[i], numel) for i in active)
-    caches = selects and computed and numel * 4 * len(active) <= options.max_memory // 2
+    tiled = elementwise_c and only_low_rank(plan, active) and kernels.per_tile_built()
+    caches = selects and computed and not tiled and numel * 4 * len(active) <= options.max_memory // 2
     cols = max(plan.info.cols, 1)
     rows = max(stop - start for start, stop in ranges)
     chunk = rows * (cols * 4 * (WORKING_BUFFERS + materialized) + plan.info.row_bytes)
     working = chunk * options.chunks_in_flight + (numel * 4 * len(active) if caches else 0)
-    return TensorSchedule(plan, MERGE, active, ranges, read_dtype, raw_rows, kernel, caches, working)
+    return TensorSchedule(plan, MERGE, active, ranges, read_dtype, raw_rows, kernel, caches, tiled, working)
 
 
 def check_phase(tensors: Sequence[TensorPlan], method: MergeMethod, labels: Sequence[str]) -> None:

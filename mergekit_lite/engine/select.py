@@ -39,11 +39,15 @@ class Lazy:
     """A chunk that a pass builds when it reaches it, in the thread that runs the pass: a pool can then take a
     whole pass's chunks at once (τ rebuilt chunk by chunk, never all held), each worker building its own."""
 
-    __slots__ = ("build", "size")
+    __slots__ = ("build", "size", "factors")
 
-    def __init__(self, build: Callable[[], torch.Tensor], size: int) -> None:
+    def __init__(self, build: Callable[[], torch.Tensor], size: int,
+                 factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.build = build
         self.size = size
+        #: (left rows, right) when the chunk is the low-rank product left @ right: the sample and band passes then
+        #: compute its entries from the factors (kernels.per_tile) instead of building it
+        self.factors = factors
 
     def numel(self) -> int:
         """Entries the chunk will have."""
@@ -53,6 +57,13 @@ class Lazy:
 def _tensor(chunk: torch.Tensor | Lazy) -> torch.Tensor:
     """The chunk itself, built when lazy."""
     return chunk.build() if isinstance(chunk, Lazy) else chunk
+
+
+def _factors(chunk: torch.Tensor | Lazy) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The chunk's low-rank factors when the per-tile kernels can take them, else None (build the chunk)."""
+    if isinstance(chunk, Lazy) and chunk.factors is not None and kernels.per_tile(chunk.factors):
+        return chunk.factors
+    return None
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,10 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
     bands: dict[int, _Band] = {}
     for index, k in ks.items():
         first = next(iter(sources[index]()), None)
+        tiled = None if first is None else _factors(first)
+        if tiled is not None:  # a low-rank chunk on the CPU: its row length without building it
+            bands[index] = _Band(k, totals[index], _sample_stride(totals[index], tiled[1].shape[1]))
+            continue
         first = None if first is None else _tensor(first)
         if first is not None and first.device.type == "cpu":
             bands[index] = _Band(k, totals[index], _sample_stride(totals[index], first.shape[-1] if first.dim() > 1 else 1))
@@ -167,13 +182,18 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
 
     def sample(item: tuple[int, int, torch.Tensor | Lazy]) -> tuple[int, bool]:
         index, start, lazy = item
+        stride = bands[index].stride
+        first = (-start) % stride
+        slot = (start + first) // stride
+        tiled = _factors(lazy)
+        if tiled is not None:  # the sampled entries alone, each a rank-long sum, instead of the whole product
+            part = kernels.lowrank_sample(tiled, first, stride)
+            buffers[index][slot:slot + len(part)] = part
+            return index, True
         chunk = _tensor(lazy)
         if chunk.device.type != "cpu":
             return index, False
-        stride = bands[index].stride
-        first = (-start) % stride
         part = chunk.reshape(-1)[first::stride]
-        slot = (start + first) // stride
         buffers[index][slot:slot + part.numel()] = part.to(torch.float32).abs().numpy()
         return index, True
 
@@ -185,8 +205,13 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
 
     def in_band(item: tuple[int, int, torch.Tensor]) -> tuple[int, int, np.ndarray | int | None]:
         index, _, lazy = item
-        chunk = _tensor(lazy)
         band = bands[index]
+        tiled = _factors(lazy)
+        if tiled is not None:  # τ built tile by tile inside the kernel, never in memory
+            if band.high == band.low:
+                return index, *kernels.lowrank_band_counts(tiled, float(band.high), float(band.low))
+            return index, *kernels.lowrank_band(tiled, float(band.high), float(band.low), band_limit)
+        chunk = _tensor(lazy)
         if band.high == band.low:  # one value: count the entries equal to it instead of gathering them
             if kernels.usable(chunk):
                 return index, *kernels.band_counts(chunk, float(band.high), float(band.low))

@@ -51,6 +51,11 @@ class TopSet(Protocol):
         the entries with |x| > c are then exactly the set's entries of the chunk."""
         ...
 
+    def chunk_below(self, flat_start: int) -> float | None:
+        """The cut c with |x| > c exactly the set's entries of the chunk at `flat_start`, without looking at the
+        chunk, or None when the chunk must be seen (it holds a split tie)."""
+        ...
+
 
 @dataclass
 class Cut:
@@ -89,6 +94,12 @@ class Sparsifier:
         """Cut τ in place where a magnitude cut cannot, and return the kernel's cut (negative: keep all)."""
         return -1.0
 
+    def cut_unseen(self, flat_start: int, cut: Cut) -> float | None:
+        """The kernel's cut for a chunk whose τ is never built (the per-tile kernels compute τ from its factors),
+        or None when this chunk's cut must see or change τ (the caller then builds it and asks `cut_in_place`).
+        The base strategy keeps all; a subclass that cuts in place answers None unless it says otherwise."""
+        return -1.0 if type(self).cut_in_place is Sparsifier.cut_in_place else None
+
 
 class Magnitude(Sparsifier):
     """TIES' trim: keep each τᵢ's kᵢ = ⌊densityᵢ · numel⌋ largest magnitudes (exact; ties: lower flat index)."""
@@ -105,6 +116,10 @@ class Magnitude(Sparsifier):
     def cut_in_place(self, tau: torch.Tensor, flat_start: int, cut: Cut) -> float:
         keep = cut.tops.get("keep")
         return -1.0 if keep is None else keep.kernel_cut(tau, flat_start)
+
+    def cut_unseen(self, flat_start: int, cut: Cut) -> float | None:
+        keep = cut.tops.get("keep")
+        return -1.0 if keep is None else keep.chunk_below(flat_start)
 
 
 class Dare(Sparsifier):
@@ -157,6 +172,9 @@ class DenseTop:
 
     def kernel_cut(self, chunk: torch.Tensor, flat_start: int = 0) -> float:
         raise NotImplementedError("dense top sets run on the torch path only")
+
+    def chunk_below(self, flat_start: int) -> float | None:
+        return None  # a position set, not a magnitude cut
 
 
 def dense_cut(sparsifier: Sparsifier, x: torch.Tensor, own: Mapping[str, Any], stream: UniformStream | None,
