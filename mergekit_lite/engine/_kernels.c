@@ -559,16 +559,24 @@ int64_t mkl_lowrank_consensus(int kind, int n_tau, const float *const *lefts, co
     return not_finite;
 }
 
-/* out[j] = τ[first + j·stride] for j < n, flat indices into τ = left·right (… × cols): a strided sample of τ
- * (the selection's bracket) for the cost of n rank-long sums instead of the whole product. */
-void mkl_lowrank_sample(const float *restrict left, int64_t rank, const float *restrict right, int64_t cols,
+/* out[j] = τ[first + j·stride] for j < n, flat indices into τ = left·right (… × cols), from `right_t` = rightᵀ
+ * (cols × rank, so each entry's rank-long sum reads one contiguous row): a strided sample of τ (the selection's
+ * bracket) for the cost of n rank-long sums instead of the whole product. */
+void mkl_lowrank_sample(const float *restrict left, int64_t rank, const float *restrict right_t, int64_t cols,
                         int64_t first, int64_t stride, int64_t n, float *restrict out) {
+    int64_t row = first / cols, col = first % cols;
+    const int64_t step_rows = stride / cols, step_cols = stride % cols;
     for (int64_t j = 0; j < n; j++) {
-        const int64_t at = first + j * stride, row = at / cols, col = at % cols;
-        const float *l = left + row * rank;
-        float s = l[0] * right[col];
-        for (int64_t k = 1; k < rank; k++) s = s + l[k] * right[k * cols + col];
+        const float *l = left + row * rank, *r = right_t + col * rank;
+        float s = l[0] * r[0];
+        for (int64_t k = 1; k < rank; k++) s = s + l[k] * r[k];
         out[j] = s;
+        row += step_rows;
+        col += step_cols;
+        if (col >= cols) {
+            col -= cols;
+            row += 1;
+        }
     }
 }
 

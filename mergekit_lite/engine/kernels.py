@@ -258,19 +258,23 @@ def lowrank_band_counts(factors: Factors, high: float, low: float) -> tuple[int,
     return above.value, int(gathered)
 
 
-def lowrank_sample(factors: Factors, first: int, stride: int) -> np.ndarray:
+def lowrank_sample(factors: Factors, first: int, stride: int, right_t: torch.Tensor | None = None) -> np.ndarray:
     """|τ[first::stride]| of τ = left @ right (flat, row-major) from the factors: the selection's strided sample
-    without building τ (a fresh float32 array)."""
+    without building τ (a fresh float32 array). `right_t`: rightᵀ contiguous, when the caller made it once for
+    several chunks."""
     library = _library()
     assert library is not None
     left, right = factors
     rows, rank = left.shape
     cols = right.shape[1]
+    if right_t is None:
+        right_t = right.t().contiguous()
+    assert right_t.shape == (cols, rank) and right_t.is_contiguous()
     total = rows * cols
     count = 0 if first >= total else (total - 1 - first) // stride + 1
     out = np.empty(count, dtype=np.float32)
     if count:
-        library.mkl_lowrank_sample(left.data_ptr(), rank, right.data_ptr(), cols, first, stride, count,
+        library.mkl_lowrank_sample(left.data_ptr(), rank, right_t.data_ptr(), cols, first, stride, count,
                                    out.ctypes.data)
     return np.abs(out, out=out)
 

@@ -180,6 +180,8 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
     # chunk) would split the heap's free chunk-sized blocks and make the heap grow chunk after chunk
     buffers = {index: np.empty(-(-band.total // band.stride), dtype=np.float32) for index, band in bands.items()}
 
+    transposed: dict[int, torch.Tensor] = {}  # rightᵀ of each low-rank task vector, for its sample
+
     def sample(item: tuple[int, int, torch.Tensor | Lazy]) -> tuple[int, bool]:
         index, start, lazy = item
         stride = bands[index].stride
@@ -187,7 +189,10 @@ def _sampled_band(sources: Mapping[int, Callable[[], Iterable[torch.Tensor]]], k
         slot = (start + first) // stride
         tiled = _factors(lazy)
         if tiled is not None:  # the sampled entries alone, each a rank-long sum, instead of the whole product
-            part = kernels.lowrank_sample(tiled, first, stride)
+            right_t = transposed.get(index)
+            if right_t is None:  # made once per task vector (two threads may both make it: the same values)
+                right_t = transposed[index] = tiled[1].t().contiguous()
+            part = kernels.lowrank_sample(tiled, first, stride, right_t)
             buffers[index][slot:slot + len(part)] = part
             return index, True
         chunk = _tensor(lazy)
