@@ -132,6 +132,28 @@ def test_saved_sum_counts_non_finite_inputs_and_outputs(dtype: torch.dtype, port
 
 
 @built
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16])
+def test_saved_tau_is_the_float32_difference_and_counts_non_finite_saved_entries(base_dtype: torch.dtype,
+                                                                    saved_dtype: torch.dtype) -> None:
+    for numel in SIZES:
+        base, (saved,) = _inputs(numel, 1, base_dtype, [saved_dtype], seed=numel)
+        expected = saved.float() - base.float()  # the engine's τ (never bf16 − bf16 rounded to bf16)
+        if torch.float32 in (base_dtype, saved_dtype):
+            assert same_bytes(torch.sub(saved, base, out=torch.empty(numel)), expected)  # as _saved_rows does it
+        for portable in (False, True):
+            for start, stop in [(0, numel), (numel // 3, numel), (1, max(numel - 1, 1))]:  # unaligned starts too
+                out = torch.full((stop - start,), 7.0)
+                assert saved_kernels.saved_tau(saved[start:stop], base[start:stop], out, portable=portable) == 0
+                assert same_bytes(out, expected[start:stop]), (numel, start, portable)
+    base, (saved,) = _inputs(300, 1, base_dtype, [saved_dtype], seed=1)
+    saved[[3, 150, 299]] = torch.tensor([float("nan"), float("-inf"), float("inf")], dtype=saved_dtype)
+    base[7] = float("nan")  # W is not checked here
+    for portable in (False, True):
+        assert saved_kernels.saved_tau(saved, base, torch.empty(300), portable=portable) == 3
+
+
+@built
 def test_the_kernel_is_off_with_the_torch_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV, "torch")
     assert not saved_kernels.enabled() and not saved_kernels.usable(torch.zeros(4), torch.float32)
@@ -190,6 +212,27 @@ def test_full_model_merges_are_the_same_bytes_with_the_kernel_the_two_step_path_
     assert not calls
 
 
+@built
+@pytest.mark.parametrize(("method", "parameters"), [
+    ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}), ("magnitude_prune", {"density": 0.3}),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.1}),
+])
+def test_sparsifying_merges_of_full_models_are_the_same_bytes_with_the_tau_kernel(
+        demo: Path, fine_tunes: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+        parameters: dict) -> None:
+    config = _config(demo, tmp_path / "kernel", method, fine_tunes, [1.0, -0.6, 0.8], "bfloat16", parameters)
+    calls = []
+    real = saved_kernels.saved_tau
+    monkeypatch.setattr(saved_kernels, "saved_tau", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reference = _bytes(merge(config, device="cpu", chunk_rows=3, workers=2, progress=False).output_dir)
+    assert calls
+    assert _bytes(merge(config, out=tmp_path / "other", device="cpu", chunk_rows=8, workers=1,
+                        progress=False).output_dir) == reference
+    monkeypatch.setattr(saved_kernels, "usable", lambda *_: False)  # torch.sub and the read's check
+    assert _bytes(merge(config, out=tmp_path / "sub", device="cpu", chunk_rows=5, progress=False).output_dir) \
+        == reference
+
+
 def _poisoned(model: Path, tmp_path: Path, key: str, row: int, value: float) -> Path:
     """A copy of a fine-tune with one entry of `key` (in whichever shard holds it) set to `value`."""
     import shutil
@@ -207,13 +250,14 @@ def _poisoned(model: Path, tmp_path: Path, key: str, row: int, value: float) -> 
 
 @built
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_a_non_finite_entry_in_a_full_model_is_refused_naming_model_tensor_and_rows(
-        demo: Path, fine_tunes: list[Path], tmp_path: Path, value: float) -> None:
+        demo: Path, fine_tunes: list[Path], tmp_path: Path, value: float, method: str) -> None:
     key = "model.layers.1.mlp.down_proj.weight"
     bad = _poisoned(fine_tunes[0], tmp_path, key, row=9, value=value)
     config = tmp_path / "merge.yaml"
     config.write_text(json.dumps({
-        "base_model": str(demo / "base"), "method": "task_arithmetic",
+        "base_model": str(demo / "base"), "method": method, "parameters": {"density": 0.5} if method == "ties" else {},
         "models": [{"path": str(fine_tunes[1])}, {"path": str(bad)}, {"path": str(fine_tunes[2])}],
         "output": {"path": str(tmp_path / "out"), "dtype": "bfloat16"}}))
     result = CliRunner().invoke(main, ["run", str(config), "--device", "cpu", "--no-progress", "--chunk-rows", "4"])

@@ -220,6 +220,74 @@ int64_t mks_saved_sum_portable(int n_saved, const void *const *saved, const int 
     return not_finite;
 }
 
+/* τ = f32(saved) − f32(W) over n entries into `tau` (float32), for the methods that keep τᵢ for passes of their own
+ * (TIES over full fine-tunes): the subtraction torch.sub(saved, W) makes, and the non-finite saved entries counted
+ * in the same pass (returned; -1 when a type is out of range). */
+static void saved_tau_portable(const void *saved, int saved_type, const void *base, int base_type, float *tau,
+                               int64_t at, int64_t count, int64_t *bad_inputs) {
+    float w[BLOCK], x[BLOCK];
+    int64_t bad = 0;
+    for (int64_t j0 = at; j0 < at + count; j0 += BLOCK) {
+        const int m = at + count - j0 < BLOCK ? (int)(at + count - j0) : BLOCK;
+        widen(base, base_type, j0, w, m);
+        widen(saved, saved_type, j0, x, m);
+        for (int j = 0; j < m; j++) {
+            union { float f; uint32_t u; } bits = {x[j]};
+            bad += (bits.u & 0x7F800000u) == 0x7F800000u;
+            tau[j0 + j] = x[j] - w[j];
+        }
+    }
+    *bad_inputs += bad;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+static inline __attribute__((always_inline, target("avx2"))) void saved_tau_avx2_typed(
+    const void *saved, const int saved_type, const void *base, const int base_type, float *tau, int64_t n,
+    int64_t *bad_inputs) {
+    const __m256i exponent = _mm256_set1_epi32(0x7F800000);
+    __m256i bad = _mm256_setzero_si256();
+    const int64_t wide = n - n % 16;
+    for (int64_t j = 0; j < wide; j += 16) {
+        const __m256 x0 = load8(saved, saved_type, j), x1 = load8(saved, saved_type, j + 8);
+        bad = _mm256_sub_epi32(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x0), exponent), exponent));
+        bad = _mm256_sub_epi32(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x1), exponent), exponent));
+        _mm256_storeu_ps(tau + j, _mm256_sub_ps(x0, load8(base, base_type, j)));
+        _mm256_storeu_ps(tau + j + 8, _mm256_sub_ps(x1, load8(base, base_type, j + 8)));
+    }
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, bad);
+    for (int k = 0; k < 8; k++) *bad_inputs += lanes[k];
+    if (wide < n) saved_tau_portable(saved, saved_type, base, base_type, tau, wide, n - wide, bad_inputs);
+}
+
+__attribute__((target("avx2"))) static void saved_tau_avx2(const void *saved, int saved_type, const void *base,
+                                                           int base_type, float *tau, int64_t n, int64_t *bad_inputs) {
+    if (saved_type == MKS_BF16 && base_type == MKS_F32)
+        saved_tau_avx2_typed(saved, MKS_BF16, base, MKS_F32, tau, n, bad_inputs);
+    else if (saved_type == MKS_BF16)
+        saved_tau_avx2_typed(saved, MKS_BF16, base, MKS_BF16, tau, n, bad_inputs);
+    else if (base_type == MKS_F32)
+        saved_tau_avx2_typed(saved, MKS_F32, base, MKS_F32, tau, n, bad_inputs);
+    else
+        saved_tau_avx2_typed(saved, MKS_F32, base, MKS_BF16, tau, n, bad_inputs);
+}
+#endif
+
+int64_t mks_saved_tau(const void *saved, int saved_type, const void *base, int base_type, float *tau, int64_t n,
+                      int portable) {
+    if (saved_type < MKS_F32 || saved_type > MKS_BF16 || base_type < MKS_F32 || base_type > MKS_BF16 || n < 0)
+        return -1;
+    int64_t bad = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (!portable && __builtin_cpu_supports("avx2")) {
+        saved_tau_avx2(saved, saved_type, base, base_type, tau, n, &bad);
+        return bad;
+    }
+#endif
+    saved_tau_portable(saved, saved_type, base, base_type, tau, 0, n, &bad);
+    return bad;
+}
+
 static struct PyModuleDef saved_module = {PyModuleDef_HEAD_INIT, "_saved_kernels",
                                           "Linear merge of saved full tensors from their stored rows (ctypes).", -1,
                                           NULL};

@@ -325,11 +325,23 @@ class TensorDeltas:
         """W_saved[start:stop] − W[start:stop] in the compute dtype (into `out`, shaped as `base_rows`, when
         given): a saved tensor that widens to the compute dtype exactly is subtracted as stored (one pass: torch
         widens each entry, then subtracts in the wider dtype, exactly what widening first and subtracting does).
-        A full model's rows are read into this thread's reused buffer (they do not outlive the subtraction)."""
+        A full model's rows are read into this thread's reused buffer (they do not outlive the subtraction); with
+        the saved-sum kernels built, the subtraction and the rows' NaN/Inf check are one C pass."""
         adapter = self.adapters[index]
         if isinstance(adapter, FullModel) and self.device.type == "cpu":
             info = adapter.checkpoint.info(key)
-            saved = adapter.tensor_rows(key, start, stop, scratch(("saved", index), (stop - start) * info.row_bytes))
+            buffer = scratch(("saved", index), (stop - start) * info.row_bytes)
+            if (self.dtype == torch.float32 and TORCH_DTYPES.get(info.dtype) in saved_kernels.ROW_TYPES
+                    and base_rows is not None and saved_kernels.usable(base_rows, torch.float32)
+                    and (out is None or out.is_contiguous())):
+                saved = adapter.stored_rows(key, start, stop, buffer)
+                tau = torch.empty(base_rows.shape, dtype=torch.float32) if out is None else out
+                if saved_kernels.saved_tau(saved, base_rows, tau):
+                    adapter.tensor_rows(key, start, stop)  # raises, naming the model, tensor and rows
+                    raise RuntimeError(f"the saved-tensor τ kernel counted NaN/Inf in '{key}' rows {start}-{stop} "
+                                       "that the rows' check does not find")
+                return tau
+            saved = adapter.tensor_rows(key, start, stop, buffer)
         else:
             saved = adapter.tensor_rows(key, start, stop).to(device=self.device)
         if torch.promote_types(saved.dtype, self.dtype) == self.dtype == base_rows.dtype:

@@ -39,6 +39,8 @@ def _library() -> ctypes.CDLL | None:
     for function in (library.mks_saved_sum, library.mks_saved_sum_portable):
         function.argtypes = arguments
         function.restype = size
+    library.mks_saved_tau.argtypes = [pointer, ctypes.c_int, pointer, ctypes.c_int, pointer, size, ctypes.c_int]
+    library.mks_saved_tau.restype = size
     return library
 
 
@@ -79,3 +81,19 @@ def saved_sum(base: torch.Tensor, saved: Sequence[torch.Tensor], scale: Sequence
     if not_finite < 0:
         raise RuntimeError(f"saved-tensor sum kernel refused {count} tensors")
     return int(not_finite), bad_inputs.value
+
+
+def saved_tau(saved: torch.Tensor, base: torch.Tensor, out: torch.Tensor, portable: bool = False) -> int:
+    """out = f32(saved) − f32(base) (torch.sub's float32 result), returning how many saved entries are not finite:
+    τᵢ for the methods that keep it for passes of their own (TIES), the finiteness check of the read in the same
+    pass. saved and base: contiguous CPU tensors of ROW_TYPES dtypes; out: contiguous CPU float32; one numel."""
+    library = _library()
+    assert library is not None and saved.dtype in ROW_TYPES and base.dtype in ROW_TYPES and out.dtype == torch.float32
+    numel = base.numel()
+    assert saved.numel() == numel == out.numel()
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in (saved, base, out))
+    bad = library.mks_saved_tau(saved.data_ptr(), ROW_TYPES[saved.dtype], base.data_ptr(), ROW_TYPES[base.dtype],
+                                out.data_ptr(), numel, int(portable))
+    if bad < 0:
+        raise RuntimeError("saved-tensor τ kernel refused its arguments")
+    return int(bad)
