@@ -126,15 +126,18 @@ def test_per_tile_consensus_property(rows: int, cols: int, ranks: list[int], see
     ("ties", {"density": 0.4}), ("ties", {"density": 0.6, "sign": "count", "normalize": False, "lambda": 0.8}),
     ("magnitude_prune", {"density": 0.3}), ("breadcrumbs", {"density": 0.8, "gamma": 0.1}),
 ])
-@pytest.mark.parametrize("chunk_rows", [None, 3])
+@pytest.mark.parametrize(("chunk_rows", "max_memory"), [(None, None), (3, None), (3, "64KiB")])
 def test_per_tile_merges_are_the_same_bytes_as_materialising_tau(demo: Path, tmp_path: Path, method: str,
                                                                  parameters: dict, chunk_rows: int | None,
+                                                                 max_memory: str | None,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small memory budget keeps τ from being cached: Breadcrumbs' selection then runs from the factors too."""
     config = demo_config(demo, tmp_path / "tiled", method, [1.0, -0.5, 2.0], parameters=parameters)
-    tiled = merge(config, device="cpu", chunk_rows=chunk_rows, workers=2, progress=False).output_dir
+    tiled = merge(config, device="cpu", chunk_rows=chunk_rows, workers=2, max_memory=max_memory,
+                  progress=False).output_dir
     monkeypatch.setattr(kernels, "per_tile_built", lambda: False)  # τ materialised (cached or rebuilt per pass)
     whole = merge(config, out=tmp_path / "whole", device="cpu", chunk_rows=chunk_rows, workers=2,
-                  progress=False).output_dir
+                  max_memory=max_memory, progress=False).output_dir
     assert (tiled / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
@@ -154,6 +157,12 @@ def test_low_rank_tensors_of_a_fused_method_are_scheduled_per_tile_and_not_cache
     for tensor in touched:
         schedule = schedule_tensor(tensor, method, [1.0, 1.0], {"lambda": 1.0}, [{"density": 0.5}] * 2, options)
         assert schedule.tiled and not schedule.caches_taus
+    # Breadcrumbs cuts τ in place (it must see it): τ materialised, and cached when it fits, as before
+    crumbs = get_method("breadcrumbs")
+    params, own = crumbs.resolve_params({"density": 0.8, "gamma": 0.1}, [{}, {}], [1.0, 1.0])
+    for tensor in touched:
+        schedule = schedule_tensor(tensor, crumbs, [1.0, 1.0], params, own, options)
+        assert not schedule.tiled and schedule.caches_taus
 
 
 @built

@@ -224,8 +224,9 @@ class MergeEngine:
         if self.method.phase.statistics_pass:
             interpolation = self._interpolation_state(schedule, deltas)
         elif self.method.phase.combines_chunks:
-            tiled = self._tiled_factors(schedule, deltas)
-            sparse, cached = self._prepare_sparse(schedule, deltas, tiled)
+            factors = self._row_factors(schedule, deltas)  # the selection passes compute τᵢ from them
+            tiled = factors if schedule.tiled else None  # ... and the merge pass too
+            sparse, cached = self._prepare_sparse(schedule, deltas, factors)
         elif coefficients is not None:
             streamed = deltas.linear_delta(coefficients)
         else:
@@ -389,10 +390,10 @@ class MergeEngine:
             return None
         return self._wide_rows(deltas.plan, start, stop)
 
-    def _tiled_factors(self, schedule: TensorSchedule, deltas: TensorDeltas) -> dict[int, Any] | None:
-        """Every active τᵢ's row factors (left @ right) when the schedule merges this tensor per tile and the
-        kernels take them, else None."""
-        if not schedule.tiled:
+    def _row_factors(self, schedule: TensorSchedule, deltas: TensorDeltas) -> dict[int, Any] | None:
+        """Every active τᵢ's row factors (left @ right) when each is one plain low-rank product the per-tile kernels
+        take, else None."""
+        if schedule.caches_taus or not kernels.per_tile_built():
             return None
         factors = {i: deltas.row_factors(i) for i in schedule.active}
         if any(f is None for f in factors.values()):
@@ -401,13 +402,13 @@ class MergeEngine:
             return None
         return factors
 
-    def _prepare_sparse(self, schedule: TensorSchedule, deltas: TensorDeltas, tiled: dict[int, Any] | None = None
+    def _prepare_sparse(self, schedule: TensorSchedule, deltas: TensorDeltas, factors: dict[int, Any] | None = None
                         ) -> tuple[SparseTensorMerge, dict[int, torch.Tensor] | None]:
         """Per-tensor method state and trim thresholds.
 
         When every τᵢ of the tensor fits in half the memory budget, they are built once (one GEMM each) and
         the selection and merge passes slice them; otherwise each pass rebuilds τᵢ chunk by chunk, or, for
-        low-rank τᵢ (`tiled`: their factors), the passes compute its entries from the factors inside the kernels.
+        low-rank τᵢ (`factors`), the selection passes compute its entries from the factors inside the kernels.
         """
         tensor, active, ranges = schedule.plan, list(schedule.active), list(schedule.ranges)
         numel = tensor.info.rows * max(tensor.info.cols, 1)
@@ -434,9 +435,9 @@ class MergeEngine:
                     wide = self._scratch_wide(self.base.read_rows(tensor.name, start, stop,
                                                                   scratch("base", (stop - start) * tensor.info.row_bytes)))
                 return self._taus(deltas, [index], wide, start, stop, reuse=True)[index]
-            factors = None if tiled is None else tiled[index]
+            own = None if factors is None else factors[index]
             return lambda: (Lazy(functools.partial(build, start, stop), (stop - start) * row_elems,
-                                 None if factors is None else (factors.left[start:stop], factors.right))
+                                 None if own is None else (own.left[start:stop], own.right))
                             for start, stop in ranges)
 
         sparse.prepare_many({index: lazy_chunks(index) for index in selecting}, self._bounded_map)

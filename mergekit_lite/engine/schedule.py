@@ -173,7 +173,8 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
     computed = not only_saved(plan, active)
     sparsifier = method.phase.sparsifier
     selects = sparsifier is not None and any(sparsifier.ranks(adapter_params[i], numel) for i in active)
-    tiled = elementwise_c and only_low_rank(plan, active) and kernels.per_tile_built()
+    tiled = (elementwise_c and only_low_rank(plan, active) and kernels.per_tile_built()
+             and (sparsifier is None or sparsifier.cuts_unseen))
     caches = selects and computed and not tiled and numel * 4 * len(active) <= options.max_memory // 2
     cols = max(plan.info.cols, 1)
     rows = max(stop - start for start, stop in ranges)

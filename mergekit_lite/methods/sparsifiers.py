@@ -94,6 +94,12 @@ class Sparsifier:
         """Cut τ in place where a magnitude cut cannot, and return the kernel's cut (negative: keep all)."""
         return -1.0
 
+    @property
+    def cuts_unseen(self) -> bool:
+        """True when `cut_unseen` answers without τ (bar the odd chunk holding a split tie): the engine then merges
+        low-rank τᵢ per tile; otherwise it materialises τᵢ (cached when they fit) for the cut to see."""
+        return type(self).cut_unseen is not Sparsifier.cut_unseen or type(self).cut_in_place is Sparsifier.cut_in_place
+
     def cut_unseen(self, flat_start: int, cut: Cut) -> float | None:
         """The kernel's cut for a chunk whose τ is never built (the per-tile kernels compute τ from its factors),
         or None when this chunk's cut must see or change τ (the caller then builds it and asks `cut_in_place`).
