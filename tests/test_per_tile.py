@@ -126,12 +126,13 @@ def test_per_tile_consensus_property(rows: int, cols: int, ranks: list[int], see
     ("ties", {"density": 0.4}), ("ties", {"density": 0.6, "sign": "count", "normalize": False, "lambda": 0.8}),
     ("magnitude_prune", {"density": 0.3}), ("breadcrumbs", {"density": 0.8, "gamma": 0.1}),
 ])
-@pytest.mark.parametrize(("chunk_rows", "max_memory"), [(None, None), (3, None), (3, "64KiB")])
+@pytest.mark.parametrize(("chunk_rows", "max_memory"), [(None, "64KiB"), (3, "64KiB"), (3, None)])
 def test_per_tile_merges_are_the_same_bytes_as_materialising_tau(demo: Path, tmp_path: Path, method: str,
                                                                  parameters: dict, chunk_rows: int | None,
                                                                  max_memory: str | None,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A small memory budget keeps τ from being cached: Breadcrumbs' selection then runs from the factors too."""
+    """A small memory budget keeps τ from being cached: merged per tile (TIES, magnitude_prune), and Breadcrumbs'
+    selection runs from the factors."""
     config = demo_config(demo, tmp_path / "tiled", method, [1.0, -0.5, 2.0], parameters=parameters)
     tiled = merge(config, device="cpu", chunk_rows=chunk_rows, workers=2, max_memory=max_memory,
                   progress=False).output_dir
@@ -142,7 +143,7 @@ def test_per_tile_merges_are_the_same_bytes_as_materialising_tau(demo: Path, tmp
 
 
 @built
-def test_low_rank_tensors_of_a_fused_method_are_scheduled_per_tile_and_not_cached(demo: Path, tmp_path: Path) -> None:
+def test_low_rank_tensors_are_cached_when_they_fit_and_merged_per_tile_when_not(demo: Path, tmp_path: Path) -> None:
     from mergekit_lite.engine.plan import build_plan  # noqa: PLC0415
     from mergekit_lite.sources.adapter import PeftAdapter  # noqa: PLC0415
     from mergekit_lite.sources.checkpoint import BaseCheckpoint  # noqa: PLC0415
@@ -151,18 +152,22 @@ def test_low_rank_tensors_of_a_fused_method_are_scheduled_per_tile_and_not_cache
     base = BaseCheckpoint(demo / "base")
     adapters = [PeftAdapter(folder, folder.name) for folder in sorted((demo / "adapters").iterdir())[:2]]
     plan = build_plan(base, adapters, None)
-    options = EngineOptions(device=torch.device("cpu"))
+    roomy = EngineOptions(device=torch.device("cpu"))
+    tight = EngineOptions(device=torch.device("cpu"), max_memory=1024)  # no τ fits half of it
     touched = [t for t in plan.tensors if t.touched]
     assert touched
+    params, own = method.resolve_params({"density": 0.5}, [{}, {}], [1.0, 1.0])
     for tensor in touched:
-        schedule = schedule_tensor(tensor, method, [1.0, 1.0], {"lambda": 1.0}, [{"density": 0.5}] * 2, options)
-        assert schedule.tiled and not schedule.caches_taus
-    # Breadcrumbs cuts τ in place (it must see it): τ materialised, and cached when it fits, as before
+        cached = schedule_tensor(tensor, method, [1.0, 1.0], params, own, roomy)
+        assert cached.caches_taus and not cached.tiled  # built once and sliced: the fewest operations
+        tiled = schedule_tensor(tensor, method, [1.0, 1.0], params, own, tight)
+        assert tiled.tiled and not tiled.caches_taus
+    # Breadcrumbs cuts τ in place (it must see it): never merged per tile
     crumbs = get_method("breadcrumbs")
     params, own = crumbs.resolve_params({"density": 0.8, "gamma": 0.1}, [{}, {}], [1.0, 1.0])
     for tensor in touched:
-        schedule = schedule_tensor(tensor, crumbs, [1.0, 1.0], params, own, options)
-        assert not schedule.tiled and schedule.caches_taus
+        assert schedule_tensor(tensor, crumbs, [1.0, 1.0], params, own, roomy).caches_taus
+        assert not schedule_tensor(tensor, crumbs, [1.0, 1.0], params, own, tight).tiled
 
 
 @built

@@ -175,9 +175,12 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
     computed = not only_saved(plan, active)
     sparsifier = method.phase.sparsifier
     selects = sparsifier is not None and any(sparsifier.ranks(adapter_params[i], numel) for i in active)
-    tiled = (elementwise_c and only_low_rank(plan, active) and kernels.per_tile_built()
+    # τᵢ held whole when they fit half the budget (built once, then sliced by every pass: the fewest operations);
+    # larger low-rank τᵢ of a method whose cut needs no τ are computed tile by tile inside the kernels of each pass
+    # (two products per entry instead of three, none through memory: at 7B the MLP τᵢ never fit)
+    caches = selects and computed and numel * 4 * len(active) <= options.max_memory // 2
+    tiled = (not caches and elementwise_c and only_low_rank(plan, active) and kernels.per_tile_built()
              and (sparsifier is None or sparsifier.cuts_unseen))
-    caches = selects and computed and not tiled and numel * 4 * len(active) <= options.max_memory // 2
     cols = max(plan.info.cols, 1)
     rows = max(stop - start for start, stop in ranges)
     chunk = rows * (cols * 4 * (WORKING_BUFFERS + materialized) + plan.info.row_bytes)
