@@ -26,13 +26,20 @@ tensor the largest |ours − mergekit| in bf16 steps at that tensor's largest ma
 largest per-entry distance in bf16 steps (adjacent representable values), the share of entries that differ,
 and ‖ours − mergekit‖ / ‖mergekit − W‖ (relative error of the merged change).
 
+`--baseline DIR` times an earlier checkout of ours too (its `merge run` under PYTHONPATH=DIR, built in place with
+`setup.py build_ext --inplace`; e.g. `git worktree add /tmp/old HEAD~3`), in the same rounds as ours: before and
+after a change, paired under the same load. Each run records the 1-minute load average before it (the machine
+is shared).
+
 Results: benchmarks/results/full_models.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -189,11 +196,13 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict:
             "differing_share": differing / max(total, 1), "relative_change_error": (error / change) ** 0.5}
 
 
-def run_case(label: str, command: list[str], out: Path, logs: Path, repeat: int) -> dict:
+def run_case(label: str, command: list[str], out: Path, logs: Path, repeat: int,
+             env: dict[str, str] | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    result = timed(command, logs / f"{label.replace(' ', '_')}.{repeat}.log")
+    load = os.getloadavg()[0]
+    result = {**timed(command, logs / f"{label.replace(' ', '_')}.{repeat}.log", env=env), "load_1m": load}
     print(f"[{repeat}] {label}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.1f} s CPU, "
-          f"{result['peak_rss_bytes'] / 1e9:.3f} GB", flush=True)
+          f"{result['peak_rss_bytes'] / 1e9:.3f} GB (load {load:.2f})", flush=True)
     return result
 
 
@@ -201,6 +210,12 @@ def summarize(runs: list[dict]) -> dict:
     return {"median_wall_s": statistics.median(r["wall_s"] for r in runs),
             "median_cpu_s": statistics.median(r["cpu_s"] for r in runs),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "runs": runs}
+
+
+def load_range(runs: list[dict]) -> str:
+    """The 1-minute load averages seen before these runs, as 'a-b' (empty for runs that did not record it)."""
+    loads = [r["load_1m"] for r in runs if "load_1m" in r]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""
 
 
 def main() -> None:
@@ -219,6 +234,10 @@ def main() -> None:
     parser.add_argument("--depth-from", type=Path, default=None,
                         help="take the depth rows from this JSON (a --repeats 0 --mergekit-repeats 0 run done alongside)")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json (and --depth-from)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier checkout of ours (built in place), timed in the same rounds as ours")
+    parser.add_argument("--baseline-label", default="", help="what the baseline is (a commit), for the report")
+    parser.add_argument("--note", default="", help="a paragraph for the report (e.g. where the depth rows come from)")
     args = parser.parse_args()
     if args.render:
         report = json.loads((RESULTS / f"{args.name}.json").read_text())
@@ -244,17 +263,24 @@ def main() -> None:
         if "ours" in tools:
             cases[f"ours {method}"] = ([merge, "run", str(ours), "--no-progress", "--device", "cpu"],
                                        out / f"ours_{method}")
+        if args.baseline is not None:
+            cases[f"baseline {method}"] = ([merge, "run", str(ours), "--no-progress", "--device", "cpu", "--out",
+                                            str(out / f"baseline_{method}")], out / f"baseline_{method}")
         if "mergekit" in tools:
             cases[f"mergekit {method}"] = ([str(PEERS / "mergekit-yaml"), str(theirs), str(out / f"mergekit_{method}"),
                                             "--no-copy-tokenizer"], out / f"mergekit_{method}")
     runs: dict[str, list[dict]] = {label: [] for label in cases}
+    baseline_env = {"PYTHONPATH": str(args.baseline.resolve())} if args.baseline is not None else None
     for repeat in range(max(args.repeats, args.mergekit_repeats)):
-        for label, (command, folder) in cases.items():  # per method: ours, then mergekit
+        for label, (command, folder) in cases.items():  # per method: ours, the baseline, then mergekit
             if repeat >= (args.mergekit_repeats if label.startswith("mergekit") else args.repeats):
                 continue
-            runs[label].append(run_case(label, command, folder, logs, repeat))
-    report: dict = {"machine": machine(), "noise": NOISE, "models": args.models, "layers": args.layers,
+            env = baseline_env if label.startswith("baseline") else None
+            runs[label].append(run_case(label, command, folder, logs, repeat, env))
+    report: dict = {"machine": machine(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                    "noise": NOISE, "models": args.models, "layers": args.layers,
                     "repeats": args.repeats, "mergekit_repeats": args.mergekit_repeats,
+                    "baseline": args.baseline_label if args.baseline is not None else None, "note": args.note,
                     "cases": {label: summarize(r) for label, r in runs.items() if r}, "agreement": {}, "depth": {}}
     for method in methods:
         ours, theirs = out / f"ours_{method}", out / f"mergekit_{method}"
@@ -287,11 +313,15 @@ def main() -> None:
 
 def markdown(report: dict, methods: list[str], args: argparse.Namespace) -> str:
     cases = report["cases"]
+    every_run = [r for case in cases.values() for r in case["runs"]]
+    loads = load_range(every_run)
+    when = f"Measured {report['date']}" if report.get("date") else "Measured"
     lines = [f"# Full fine-tunes as inputs: ours vs mergekit 0.1.5 ({args.layers} layers, "
              f"{Shape(layers=args.layers).parameters() / 1e6:.0f}M parameters, bf16)", "",
              f"Machine: {report['machine']}; shared with other work while measuring, so times are noisy (medians; "
-             f"ours {args.repeats}x, mergekit {args.mergekit_repeats}x, alternating per method). Inputs: "
-             f"{args.models} fine-tunes W + N(0, ({NOISE}·rms W)²) per tensor (slerp: the first two), "
+             f"ours {args.repeats}x, mergekit {args.mergekit_repeats}x, alternating per method). "
+             + (f"{when}, 1-minute load average {loads} before the runs. " if loads else "")
+             + f"Inputs: {args.models} fine-tunes W + N(0, ({NOISE}·rms W)²) per tensor (slerp: the first two), "
              "see benchmarks/full_models_bench.py.", "",
              "| method | ours wall | mergekit wall | mergekit / ours (wall) | ours CPU | mergekit CPU | "
              "mergekit / ours (CPU) | ours peak RSS | mergekit peak RSS |",
@@ -307,6 +337,21 @@ def markdown(report: dict, methods: list[str], args: argparse.Namespace) -> str:
         their_rss = f"{theirs['peak_rss_bytes'] / 1e9:.2f} GB" if theirs else ""
         lines.append(f"| {method} | {mine['median_wall_s']:.1f} s | {their_wall} | {ratio} | {mine['median_cpu_s']:.1f} s "
                      f"| {their_cpu} | {cpu_ratio} | {mine['peak_rss_bytes'] / 1e9:.2f} GB | {their_rss} |")
+    baselines = [m for m in methods if f"baseline {m}" in cases and f"ours {m}" in cases]
+    if baselines:
+        lines += ["", f"Before this change ({report.get('baseline') or 'baseline checkout'}), timed in the same rounds "
+                  "as ours (paired, same load):", "",
+                  "| method | before wall | ours wall | before / ours (wall) | before CPU | ours CPU | before peak RSS "
+                  "| ours peak RSS | mergekit / before (wall) |", "|---|---|---|---|---|---|---|---|---|"]
+        for method in baselines:
+            old, mine, theirs = cases[f"baseline {method}"], cases[f"ours {method}"], cases.get(f"mergekit {method}")
+            ratio = f"{theirs['median_wall_s'] / old['median_wall_s']:.1f}x" if theirs else ""
+            lines.append(f"| {method} | {old['median_wall_s']:.2f} s | {mine['median_wall_s']:.2f} s | "
+                         f"{old['median_wall_s'] / mine['median_wall_s']:.2f}x | {old['median_cpu_s']:.2f} s | "
+                         f"{mine['median_cpu_s']:.2f} s | {old['peak_rss_bytes'] / 1e9:.2f} GB | "
+                         f"{mine['peak_rss_bytes'] / 1e9:.2f} GB | {ratio} |")
+    if report.get("note"):
+        lines += ["", report["note"]]
     if report.get("depth"):
         depths = sorted({int(d) for v in report["depth"].values() for d in v})
         lines += ["", "Ours at depth (peak RSS; wall):", "",
