@@ -37,6 +37,10 @@ from .select import Lazy, Trimmer, kth_largest_magnitude
 from .sink import FileSink, TensorSink
 
 
+#: a sparsifying method's per-tensor state: (deltas, selection, cached τᵢ or None, per-tile factors or None)
+SparseState = tuple[TensorDeltas, SparseTensorMerge, "dict[int, torch.Tensor] | None", "dict[int, Any] | None"]
+
+
 @dataclass
 class EngineStats:
     """What the engine did, for the summary and the MergeResult."""
@@ -82,6 +86,11 @@ class MergeEngine:
         self._ahead: ThreadPoolExecutor | None = None
         self._factored: dict[str, Future[StreamedDelta]] = {}
         self._upcoming: Iterator[TensorSchedule] = iter(())
+        #: sparsifying methods: the next tensor's selection passes, run while this one merges (`_look_ahead`)
+        self._selector: ThreadPoolExecutor | None = None
+        self._selected: dict[str, Future[SparseState]] = {}
+        merged = [s for s in self.schedules if s.action == MERGE]
+        self._next_merged = {a.name: b for a, b in zip(merged, merged[1:])}
 
     def _tensor_params(self, plan: MergePlan) -> dict[str, TensorParams]:
         """Every touched tensor's resolved parameters when some weight or parameter varies by layer or name, else
@@ -148,6 +157,8 @@ class MergeEngine:
         if self.method.phase.factors_from_inputs:  # each tensor's core math runs while the previous one streams
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="core", initializer=single)
             self._queue_factored(iter(s for s in self.schedules if s.action == MERGE))
+        if self.method.phase.combines_chunks and side_by_side:  # the next tensor's selection while this one merges
+            self._selector = ThreadPoolExecutor(1, thread_name_prefix="select", initializer=single)
         scoped = contextlib.ExitStack()
         try:
             if self.method.phase.statistics_pass:  # chunk-sized temporaries mapped: a flat, repeatable peak RSS
@@ -180,6 +191,9 @@ class MergeEngine:
             if self._ahead is not None:
                 self._ahead.shutdown(wait=True, cancel_futures=True)
                 self._ahead, self._factored = None, {}
+            if self._selector is not None:
+                self._selector.shutdown(wait=True, cancel_futures=True)
+                self._selector, self._selected = None, {}
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
@@ -215,7 +229,7 @@ class MergeEngine:
         tensor = schedule.plan
         device, dtype = self.options.device, self.options.compute_dtype
         out_dtype = TORCH_DTYPES[tensor.out_dtype]
-        deltas = TensorDeltas(tensor, self.plan.adapters, device, dtype)
+        deltas = TensorDeltas(tensor, self.plan.adapters, device, dtype)  # loads nothing until asked
         ranges = list(schedule.ranges)
         stats.max_chunk_rows = max(stats.max_chunk_rows, schedule.chunk_rows)
         row_elems = max(tensor.info.cols, 1)
@@ -224,9 +238,8 @@ class MergeEngine:
         if self.method.phase.statistics_pass:
             interpolation = self._interpolation_state(schedule, deltas)
         elif self.method.phase.combines_chunks:
-            factors = self._row_factors(schedule, deltas)  # the selection passes compute τᵢ from them
-            tiled = factors if schedule.tiled else None  # ... and the merge pass too
-            sparse, cached = self._prepare_sparse(schedule, deltas, factors)
+            deltas, sparse, cached, tiled = self._take_selected(schedule)  # its own deltas (maybe made ahead)
+            self._look_ahead(schedule)
         elif coefficients is not None:
             streamed = deltas.linear_delta(coefficients)
         else:
@@ -389,6 +402,29 @@ class MergeEngine:
         if not any(deltas.needs_base(i) for i in active):
             return None
         return self._wide_rows(deltas.plan, start, stop)
+
+    def _sparse_state(self, schedule: TensorSchedule) -> SparseState:
+        """A sparsifying method's per-tensor state: the tensor's deltas, its selection (the trim thresholds), any
+        cached τᵢ, and the τᵢ factors when the merge pass builds τᵢ per tile."""
+        deltas = TensorDeltas(schedule.plan, self.plan.adapters, self.options.device, self.options.compute_dtype)
+        factors = self._row_factors(schedule, deltas)  # the selection passes compute τᵢ from them
+        sparse, cached = self._prepare_sparse(schedule, deltas, factors)
+        return deltas, sparse, cached, factors if schedule.tiled else None  # ... and the merge pass too
+
+    def _take_selected(self, schedule: TensorSchedule) -> SparseState:
+        """This tensor's sparse state: selected in the background while the previous tensor merged, or now."""
+        future = self._selected.pop(schedule.name, None)
+        return future.result() if future is not None else self._sparse_state(schedule)
+
+    def _look_ahead(self, schedule: TensorSchedule) -> None:
+        """Start the next merged tensor's selection passes in the background: their chunks share the merge pool
+        with this tensor's merge pass, so both cores stay busy while this tensor's rows are read and written. Not
+        for a next tensor whose τᵢ are cached (one cache buffer, this tensor's may be in use); the thresholds are
+        exact, so the bytes do not depend on it."""
+        following = self._next_merged.get(schedule.name)
+        if self._selector is None or following is None or following.caches_taus:
+            return
+        self._selected[following.name] = self._selector.submit(self._sparse_state, following)
 
     def _row_factors(self, schedule: TensorSchedule, deltas: TensorDeltas) -> dict[int, Any] | None:
         """Every active τᵢ's row factors (left @ right) when each is one plain low-rank product the per-tile kernels
