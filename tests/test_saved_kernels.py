@@ -213,6 +213,28 @@ def test_full_model_merges_are_the_same_bytes_with_the_kernel_the_two_step_path_
 
 
 @built
+@pytest.mark.slow
+def test_a_full_model_and_an_adapters_saved_module_sum_to_the_same_bytes(
+        demo: Path, fine_tunes: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm_head saved in full by both a fine-tune and a PEFT adapter (modules_to_save): both read checked, one sum."""
+    from evals.fixtures import build_adapter
+
+    adapter = build_adapter(demo / "base", tmp_path / "saved_head", "modules_to_save")
+    data = {"base_model": str(demo / "base"), "method": "task_arithmetic",
+            "models": [{"path": str(fine_tunes[0]), "weight": 0.9}],
+            "adapters": [{"path": str(adapter), "weight": -0.4}], "output": {"dtype": "bfloat16"}}
+    config = MergeConfig.from_dict({**data, "output": {**data["output"], "path": str(tmp_path / "kernel")}})
+    calls = []
+    real = saved_kernels.saved_sum
+    monkeypatch.setattr(saved_kernels, "saved_sum", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    reference = _bytes(merge(config, device="cpu", chunk_rows=3, progress=False).output_dir)
+    assert 2 in calls  # lm_head: the model's rows and the adapter's saved module in one call
+    monkeypatch.setattr(saved_kernels, "usable", lambda *_: False)
+    assert _bytes(merge(config, out=tmp_path / "two_step", device="cpu", chunk_rows=5, progress=False).output_dir) \
+        == reference
+
+
+@built
 @pytest.mark.parametrize(("method", "parameters"), [
     ("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}), ("magnitude_prune", {"density": 0.3}),
     ("breadcrumbs", {"density": 0.6, "gamma": 0.1}),
