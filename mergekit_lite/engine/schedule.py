@@ -41,10 +41,14 @@ class EngineOptions:
     #: on CPU, chunks of this many elements (1 MiB of float32) stay in a core's L2 cache through the GEMM, the
     #: add, the cast and the check (whole-tensor chunks were 4-5x slower); sparse methods make even more passes
     cpu_chunk_elements: int = 1 << 18
-    #: the fused kernels (elementwise, and the low-rank W + L·R) work through a chunk in cache-sized blocks
-    #: themselves, so their chunks are larger: fewer calls, thread hand-offs, reads and buffers per tensor (measured
-    #: on the 492M benchmark: TIES ~25% faster; at the 7B shape, task arithmetic ~1.5 CPU s of 17 less)
+    #: the fused elementwise kernels work through a chunk in cache-sized blocks themselves, so their chunks are
+    #: larger: fewer calls, thread hand-offs and buffers per tensor (measured on the 492M benchmark: TIES ~25% faster)
     cpu_fused_chunk_elements: int = 1 << 20
+    #: the low-rank kernel (W + L·R, W as stored) blocks for the cache itself too, but its chunk is read, merged in
+    #: place and written by three threads: 1 MiB of bf16 rows still in cache when the writer copies them. Measured at
+    #: the 7B width (#27, medians on a shared machine): larger chunks cut the kernel's and the loop's time, smaller
+    #: ones the copies' (from 1<<18 to 1<<20: the write copy 0.5 -> 0.7 CPU s per 2 GB); this size cost least in total
+    cpu_lowrank_chunk_elements: int = 1 << 19
     #: CPU threads that merge chunks side by side (each runs torch single-threaded); 1 on CUDA
     workers: int = field(default_factory=lambda: default_workers())
 
@@ -111,8 +115,9 @@ def active_adapters(tensor: TensorPlan, method: MergeMethod, weights: Sequence[f
     return tuple(i for i, (items, c) in enumerate(zip(tensor.by_adapter, factors)) if items and c != 0)
 
 
-def rows_per_chunk(plan: TensorPlan, materialized: int, options: EngineOptions, large_chunks: bool = False) -> int:
-    """Rows per chunk: forced by --chunk-rows, or as many as fit the memory budget (at least one)."""
+def rows_per_chunk(plan: TensorPlan, materialized: int, options: EngineOptions, cpu_elements: int | None = None) -> int:
+    """Rows per chunk: forced by --chunk-rows, or as many as fit the memory budget (at least one); on CPU at most
+    `cpu_elements` elements (default: options.cpu_chunk_elements)."""
     rows = plan.info.rows
     if options.chunk_rows is not None:
         return max(1, min(options.chunk_rows, rows))
@@ -120,7 +125,7 @@ def rows_per_chunk(plan: TensorPlan, materialized: int, options: EngineOptions, 
     per_row = cols * 4 * (WORKING_BUFFERS + materialized) + plan.info.row_bytes
     size = options.max_memory // per_row
     if options.device.type == "cpu":
-        size = min(size, (options.cpu_fused_chunk_elements if large_chunks else options.cpu_chunk_elements) // cols)
+        size = min(size, (cpu_elements or options.cpu_chunk_elements) // cols)
     return max(1, min(rows, size))
 
 
@@ -161,8 +166,9 @@ def schedule_tensor(plan: TensorPlan, method: MergeMethod, weights: Sequence[flo
         kernel = C_SUM  # a linear merge of full fine-tunes: each τᵢ one subtraction, then the fused sum kernel
     elementwise_c = kernel in (C_SUM, C_TIES)
     materialized = method.phase.buffers(len(active), elementwise_c)  # the phase's own memory multiplier
-    large = elementwise_c or kernel == C_LOWRANK  # the fused kernels block the work for the cache themselves
-    ranges = chunk_ranges(plan.info.rows, rows_per_chunk(plan, materialized, options, large))
+    elements = (options.cpu_fused_chunk_elements if elementwise_c
+                else options.cpu_lowrank_chunk_elements if kernel == C_LOWRANK else options.cpu_chunk_elements)
+    ranges = chunk_ranges(plan.info.rows, rows_per_chunk(plan, materialized, options, elements))
     if (method.phase.sparsifier is not None
             and method.phase.sparsifier.whole_rows and len(plan.info.shape) < 2):
         ranges = ((0, plan.info.rows),)  # a 1-D tensor is one row for per-row ranks: one chunk
