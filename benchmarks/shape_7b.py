@@ -3,16 +3,17 @@
     .venv/bin/python benchmarks/shape_7b.py                      # 32 layers (5.9B, 11.9 GB bf16), 2 rounds
     .venv/bin/python benchmarks/shape_7b.py --layers 8 --rounds 3 # the 7B width at a quarter of the depth
     .venv/bin/python benchmarks/shape_7b.py --tools io,ours,peft,mergekit --peer-rounds 1
+    .venv/bin/python benchmarks/shape_7b.py --keep --variant "before=python /tmp/before/merge.py"  # A/B, same rounds
 
 The base is Llama-shaped at the width users merge (hidden 4096, MLP 11008, 32 heads / 8 KV heads — the same tensor
 shapes as 16 / 4 heads of 256 —, vocab 32000), built on demand by benchmarks/synthetic.py (streamed, matrices cut from one seeded
 Gaussian pool: `build_base(tiled=True)`) into
 benchmarks/work/shape_7b_l{layers} (never committed) and deleted afterwards unless `--keep`. Disk: the base
-(2 bytes a parameter), the adapters (~0.1 GB) and one output at a time (outputs are deleted before each case,
-outside the timing): about 25 GB at 32 layers; the script refuses to start with less free.
+(2 bytes a parameter), the adapters (~0.1 GB) and one output at a time (every output is deleted before each
+case, outside the timing): about 25 GB at 32 layers; the script refuses to start with less free.
 
 Each round runs the I/O floor (peers/io_floor.py: safetensors read + write, shard by shard), then each method of
-ours (`merge run`), each its own process under /usr/bin/time: wall, CPU seconds (user + system), peak RSS. Before
+ours (`merge run`; with `--variant`, other builds of ours too, their order rotated each round), each its own process under /usr/bin/time: wall, CPU seconds (user + system), peak RSS. Before
 each case the previous output is deleted and the page cache's dirty pages are flushed (`sync`, outside the
 timing), so no case pays for the previous one's writeback. "× floor" is the median over rounds of wall / the
 floor's wall in the same round (run.py's paired ratios). The load average (`os.getloadavg`) is recorded beside
@@ -75,15 +76,33 @@ def run(args: argparse.Namespace) -> dict:
         for command, _ in found.values():
             if command and command[0] == merge:
                 command[:1] = args.merge_command.split()
+    for variant in args.variant:  # another build of ours, run in the same rounds: before/after on equal terms
+        name, _, runner = variant.partition("=")
+        if not runner:
+            raise SystemExit(f"shape_7b: --variant wants NAME=COMMAND, got {variant!r}")
+        for label, (command, clear) in list(found.items()):
+            if label.startswith("mergekit_lite ") and " [" not in label and "run" in command:
+                at = command.index("run")  # [merge..., "run", config, flags...]
+                out = WORK / "out" / f"{clear[0].name}_{name}"
+                config = WORK / f"{Path(command[at + 1]).stem}_{name}.yaml"
+                config.write_text(Path(command[at + 1]).read_text().replace(str(clear[0]), str(out)))
+                found[f"{label} [{name}]"] = ([*runner.split(), "run", str(config), *command[at + 2:]], [out])
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {label: [] for label in found}
+    ours = [label for label in found if label.startswith("mergekit_lite ")]
     for repeat in range(args.rounds):
-        for label, (command, clear) in found.items():
+        # the floor first, then ours rotated by one each round: no build of ours always runs right after the floor
+        turn = repeat % len(ours) if ours else 0
+        order = [label for label in found if label not in ours] + ours[turn:] + ours[:turn]
+        for label in order:
+            command, clear = found[label]
             peer = label.startswith(("PEFT ", "mergekit "))
             if peer and repeat >= args.peer_rounds:
                 continue
-            for folder in clear:
+            # every case's output (one 12 GB output on disk at a time; each case starts from the same page cache:
+            # the base as the previous case left it, no output of another case)
+            for folder in {f for _, others in found.values() for f in others}:
                 shutil.rmtree(folder, ignore_errors=True)
             subprocess.run(["sync"], check=False)
             load = os.getloadavg()[0]
@@ -120,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     return {"shape": vars(shape) | {"parameters": shape.parameters()}, "adapters": args.adapters, "rank": args.rank,
             "rounds": args.rounds, "peer_rounds": args.peer_rounds, "machine": machine(), "disk_needed_bytes": need,
-            "build_s": build_s, "merge_command": args.merge_command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": summary}
+            "build_s": build_s, "merge_command": args.merge_command, "variants": args.variant, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": summary}
 
 
 def table(report: dict) -> str:
@@ -166,6 +185,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case before it is killed")
     parser.add_argument("--merge-command", default=None,
                         help="command run in place of the venv's `merge` (e.g. 'python pinned_merge.py')")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=COMMAND",
+                        help="also run each method of ours with COMMAND in place of `merge` (e.g. a snapshot of the "
+                             "package before a change), labelled [NAME], in the same rounds; repeatable")
     parser.add_argument("--keep", action="store_true", help="keep the generated inputs (deleted by default)")
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
