@@ -153,6 +153,16 @@ def test_saved_tau_is_the_float32_difference_and_counts_non_finite_saved_entries
         assert saved_kernels.saved_tau(saved, base, torch.empty(300), portable=portable) == 3
 
 
+def test_the_kernel_is_built_where_a_compiler_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert saved_kernels.enabled()
+    monkeypatch.setattr(saved_kernels, "_library", lambda: None)  # not built: the engine takes its other paths
+    assert not saved_kernels.enabled() and not saved_kernels.usable(torch.zeros(4), torch.float32)
+
+
 @built
 def test_the_kernel_is_off_with_the_torch_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.ENV, "torch")
