@@ -19,6 +19,7 @@ from typing import Any, Union
 
 from ..formats.safetensors import INDEX_FILE, SINGLE_FILE, TensorInfo, encode_header
 from .failures import naming
+from .pagecache import TrailingWriteback, worth_releasing
 
 SIDE_FILES = (
     "generation_config.json",
@@ -78,10 +79,11 @@ class BackgroundFile:
     At most `depth` buffers wait in the queue (bounded memory). A failed write (disk full, file size limit)
     stops the writing at once and surfaces, naming the file, on the caller's next call; the thread keeps
     draining the queue, so the caller never blocks on a dead writer. Buffers must not change after they are
-    handed over (the engine never reuses an emitted chunk).
+    handed over (the engine never reuses an emitted chunk). With `release_cache`, the file's pages are written back
+    as they come and dropped once on disk (pagecache.py: a large output does not flood the page cache).
     """
 
-    def __init__(self, path: Path, depth: int = 2) -> None:
+    def __init__(self, path: Path, depth: int = 2, release_cache: bool = False) -> None:
         self.path = path
         with naming(path):
             self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
@@ -89,6 +91,8 @@ class BackgroundFile:
         self._kernel_copy = hasattr(os, "copy_file_range")
         self._error: BaseException | None = None
         self._aborted = False
+        self._trail = TrailingWriteback(self._file.fileno()) if release_cache else None
+        self._position = 0  # bytes handed to the file so far
         self._thread = threading.Thread(target=self._drain, name=f"write {path.name}", daemon=True)
         self._thread.start()
 
@@ -100,9 +104,13 @@ class BackgroundFile:
             if isinstance(data, FileRange):
                 if self._error is None and not self._aborted:
                     self._attempt(self._copy, data)
+                    self._position += data.length
                 os.close(data.descriptor)
             elif self._error is None and not self._aborted:
                 self._attempt(self._file.write, data)
+                self._position += memoryview(data).nbytes
+            if self._trail is not None and self._error is None and not self._aborted:
+                self._trail.advance(self._position)
         self._attempt(self._file.close)
 
     def _copy(self, source: FileRange) -> None:
@@ -175,6 +183,8 @@ class ShardedWriter:
         self._shard = -1
         self._file: BackgroundFile | None = None
         self.bytes_written = 0
+        #: a large output is written back as it comes and dropped from the page cache (pagecache.py)
+        self._release_cache = worth_releasing(sum(t.nbytes for t in tensors))
 
     def begin(self, name: str) -> None:
         """Start the next tensor of the layout; it must be `name`."""
@@ -217,7 +227,7 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
         self._shard = shard
-        self._file = BackgroundFile(self.folder / self.names[shard])
+        self._file = BackgroundFile(self.folder / self.names[shard], release_cache=self._release_cache)
         self._file.write(encode_header(self.shards[shard], {"format": "pt"}))
 
     def close(self) -> None:
