@@ -152,18 +152,21 @@ def table(report: dict) -> str:
         f"{report['machine']}; {report['date']}; {report['rounds']} paired round(s) (peers: {report['peer_rounds']}); "
         f"disk needed {report['disk_needed_bytes'] / 1e9:.1f} GB. × floor: median of wall / the floor's wall in the "
         "same round. Load: the 1-minute load average when each case started (2 cores).",
+        *([""] + [f"Ours run as `{report['merge_command']}`."] if report.get("merge_command") else []),
+        *([f"Variant [{v.partition('=')[0]}]: `{v.partition('=')[2]}`." for v in report.get("variants", [])]),
         "",
-        "| tool, method | wall | × floor | CPU s | peak RSS | load |",
-        "|---|---|---|---|---|---|",
+        "| tool, method | wall | × floor | per round | CPU s | peak RSS | load |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, value in report["results"].items():
         if "failed" in value:
-            lines.append(f"| {label} | failed: {value['failed'][0]} | | | | |")
+            lines.append(f"| {label} | failed: {value['failed'][0]} | | | | | |")
             continue
         ratio = value["median_paired_ratio"]
         loads = [r["load_before"] for r in value["runs"] if "load_before" in r]
+        rounds = " ".join(f"{r:.2f}" for r in value["paired_ratios"])
         lines.append(f"| {label} | {value['median_wall_s']:.1f} s | {'-' if ratio is None else f'{ratio:.2f}'} | "
-                     f"{value['median_cpu_s']:.1f} | {value['peak_rss_bytes'] / 1e9:.2f} GB | "
+                     f"{rounds} | {value['median_cpu_s']:.1f} | {value['peak_rss_bytes'] / 1e9:.2f} GB | "
                      f"{min(loads):.1f}–{max(loads):.1f} |")
     return "\n".join(lines) + "\n"
 
