@@ -111,6 +111,9 @@ class BackgroundFile:
                 self._position += memoryview(data).nbytes
             if self._trail is not None and self._error is None and not self._aborted:
                 self._trail.advance(self._position)
+        if self._trail is not None and self._error is None and not self._aborted:
+            self._attempt(self._file.flush)
+            self._trail.finish()
         self._attempt(self._file.close)
 
     def _copy(self, source: FileRange) -> None:
