@@ -25,7 +25,7 @@ from ..methods import FactoredContext, FactoredPhase, InterpolationPhase, MergeM
 from ..methods.gradients import TensorParams, any_setting, layer_count, layer_position, resolve_tensor
 from ..progress import Progress
 from ..sources.checkpoint import COPY_BLOCK, BaseCheckpoint
-from . import kernels
+from . import kernels, saved_kernels
 from .allocator import mapped_chunks, release_free_memory
 from .deltas import StreamedDelta, TensorDeltas, scratch
 from .elementwise import SparseTensorMerge
@@ -261,7 +261,8 @@ class MergeEngine:
                 if cached is not None:
                     taus = {i: tau[start:stop] for i, tau in cached.items()}
                 else:
-                    wide = self._scratch_wide(base_rows) if any(deltas.needs_base(i) for i in sparse.active) else None
+                    wide = self._wide_for(deltas, sparse.active, base_rows) \
+                        if any(deltas.needs_base(i) for i in sparse.active) else None
                     taus = self._taus(deltas, sparse.active, wide, start, stop, reuse=True)
                 out, finite = sparse.merged_rows(base_rows, taus, start * row_elems, out_dtype, dtype)
             if not finite:
@@ -390,6 +391,15 @@ class MergeEngine:
             taus[i] = deltas.adapter_rows(i, base_rows, start, stop, out=out)  # type: ignore[arg-type]
         return taus  # type: ignore[return-value]
 
+    def _wide_for(self, deltas: TensorDeltas, active: list[int], base_rows: torch.Tensor) -> torch.Tensor:
+        """W rows for building these τᵢ: as stored when every τᵢ that needs W is a saved full tensor and the
+        saved-tensor kernel reads W as stored (it widens each entry itself), else widened (`_scratch_wide`)."""
+        if (self.options.device.type == "cpu" and self.options.compute_dtype == torch.float32
+                and saved_kernels.usable(base_rows, torch.float32)
+                and all(deltas.saved_only(i) for i in active if deltas.needs_base(i))):
+            return base_rows
+        return self._scratch_wide(base_rows)
+
     def _scratch_wide(self, base_rows: torch.Tensor) -> torch.Tensor:
         """W rows in the compute dtype, on CPU in this thread's reused buffer (rows already wide as they are)."""
         if self.options.device.type != "cpu" or base_rows.dtype == self.options.compute_dtype:
@@ -468,8 +478,8 @@ class MergeEngine:
             def build(start: int, stop: int) -> torch.Tensor:  # into this thread's buffers: a pass reads it, then drops it
                 wide = None
                 if deltas.needs_base(index):
-                    wide = self._scratch_wide(self.base.read_rows(tensor.name, start, stop,
-                                                                  scratch("base", (stop - start) * tensor.info.row_bytes)))
+                    wide = self._wide_for(deltas, [index], self.base.read_rows(
+                        tensor.name, start, stop, scratch("base", (stop - start) * tensor.info.row_bytes)))
                 return self._taus(deltas, [index], wide, start, stop, reuse=True)[index]
             own = None if factors is None else factors[index]
             return lambda: (Lazy(functools.partial(build, start, stop), (stop - start) * row_elems,
