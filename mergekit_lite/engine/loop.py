@@ -452,7 +452,7 @@ class MergeEngine:
                         ) -> tuple[SparseTensorMerge, dict[int, torch.Tensor] | None]:
         """Per-tensor method state and trim thresholds.
 
-        When every τᵢ of the tensor fits in half the memory budget, they are built once (one GEMM each) and
+        When every τᵢ of the tensor fits in TAU_CACHE_SHARE of the memory budget, they are built once and
         the selection and merge passes slice them; otherwise each pass rebuilds τᵢ chunk by chunk, or, for
         low-rank τᵢ (`factors`), the selection passes compute its entries from the factors inside the kernels.
         """
