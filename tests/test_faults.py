@@ -33,7 +33,7 @@ from mergekit_lite import MergeConfig, merge
 from mergekit_lite.cli import main
 from mergekit_lite.errors import WriteError
 from mergekit_lite.writers import checkpoint
-from mergekit_lite.writers.checkpoint import BackgroundFile
+from mergekit_lite.writers.checkpoint import WRITE_DEPTH, BackgroundFile
 from mergekit_lite.writers.staging import remove_stale
 
 from .configs import config_data, demo_adapters
@@ -364,7 +364,7 @@ def test_a_failing_background_write_surfaces_in_the_caller_at_once_without_hangi
     worker.join(timeout=20)
     assert not worker.is_alive(), "the caller hung on a failed background write"
     assert outcome["error"].errno == errno.ENOSPC and outcome["error"].filename == "/dev/full"
-    assert outcome["count"] < 10  # surfaced within a few calls, not at close
+    assert outcome["count"] <= WRITE_DEPTH + 2  # surfaced once the queue's few buffers are taken, not at close
 
 
 def test_too_little_free_space_fails_before_any_work(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,6 +73,12 @@ _FALLBACK_BLOCK = 8 * 1024 * 1024
 Item = Union[bytes, bytearray, memoryview, FileRange]
 
 
+#: output chunks that may wait for the writer thread: enough to cover a sparsifying method's selection passes over the
+#: next tensor (no output then), so the merge pass seldom blocks on the writer and the disk keeps writing meanwhile
+#: (1.57B TIES: 4.2 s in process instead of 4.4–4.6 with 2; 16 chunks of 1–4 MB: +0.02 GB peak RSS measured)
+WRITE_DEPTH = 16
+
+
 class BackgroundFile:
     """A file written by a background thread, so that disk writes overlap reading and computing.
 
@@ -83,7 +89,7 @@ class BackgroundFile:
     as they come and dropped once on disk (pagecache.py: a large output does not flood the page cache).
     """
 
-    def __init__(self, path: Path, depth: int = 2, release_cache: bool = False) -> None:
+    def __init__(self, path: Path, depth: int = WRITE_DEPTH, release_cache: bool = False) -> None:
         self.path = path
         with naming(path):
             self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
