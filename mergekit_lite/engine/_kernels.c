@@ -12,6 +12,8 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+
+#include "_bfloat16.h"
 #include <stdlib.h>
 
 #define BLOCK 128
@@ -217,19 +219,6 @@ void mkl_lowrank(const float *restrict left, int64_t rows, int64_t rank, const f
 
 /* Element types of the base rows and the output (safetensors dtypes the kernel reads and writes itself). */
 enum { MKL_F32 = 0, MKL_BF16 = 1 };
-
-/* bfloat16 -> float32 is exact: the high half of the bits. */
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
-    return v.f;
-}
-
-/* float32 -> bfloat16, round to nearest even: c10::BFloat16's rule, so the bytes match torch's .to(bfloat16).
- * (Non-finite values only feed the finite count: the engine refuses them.) */
-static inline uint16_t f32_to_bf16(float f) {
-    union { float f; uint32_t u; } v = {f};
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
-}
 
 /* out[at + j] = W[at + j] + delta[j] for j < m, rounded to the output type; returns how many are not finite. */
 static inline int add_and_store(const void *base, int base_type, void *out, int out_type, int64_t at, float *delta,

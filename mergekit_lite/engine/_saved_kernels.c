@@ -20,6 +20,8 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+
+#include "_bfloat16.h"
 #include <string.h>
 
 #define MAX_SAVED 64
@@ -27,18 +29,6 @@
 
 /* Element types of the rows read and written (the C enum of saved_kernels.ROW_TYPES). */
 enum { MKS_F32 = 0, MKS_BF16 = 1 };
-
-/* bfloat16 -> float32 is exact: the high half of the bits. */
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
-    return v.f;
-}
-
-/* float32 -> bfloat16, round to nearest even: c10::BFloat16's rule (as _kernels.c), so the bytes match torch. */
-static inline uint16_t f32_to_bf16(float f) {
-    union { float f; uint32_t u; } v = {f};
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
-}
 
 static inline void widen(const void *rows, int type, int64_t at, float *dst, int m) {
     if (type == MKS_F32) {
