@@ -1,4 +1,4 @@
-"""Build the optional fused CPU kernels (mergekit_lite/engine/_kernels.c); metadata lives in setup.cfg.
+"""Build the optional fused CPU kernels (engine/_kernels.c and _saved_kernels.c); metadata lives in setup.cfg.
 
 `optional=True`: without a C compiler the install still succeeds and the engine uses its torch path,
 which gives the same bytes, only slower (`merge run --dry-run` says which one runs).
@@ -10,9 +10,8 @@ from setuptools import Extension, setup
 
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c11"]
 
-SHARED = ["mergekit_lite/engine/_bfloat16.h"]  # included by both: a change rebuilds both
+# one library, two sources: the engine's kernels and the saved-tensor (full fine-tune) kernels; both include _rows.h
+SOURCES = ["mergekit_lite/engine/_kernels.c", "mergekit_lite/engine/_saved_kernels.c"]
 
-setup(ext_modules=[Extension("mergekit_lite.engine._kernels", ["mergekit_lite/engine/_kernels.c"], extra_compile_args=FLAGS,
-                             depends=SHARED, optional=True),
-             Extension("mergekit_lite.engine._saved_kernels", ["mergekit_lite/engine/_saved_kernels.c"],
-                       extra_compile_args=FLAGS, depends=SHARED, optional=True)])
+setup(ext_modules=[Extension("mergekit_lite.engine._kernels", SOURCES, depends=["mergekit_lite/engine/_rows.h"],
+                             extra_compile_args=FLAGS, optional=True)])

@@ -1,4 +1,4 @@
-"""The saved-tensor sum kernel (engine/_saved_kernels.c) gives the bytes of the paths it replaces: the two-step C
+"""The saved-tensor kernels (engine/_saved_kernels.c) give the bytes of the paths they replace: the two-step C
 path (a mixed-dtype subtraction per model, then the consensus kernel) and the torch steps, for full fine-tunes."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "_bfloat16.h"
+#include "_rows.h"
 #include <stdlib.h>
 
 #define BLOCK 128
@@ -217,13 +217,10 @@ void mkl_lowrank(const float *restrict left, int64_t rows, int64_t rank, const f
     lowrank_portable(left, rows, rank, right, cols, out);
 }
 
-/* Element types of the base rows and the output (safetensors dtypes the kernel reads and writes itself). */
-enum { MKL_F32 = 0, MKL_BF16 = 1 };
-
 /* out[at + j] = W[at + j] + delta[j] for j < m, rounded to the output type; returns how many are not finite. */
 static inline int add_and_store(const void *base, int base_type, void *out, int out_type, int64_t at, float *delta,
                                 int m) {
-    if (base_type == MKL_F32) {
+    if (base_type == ROW_F32) {
         const float *w = (const float *)base + at;
         for (int j = 0; j < m; j++) delta[j] = w[j] + delta[j];
     } else {
@@ -231,7 +228,7 @@ static inline int add_and_store(const void *base, int base_type, void *out, int 
         for (int j = 0; j < m; j++) delta[j] = bf16_to_f32(w[j]) + delta[j];
     }
     int bad = 0;
-    if (out_type == MKL_F32) {
+    if (out_type == ROW_F32) {
         float *o = (float *)out + at;
         for (int j = 0; j < m; j++) {
             o[j] = delta[j];
@@ -314,8 +311,8 @@ MKL_CLONES static int64_t consensus_span(int kind, int n_tau, const float *const
 }
 
 static int valid_types(int n_tau, int base_type, int out_type) {
-    return n_tau >= 1 && n_tau <= MAX_TAUS && base_type >= MKL_F32 && base_type <= MKL_BF16 && out_type >= MKL_F32 &&
-           out_type <= MKL_BF16;
+    return n_tau >= 1 && n_tau <= MAX_TAUS && base_type >= ROW_F32 && base_type <= ROW_BF16 && out_type >= ROW_F32 &&
+           out_type <= ROW_BF16;
 }
 
 int64_t mkl_consensus(int kind, int n_tau, const float *const *taus, const float *below, const float *scale,
@@ -358,25 +355,12 @@ static inline __attribute__((always_inline)) int64_t lowrank_add(const float *re
 #if defined(__x86_64__) && defined(__GNUC__)
 /* add_and_store for one 16-column row segment, in AVX2: the same additions, the same round-to-nearest-even bit
  * arithmetic for bfloat16 (wrapping like the uint32 scalar), the same non-finite tests. */
-static inline __attribute__((always_inline, target("avx2,fma"))) __m256 load_row8(const void *base, int base_type,
-                                                                                 int64_t at) {
-    if (base_type == MKL_F32) return _mm256_loadu_ps((const float *)base + at);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + at));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static inline __attribute__((always_inline, target("avx2,fma"))) __m256i to_bf16_bits(__m256 x) {
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-}
-
 static inline __attribute__((always_inline, target("avx2,fma"))) int add_store16(const void *base, int base_type,
                                                                                 void *out, int out_type, int64_t at,
                                                                                 const float *delta) {
     const __m256 x0 = _mm256_add_ps(load_row8(base, base_type, at), _mm256_loadu_ps(delta));
     const __m256 x1 = _mm256_add_ps(load_row8(base, base_type, at + 8), _mm256_loadu_ps(delta + 8));
-    if (out_type == MKL_F32) {
+    if (out_type == ROW_F32) {
         _mm256_storeu_ps((float *)out + at, x0);
         _mm256_storeu_ps((float *)out + at + 8, x1);
         const __m256 zero = _mm256_setzero_ps();
@@ -428,7 +412,7 @@ __attribute__((target("avx2,fma"))) static int64_t lowrank_add_tiled(const float
 
 int64_t mkl_lowrank_add(const float *restrict left, int64_t rows, int64_t rank, const float *restrict right,
                         int64_t cols, const void *base, int base_type, void *out, int out_type) {
-    if (rank < 1 || base_type < MKL_F32 || base_type > MKL_BF16 || out_type < MKL_F32 || out_type > MKL_BF16)
+    if (rank < 1 || base_type < ROW_F32 || base_type > ROW_BF16 || out_type < ROW_F32 || out_type > ROW_BF16)
         return -1;
 #if defined(__x86_64__) && defined(__GNUC__)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))

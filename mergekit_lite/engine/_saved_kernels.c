@@ -14,24 +14,20 @@
  * It also counts the non-finite entries of the saved rows (the check each read used to make in a pass of its own):
  * the caller names the model and rows only when that count is not 0.
  *
- * Called through ctypes (which releases the GIL). The module init at the bottom only makes this a valid extension
- * module; Python never calls into it.
+ * Called through ctypes (which releases the GIL). Built into the same library as _kernels.c (setup.py), whose
+ * module init makes it a valid extension module.
  */
-#include <Python.h>
 #include <math.h>
 #include <stdint.h>
 
-#include "_bfloat16.h"
+#include "_rows.h"
 #include <string.h>
 
 #define MAX_SAVED 64
 #define BLOCK 128
 
-/* Element types of the rows read and written (the C enum of saved_kernels.ROW_TYPES). */
-enum { MKS_F32 = 0, MKS_BF16 = 1 };
-
 static inline void widen(const void *rows, int type, int64_t at, float *dst, int m) {
-    if (type == MKS_F32) {
+    if (type == ROW_F32) {
         memcpy(dst, (const float *)rows + at, (size_t)m * sizeof(float));
     } else {
         const uint16_t *h = (const uint16_t *)rows + at;
@@ -60,7 +56,7 @@ static void saved_sum_portable(int n_saved, const void *const *saved, const int 
             }
         }
         for (int j = 0; j < m; j++) acc[j] = w[j] + acc[j] * lam;
-        if (out_type == MKS_F32) {
+        if (out_type == ROW_F32) {
             float *o = (float *)out + j0;
             for (int j = 0; j < m; j++) {
                 o[j] = acc[j];
@@ -80,20 +76,6 @@ static void saved_sum_portable(int n_saved, const void *const *saved, const int 
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-
-static inline __attribute__((always_inline, target("avx2"))) __m256 load8(const void *rows, int type, int64_t at) {
-    if (type == MKS_F32) return _mm256_loadu_ps((const float *)rows + at);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)rows + at));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static inline __attribute__((always_inline, target("avx2"))) __m256i to_bf16_bits(__m256 x) {
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-}
-
 /* The same operations 16 entries at a time (two 8-lane halves for two independent dependency chains). The
  * base and output types are template-like constants so the compiler drops the branches from the inner loop. */
 static inline __attribute__((always_inline, target("avx2"))) void saved_sum_avx2_typed(
@@ -104,10 +86,10 @@ static inline __attribute__((always_inline, target("avx2"))) void saved_sum_avx2
     __m256i bad_in = _mm256_setzero_si256(), bad_out = _mm256_setzero_si256();
     const int64_t wide = n - n % 16;
     for (int64_t j = 0; j < wide; j += 16) {
-        const __m256 w0 = load8(base, base_type, j), w1 = load8(base, base_type, j + 8);
+        const __m256 w0 = load_row8(base, base_type, j), w1 = load_row8(base, base_type, j + 8);
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (int i = 0; i < n_saved; i++) {
-            const __m256 x0 = load8(saved[i], types[i], j), x1 = load8(saved[i], types[i], j + 8);
+            const __m256 x0 = load_row8(saved[i], types[i], j), x1 = load_row8(saved[i], types[i], j + 8);
             bad_in = _mm256_sub_epi32(bad_in, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x0), exponent),
                                                                  exponent));
             bad_in = _mm256_sub_epi32(bad_in, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x1), exponent),
@@ -128,7 +110,7 @@ static inline __attribute__((always_inline, target("avx2"))) void saved_sum_avx2
         }
         const __m256 y0 = _mm256_add_ps(w0, _mm256_mul_ps(acc0, lam8));
         const __m256 y1 = _mm256_add_ps(w1, _mm256_mul_ps(acc1, lam8));
-        if (out_type == MKS_F32) {
+        if (out_type == ROW_F32) {
             _mm256_storeu_ps((float *)out + j, y0);
             _mm256_storeu_ps((float *)out + j + 8, y1);
             bad_out = _mm256_sub_epi32(bad_out, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(y0), exponent),
@@ -159,52 +141,38 @@ __attribute__((target("avx2"))) static void saved_sum_avx2(int n_saved, const vo
                                                            int base_type, void *out, int out_type, int64_t n,
                                                            int64_t *not_finite, int64_t *bad_inputs) {
     /* one instance per (W type, output type): the loop keeps no type test inside */
-    if (base_type == MKS_BF16 && out_type == MKS_BF16)
-        saved_sum_avx2_typed(n_saved, saved, types, scale, lam, base, MKS_BF16, out, MKS_BF16, n, not_finite, bad_inputs);
-    else if (base_type == MKS_BF16)
-        saved_sum_avx2_typed(n_saved, saved, types, scale, lam, base, MKS_BF16, out, MKS_F32, n, not_finite, bad_inputs);
-    else if (out_type == MKS_BF16)
-        saved_sum_avx2_typed(n_saved, saved, types, scale, lam, base, MKS_F32, out, MKS_BF16, n, not_finite, bad_inputs);
+    if (base_type == ROW_BF16 && out_type == ROW_BF16)
+        saved_sum_avx2_typed(n_saved, saved, types, scale, lam, base, ROW_BF16, out, ROW_BF16, n, not_finite, bad_inputs);
+    else if (base_type == ROW_BF16)
+        saved_sum_avx2_typed(n_saved, saved, types, scale, lam, base, ROW_BF16, out, ROW_F32, n, not_finite, bad_inputs);
+    else if (out_type == ROW_BF16)
+        saved_sum_avx2_typed(n_saved, saved, types, scale, lam, base, ROW_F32, out, ROW_BF16, n, not_finite, bad_inputs);
     else
-        saved_sum_avx2_typed(n_saved, saved, types, scale, lam, base, MKS_F32, out, MKS_F32, n, not_finite, bad_inputs);
+        saved_sum_avx2_typed(n_saved, saved, types, scale, lam, base, ROW_F32, out, ROW_F32, n, not_finite, bad_inputs);
 }
 #endif
 
 /* out = W + lam · Σᵢ (savedᵢ − W)·scaleᵢ over n entries (see the top of the file). `saved` holds n_saved row
- * pointers of types[i] (MKS_F32 or MKS_BF16); W is `base` (base_type), `out` (out_type) may be `base` itself
+ * pointers of types[i] (ROW_F32 or ROW_BF16); W is `base` (base_type), `out` (out_type) may be `base` itself
  * (each entry of W is read before its output is written). Returns how many outputs are not finite and sets
- * *bad_inputs to how many saved entries are not finite, or returns -1 when an argument is out of range. */
+ * *bad_inputs to how many saved entries are not finite, or returns -1 when an argument is out of range.
+ * `portable` takes the plain C loop whatever the CPU (for tests comparing it with the AVX2 one). */
 int64_t mks_saved_sum(int n_saved, const void *const *saved, const int *types, const float *scale, float lam,
-                      const void *base, int base_type, void *out, int out_type, int64_t n, int64_t *bad_inputs) {
-    if (n_saved < 1 || n_saved > MAX_SAVED || base_type < MKS_F32 || base_type > MKS_BF16 || out_type < MKS_F32 ||
-        out_type > MKS_BF16 || n < 0)
+                      const void *base, int base_type, void *out, int out_type, int64_t n, int64_t *bad_inputs,
+                      int portable) {
+    if (n_saved < 1 || n_saved > MAX_SAVED || base_type < ROW_F32 || base_type > ROW_BF16 || out_type < ROW_F32 ||
+        out_type > ROW_BF16 || n < 0)
         return -1;
     for (int i = 0; i < n_saved; i++)
-        if (types[i] < MKS_F32 || types[i] > MKS_BF16) return -1;
+        if (types[i] < ROW_F32 || types[i] > ROW_BF16) return -1;
     int64_t not_finite = 0;
     *bad_inputs = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (__builtin_cpu_supports("avx2")) {
+    if (!portable && __builtin_cpu_supports("avx2")) {
         saved_sum_avx2(n_saved, saved, types, scale, lam, base, base_type, out, out_type, n, &not_finite, bad_inputs);
         return not_finite;
     }
 #endif
-    saved_sum_portable(n_saved, saved, types, scale, lam, base, base_type, out, out_type, 0, n, &not_finite,
-                       bad_inputs);
-    return not_finite;
-}
-
-/* The portable path alone, whatever the CPU: for tests comparing it with the AVX2 one on one machine. */
-int64_t mks_saved_sum_portable(int n_saved, const void *const *saved, const int *types, const float *scale, float lam,
-                               const void *base, int base_type, void *out, int out_type, int64_t n,
-                               int64_t *bad_inputs) {
-    if (n_saved < 1 || n_saved > MAX_SAVED || base_type < MKS_F32 || base_type > MKS_BF16 || out_type < MKS_F32 ||
-        out_type > MKS_BF16 || n < 0)
-        return -1;
-    for (int i = 0; i < n_saved; i++)
-        if (types[i] < MKS_F32 || types[i] > MKS_BF16) return -1;
-    int64_t not_finite = 0;
-    *bad_inputs = 0;
     saved_sum_portable(n_saved, saved, types, scale, lam, base, base_type, out, out_type, 0, n, &not_finite,
                        bad_inputs);
     return not_finite;
@@ -238,11 +206,11 @@ static inline __attribute__((always_inline, target("avx2"))) void saved_tau_avx2
     __m256i bad = _mm256_setzero_si256();
     const int64_t wide = n - n % 16;
     for (int64_t j = 0; j < wide; j += 16) {
-        const __m256 x0 = load8(saved, saved_type, j), x1 = load8(saved, saved_type, j + 8);
+        const __m256 x0 = load_row8(saved, saved_type, j), x1 = load_row8(saved, saved_type, j + 8);
         bad = _mm256_sub_epi32(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x0), exponent), exponent));
         bad = _mm256_sub_epi32(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x1), exponent), exponent));
-        _mm256_storeu_ps(tau + j, _mm256_sub_ps(x0, load8(base, base_type, j)));
-        _mm256_storeu_ps(tau + j + 8, _mm256_sub_ps(x1, load8(base, base_type, j + 8)));
+        _mm256_storeu_ps(tau + j, _mm256_sub_ps(x0, load_row8(base, base_type, j)));
+        _mm256_storeu_ps(tau + j + 8, _mm256_sub_ps(x1, load_row8(base, base_type, j + 8)));
     }
     int32_t lanes[8];
     _mm256_storeu_si256((__m256i *)lanes, bad);
@@ -252,20 +220,20 @@ static inline __attribute__((always_inline, target("avx2"))) void saved_tau_avx2
 
 __attribute__((target("avx2"))) static void saved_tau_avx2(const void *saved, int saved_type, const void *base,
                                                            int base_type, float *tau, int64_t n, int64_t *bad_inputs) {
-    if (saved_type == MKS_BF16 && base_type == MKS_F32)
-        saved_tau_avx2_typed(saved, MKS_BF16, base, MKS_F32, tau, n, bad_inputs);
-    else if (saved_type == MKS_BF16)
-        saved_tau_avx2_typed(saved, MKS_BF16, base, MKS_BF16, tau, n, bad_inputs);
-    else if (base_type == MKS_F32)
-        saved_tau_avx2_typed(saved, MKS_F32, base, MKS_F32, tau, n, bad_inputs);
+    if (saved_type == ROW_BF16 && base_type == ROW_F32)
+        saved_tau_avx2_typed(saved, ROW_BF16, base, ROW_F32, tau, n, bad_inputs);
+    else if (saved_type == ROW_BF16)
+        saved_tau_avx2_typed(saved, ROW_BF16, base, ROW_BF16, tau, n, bad_inputs);
+    else if (base_type == ROW_F32)
+        saved_tau_avx2_typed(saved, ROW_F32, base, ROW_F32, tau, n, bad_inputs);
     else
-        saved_tau_avx2_typed(saved, MKS_F32, base, MKS_BF16, tau, n, bad_inputs);
+        saved_tau_avx2_typed(saved, ROW_F32, base, ROW_BF16, tau, n, bad_inputs);
 }
 #endif
 
 int64_t mks_saved_tau(const void *saved, int saved_type, const void *base, int base_type, float *tau, int64_t n,
                       int portable) {
-    if (saved_type < MKS_F32 || saved_type > MKS_BF16 || base_type < MKS_F32 || base_type > MKS_BF16 || n < 0)
+    if (saved_type < ROW_F32 || saved_type > ROW_BF16 || base_type < ROW_F32 || base_type > ROW_BF16 || n < 0)
         return -1;
     int64_t bad = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -277,9 +245,3 @@ int64_t mks_saved_tau(const void *saved, int saved_type, const void *base, int b
     saved_tau_portable(saved, saved_type, base, base_type, tau, 0, n, &bad);
     return bad;
 }
-
-static struct PyModuleDef saved_module = {PyModuleDef_HEAD_INIT, "_saved_kernels",
-                                          "Linear merge of saved full tensors from their stored rows (ctypes).", -1,
-                                          NULL};
-
-PyMODINIT_FUNC PyInit__saved_kernels(void) { return PyModule_Create(&saved_module); }

@@ -1,4 +1,4 @@
-"""The saved-tensor sum kernel (`_saved_kernels.c`) through ctypes: a linear merge of full fine-tunes in one pass.
+"""The saved-tensor kernels (`_saved_kernels.c`) through ctypes: a linear merge of full fine-tunes in one pass.
 
 For task_arithmetic / linear over full fine-tunes the engine used to widen W, subtract it from each model's rows
 into a float32 buffer, check each model's rows for NaN/Inf, then sum: about five trips through memory per input.
@@ -12,41 +12,36 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import torch
 
-from .kernels import ENV
+from . import kernels
+from .kernels import ROW_TYPES
 
 #: the most saved tensors one call sums (the C side's limit)
 MAX_SAVED = 64
-#: the types the kernel reads and writes (the C enum)
-ROW_TYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None when it was not built (no compiler at install time)."""
-    spec = importlib.util.find_spec("mergekit_lite.engine._saved_kernels")
-    if spec is None or not spec.origin:
+    """The kernel library with the saved-tensor functions declared, or None when it was not built (no compiler at
+    install time, or a library built before them)."""
+    library = kernels._library()
+    if library is None or not hasattr(library, "mks_saved_sum"):
         return None
-    library = ctypes.CDLL(spec.origin)  # ctypes.CDLL releases the GIL during every call
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    arguments = [ctypes.c_int, pointer, pointer, pointer, ctypes.c_float, pointer, ctypes.c_int, pointer,
-                 ctypes.c_int, size, ctypes.POINTER(size)]
-    for function in (library.mks_saved_sum, library.mks_saved_sum_portable):
-        function.argtypes = arguments
-        function.restype = size
+    library.mks_saved_sum.argtypes = [ctypes.c_int, pointer, pointer, pointer, ctypes.c_float, pointer, ctypes.c_int,
+                                      pointer, ctypes.c_int, size, ctypes.POINTER(size), ctypes.c_int]
+    library.mks_saved_sum.restype = size
     library.mks_saved_tau.argtypes = [pointer, ctypes.c_int, pointer, ctypes.c_int, pointer, size, ctypes.c_int]
     library.mks_saved_tau.restype = size
     return library
 
 
 def enabled() -> bool:
-    """True when the kernel is built and the kernels are not switched off (read on every call, so tests can flip it)."""
-    return os.environ.get(ENV, "auto") != "torch" and _library() is not None
+    """True when the kernels are on (kernels.enabled) and these functions are built."""
+    return kernels.enabled() and _library() is not None
 
 
 def usable(base_rows: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -72,11 +67,11 @@ def saved_sum(base: torch.Tensor, saved: Sequence[torch.Tensor], scale: Sequence
         assert rows.numel() == numel and rows.device.type == "cpu" and rows.is_contiguous() and rows.dtype in ROW_TYPES
     assert out.numel() == numel and out.is_contiguous() and base.is_contiguous()
     bad_inputs = ctypes.c_int64()
-    function = library.mks_saved_sum_portable if portable else library.mks_saved_sum
-    not_finite = function(
+    not_finite = library.mks_saved_sum(
         count, (ctypes.c_void_p * count)(*(rows.data_ptr() for rows in saved)),
         (ctypes.c_int * count)(*(ROW_TYPES[rows.dtype] for rows in saved)), (ctypes.c_float * count)(*scale), lam,
         base.data_ptr(), ROW_TYPES[base.dtype], out.data_ptr(), ROW_TYPES[out.dtype], numel, ctypes.byref(bad_inputs),
+        int(portable),
     )
     if not_finite < 0:
         raise RuntimeError(f"saved-tensor sum kernel refused {count} tensors")
