@@ -33,7 +33,7 @@ from mergekit_lite import MergeConfig, merge
 from mergekit_lite.cli import main
 from mergekit_lite.errors import WriteError
 from mergekit_lite.writers import checkpoint
-from mergekit_lite.writers.checkpoint import WRITE_DEPTH, BackgroundFile
+from mergekit_lite.writers.checkpoint import BackgroundFile
 from mergekit_lite.writers.staging import remove_stale
 
 from .configs import config_data, demo_adapters
@@ -350,7 +350,7 @@ def test_a_failing_background_write_surfaces_in_the_caller_at_once_without_hangi
     outcome: dict[str, Any] = {}
 
     def write_a_lot() -> None:
-        file = BackgroundFile(Path("/dev/full"))
+        file = BackgroundFile(Path("/dev/full"), queue_bytes=1 << 17)  # two of these buffers wait at most
         try:
             for count in range(1000):
                 file.write(bytes(1 << 16))
@@ -364,7 +364,35 @@ def test_a_failing_background_write_surfaces_in_the_caller_at_once_without_hangi
     worker.join(timeout=20)
     assert not worker.is_alive(), "the caller hung on a failed background write"
     assert outcome["error"].errno == errno.ENOSPC and outcome["error"].filename == "/dev/full"
-    assert outcome["count"] <= WRITE_DEPTH + 2  # surfaced once the queue's few buffers are taken, not at close
+    assert outcome["count"] < 10  # surfaced within a few calls, not at close
+
+
+def test_the_write_queue_holds_at_most_its_bytes_or_two_larger_buffers(tmp_path: Path) -> None:
+    """The caller blocks once the buffers waiting for the writer thread would pass `queue_bytes` (two always may)."""
+    release = threading.Event()
+    file = BackgroundFile(tmp_path / "out.bin", queue_bytes=5 << 19)  # 2.5 MiB
+    real_attempt = file._attempt
+
+    def slow_attempt(action: Any, *args: Any) -> None:
+        release.wait(20)
+        real_attempt(action, *args)
+
+    file._attempt = slow_attempt  # type: ignore[method-assign]
+    returned: list[int] = []
+
+    def write_four() -> None:
+        for count in range(4):
+            file.write(bytes(1 << 20))
+            returned.append(count)
+
+    writer = threading.Thread(target=write_four, daemon=True)
+    writer.start()
+    writer.join(timeout=0.5)
+    assert returned == [0, 1]  # a third MiB would make 3 MiB waiting
+    release.set()
+    writer.join(timeout=20)
+    file.close()
+    assert returned == [0, 1, 2, 3] and (tmp_path / "out.bin").stat().st_size == 4 << 20
 
 
 def test_too_little_free_space_fails_before_any_work(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

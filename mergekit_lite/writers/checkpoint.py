@@ -73,27 +73,40 @@ _FALLBACK_BLOCK = 8 * 1024 * 1024
 Item = Union[bytes, bytearray, memoryview, FileRange]
 
 
-#: output chunks that may wait for the writer thread: enough to cover a sparsifying method's selection passes over the
-#: next tensor (no output then), so the merge pass seldom blocks on the writer and the disk keeps writing meanwhile
-#: (1.57B TIES: 4.2 s in process instead of 4.4–4.6 with 2; 16 chunks of 1–4 MB: +0.02 GB peak RSS measured)
-WRITE_DEPTH = 16
+#: bytes of output that may wait for the writer thread: enough to cover a sparsifying method's selection passes over
+#: the next tensor (no output then), so the merge pass seldom blocks on the writer and the disk keeps writing
+#: meanwhile (1.57B TIES: 4.2 s in process instead of 4.4–4.6 with two 2 MB chunks; +0.02 GB peak RSS measured).
+#: Bytes, not chunks: a CUDA chunk can be tens of MB.
+WRITE_BYTES = 32 * 2**20
+#: chunks that may always wait, however large
+WRITE_DEPTH = 2
+
+
+def _size(data: Item) -> int:
+    """Bytes a queued item holds in memory (a FileRange holds none)."""
+    return 0 if isinstance(data, FileRange) else memoryview(data).nbytes
 
 
 class BackgroundFile:
     """A file written by a background thread, so that disk writes overlap reading and computing.
 
-    At most `depth` buffers wait in the queue (bounded memory). A failed write (disk full, file size limit)
+    At most `queue_bytes` of buffers wait in the queue, or `depth` buffers when they are larger (bounded memory).
+    A failed write (disk full, file size limit)
     stops the writing at once and surfaces, naming the file, on the caller's next call; the thread keeps
     draining the queue, so the caller never blocks on a dead writer. Buffers must not change after they are
     handed over (the engine never reuses an emitted chunk). With `release_cache`, the file's pages are written back
     as they come and dropped once on disk (pagecache.py: a large output does not flood the page cache).
     """
 
-    def __init__(self, path: Path, depth: int = WRITE_DEPTH, release_cache: bool = False) -> None:
+    def __init__(self, path: Path, depth: int = WRITE_DEPTH, release_cache: bool = False,
+                 queue_bytes: int = WRITE_BYTES) -> None:
         self.path = path
         with naming(path):
             self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
-        self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Item | None] = queue.Queue()
+        self._depth, self._queue_bytes = depth, queue_bytes
+        self._room = threading.Condition()
+        self._waiting, self._waiting_bytes = 0, 0  # items handed over and not yet written
         self._kernel_copy = hasattr(os, "copy_file_range")
         self._error: BaseException | None = None
         self._aborted = False
@@ -117,6 +130,10 @@ class BackgroundFile:
                 self._position += memoryview(data).nbytes
             if self._trail is not None and self._error is None and not self._aborted:
                 self._trail.advance(self._position)
+            with self._room:
+                self._waiting -= 1
+                self._waiting_bytes -= _size(data)
+                self._room.notify()
         if self._trail is not None and self._error is None and not self._aborted:
             self._attempt(self._file.flush)
             self._trail.finish()
@@ -157,10 +174,16 @@ class BackgroundFile:
                 self._error = error
 
     def write(self, data: Item) -> None:
-        """Queue bytes (or a FileRange) for writing (blocks while `depth` buffers are pending); raise an earlier
-        write's error."""
+        """Queue bytes (or a FileRange) for writing (blocks while the queue is full: `queue_bytes`, or `depth` larger
+        buffers); raise an earlier write's error."""
         if self._error is not None:
             raise self._error
+        size = _size(data)
+        with self._room:
+            while self._waiting >= self._depth and self._waiting_bytes + size > self._queue_bytes:
+                self._room.wait()  # the thread keeps draining after an error too: this always ends
+            self._waiting += 1
+            self._waiting_bytes += size
         self._queue.put(data)
 
     def close(self) -> None:
