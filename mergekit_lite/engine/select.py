@@ -45,8 +45,8 @@ class Lazy:
                  factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.build = build
         self.size = size
-        #: (left rows, right) when the chunk is the low-rank product left @ right: the sample and band passes then
-        #: compute its entries from the factors (kernels.per_tile) instead of building it
+        #: (left rows, right) when the chunk is the low-rank product left @ right and kernels.per_tile takes them: the
+        #: sample and band passes then compute its entries from the factors instead of building it
         self.factors = factors
 
     def numel(self) -> int:
@@ -60,10 +60,9 @@ def _tensor(chunk: torch.Tensor | Lazy) -> torch.Tensor:
 
 
 def _factors(chunk: torch.Tensor | Lazy) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The chunk's low-rank factors when the per-tile kernels can take them, else None (build the chunk)."""
-    if isinstance(chunk, Lazy) and chunk.factors is not None and kernels.per_tile(chunk.factors):
-        return chunk.factors
-    return None
+    """The chunk's low-rank factors, or None (build the chunk). The engine attaches factors only where the per-tile
+    kernels take them (kernels.per_tile, checked once per tensor)."""
+    return chunk.factors if isinstance(chunk, Lazy) else None
 
 
 @dataclass(frozen=True)
