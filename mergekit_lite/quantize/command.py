@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import OutputPathError
+from ..writers.ownership import check_output_folder, owned_folder
 from .formats import resolve
 from .measure import MAX_MEMORY
 from .merged import measure_merge, output_kind, recorded_base
@@ -37,36 +37,12 @@ def quantize_report(output: str | Path, formats: str, base: str | None = None, r
     return lines
 
 
-def _knows_verify() -> bool:
-    """Whether writers.ownership has a marker for `merge verify`'s reports (then an earlier report of ours may be
-    replaced whole); until it does, the report goes to a new or empty folder only."""
-    from ..writers import ownership
-
-    return COMMAND in ownership.COMMANDS
-
-
 def _check_report_folder(target: Path, inputs: list[tuple[str, Path]]) -> bool:
     """Refuse a report folder we may not write, before any work; True when an earlier report of ours is replaced."""
-    from ..writers.ownership import check_output_folder
-
-    if _knows_verify():
-        return check_output_folder(target, COMMAND, inputs, option="--report")
-    check_output_folder(target, COMMAND, inputs, option="--report", accept=())
-    return False
+    return check_output_folder(target, COMMAND, inputs, option="--report")
 
 
 def _write(target: Path, body: Callable[[Path], list[str]]) -> list[str]:
-    """Run `body(staging)` in a staging folder beside `target`, then put it in place whole."""
-    if _knows_verify():
-        from ..writers.ownership import owned_folder
-
-        with owned_folder(target, COMMAND) as staging:
-            return body(staging)
-    from ..writers.atomic import atomic_directory
-
-    resolved = target.resolve()
-    with atomic_directory(resolved, overwrite=True) as staging:
-        names = body(staging)
-        if resolved.exists() and (not resolved.is_dir() or any(resolved.iterdir())):
-            raise OutputPathError(f"--report {target}: files appeared there while measuring; nothing was replaced")
-    return names
+    """Run `body(staging)` in a staging folder beside `target` (with our marker), then put it in place whole."""
+    with owned_folder(target, COMMAND) as staging:
+        return body(staging)

@@ -38,7 +38,7 @@ MAGIC_KEY = "mergekit_lite_output"
 MAGIC = "a folder written by mergekit_lite; the command named here may replace it whole"
 FORMAT = 1
 #: the commands whose folders carry the marker; "run" stands for a merge output (recognised by provenance)
-COMMANDS = ("inspect", "sweep", "eval")
+COMMANDS = ("inspect", "sweep", "eval", "verify")
 MERGE = "run"
 #: the weights a merge output holds, one of them at least (checkpoint, sharded checkpoint, PEFT-format adapter)
 _MERGE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
