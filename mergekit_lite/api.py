@@ -89,6 +89,13 @@ class PreparedMerge:
     #: a data-aware method's result (`CalibratedPhase`): what the engine streams instead of the config's weights
     calibrated: Calibrated | None = None
 
+    def calibrate(self, run: CalibrationRun) -> None:
+        """A data-aware method's forward passes (learned, regmean), once: every engine made after streams their
+        result. Nothing to do for a data-free method."""
+        method = self.config.merge_method.calibrated
+        if method is not None and self.calibrated is None:
+            self.calibrated = method.calibrate(self, run)
+
     def close(self) -> None:
         """Close the base checkpoint's and the adapters' open files."""
         for adapter in self.adapters:
@@ -176,8 +183,7 @@ def merge(
         needed = sum(t.nbytes for t in layout) + kind.side_file_bytes(prepared.base.folder)
         check_free_space(target, needed)
         if config.merge_method.calibrated is not None:  # data-aware: forward passes first, then the same stream
-            run = CalibrationRun(resolved_device, progress)
-            prepared.calibrated = config.merge_method.calibrated.calibrate(prepared, run)
+            prepared.calibrate(CalibrationRun(resolved_device, progress))
             engine = engine_for(prepared, resolved_device, chunk_rows, max_memory, workers)
         if resolved_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(resolved_device)

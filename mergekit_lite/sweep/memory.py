@@ -68,11 +68,9 @@ class MemoryOutput:
 
 def merged_tensors(prepared: PreparedMerge, device: torch.device) -> dict[str, torch.Tensor]:
     """The touched tensors of `prepared`'s merge, merged in memory (same bytes as `merge run` writes for them)."""
-    calibrated = prepared.config.merge_method.calibrated
-    if calibrated is not None and prepared.calibrated is None:  # learned / regmean: their forward passes first
-        from ..methods.registry import CalibrationRun
+    from ..methods.registry import CalibrationRun
 
-        prepared.calibrated = calibrated.calibrate(prepared, CalibrationRun(device))
+    prepared.calibrate(CalibrationRun(device))  # learned / regmean: their forward passes first, once
     engine = engine_for(prepared, device, None, None, 1)
     with single_threaded_torch():
         return MemoryOutput().produce(engine)
